@@ -1,0 +1,80 @@
+"""Client settings in one typed object (the daemon's TOML maps onto it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fota.core.manifest import TrustStore
+from fota.core.policy import Policy
+from fota.errors import ConfigError
+
+
+@dataclass(slots=True)
+class Config:
+    """Every client setting.
+
+    Attributes:
+        server: base URI of the update server, ``coap://host:port``.
+        device_id: this device's id (names its announcement and report resources).
+        device_class: manifests for another class are refused.
+        state_dir: journal, manifests and candidate live here.
+        trust: manifest verification keys by key id.
+        target: the file the file installer replaces (when no installer is given).
+        poll_interval: poll the announcement every this many seconds instead of observing.
+        block_size: CoAP Block2 size asked for, 16..1024.
+        ack_timeout: CoAP ACK_TIMEOUT in seconds (RFC 7252: 2.0).
+        max_retransmit: CoAP MAX_RETRANSMIT (RFC 7252: 4).
+        max_image_size: largest image accepted, bytes.
+        progress_step: ``on_progress`` about every this many percent.
+        max_attempts: failed download attempts before the update fails.
+        retry_base: first retry delay, seconds (doubles per attempt).
+        retry_cap: longest retry delay, seconds.
+        restart_limit: restarts during one update's active steps before it fails.
+        report_retry_cap: longest delay between report delivery attempts, seconds.
+    """
+
+    server: str
+    device_id: str
+    device_class: str
+    state_dir: Path
+    trust: TrustStore = field(default_factory=TrustStore)
+    target: Path | None = None
+    poll_interval: float | None = None
+    block_size: int = 1024
+    ack_timeout: float = 2.0
+    max_retransmit: int = 4
+    max_image_size: int = 1 << 32
+    progress_step: int = 5
+    max_attempts: int = 5
+    retry_base: float = 1.0
+    retry_cap: float = 300.0
+    restart_limit: int = 8
+    report_retry_cap: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir)
+        if not self.server.startswith("coap://"):
+            raise ConfigError(f"server: {self.server!r} must start with coap://")
+        if not self.device_id or "/" in self.device_id or len(self.device_id) > 64:
+            raise ConfigError("device_id: 1..64 characters without '/'")
+        if self.block_size not in (16, 32, 64, 128, 256, 512, 1024):
+            raise ConfigError(f"block_size: {self.block_size} must be a power of two in 16..1024")
+        if not 1 <= self.progress_step <= 100:
+            raise ConfigError(f"progress_step: {self.progress_step} must be in 1..100")
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts: must be at least 1")
+        if self.ack_timeout <= 0:
+            raise ConfigError("ack_timeout: must be positive")
+
+    def policy(self) -> Policy:
+        """The core's view of these settings."""
+        return Policy(
+            device_class=self.device_class,
+            max_image_size=self.max_image_size,
+            progress_step=self.progress_step,
+            max_attempts=self.max_attempts,
+            retry_base=self.retry_base,
+            retry_cap=self.retry_cap,
+            restart_limit=self.restart_limit,
+        )

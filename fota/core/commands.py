@@ -1,0 +1,128 @@
+"""Commands: imperative requests the machine appends to its outbox; the engine runs them.
+
+Commands carry only what the engine cannot read from the model at the time it runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fota.errors import ResultCode
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Base of all commands."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchManifest(Command):
+    """Fetch the manifest at ``uri``; its SHA-256 must equal ``digest``."""
+
+    uri: str
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AskDownloadAuthorization(Command):
+    """Ask the application whether to download the pending update."""
+
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AskInstallAuthorization(Command):
+    """Ask the application whether to install the verified update."""
+
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartDownload(Command):
+    """Start (or resume) fetching the fragments the journal does not vouch for."""
+
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopDownload(Command):
+    """Cancel a running download task."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyImage(Command):
+    """Hash the whole candidate and compare it with the manifest."""
+
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Install(Command):
+    """Run the installer on the verified candidate (idempotent: may run again after a crash)."""
+
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunSelfTest(Command):
+    """Run the post-install health check."""
+
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(Command):
+    """Make the installed image permanent and drop the candidate."""
+
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback(Command):
+    """Put the previous image back."""
+
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardCandidate(Command):
+    """Delete the partially or fully downloaded candidate."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer(Command):
+    """Fire ``TimerFired(name, update_id)`` at wall-clock ``at``; replaces a timer of that name."""
+
+    name: str
+    at: float
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer(Command):
+    """Cancel the timer called ``name`` if it runs."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendReports(Command):
+    """Deliver the journal's outbox of reports (at least once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyProgress(Command):
+    """Tell the application how far the download is."""
+
+    update_id: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyComplete(Command):
+    """Tell the application the update ended, and how."""
+
+    update_id: str
+    result: ResultCode
+    detail: str = ""

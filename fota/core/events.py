@@ -1,0 +1,166 @@
+"""Events: past-tense facts fed to the state machine, one trigger each.
+
+Every event carries the ``update_id`` it is about where it has one, so an answer or a result for
+an update that is no longer current can be recognised and dropped (or refused, for API calls).
+Time is not read here: the engine passes ``now`` beside every event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fota.errors import FotaError
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of all events; ``trigger`` names the machine trigger it fires."""
+
+    trigger: ClassVar[str] = ""
+    from_api: ClassVar[bool] = False
+    """True for events an application sends; an invalid one raises InvalidTransition."""
+
+
+@dataclass(frozen=True, slots=True)
+class AnnouncementReceived(Event):
+    """The server announced a manifest (observe notification or poll)."""
+
+    trigger: ClassVar[str] = "announcement_received"
+    sequence: int
+    manifest_digest: bytes | None
+    manifest_uri: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestFetched(Event):
+    """The announced manifest's bytes arrived (digest already matched the announcement)."""
+
+    trigger: ClassVar[str] = "manifest_fetched"
+    raw: bytes
+    uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class Authorized(Event):
+    """The application authorized the current step (download or install)."""
+
+    trigger: ClassVar[str] = "authorized"
+    from_api: ClassVar[bool] = True
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred(Event):
+    """The application deferred the current step until ``until`` (UTC epoch seconds)."""
+
+    trigger: ClassVar[str] = "deferred"
+    from_api: ClassVar[bool] = True
+    update_id: str
+    until: float
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(Event):
+    """The application rejected the update."""
+
+    trigger: ClassVar[str] = "rejected"
+    from_api: ClassVar[bool] = True
+    update_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeRequested(Event):
+    """The application asked to be asked again now about a deferred step."""
+
+    trigger: ClassVar[str] = "resume_requested"
+    from_api: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired(Event):
+    """A timer the machine started has expired."""
+
+    trigger: ClassVar[str] = "timer_fired"
+    name: str
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FragmentVerified(Event):
+    """A fragment's bytes are on disk, fsynced, and match their signed digest."""
+
+    trigger: ClassVar[str] = "fragment_verified"
+    update_id: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class FragmentsInvalid(Event):
+    """Fragments the journal vouched for no longer verify on disk (checked before reuse)."""
+
+    trigger: ClassVar[str] = "fragments_invalid"
+    update_id: str
+    indexes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadFailed(Event):
+    """The download task stopped with an error."""
+
+    trigger: ClassVar[str] = "download_failed"
+    update_id: str
+    error: FotaError
+
+
+@dataclass(frozen=True, slots=True)
+class ImageChecked(Event):
+    """The whole image was hashed; ``ok`` says whether it matched the manifest."""
+
+    trigger: ClassVar[str] = "image_checked"
+    update_id: str
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InstallFinished(Event):
+    """The installer returned; ``error`` is None on success."""
+
+    trigger: ClassVar[str] = "install_finished"
+    update_id: str
+    error: FotaError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SelfTestFinished(Event):
+    """The post-install health check returned."""
+
+    trigger: ClassVar[str] = "self_test_finished"
+    update_id: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportDelivered(Event):
+    """The server acknowledged the report with this sequence number."""
+
+    trigger: ClassVar[str] = "report_delivered"
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadFinished(Event):
+    """The download task fetched every fragment it was asked for."""
+
+    trigger: ClassVar[str] = "download_finished"
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Restarted(Event):
+    """The engine loaded the journal; re-issue the restored state's work."""
+
+    trigger: ClassVar[str] = "restarted"

@@ -1,0 +1,463 @@
+"""Signed manifests: COSE_Sign1 (RFC 9052) around a CBOR map with integer keys.
+
+The wire format and every limit are documented in ``docs/protocol.md``. Decoding is defensive:
+the raw bytes are size-checked before cbor2 sees them, and every failure becomes a
+:class:`~fota.errors.ManifestError` that names the field, never a cbor2 or cryptography
+traceback. No I/O here: keys come in as objects, bytes come in as bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from fota.core.uri import check_uri_reference
+from fota.errors import ManifestError
+
+MAX_MANIFEST_BYTES = 262_144
+"""Largest signed manifest accepted, checked before decoding."""
+MAX_FRAGMENTS = 8192
+"""Most fragments one manifest may list."""
+MAX_FRAGMENT_SIZE = 1 << 20
+FRAGMENT_UNIT = 1024
+"""Fragment sizes are multiples of this, so every CoAP block size (16..1024) divides them."""
+MAX_TEXT = 64
+MANIFEST_FORMAT = 1
+EXTENSION_KEYS = range(1000, 65536)
+
+COSE_SIGN1_TAG = 18
+ALG_EDDSA = -8
+ALG_ES256 = -7
+_HDR_ALG = 1
+_HDR_KID = 4
+
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+
+
+class Component(IntEnum):
+    """What an image replaces; it is also the reason the application is given."""
+
+    FIRMWARE = 0
+    APPLICATION = 1
+    OTHER = 2
+
+
+class Severity(IntEnum):
+    """How much the update matters; later policy bounds deferral by it."""
+
+    OPTIONAL = 0
+    MANDATORY = 1
+    CRITICAL = 2
+
+
+# Manifest map keys (docs/protocol.md, rule "manifest").
+K_FORMAT, K_SEQ, K_COMPONENT, K_VERSION, K_CLASS = 1, 2, 3, 4, 5
+K_SIZE, K_SHA256, K_URI, K_FRAG_SIZE, K_FRAGS = 6, 7, 8, 9, 10
+K_POLITE, K_SEVERITY, K_MAX_DEFERRAL = 11, 12, 13
+_KNOWN_KEYS = frozenset(range(1, 14))
+_FIELD_NAMES = {
+    K_FORMAT: "format",
+    K_SEQ: "sequence",
+    K_COMPONENT: "component",
+    K_VERSION: "version",
+    K_CLASS: "device_class",
+    K_SIZE: "image_size",
+    K_SHA256: "image_sha256",
+    K_URI: "image_uri",
+    K_FRAG_SIZE: "fragment_size",
+    K_FRAGS: "fragment_sha256",
+    K_POLITE: "polite",
+    K_SEVERITY: "severity",
+    K_MAX_DEFERRAL: "max_deferral",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestBody:
+    """The signed content of a manifest (what a publisher fills in)."""
+
+    sequence: int
+    component: Component
+    version: str
+    device_class: str
+    image_size: int
+    image_sha256: bytes
+    image_uri: str
+    fragment_size: int
+    fragment_sha256: tuple[bytes, ...]
+    polite: bool = True
+    severity: Severity = Severity.OPTIONAL
+    max_deferral: int = 0
+
+    def to_cbor(self) -> bytes:
+        """Encode the body as the CBOR map of ``docs/protocol.md``."""
+        return cbor2.dumps(
+            {
+                K_FORMAT: MANIFEST_FORMAT,
+                K_SEQ: self.sequence,
+                K_COMPONENT: int(self.component),
+                K_VERSION: self.version,
+                K_CLASS: self.device_class,
+                K_SIZE: self.image_size,
+                K_SHA256: self.image_sha256,
+                K_URI: self.image_uri,
+                K_FRAG_SIZE: self.fragment_size,
+                K_FRAGS: list(self.fragment_sha256),
+                K_POLITE: self.polite,
+                K_SEVERITY: int(self.severity),
+                K_MAX_DEFERRAL: self.max_deferral,
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest whose signature and limits have been checked.
+
+    Attributes:
+        body: the signed content.
+        raw: the signed bytes exactly as received (kept on disk and re-verified on load).
+        digest: SHA-256 of ``raw``.
+        kid: the key id that signed it.
+    """
+
+    body: ManifestBody
+    raw: bytes = field(repr=False)
+    digest: bytes
+    kid: bytes
+
+    @property
+    def update_id(self) -> str:
+        """The id an application uses to answer for this update."""
+        return update_id_of(self.digest)
+
+    @property
+    def fragment_count(self) -> int:
+        """Number of fragments the image is split into."""
+        return len(self.body.fragment_sha256)
+
+    def fragment_span(self, index: int) -> tuple[int, int]:
+        """Return ``(offset, length)`` of fragment ``index`` in the image."""
+        offset = index * self.body.fragment_size
+        return offset, min(self.body.fragment_size, self.body.image_size - offset)
+
+
+def update_id_of(manifest_digest: bytes) -> str:
+    """Return the update id for a manifest digest (first 16 hex digits)."""
+    return manifest_digest.hex()[:16]
+
+
+class TrustStore:
+    """Verification keys by key id."""
+
+    def __init__(self, keys: Mapping[bytes, PublicKey] | None = None) -> None:
+        self._keys: dict[bytes, PublicKey] = dict(keys or {})
+
+    def add(self, kid: bytes, key: PublicKey) -> None:
+        """Trust ``key`` for manifests whose protected header names ``kid``."""
+        if isinstance(key, ec.EllipticCurvePublicKey) and not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError(f"key {kid.hex()}: only P-256 is supported for ES256")
+        self._keys[kid] = key
+
+    def get(self, kid: bytes) -> PublicKey | None:
+        """Return the key for ``kid``, or None."""
+        return self._keys.get(kid)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def kid_for(key: PublicKey) -> bytes:
+    """A default key id: the first 8 bytes of SHA-256 over the raw public key."""
+    from cryptography.hazmat.primitives import serialization
+
+    raw = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(raw).digest()[:8]
+
+
+def _sig_structure(protected: bytes, payload: bytes) -> bytes:
+    return cbor2.dumps(["Signature1", protected, b"", payload])
+
+
+def sign(body: ManifestBody, key: PrivateKey, kid: bytes) -> bytes:
+    """Sign ``body`` as a tagged COSE_Sign1 and return the manifest bytes."""
+    alg = ALG_EDDSA if isinstance(key, ed25519.Ed25519PrivateKey) else ALG_ES256
+    protected = cbor2.dumps({_HDR_ALG: alg, _HDR_KID: kid})
+    payload = body.to_cbor()
+    to_sign = _sig_structure(protected, payload)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        signature = key.sign(to_sign)
+    else:
+        r, s = decode_dss_signature(key.sign(to_sign, ec.ECDSA(hashes.SHA256())))
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
+
+
+def _loads(raw: bytes, what: str) -> Any:
+    try:
+        return cbor2.loads(raw)
+    except Exception as exc:  # cbor2 raises several types on hostile input; all mean "malformed"
+        raise ManifestError(
+            "malformed", what, f"not valid CBOR ({exc.__class__.__name__})"
+        ) from exc
+
+
+def _split_cose(raw: bytes) -> tuple[bytes, dict[Any, Any], bytes, bytes]:
+    """Split a tagged COSE_Sign1 into (protected bytes, protected header, payload, signature)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            "oversize", "bytes", f"{len(raw)} bytes exceeds the limit of {MAX_MANIFEST_BYTES}"
+        )
+    outer = _loads(raw, "cose_sign1")
+    if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
+        raise ManifestError("malformed", "cose_sign1", "expected CBOR tag 18 (COSE_Sign1)")
+    parts = outer.value
+    # cbor2 decodes the content of a tag as immutable (tuple, frozendict).
+    if not isinstance(parts, list | tuple) or len(parts) != 4:
+        raise ManifestError("malformed", "cose_sign1", "expected an array of 4 elements")
+    protected, unprotected, payload, signature = parts
+    if not isinstance(protected, bytes):
+        raise ManifestError("malformed", "protected", "expected a byte string")
+    if not isinstance(unprotected, Mapping):
+        raise ManifestError("malformed", "unprotected", "expected a map")
+    if not isinstance(payload, bytes):
+        raise ManifestError(
+            "malformed", "payload", "expected a byte string (detached payloads are refused)"
+        )
+    if not isinstance(signature, bytes):
+        raise ManifestError("malformed", "signature", "expected a byte string")
+    header = _loads(protected, "protected") if protected else {}
+    if not isinstance(header, dict):
+        raise ManifestError("malformed", "protected", "expected a map")
+    return protected, header, payload, signature
+
+
+def _verify_signature(
+    protected: bytes, header: dict[Any, Any], payload: bytes, signature: bytes, trust: TrustStore
+) -> bytes:
+    alg = header.get(_HDR_ALG)
+    kid = header.get(_HDR_KID)
+    if alg not in (ALG_EDDSA, ALG_ES256):
+        raise ManifestError(
+            "malformed", "alg", f"algorithm {alg!r} is not EdDSA (-8) or ES256 (-7)"
+        )
+    if not isinstance(kid, bytes) or not 1 <= len(kid) <= 64:
+        raise ManifestError("malformed", "kid", "expected a byte string of 1 to 64 bytes")
+    key = trust.get(kid)
+    if key is None:
+        raise ManifestError("unknown_key", "kid", f"key id {kid.hex()} is not in the trust store")
+    to_verify = _sig_structure(protected, payload)
+    try:
+        if alg == ALG_EDDSA:
+            if not isinstance(key, ed25519.Ed25519PublicKey):
+                raise InvalidSignature
+            key.verify(signature, to_verify)
+        else:
+            if not isinstance(key, ec.EllipticCurvePublicKey) or len(signature) != 64:
+                raise InvalidSignature
+            der = encode_dss_signature(
+                int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            )
+            key.verify(der, to_verify, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise ManifestError(
+            "bad_signature", "signature", f"does not verify with key {kid.hex()}"
+        ) from None
+    return kid
+
+
+def _field(body: dict[Any, Any], key: int, kind: type | tuple[type, ...]) -> Any:
+    name = _FIELD_NAMES[key]
+    if key not in body:
+        raise ManifestError("malformed", name, "missing")
+    value = body[key]
+    # bool is an int in Python; a bool where a number belongs is malformed and vice versa.
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ManifestError("malformed", name, f"expected {getattr(kind, '__name__', kind)}")
+    if kind is int and isinstance(value, int) and value < 0:
+        raise ManifestError("malformed", name, "must not be negative")
+    return value
+
+
+def _text(body: dict[Any, Any], key: int, limit: int) -> str:
+    value: str = _field(body, key, str)
+    if not 1 <= len(value) <= limit:
+        raise ManifestError("malformed", _FIELD_NAMES[key], f"length must be 1..{limit}")
+    return value
+
+
+def _enum(body: dict[Any, Any], key: int, enum: type[IntEnum]) -> Any:
+    value = _field(body, key, int)
+    try:
+        return enum(value)
+    except ValueError:
+        raise ManifestError(
+            "malformed", _FIELD_NAMES[key], f"{value} is not one of {[int(e) for e in enum]}"
+        ) from None
+
+
+def decode_body(payload: bytes, *, max_image_size: int) -> ManifestBody:
+    """Decode and check a manifest payload (no signature check; see :func:`verify`)."""
+    body = _loads(payload, "payload")
+    if not isinstance(body, dict):
+        raise ManifestError("malformed", "payload", "expected a map")
+    for key in body:
+        if not isinstance(key, int) or isinstance(key, bool):
+            raise ManifestError("malformed", f"key {key!r}", "keys must be integers")
+        if key not in _KNOWN_KEYS and key not in EXTENSION_KEYS:
+            raise ManifestError(
+                "malformed", f"key {key}", "unknown key outside the extension range 1000..65535"
+            )
+    if _field(body, K_FORMAT, int) != MANIFEST_FORMAT:
+        raise ManifestError("malformed", "format", f"only format {MANIFEST_FORMAT} is supported")
+    size = _field(body, K_SIZE, int)
+    if size > max_image_size:
+        raise ManifestError(
+            "oversize", "image_size", f"{size} bytes exceeds the limit of {max_image_size}"
+        )
+    frag_size = _field(body, K_FRAG_SIZE, int)
+    if frag_size == 0 or frag_size % FRAGMENT_UNIT or frag_size > MAX_FRAGMENT_SIZE:
+        raise ManifestError(
+            "malformed",
+            "fragment_size",
+            f"{frag_size} must be a multiple of {FRAGMENT_UNIT} up to {MAX_FRAGMENT_SIZE}",
+        )
+    frags = _field(body, K_FRAGS, list)
+    if len(frags) > MAX_FRAGMENTS:
+        raise ManifestError(
+            "oversize",
+            "fragment_sha256",
+            f"{len(frags)} fragments exceeds the limit of {MAX_FRAGMENTS}",
+        )
+    expected = max(1, math.ceil(size / frag_size))
+    if len(frags) != expected:
+        raise ManifestError(
+            "malformed", "fragment_sha256", f"has {len(frags)} digests, image_size needs {expected}"
+        )
+    if not all(isinstance(d, bytes) and len(d) == 32 for d in frags):
+        raise ManifestError("malformed", "fragment_sha256", "every digest must be 32 bytes")
+    image_sha = _field(body, K_SHA256, bytes)
+    if len(image_sha) != 32:
+        raise ManifestError("malformed", "image_sha256", "must be 32 bytes")
+    uri = _field(body, K_URI, str)
+    problem = check_uri_reference(uri)
+    if problem:
+        raise ManifestError("malformed", "image_uri", problem)
+    max_deferral = _field(body, K_MAX_DEFERRAL, int)
+    return ManifestBody(
+        sequence=_field(body, K_SEQ, int),
+        component=_enum(body, K_COMPONENT, Component),
+        version=_text(body, K_VERSION, MAX_TEXT),
+        device_class=_text(body, K_CLASS, MAX_TEXT),
+        image_size=size,
+        image_sha256=image_sha,
+        image_uri=uri,
+        fragment_size=frag_size,
+        fragment_sha256=tuple(frags),
+        polite=_field(body, K_POLITE, bool),
+        severity=_enum(body, K_SEVERITY, Severity),
+        max_deferral=max_deferral,
+    )
+
+
+def verify(raw: bytes, trust: TrustStore, *, max_image_size: int = 1 << 32) -> Manifest:
+    """Check a signed manifest's structure, signature and limits.
+
+    Device class and anti-rollback depend on the device; :func:`accept` adds them.
+
+    Raises:
+        ManifestError: naming the field at fault.
+    """
+    protected, header, payload, signature = _split_cose(raw)
+    kid = _verify_signature(protected, header, payload, signature, trust)
+    body = decode_body(payload, max_image_size=max_image_size)
+    return Manifest(body=body, raw=raw, digest=hashlib.sha256(raw).digest(), kid=kid)
+
+
+def accept(
+    raw: bytes,
+    trust: TrustStore,
+    *,
+    device_class: str,
+    installed: Manifest | None,
+    pending: Manifest | None = None,
+    max_image_size: int = 1 << 32,
+) -> Manifest:
+    """Verify a manifest and decide whether this device may take it.
+
+    Args:
+        raw: the signed manifest bytes.
+        trust: the verification keys.
+        device_class: this device's class; the manifest must name the same.
+        installed: the manifest of the running image, whose sequence number must be exceeded.
+        pending: the update in progress; the same bytes again are that update, not a replay.
+        max_image_size: the largest image this device accepts.
+
+    Raises:
+        ManifestError: naming the field at fault.
+    """
+    manifest = verify(raw, trust, max_image_size=max_image_size)
+    if manifest.body.device_class != device_class:
+        raise ManifestError(
+            "wrong_device_class",
+            "device_class",
+            f"{manifest.body.device_class!r} is not this device's {device_class!r}",
+        )
+    if pending is not None and manifest.digest == pending.digest:
+        return manifest
+    floor = installed.body.sequence if installed is not None else -1
+    if pending is not None:
+        # Another manifest with the pending update's number is a conflicting replay.
+        floor = max(floor, pending.body.sequence)
+    if manifest.body.sequence <= floor:
+        raise ManifestError(
+            "rollback",
+            "sequence",
+            f"{manifest.body.sequence} is not greater than {floor} (replay or downgrade)",
+        )
+    return manifest
+
+
+def _int_or(value: Any, default: int = 0) -> int:
+    return value if isinstance(value, int) else default
+
+
+def inspect(raw: bytes) -> dict[str, Any]:
+    """Decode a manifest without trusting it, for ``fota manifest inspect``."""
+    _, header, payload, _ = _split_cose(raw)
+    body = decode_body(payload, max_image_size=1 << 62)
+    kid = header.get(_HDR_KID)
+    return {
+        "alg": {ALG_EDDSA: "EdDSA", ALG_ES256: "ES256"}.get(_int_or(header.get(_HDR_ALG)), "?"),
+        "kid": kid.hex() if isinstance(kid, bytes) else None,
+        "digest": hashlib.sha256(raw).hexdigest(),
+        "update_id": update_id_of(hashlib.sha256(raw).digest()),
+        "sequence": body.sequence,
+        "component": body.component.name.lower(),
+        "version": body.version,
+        "device_class": body.device_class,
+        "image_size": body.image_size,
+        "image_sha256": body.image_sha256.hex(),
+        "image_uri": body.image_uri,
+        "fragment_size": body.fragment_size,
+        "fragments": len(body.fragment_sha256),
+        "polite": body.polite,
+        "severity": body.severity.name.lower(),
+        "max_deferral": body.max_deferral,
+    }

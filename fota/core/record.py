@@ -1,0 +1,204 @@
+"""The journal record and the status report, and their CBOR encodings (pure; no files here).
+
+The record is small on purpose: the manifests are files of their own, written once, and the
+record names them by digest. Bitmaps hold one bit per fragment.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import cbor2
+
+from fota.core.states import State
+from fota.errors import JournalError, ResultCode
+
+SCHEMA = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One status report waiting in the durable outbox (CDDL ``report`` in docs/protocol.md)."""
+
+    sequence: int
+    state: State
+    result: ResultCode
+    update_id: str | None = None
+    manifest_sequence: int | None = None
+    verified_bytes: int | None = None
+    detail: str = ""
+    until: int | None = None
+
+    def to_cbor(self, device_id: str) -> bytes:
+        """Encode the report for the server, omitting absent optional fields."""
+        body: dict[int, Any] = {
+            1: device_id,
+            2: self.sequence,
+            3: self.state.value,
+            4: int(self.result),
+        }
+        optional = (
+            (5, self.update_id),
+            (6, self.manifest_sequence),
+            (7, self.verified_bytes),
+            (8, self.detail or None),
+            (9, self.until),
+        )
+        body.update((k, v) for k, v in optional if v is not None)
+        return cbor2.dumps(body)
+
+    def _to_list(self) -> list[Any]:
+        return [
+            self.sequence,
+            self.state.value,
+            int(self.result),
+            self.update_id,
+            self.manifest_sequence,
+            self.verified_bytes,
+            self.detail,
+            self.until,
+        ]
+
+    @classmethod
+    def _from_list(cls, items: list[Any]) -> Report:
+        seq, state, result, uid, mseq, vbytes, detail, until = items
+        return cls(seq, State(state), ResultCode(result), uid, mseq, vbytes, detail, until)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Everything the client must remember across a power cut.
+
+    Attributes:
+        state: the machine's state; journaled before any effect of entering it.
+        pending: digest of the pending manifest (its bytes are a file of their own).
+        manifest_uri: where the pending manifest came from; relative image URIs resolve
+            against it.
+        installed: digest of the running image's manifest; it decides politeness.
+        refused: digest of the last manifest refused, so an announcement of it is not refetched.
+        verified: fragment bitmap; a bit is set only after the fragment's bytes were fsynced and
+            matched the signed digest.
+        etag: the image ETag last seen (a hint only; fragment digests decide).
+        defer_until: wall-clock time the current deferral ends.
+        defer_reason: the application's reason for it.
+        attempts: download attempts of the pending update that failed.
+        restarts: process restarts during the pending update (breaks reboot loops).
+        progress: last progress step the application was told, in percent.
+        report_seq: sequence number of the next report.
+        outbox: reports not yet acknowledged by the server.
+    """
+
+    state: State = State.IDLE
+    pending: bytes | None = None
+    manifest_uri: str | None = None
+    installed: bytes | None = None
+    refused: bytes | None = None
+    verified: bytes = b""
+    etag: bytes | None = None
+    defer_until: float | None = None
+    defer_reason: str = ""
+    attempts: int = 0
+    restarts: int = 0
+    progress: int = 0
+    report_seq: int = 0
+    outbox: tuple[Report, ...] = field(default=())
+
+    def to_bytes(self) -> bytes:
+        """Encode as ``[schema, body, crc32(body)]`` so a bit flip is caught on load."""
+        body = cbor2.dumps(
+            [
+                self.state.value,
+                self.pending,
+                self.manifest_uri,
+                self.installed,
+                self.refused,
+                self.verified,
+                self.etag,
+                self.defer_until,
+                self.defer_reason,
+                self.attempts,
+                self.restarts,
+                self.progress,
+                self.report_seq,
+                [r._to_list() for r in self.outbox],
+            ]
+        )
+        return cbor2.dumps([SCHEMA, body, zlib.crc32(body)])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Record:
+        """Decode a record; any damage raises :class:`~fota.errors.JournalError`."""
+        try:
+            schema, body, crc = cbor2.loads(data)
+        except Exception as exc:  # hostile or truncated bytes: cbor2 raises several types
+            raise JournalError(f"journal record: not a [schema, body, crc] array ({exc})") from exc
+        if schema != SCHEMA:
+            raise JournalError(f"journal record: schema {schema!r}, this version reads {SCHEMA}")
+        if not isinstance(body, bytes) or zlib.crc32(body) != crc:
+            raise JournalError("journal record: checksum mismatch (damaged file)")
+        try:
+            (
+                state,
+                pending,
+                manifest_uri,
+                installed,
+                refused,
+                verified,
+                etag,
+                until,
+                reason,
+                attempts,
+                restarts,
+                progress,
+                report_seq,
+                outbox,
+            ) = cbor2.loads(body)
+            return cls(
+                State(state),
+                pending,
+                manifest_uri,
+                installed,
+                refused,
+                verified,
+                etag,
+                until,
+                reason,
+                attempts,
+                restarts,
+                progress,
+                report_seq,
+                tuple(Report._from_list(r) for r in outbox),
+            )
+        except Exception as exc:
+            raise JournalError(f"journal record: bad body ({exc})") from exc
+
+    def evolve(self, **changes: Any) -> Record:
+        """Return a copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+
+def bitmap_new(count: int) -> bytes:
+    """An all-clear bitmap for ``count`` fragments."""
+    return bytes((count + 7) // 8)
+
+
+def bitmap_get(bitmap: bytes, index: int) -> bool:
+    """Whether bit ``index`` is set."""
+    return bool(bitmap[index >> 3] & (1 << (index & 7)))
+
+
+def bitmap_set(bitmap: bytes, index: int, value: bool = True) -> bytes:
+    """Return ``bitmap`` with bit ``index`` set to ``value``."""
+    out = bytearray(bitmap)
+    if value:
+        out[index >> 3] |= 1 << (index & 7)
+    else:
+        out[index >> 3] &= ~(1 << (index & 7)) & 0xFF
+    return bytes(out)
+
+
+def bitmap_count(bitmap: bytes) -> int:
+    """Number of set bits."""
+    return sum(bin(b).count("1") for b in bitmap)

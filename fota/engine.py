@@ -1,0 +1,506 @@
+"""The engine: the only task that triggers the state machine.
+
+    inbox queue -> machine trigger -> journal (if the record changed) -> run commands
+    child tasks (download, handler calls, installer, timers, reports) -> events -> inbox
+
+Rules that keep it correct (design.md):
+
+* One task consumes the inbox and awaits each trigger to completion before the next
+  (run-to-completion), so the AsyncMachine never sees two triggers at once (transitions #401:
+  a trigger from another task would cancel the running transition).
+* The record is journaled after the trigger and before any command runs: every state change
+  is durable before its effects. If the journal cannot be written, the in-memory model is put
+  back to what is on disk and no command runs.
+* Long work is a child task that reports back only by putting an event in the inbox.
+  Cancelling work is always an explicit command (``StopDownload``, ``CancelTimer``).
+* After loading the journal, a ``Restarted`` event makes the machine re-issue the restored
+  state's work explicitly (``on_enter`` does not run for an ``initial=`` state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import structlog
+from transitions.core import MachineError
+from transitions.extensions.asyncio import AsyncMachine
+
+from fota.config import Config
+from fota.core import commands as cmd
+from fota.core import events as ev
+from fota.core.machine import Model, transitions_kwargs
+from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest
+from fota.core.states import State
+from fota.core.uri import resolve
+from fota.download import Downloader
+from fota.errors import (
+    FotaError,
+    InstallError,
+    InvalidTransition,
+    JournalError,
+    PermanentServerError,
+    ResultCode,
+)
+from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo
+from fota.install import Installer
+from fota.journal import Journal
+from fota.transport import Transport
+
+log = structlog.get_logger(__name__)
+
+SelfTest = Callable[[Manifest], Awaitable[tuple[bool, str]]]
+"""A post-install health check: returns (passed, detail)."""
+
+_STOP = object()
+
+
+def decision_event(update_id: str, decision: Decision) -> ev.Event | None:
+    """The event an application's decision stands for (None while it is pending)."""
+    if decision.kind is DecisionKind.AUTHORIZE:
+        return ev.Authorized(update_id)
+    if decision.kind is DecisionKind.REJECT:
+        return ev.Rejected(update_id, decision.reason)
+    if decision.kind is DecisionKind.DEFER:
+        assert decision.until is not None
+        return ev.Deferred(update_id, decision.until.timestamp(), decision.reason)
+    return None
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    # A child task's exception would otherwise vanish until the task is collected.
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "task_crashed",
+            task=task.get_name(),
+            error=repr(task.exception()),
+            exc_info=task.exception(),
+        )
+
+
+class Engine:
+    """Drives one device's updates. Use it through :class:`fota.Client`.
+
+    Args:
+        config: client settings.
+        transport: the network.
+        journal: the on-disk state.
+        installer: puts verified images in place.
+        handler: the application's hooks, or None (polite updates then wait for the API).
+        clock: wall-clock time in seconds since the epoch (UTC); injectable for tests.
+        self_test: post-install health check; None commits at once.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: Transport,
+        journal: Journal,
+        installer: Installer,
+        handler: UpdateHandler | None = None,
+        clock: Callable[[], float] = time.time,
+        self_test: SelfTest | None = None,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.journal = journal
+        self.installer = installer
+        self.handler = handler
+        self.clock = clock
+        self.self_test = self_test
+        self._inbox: asyncio.Queue[tuple[Any, asyncio.Future[None] | None]] = asyncio.Queue()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._loose: set[asyncio.Task[None]] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._changed = asyncio.Condition()
+        self._runner: asyncio.Task[None] | None = None
+        self.model: Model | None = None
+        self._current: UpdateInfo | None = None
+        self.downloader = Downloader(
+            transport, journal.ops, journal.candidate_path, self.post, block_size=config.block_size
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the journal, build the machine, and start the engine and announcement watcher."""
+        loaded = self.journal.load()
+        self.model = Model(
+            self.config.policy(),
+            self.config.trust,
+            loaded.record,
+            pending=loaded.pending,
+            installed=loaded.installed,
+        )
+        AsyncMachine(
+            model=self.model,
+            states=State,
+            transitions=transitions_kwargs(),
+            initial=loaded.record.state,
+            auto_transitions=False,
+            send_event=True,
+            queued=False,
+            after_state_change="sync_state",
+        )
+        log.info(
+            "engine_started",
+            state=loaded.record.state.name,
+            update_id=self.model.update_id,
+            installed=loaded.installed.body.version if loaded.installed else None,
+        )
+        self._runner = asyncio.create_task(self._run(), name="fota-engine")
+        self.post(ev.Restarted())
+        self._spawn("watch", self._watch())
+
+    async def aclose(self) -> None:
+        """Stop child tasks and the engine (after the event in progress), keep the journal as is."""
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        tasks = [*self._tasks.values(), *self._loose]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._runner is not None:
+            self._inbox.put_nowait((_STOP, None))
+            await asyncio.gather(self._runner, return_exceptions=True)
+            self._runner = None
+
+    # -- the inbox ----------------------------------------------------------------------
+
+    def post(self, event: ev.Event) -> None:
+        """Put an event from a child task or timer into the inbox (fire and forget)."""
+        self._inbox.put_nowait((event, None))
+
+    async def submit(self, event: ev.Event) -> None:
+        """Put an event in the inbox and wait until it was handled.
+
+        Raises:
+            InvalidTransition: the event means nothing in the current state (API events).
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait((event, future))
+        await future
+
+    async def wait_for(
+        self, predicate: Callable[[Model], bool], timeout: float | None = None
+    ) -> None:
+        """Wait until ``predicate(model)`` holds after some handled event."""
+
+        async def _wait() -> None:
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: self.model is not None and predicate(self.model)
+                )
+
+        await asyncio.wait_for(_wait(), timeout)
+
+    async def _run(self) -> None:
+        while True:
+            event, future = await self._inbox.get()
+            if event is _STOP:
+                return
+            try:
+                await self._handle(event, future)
+            except Exception as exc:  # the engine must survive a bug in one event
+                log.exception("event_crashed", fact=type(event).__name__)
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _handle(self, event: ev.Event, future: asyncio.Future[None] | None) -> None:
+        model = self.model
+        assert model is not None
+        before = (model.state, model.record, model.pending, model.installed)
+        try:
+            ok = await model.trigger(event.trigger, event=event, now=self.clock())
+        except MachineError:
+            ok = False
+        except Exception:
+            # transitions leaves the state changed when a callback raises: put it back.
+            model.state, model.record, model.pending, model.installed = before
+            model.take_commands()
+            raise
+        if not ok:
+            model.take_commands()
+            if event.from_api:
+                problem = InvalidTransition(
+                    f"{type(event).__name__} is not valid in state {model.state.name}"
+                    f" for update {getattr(event, 'update_id', None)!r}"
+                    f" (current update: {model.update_id!r})"
+                )
+                if future is not None:
+                    future.set_exception(problem)
+                return
+            log.info("event_dropped", fact=type(event).__name__, state=model.state.name)
+        elif model.record != before[1]:
+            try:
+                self.journal.save(model.record, (model.pending, model.installed))
+            except (OSError, JournalError) as exc:
+                model.state, model.record, model.pending, model.installed = before
+                model.take_commands()
+                log.error("journal_write_failed", error=str(exc), fact=type(event).__name__)
+                if future is not None:
+                    future.set_exception(JournalError(f"journal write failed: {exc}"))
+                return
+        if isinstance(event, ev.ManifestFetched) and model.refusal is not None:
+            refusal = model.refusal
+            log.warning(
+                "manifest_refused", kind=refusal.kind, field=refusal.field, error=str(refusal)
+            )
+        if model.pending is not None and (
+            self._current is None or self._current.update_id != model.pending.update_id
+        ):
+            # Kept for on_complete, which runs after the record has forgotten the update.
+            self._current = self._info()
+        if ok and model.state is not before[0]:
+            log.info(
+                "state_changed", old=before[0].name, new=model.state.name, update_id=model.update_id
+            )
+        commands = model.take_commands()
+        log.debug(
+            "event_handled",
+            fact=type(event).__name__,
+            state=model.state.name,
+            commands=[type(c).__name__ for c in commands],
+        )
+        for command in commands:
+            self._execute(command)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _spawn(self, name: str | None, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=f"fota-{name or 'notify'}")
+        task.add_done_callback(_log_crash)
+        if name is None:
+            self._loose.add(task)
+            task.add_done_callback(self._loose.discard)
+            return
+        old = self._tasks.get(name)
+        if old is not None and not old.done():
+            old.cancel()
+        self._tasks[name] = task
+
+    def _cancel(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    def _execute(self, c: cmd.Command) -> None:
+        model = self.model
+        assert model is not None
+        match c:
+            case cmd.FetchManifest(uri=uri, digest=digest):
+                self._spawn("manifest", self._fetch_manifest(uri, digest))
+            case cmd.AskDownloadAuthorization(update_id=uid):
+                self._spawn("ask", self._ask(uid, download=True))
+            case cmd.AskInstallAuthorization(update_id=uid):
+                self._spawn("ask", self._ask(uid, download=False))
+            case cmd.StartDownload():
+                assert model.pending is not None and model.record.manifest_uri is not None
+                uri = resolve(model.record.manifest_uri, model.pending.body.image_uri)
+                self._spawn(
+                    "download", self.downloader.run(model.pending, uri, model.record.verified)
+                )
+            case cmd.StopDownload():
+                self._cancel("download")
+            case cmd.VerifyImage(update_id=uid):
+                self._spawn("verify", self._verify(uid))
+            case cmd.Install(update_id=uid):
+                self._spawn("install", self._install(uid))
+            case cmd.RunSelfTest(update_id=uid):
+                self._spawn("selftest", self._self_test(uid))
+            case cmd.Commit():
+                assert model.installed is not None
+                self._spawn(None, self._commit(model.installed))
+            case cmd.Rollback():
+                assert model.pending is not None
+                self._spawn(None, self._rollback(model.pending))
+            case cmd.DiscardCandidate():
+                self._cancel("download")
+                self.journal.ops.unlink(self.journal.candidate_path)
+            case cmd.StartTimer(name=name, at=at, update_id=uid):
+                self._cancel_timer(name)
+                delay = max(0.0, at - self.clock())
+                loop = asyncio.get_running_loop()
+                self._timers[name] = loop.call_later(delay, self.post, ev.TimerFired(name, uid))
+            case cmd.CancelTimer(name=name):
+                self._cancel_timer(name)
+            case cmd.SendReports():
+                task = self._tasks.get("reports")
+                if task is None or task.done():
+                    self._spawn("reports", self._deliver_reports())
+            case cmd.NotifyProgress(done=done, total=total):
+                if self.handler is not None:
+                    self._spawn(None, self.handler.on_progress(self._info(), done, total))
+            case cmd.NotifyComplete(update_id=uid, result=result, detail=detail):
+                if self.handler is not None and self._current is not None:
+                    assert self._current.update_id == uid
+                    self._spawn(None, self._notify_complete(self._current, result, detail))
+            case _:
+                raise AssertionError(f"unhandled command {c!r}")
+
+    def _cancel_timer(self, name: str) -> None:
+        handle = self._timers.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _info(self, manifest: Manifest | None = None) -> UpdateInfo:
+        model = self.model
+        assert model is not None
+        m = manifest or model.pending or model.installed
+        assert m is not None
+        installed = model.installed
+        if installed is m:
+            installed = None
+        return UpdateInfo(
+            update_id=m.update_id,
+            version=m.body.version,
+            sequence=m.body.sequence,
+            component=m.body.component,
+            severity=m.body.severity,
+            image_size=m.body.image_size,
+            installed_version=installed.body.version if installed else None,
+            polite=installed is not None and installed.body.polite,
+        )
+
+    async def _notify_complete(self, info: UpdateInfo, result: ResultCode, detail: str) -> None:
+        assert self.handler is not None
+        await self.handler.on_complete(info, result, detail)
+
+    # -- child tasks --------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        async for ann in self.transport.announcements():
+            log.debug("announcement_received", sequence=ann.sequence, uri=ann.manifest_uri)
+            self.post(ev.AnnouncementReceived(ann.sequence, ann.manifest_digest, ann.manifest_uri))
+
+    async def _fetch_manifest(self, uri: str, digest: bytes) -> None:
+        policy = self.config.policy()
+        for attempt in range(1, policy.max_attempts + 1):
+            try:
+                raw = await self.transport.fetch(uri, limit=MAX_MANIFEST_BYTES)
+            except PermanentServerError as exc:
+                log.warning("manifest_fetch_failed", uri=uri, error=str(exc))
+                return
+            except FotaError as exc:
+                log.info("manifest_fetch_retry", uri=uri, error=str(exc), attempt=attempt)
+                await asyncio.sleep(min(policy.retry_cap, policy.retry_base * 2 ** (attempt - 1)))
+                continue
+            if len(raw) <= MAX_MANIFEST_BYTES and hashlib.sha256(raw).digest() != digest:
+                # Not the announced manifest (changed or corrupted in between): wait for the
+                # next announcement rather than judge bytes nobody announced.
+                log.warning("manifest_digest_mismatch", uri=uri)
+                return
+            self.post(ev.ManifestFetched(raw, uri))
+            return
+
+    async def _ask(self, update_id: str, *, download: bool) -> None:
+        step = "download" if download else "install"
+        if self.handler is None:
+            log.info("authorization_awaited", step=step, update_id=update_id)
+            return
+        info = self._info()
+        hook = (
+            self.handler.on_download_authorization
+            if download
+            else self.handler.on_install_authorization
+        )
+        decision = await hook(info)
+        log.info(
+            "authorization_answered", step=step, update_id=update_id, decision=decision.kind.value
+        )
+        event = decision_event(update_id, decision)
+        if event is not None:
+            try:
+                await self.submit(event)
+            except InvalidTransition as exc:
+                log.info("answer_dropped", step=step, error=str(exc))
+
+    async def _verify(self, update_id: str) -> None:
+        model = self.model
+        assert model is not None and model.pending is not None
+        manifest = model.pending
+
+        def digest() -> bytes:
+            h = hashlib.sha256()
+            remaining = manifest.body.image_size
+            with open(self.journal.candidate_path, "rb") as f:
+                while remaining:
+                    chunk = f.read(min(1 << 20, remaining))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    remaining -= len(chunk)
+            return h.digest()
+
+        try:
+            ok = await asyncio.to_thread(digest) == manifest.body.image_sha256
+        except OSError as exc:
+            log.error("candidate_unreadable", error=str(exc))
+            ok = False
+        self.post(ev.ImageChecked(update_id, ok))
+
+    async def _install(self, update_id: str) -> None:
+        model = self.model
+        assert model is not None and model.pending is not None
+        try:
+            await self.installer.install(self.journal.candidate_path, model.pending)
+        except FotaError as exc:
+            self.post(ev.InstallFinished(update_id, exc))
+        except Exception as exc:  # a third-party installer's bug must not strand the update
+            self.post(ev.InstallFinished(update_id, InstallError(f"installer crashed: {exc!r}")))
+        else:
+            self.post(ev.InstallFinished(update_id))
+
+    async def _self_test(self, update_id: str) -> None:
+        model = self.model
+        assert model is not None and model.pending is not None
+        ok, detail = True, ""
+        if self.self_test is not None:
+            try:
+                ok, detail = await self.self_test(model.pending)
+            except Exception as exc:
+                ok, detail = False, f"self-test crashed: {exc!r}"
+        self.post(ev.SelfTestFinished(update_id, ok, detail))
+
+    async def _commit(self, manifest: Manifest) -> None:
+        try:
+            await self.installer.commit(manifest)
+        except Exception as exc:
+            log.error("commit_failed", error=str(exc))
+        self.journal.ops.unlink(self.journal.candidate_path)
+
+    async def _rollback(self, manifest: Manifest) -> None:
+        try:
+            await self.installer.rollback(manifest)
+        except Exception as exc:
+            log.error("rollback_failed", error=str(exc))
+
+    async def _deliver_reports(self) -> None:
+        backoff = 0.2
+        while True:
+            model = self.model
+            assert model is not None
+            if not model.record.outbox:
+                return
+            report = model.record.outbox[0]
+            try:
+                await self.transport.post_report(report.to_cbor(self.config.device_id))
+            except PermanentServerError as exc:
+                log.warning("report_refused", sequence=report.sequence, error=str(exc))
+            except FotaError as exc:
+                log.info("report_retry", sequence=report.sequence, error=str(exc), delay=backoff)
+                await asyncio.sleep(backoff)  # back-off between delivery attempts
+                backoff = min(backoff * 2, self.config.report_retry_cap)
+                continue
+            backoff = 0.2
+            await self.submit(ev.ReportDelivered(report.sequence))

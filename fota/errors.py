@@ -1,0 +1,129 @@
+"""The one error tree of fota.
+
+Every error fota raises on purpose derives from :class:`FotaError`. Each class says whether
+retrying the same step can help (``retryable``) and which result code (see
+``docs/protocol.md``) the client reports for it, so the engine never has to guess from a message.
+Messages name the field and the limit that was broken.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ResultCode(IntEnum):
+    """Result codes reported to the server.
+
+    0-11 align with LwM2M object 5 resource 5; 100 and up are fota's.
+    """
+
+    INITIAL = 0
+    SUCCESS = 1
+    CONNECTION_LOST = 4
+    INTEGRITY_FAILURE = 5
+    UNSUPPORTED_PACKAGE = 6
+    INVALID_URI = 7
+    FAILED = 8
+    CANCELLED = 10
+    DEFERRED = 11
+    BAD_SIGNATURE = 100
+    UNKNOWN_KEY = 101
+    ROLLBACK = 102
+    WRONG_DEVICE_CLASS = 103
+    OVERSIZE = 104
+    MALFORMED = 105
+    REJECTED = 106
+
+
+class FotaError(Exception):
+    """Root of every error fota raises on purpose."""
+
+    retryable: bool = False
+    result: ResultCode = ResultCode.FAILED
+
+
+class ManifestError(FotaError):
+    """A manifest was refused.
+
+    Attributes:
+        kind: which check failed; its result code is in ``result``.
+        field: the manifest field (or header) at fault, for operators.
+    """
+
+    _RESULTS = {
+        "bad_signature": ResultCode.BAD_SIGNATURE,
+        "unknown_key": ResultCode.UNKNOWN_KEY,
+        "rollback": ResultCode.ROLLBACK,
+        "wrong_device_class": ResultCode.WRONG_DEVICE_CLASS,
+        "oversize": ResultCode.OVERSIZE,
+        "malformed": ResultCode.MALFORMED,
+    }
+
+    def __init__(self, kind: str, field: str, message: str) -> None:
+        if kind not in self._RESULTS:
+            raise ValueError(f"unknown ManifestError kind {kind!r}")
+        super().__init__(f"manifest {field}: {message}")
+        self.kind = kind
+        self.field = field
+        self.result = self._RESULTS[kind]
+
+
+class TransportError(FotaError):
+    """The network failed in a way that a retry may fix (timeout, reset, 5.xx).
+
+    The aiocoap error, when there is one, is the ``__cause__``.
+    """
+
+    retryable = True
+    result = ResultCode.CONNECTION_LOST
+
+
+class PermanentServerError(FotaError):
+    """The server refused a resource for good (4.04, 4.03, 4.00, 4.15): stop retrying."""
+
+    result = ResultCode.INVALID_URI
+
+    def __init__(self, uri: str, code: str) -> None:
+        super().__init__(f"{uri}: server answered {code}")
+        self.uri = uri
+        self.code = code
+
+
+class ImageChanged(FotaError):
+    """The image behind the URI changed (4.08 or another Size2): restart the download."""
+
+    retryable = True
+    result = ResultCode.INTEGRITY_FAILURE
+
+
+class IntegrityError(FotaError):
+    """Bytes did not match their signed digest."""
+
+    retryable = True
+    result = ResultCode.INTEGRITY_FAILURE
+
+
+class JournalError(FotaError):
+    """The journal could not be read or written."""
+
+
+class StorageError(FotaError):
+    """The candidate file could not be written or read (disk full, I/O error)."""
+
+
+class InstallError(FotaError):
+    """The installer failed; the previous image is still in place."""
+
+    result = ResultCode.FAILED
+
+
+class PolicyError(FotaError):
+    """A request broke a politeness rule (for example, deferring past a deadline)."""
+
+
+class InvalidTransition(FotaError):
+    """API misuse: an answer for another update, or in a state where it means nothing."""
+
+
+class ConfigError(FotaError):
+    """A setting is missing or out of range; the message names the setting."""

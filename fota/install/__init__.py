@@ -1,0 +1,33 @@
+"""The installer seam: a Protocol, and the backends that implement it.
+
+An installer receives only verified bytes: the engine calls :meth:`Installer.install` after the
+whole candidate matched the signed manifest. ``install`` must be idempotent (after a power cut
+in INSTALLING the engine runs it again), and ``rollback`` must restore the previous image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from fota.core.manifest import Manifest
+from fota.install.file import FileInstaller
+
+
+class Installer(Protocol):
+    """What the engine needs to put an image in place and take it back."""
+
+    async def install(self, candidate: Path, manifest: Manifest) -> None:
+        """Install the verified candidate; raise :class:`~fota.errors.InstallError` on failure."""
+        ...
+
+    async def commit(self, manifest: Manifest) -> None:
+        """Make the installed image permanent (drop what rollback would need)."""
+        ...
+
+    async def rollback(self, manifest: Manifest) -> None:
+        """Restore the image that ran before ``manifest``'s was installed."""
+        ...
+
+
+__all__ = ["FileInstaller", "Installer"]

@@ -1,0 +1,188 @@
+"""The write-ahead journal: one small atomic record per device, manifests as files of their own.
+
+Persistence rules (design.md):
+
+* Every write is atomic: a temp file in the same directory, write, fsync, ``os.replace``, fsync
+  the directory. A power cut leaves either the old or the new record, never half of one.
+* Write-ahead order: fragment bytes reach the candidate file and are fsynced (by the
+  downloader, through the same :class:`FileOps`) before the journal marks them verified.
+* Manifests are written once each, named by their digest, before a record that names them;
+  on load they are re-verified, and a record naming a manifest that fails is not trusted.
+
+All file operations go through a :class:`FileOps` object so a test can record their order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from fota.core.manifest import Manifest, TrustStore, verify
+from fota.core.record import Record
+from fota.errors import FotaError, JournalError
+
+log = structlog.get_logger(__name__)
+
+RECORD_NAME = "journal.cbor"
+CANDIDATE_NAME = "candidate.bin"
+
+
+class FileOps:
+    """Thin wrappers over the OS calls whose order matters; tests subclass it to record them."""
+
+    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+        """``os.open``."""
+        return os.open(path, flags, mode)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        """Write all of ``data`` at ``offset``."""
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def fsync(self, fd: int) -> None:
+        """``os.fsync``."""
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        """``os.close``."""
+        os.close(fd)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        """``os.replace``."""
+        os.replace(src, dst)
+
+    def fsync_dir(self, path: Path) -> None:
+        """Fsync a directory so a rename in it is durable."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def unlink(self, path: Path) -> None:
+        """Remove a file if it exists."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def write_atomic(self, path: Path, data: bytes) -> None:
+        """Replace ``path`` with ``data`` atomically and durably."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            self.pwrite(fd, data, 0)
+            self.fsync(fd)
+        finally:
+            self.close(fd)
+        self.replace(tmp, path)
+        self.fsync_dir(path.parent)
+
+
+@dataclass(slots=True)
+class Loaded:
+    """What :meth:`Journal.load` found."""
+
+    record: Record
+    pending: Manifest | None
+    installed: Manifest | None
+
+
+class Journal:
+    """The on-disk state of one device under ``state_dir``.
+
+    Args:
+        state_dir: a directory owned by fota (created 0700 if missing).
+        trust: keys to re-verify stored manifests on load.
+        ops: file operations (injectable for tests).
+    """
+
+    def __init__(self, state_dir: Path, trust: TrustStore, ops: FileOps | None = None) -> None:
+        self.dir = Path(state_dir)
+        self.trust = trust
+        self.ops = ops or FileOps()
+        self._written: set[bytes] = set()
+        self._last: Record | None = None
+
+    @property
+    def candidate_path(self) -> Path:
+        """Where the image being downloaded lives."""
+        return self.dir / CANDIDATE_NAME
+
+    def _manifest_path(self, digest: bytes) -> Path:
+        return self.dir / f"manifest-{digest.hex()}.cose"
+
+    def _load_manifest(self, digest: bytes | None, what: str) -> Manifest | None:
+        if digest is None:
+            return None
+        path = self._manifest_path(digest)
+        try:
+            raw = path.read_bytes()
+            manifest = verify(raw, self.trust)
+        except (OSError, FotaError) as exc:
+            log.error("stored_manifest_unusable", which=what, path=str(path), error=str(exc))
+            return None
+        if manifest.digest != digest:
+            log.error(
+                "stored_manifest_unusable", which=what, path=str(path), error="digest mismatch"
+            )
+            return None
+        self._written.add(digest)
+        return manifest
+
+    def load(self) -> Loaded:
+        """Read the record and re-verify the manifests it names.
+
+        A missing record is a new device. A damaged record raises :class:`JournalError` (the
+        caller decides; the daemon refuses to start rather than forget an installed image).
+        A pending manifest that no longer verifies drops the pending update: nothing that was
+        not checked is trusted.
+        """
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            data = (self.dir / RECORD_NAME).read_bytes()
+        except FileNotFoundError:
+            self._last = Record()
+            return Loaded(self._last, None, None)
+        except OSError as exc:
+            raise JournalError(f"journal {self.dir / RECORD_NAME}: {exc}") from exc
+        record = Record.from_bytes(data)
+        installed = self._load_manifest(record.installed, "installed")
+        pending = self._load_manifest(record.pending, "pending")
+        if record.pending is not None and pending is None:
+            record = record.evolve(
+                state=type(record.state).IDLE,
+                pending=None,
+                verified=b"",
+                defer_until=None,
+                attempts=0,
+                restarts=0,
+            )
+        if record.installed is not None and installed is None:
+            # Without its manifest the running image cannot decide politeness or anti-rollback;
+            # refusing to guess is safer than treating the device as empty.
+            raise JournalError(f"installed manifest {record.installed.hex()} is missing or invalid")
+        self._last = record
+        return Loaded(record, pending, installed)
+
+    def save(self, record: Record, manifests: tuple[Manifest | None, ...] = ()) -> None:
+        """Durably store ``record``, after any manifest it names that is not on disk yet."""
+        for manifest in manifests:
+            if manifest is not None and manifest.digest not in self._written:
+                self.ops.write_atomic(self._manifest_path(manifest.digest), manifest.raw)
+                self._written.add(manifest.digest)
+        self.ops.write_atomic(self.dir / RECORD_NAME, record.to_bytes())
+        self._last = record
+        self._collect(record)
+
+    def _collect(self, record: Record) -> None:
+        """Remove manifest files the record no longer names (after the record is durable)."""
+        keep = {record.pending, record.installed}
+        for digest in list(self._written):
+            if digest not in keep:
+                self.ops.unlink(self._manifest_path(digest))
+                self._written.discard(digest)

@@ -1,0 +1,248 @@
+"""CoAP transport over aiocoap (UDP; ``coap://``).
+
+Images are fetched with explicit Block2 requests (``handle_blockwise=False``): aiocoap's automatic
+block-wise keeps the whole body in memory and re-assembles it quadratically. Each block's byte
+offset comes from the *response's* block number and size, so a server that answers with a smaller
+block size than asked (RFC 7959 section 2.4) is simply followed.
+
+aiocoap ships no type information; everything from it is ``Any`` here, and nothing from it
+leaves this module: its errors become :mod:`fota.errors` types with the original as
+``__cause__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiocoap
+import aiocoap.error
+import cbor2
+import structlog
+from aiocoap.numbers.codes import Code
+from aiocoap.numbers.constants import TransportTuning
+from aiocoap.optiontypes import BlockOption
+
+from fota.core.uri import resolve
+from fota.errors import ImageChanged, PermanentServerError, TransportError
+from fota.transport import Announcement, Block
+
+log = structlog.get_logger(__name__)
+
+CF_CBOR = 60
+PERMANENT = frozenset(
+    {
+        Code.BAD_REQUEST,
+        Code.FORBIDDEN,
+        Code.NOT_FOUND,
+        Code.UNSUPPORTED_CONTENT_FORMAT,
+        Code.METHOD_NOT_ALLOWED,
+        Code.UNAUTHORIZED,
+        Code.BAD_OPTION,
+    }
+)
+
+
+def tuning(ack_timeout: float, max_retransmit: int) -> TransportTuning:
+    """A TransportTuning with our timing (tests shorten it; RFC 7252 defaults otherwise)."""
+
+    class _Tuning(TransportTuning):  # type: ignore[misc]  # aiocoap is untyped
+        ACK_TIMEOUT = ack_timeout
+        MAX_RETRANSMIT = max_retransmit
+
+    return _Tuning()
+
+
+def szx_for(block_size: int) -> int:
+    """The SZX exponent for a block size of 16..1024 bytes (a power of two)."""
+    if block_size not in (16, 32, 64, 128, 256, 512, 1024):
+        raise ValueError(f"block_size {block_size} must be a power of two from 16 to 1024")
+    return int(math.log2(block_size)) - 4
+
+
+def classify(uri: str, response: Any) -> None:
+    """Raise the fota error for a non-success response."""
+    code = response.code
+    if code.is_successful():
+        return
+    if code == Code.REQUEST_ENTITY_INCOMPLETE:
+        raise ImageChanged(f"{uri}: server answered {code} (the resource changed)")
+    if code in PERMANENT:
+        raise PermanentServerError(uri, str(code))
+    raise TransportError(f"{uri}: server answered {code}")
+
+
+class CoapTransport:
+    """The :class:`~fota.transport.Transport` for ``coap://`` servers.
+
+    Args:
+        server: base URI of the update server, e.g. ``coap://127.0.0.1:5683``.
+        device_id: this device's id (names the announcement and report resources).
+        ack_timeout: CoAP ACK_TIMEOUT in seconds (RFC 7252 default 2.0).
+        max_retransmit: CoAP MAX_RETRANSMIT (RFC 7252 default 4).
+        poll_interval: poll the announcement this often instead of observing (sleepy
+            devices); None observes.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        device_id: str,
+        *,
+        ack_timeout: float = 2.0,
+        max_retransmit: int = 4,
+        poll_interval: float | None = None,
+    ) -> None:
+        self.server = server.rstrip("/")
+        self.device_id = device_id
+        self.announce_uri = f"{self.server}/fota/ann/{device_id}"
+        self.report_uri = f"{self.server}/fota/report/{device_id}"
+        self.poll_interval = poll_interval
+        self._tuning = tuning(ack_timeout, max_retransmit)
+        self._ctx: Any = None
+        self._ctx_lock = asyncio.Lock()
+        # Resolved remote per URI: building a request from a URI string re-parses and
+        # re-resolves it every time, a measurable share of per-block CPU.
+        self._remotes: dict[str, tuple[Any, tuple[str, ...]]] = {}
+
+    async def _context(self) -> Any:
+        async with self._ctx_lock:
+            if self._ctx is None:
+                self._ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+            return self._ctx
+
+    async def aclose(self) -> None:
+        """Shut the client context down."""
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            await ctx.shutdown()
+
+    def _message(self, uri: str, **options: Any) -> Any:
+        cached = self._remotes.get(uri)
+        if cached is None:
+            return aiocoap.Message(uri=uri, transport_tuning=self._tuning, **options)
+        remote, path = cached
+        msg = aiocoap.Message(uri_path=path, transport_tuning=self._tuning, **options)
+        msg.remote = remote
+        return msg
+
+    async def _request(self, uri: str, **options: Any) -> Any:
+        ctx = await self._context()
+        msg = self._message(uri, **options)
+        try:
+            response = await ctx.request(msg, handle_blockwise=False).response
+        except aiocoap.error.Error as exc:
+            raise TransportError(f"{uri}: {exc.__class__.__name__}: {exc}") from exc
+        except OSError as exc:
+            raise TransportError(f"{uri}: {exc}") from exc
+        if uri not in self._remotes:
+            self._remotes[uri] = (response.remote, tuple(msg.opt.uri_path))
+        return response
+
+    async def fetch_block(self, uri: str, offset: int, block_size: int) -> Block:
+        """Fetch the block at byte ``offset``.
+
+        Raises:
+            TransportError: timeout, reset or 5.xx (retryable).
+            PermanentServerError: 4.04 and the like.
+            ImageChanged: 4.08.
+        """
+        szx = szx_for(block_size)
+        response = await self._request(
+            uri, code=Code.GET, block2=BlockOption.BlockwiseTuple(offset // block_size, False, szx)
+        )
+        classify(uri, response)
+        block2 = response.opt.block2
+        if block2 is None:
+            # A server that ignores Block2 sends the whole resource at once.
+            return Block(0, response.payload, False, len(response.payload), response.opt.etag)
+        return Block(
+            offset=block2.start,
+            data=response.payload,
+            more=bool(block2.more),
+            size2=response.opt.size2,
+            etag=response.opt.etag,
+        )
+
+    async def fetch(self, uri: str, *, limit: int) -> bytes:
+        """Fetch a small resource with explicit Block2 requests, at most ``limit + 1`` bytes."""
+        parts: list[bytes] = []
+        offset, size = 0, 1024
+        while True:
+            block = await self.fetch_block(uri, offset, size)
+            if block.offset != offset:
+                raise TransportError(f"{uri}: asked for byte {offset}, got block at {block.offset}")
+            parts.append(block.data)
+            offset += len(block.data)
+            if not block.more or offset > limit:
+                return b"".join(parts)
+            if len(block.data) < size:  # the server chose a smaller block size: follow it
+                size = len(block.data)
+                if offset % size:
+                    raise TransportError(
+                        f"{uri}: block size {size} does not divide offset {offset}"
+                    )
+
+    async def post_report(self, body: bytes) -> None:
+        """POST a report; any 2.xx is an acknowledgement."""
+        response = await self._request(
+            self.report_uri, code=Code.POST, payload=body, content_format=CF_CBOR
+        )
+        classify(self.report_uri, response)
+
+    def _decode_announcement(self, response: Any) -> Announcement | None:
+        try:
+            classify(self.announce_uri, response)
+            body = cbor2.loads(response.payload)
+            seq = body[1]
+            digest = body.get(2)
+            location = body.get(3)
+            if not isinstance(seq, int) or (digest is not None and not isinstance(digest, bytes)):
+                raise ValueError("field types")
+            if location is not None and not isinstance(location, str):
+                raise ValueError("manifest location is not text")
+        except Exception as exc:  # a misbehaving server must not stop the watcher
+            log.warning("announcement_unusable", uri=self.announce_uri, error=str(exc))
+            return None
+        uri = resolve(self.announce_uri, location) if location else None
+        return Announcement(seq, digest, uri)
+
+    async def announcements(self) -> AsyncIterator[Announcement]:
+        """Observe (or poll) the announcement; yield every usable one, forever.
+
+        Network errors are retried with a capped back-off so the watcher never dies; they
+        are logged at INFO because a gateway losing its uplink is an expected event.
+        """
+        backoff = 1.0
+        while True:
+            try:
+                if self.poll_interval is not None:
+                    response = await self._request(self.announce_uri, code=Code.GET)
+                    backoff = 1.0
+                    ann = self._decode_announcement(response)
+                    if ann is not None:
+                        yield ann
+                    await asyncio.sleep(self.poll_interval)
+                    continue
+                ctx = await self._context()
+                msg = aiocoap.Message(
+                    code=Code.GET, uri=self.announce_uri, observe=0, transport_tuning=self._tuning
+                )
+                request = ctx.request(msg)
+                response = await request.response
+                backoff = 1.0
+                ann = self._decode_announcement(response)
+                if ann is not None:
+                    yield ann
+                async for notification in request.observation:
+                    ann = self._decode_announcement(notification)
+                    if ann is not None:
+                        yield ann
+                log.info("observation_ended", uri=self.announce_uri)
+            except (aiocoap.error.Error, OSError, TransportError) as exc:
+                log.info("announcement_retry", uri=self.announce_uri, error=str(exc), delay=backoff)
+            # Back-off between re-registrations (a timer, not synchronisation).
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 60.0)
