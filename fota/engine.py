@@ -400,7 +400,7 @@ class Engine:
                 # next announcement rather than judge bytes nobody announced.
                 log.warning("manifest_digest_mismatch", uri=uri)
                 return
-            self.post(ev.ManifestFetched(raw, uri))
+            self.post(ev.ManifestFetched(raw, uri, digest))
             return
 
     async def _ask(self, update_id: str, *, download: bool) -> None:

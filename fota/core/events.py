@@ -34,11 +34,16 @@ class AnnouncementReceived(Event):
 
 @dataclass(frozen=True, slots=True)
 class ManifestFetched(Event):
-    """The announced manifest's bytes arrived (digest already matched the announcement)."""
+    """The announced manifest's bytes arrived.
+
+    ``digest`` is the announced digest; ``raw`` matched it, or was cut off past the size limit
+    (then the core refuses it as oversize without hashing what it never fully read).
+    """
 
     trigger: ClassVar[str] = "manifest_fetched"
     raw: bytes
     uri: str
+    digest: bytes
 
 
 @dataclass(frozen=True, slots=True)

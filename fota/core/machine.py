@@ -19,14 +19,13 @@ Theory of operation (the rules that keep this correct; see docs/state-machine.md
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fota.core import commands as cmd
 from fota.core import events as ev
-from fota.core.manifest import Manifest, TrustStore, accept
+from fota.core.manifest import Manifest, TrustStore, accept, update_id_of
 from fota.core.policy import Policy, must_ask, retry_delay
 from fota.core.record import Record, Report, bitmap_count, bitmap_get, bitmap_new, bitmap_set
 from fota.core.states import State
@@ -298,15 +297,28 @@ class Model:
             total -= self.pending.body.fragment_size - self.pending.fragment_span(last)[1]
         return total
 
-    def _report(self, result: ResultCode, detail: str = "", until: float | None = None) -> None:
+    def _report(
+        self,
+        result: ResultCode,
+        detail: str = "",
+        until: float | None = None,
+        *,
+        refused: bytes | None = None,
+    ) -> None:
+        """Queue a report in the durable outbox.
+
+        ``refused`` is the digest of a refused manifest: the report is then about it, not about
+        the pending update.
+        """
         rec = self.record
+        about = None if refused is not None else self.pending
         report = Report(
             sequence=rec.report_seq,
             state=self.state,
             result=result,
-            update_id=self.update_id,
-            manifest_sequence=self.pending.body.sequence if self.pending else None,
-            verified_bytes=self.verified_bytes() if self.pending else None,
+            update_id=update_id_of(refused) if refused is not None else self.update_id,
+            manifest_sequence=about.body.sequence if about else None,
+            verified_bytes=self.verified_bytes() if about else None,
             detail=detail[:200],
             until=int(until) if until is not None else None,
         )
@@ -421,11 +433,8 @@ class Model:
         """Remember and report a refused manifest; it is not fetched again."""
         fetched: ev.ManifestFetched = e.kwargs["event"]
         assert self.refusal is not None
-        self.record = self.record.evolve(refused=hashlib.sha256(fetched.raw).digest())
-        pending = self.pending
-        self.pending = None  # the report is about the refused manifest, not a failed one
-        self._report(self.refusal.result, str(self.refusal))
-        self.pending = pending
+        self.record = self.record.evolve(refused=fetched.digest)
+        self._report(self.refusal.result, str(self.refusal), refused=fetched.digest)
 
     def adopt_manifest(self, e: Any) -> None:
         """Make the fetched manifest the pending update, with a fresh download state."""

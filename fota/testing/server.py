@@ -270,6 +270,8 @@ class UpdateServer:
         self.max_szx = max_block_size.bit_length() - 5
         self.announcements: dict[str, tuple[int, bytes]] = {}
         self.requests: list[RequestLog] = []
+        self.request_hook: Callable[[RequestLog], None] | None = None
+        """Called with every request as it arrives (tests wait on it instead of sleeping)."""
         self.reports: list[dict[int, Any]] = []
         self.duplicate_reports = 0
         self._seen: set[tuple[str, int]] = set()
@@ -410,7 +412,10 @@ class UpdateServer:
     # -- records --------------------------------------------------------------------------
 
     def _log(self, method: str, path: str, offset: int | None, block_size: int | None) -> None:
-        self.requests.append(RequestLog(method, path, offset, block_size, time.monotonic()))
+        entry = RequestLog(method, path, offset, block_size, time.monotonic())
+        self.requests.append(entry)
+        if self.request_hook is not None:
+            self.request_hook(entry)
 
     def _record_report(self, device: str, report: dict[int, Any]) -> None:
         key = (device, report[2])

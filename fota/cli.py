@@ -1,0 +1,357 @@
+"""The ``fota`` command: manifests, a client process, the test server, and the demo.
+
+fota manifest keygen | create | inspect
+fota run      a client process for one device
+fota server   the CoAP test update server
+fota demo     a server and a client on loopback doing a polite update
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from fota import keys
+from fota.client import Client
+from fota.config import Config
+from fota.core import manifest as mf
+from fota.core.manifest import Component, ManifestBody, Severity
+from fota.core.states import State
+from fota.errors import FotaError, ResultCode
+from fota.handler import AutoAuthorize, BaseHandler, Decision, UpdateHandler, UpdateInfo
+from fota.logs import configure
+from fota.testing.server import UpdateServer, file_sha256, fragment_digests
+
+
+def _enum_choice(enum: type[Component] | type[Severity]) -> list[str]:
+    return [e.name.lower() for e in enum]
+
+
+# -- fota manifest ----------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """``fota manifest keygen``."""
+    key = keys.generate(args.alg)
+    pub = keys.save_keypair(key, Path(args.out))
+    print(
+        json.dumps(
+            {"private": args.out, "public": str(pub), "kid": mf.kid_for(key.public_key()).hex()}
+        )
+    )
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    """``fota manifest create``."""
+    key = keys.load_private(Path(args.key))
+    image = Path(args.image)
+    sha = file_sha256(image)
+    body = ManifestBody(
+        sequence=args.sequence,
+        component=Component[args.component.upper()],
+        version=args.version,
+        device_class=args.device_class,
+        image_size=image.stat().st_size,
+        image_sha256=sha,
+        image_uri=args.uri or f"../img/{sha.hex()}",
+        fragment_size=args.fragment_size,
+        fragment_sha256=fragment_digests(image, args.fragment_size),
+        polite=not args.impolite,
+        severity=Severity[args.severity.upper()],
+        max_deferral=args.max_deferral,
+    )
+    raw = mf.sign(body, key, bytes.fromhex(args.kid) if args.kid else mf.kid_for(key.public_key()))
+    # Check what we wrote with the same decoder a device uses (limits included).
+    mf.decode_body(body.to_cbor(), max_image_size=1 << 62)
+    Path(args.out).write_bytes(raw)
+    print(json.dumps(mf.inspect(raw)))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``fota manifest inspect``."""
+    raw = Path(args.manifest).read_bytes()
+    info = mf.inspect(raw)
+    if args.trust:
+        mf.verify(raw, keys.trust_store([Path(p) for p in args.trust]))
+        info["signature"] = "valid"
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+# -- fota run ---------------------------------------------------------------------------
+
+
+async def _run_client(config: Config, handler: UpdateHandler | None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Client(config, handler=handler):
+        await stop.wait()
+    return 0
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        server=args.server,
+        device_id=args.device_id,
+        device_class=args.device_class,
+        state_dir=Path(args.state_dir),
+        trust=keys.trust_store([Path(p) for p in args.trust]),
+        target=Path(args.target),
+        poll_interval=args.poll_interval,
+        block_size=args.block_size,
+        ack_timeout=args.ack_timeout,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``fota run``."""
+    config = _config_from_args(args)
+    handler: UpdateHandler | None = AutoAuthorize() if args.auto_authorize else None
+    return asyncio.run(_run_client(config, handler))
+
+
+# -- fota server ------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    key = keys.load_private(Path(args.key))
+    kid = mf.kid_for(key.public_key())
+    async with UpdateServer(Path(args.root), key, kid, host=args.host, port=args.port) as server:
+        for spec in args.publish or []:
+            path, _, version = spec.partition("=")
+            published = server.publish(
+                Path(path),
+                version or "1.0",
+                device_class=args.device_class,
+                polite=not args.impolite,
+            )
+            print(json.dumps({"published": path, "update_id": published.update_id}), flush=True)
+        print(json.dumps({"uri": server.uri}), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """``fota server``."""
+    return asyncio.run(_serve(args))
+
+
+# -- fota demo --------------------------------------------------------------------------
+
+
+_NOT_FINAL = (ResultCode.INITIAL, ResultCode.DEFERRED)
+
+
+class DemoHandler(BaseHandler):
+    """Asks on the terminal; unattended, it defers once (a busy device) and then authorizes."""
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+        self.deferred_once = False
+
+    async def _ask(self, step: str, update: UpdateInfo) -> Decision:
+        print(
+            f"  ? {step} authorization for {update.version} ({update.component.name.lower()}, "
+            f"{update.image_size} bytes, running {update.installed_version})"
+        )
+        if self.interactive:
+            answer = await asyncio.to_thread(input, "    [a]uthorize / [d]efer 3 s / [r]eject: ")
+            answer = answer.strip().lower()[:1]
+        else:
+            answer = "a" if self.deferred_once or step == "install" else "d"
+        if answer == "d":
+            self.deferred_once = True
+            print("    -> deferred 3 s: the device is busy")
+            return Decision.defer(datetime.now(UTC) + timedelta(seconds=3), "device busy")
+        if answer == "r":
+            print("    -> rejected")
+            return Decision.reject("operator said no")
+        print("    -> authorized")
+        return Decision.authorize()
+
+    async def on_download_authorization(self, update: UpdateInfo) -> Decision:
+        """See :class:`fota.UpdateHandler`."""
+        return await self._ask("download", update)
+
+    async def on_install_authorization(self, update: UpdateInfo) -> Decision:
+        """See :class:`fota.UpdateHandler`."""
+        return await self._ask("install", update)
+
+    async def on_progress(self, update: UpdateInfo, done: int, total: int) -> None:
+        """See :class:`fota.UpdateHandler`."""
+        percent = done * 100 // max(1, total)
+        bar = "#" * (percent // 5)
+        print(f"    [{bar:<20}] {percent:3d} %  {done}/{total} bytes", flush=True)
+
+    async def on_complete(self, update: UpdateInfo, result: ResultCode, detail: str) -> None:
+        """See :class:`fota.UpdateHandler`."""
+        print(f"  * {update.version}: {result.name.lower()} {detail}".rstrip(), flush=True)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fota-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    key = keys.generate("ed25519")
+    kid = mf.kid_for(key.public_key())
+    trust = mf.TrustStore({kid: key.public_key()})
+    interactive = sys.stdin.isatty() and not args.yes
+    v1_image, v2_image = os.urandom(64 * 1024), os.urandom(args.size)
+    print(f"fota demo in {work} ({'interactive' if interactive else 'unattended'})")
+    async with UpdateServer(work / "server", key, kid) as server:
+        print(f"- update server on {server.uri}, signing key {kid.hex()}")
+        config = Config(
+            server=server.uri,
+            device_id="demo-gw-1",
+            device_class="demo-gateway",
+            state_dir=work / "device",
+            trust=trust,
+            target=work / "firmware.bin",
+            ack_timeout=0.5,
+        )
+        server.publish(v1_image, "1.0.0", device_class=config.device_class, polite=True)
+        print(
+            "- published 1.0.0: the device is empty, so the first install is immediate (not asked)"
+        )
+        async with Client(config, handler=DemoHandler(interactive)) as client:
+            await client.wait_for(lambda s: s.installed_version == "1.0.0", timeout=60)
+            print("- 1.0.0 is running; it declares itself polite, so the next update asks first")
+            v2 = server.publish(v2_image, "2.0.0", device_class=config.device_class, polite=True)
+            print(f"- published 2.0.0 ({len(v2_image)} bytes), update id {v2.update_id}")
+            # Done when the server hears how 2.0.0 ended (success, rejected or failed).
+            final = await server.wait_for_report(
+                lambda r: r.get(5) == v2.update_id and r[4] not in _NOT_FINAL, timeout=args.timeout
+            )
+            await client.wait_for(lambda s: s.reports_pending == 0, timeout=30)
+        print("- reports the server received (state, result):")
+        for report in server.reports:
+            state, result = State(report[3]).name, ResultCode(report[4]).name
+            print(f"    #{report[2]:<3} {state:<20} {result:<12} {report.get(8, '')}")
+        if final[4] != ResultCode.SUCCESS:
+            print(f"RESULT: 2.0.0 ended with {ResultCode(final[4]).name}; nothing new installed")
+            return 1
+        installed = hashlib.sha256((work / "firmware.bin").read_bytes()).digest()
+        success = any(
+            r.get(5) == v2.update_id and r[4] == ResultCode.SUCCESS for r in server.reports
+        )
+        ok = installed == v2.image_sha256 and success
+        print(
+            f"RESULT: installed digest {'matches' if installed == v2.image_sha256 else 'DIFFERS'}, "
+            f"success report {'recorded' if success else 'MISSING'} -> {'OK' if ok else 'FAILED'}"
+        )
+        return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``fota demo``."""
+    configure(args.log_level or "warning")
+    return asyncio.run(_demo(args))
+
+
+# -- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fota`` command."""
+    p = argparse.ArgumentParser(prog="fota", description="Polite FOTA over CoAP.")
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info (warning for the demo, whose story goes to stdout)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    man = sub.add_parser("manifest", help="keys and signed manifests").add_subparsers(
+        dest="manifest_command", required=True
+    )
+    kg = man.add_parser("keygen", help="generate a signing key (and KEY.pub)")
+    kg.add_argument("--out", required=True)
+    kg.add_argument("--alg", choices=["ed25519", "es256"], default="ed25519")
+    kg.set_defaults(func=cmd_keygen)
+
+    cr = man.add_parser("create", help="sign a manifest for an image")
+    cr.add_argument("--key", required=True)
+    cr.add_argument("--kid", help="key id as hex (default: derived from the key)")
+    cr.add_argument("--image", required=True)
+    cr.add_argument("--version", required=True)
+    cr.add_argument("--device-class", required=True)
+    cr.add_argument("--sequence", type=int, required=True)
+    cr.add_argument("--uri", help="image URI reference (default ../img/<sha256>)")
+    cr.add_argument("--component", choices=_enum_choice(Component), default="firmware")
+    cr.add_argument("--severity", choices=_enum_choice(Severity), default="optional")
+    cr.add_argument("--impolite", action="store_true", help="updates after this image do not ask")
+    cr.add_argument("--fragment-size", type=int, default=64 * 1024)
+    cr.add_argument("--max-deferral", type=int, default=0)
+    cr.add_argument("--out", required=True)
+    cr.set_defaults(func=cmd_create)
+
+    ins = man.add_parser("inspect", help="decode a manifest (and verify it with --trust)")
+    ins.add_argument("manifest")
+    ins.add_argument("--trust", action="append", help="public key PEM (repeatable)")
+    ins.set_defaults(func=cmd_inspect)
+
+    run = sub.add_parser("run", help="run a client for one device until SIGTERM")
+    run.add_argument("--server", required=True, help="coap://host:port")
+    run.add_argument("--state-dir", required=True)
+    run.add_argument("--trust", action="append", required=True, help="public key PEM (repeatable)")
+    run.add_argument("--target", required=True, help="file the image replaces")
+    run.add_argument("--device-id", default=os.uname().nodename)
+    run.add_argument("--device-class", required=True)
+    run.add_argument("--auto-authorize", action="store_true", help="authorize every update at once")
+    run.add_argument("--poll-interval", type=float, help="poll instead of observe (seconds)")
+    run.add_argument("--block-size", type=int, default=1024)
+    run.add_argument("--ack-timeout", type=float, default=2.0)
+    run.set_defaults(func=cmd_run)
+
+    srv = sub.add_parser("server", help="run the CoAP test update server")
+    srv.add_argument("--root", required=True, help="directory for images and manifests")
+    srv.add_argument("--key", required=True, help="signing key PEM")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=5683)
+    srv.add_argument("--device-class", default="gateway")
+    srv.add_argument("--publish", action="append", metavar="IMAGE=VERSION")
+    srv.add_argument("--impolite", action="store_true")
+    srv.set_defaults(func=cmd_server)
+
+    demo = sub.add_parser("demo", help="a server and a client on loopback doing a polite update")
+    demo.add_argument("--dir", help="work directory (default: a new temporary one)")
+    demo.add_argument("--size", type=int, default=2 * 1024 * 1024, help="bytes of the v2 image")
+    demo.add_argument("--yes", action="store_true", help="unattended even on a terminal")
+    demo.add_argument("--timeout", type=float, default=300.0)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fota`` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command != "demo":
+        configure(args.log_level or "info")
+    try:
+        code: int = args.func(args)
+    except FotaError as exc:
+        print(f"fota: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Shared fixtures: a signing key, a real UpdateServer on 127.0.0.1:0, client configs, handlers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fota import BaseHandler, Config, Decision, ResultCode, TrustStore, UpdateInfo
+from fota.core.manifest import kid_for
+from fota.testing import UpdateServer
+
+DEVICE_CLASS = "test-gw"
+# Loopback answers in microseconds; a short ACK_TIMEOUT keeps a lost datagram from stalling
+# a test for seconds (aiocoap's transport timing is per message, see fota.transport.coap).
+ACK_TIMEOUT = 0.25
+
+
+@dataclass
+class Signing:
+    key: ed25519.Ed25519PrivateKey
+    kid: bytes
+    trust: TrustStore
+
+
+@pytest.fixture
+def signing() -> Signing:
+    key = ed25519.Ed25519PrivateKey.generate()
+    kid = kid_for(key.public_key())
+    return Signing(key, kid, TrustStore({kid: key.public_key()}))
+
+
+@pytest.fixture
+async def server(tmp_path: Path, signing: Signing) -> AsyncIterator[UpdateServer]:
+    async with UpdateServer(tmp_path / "server", signing.key, signing.kid) as srv:
+        yield srv
+
+
+def make_config(
+    tmp_path: Path, server: UpdateServer, signing: Signing, device: str = "dev1", **kw: Any
+) -> Config:
+    return Config(
+        server=server.uri,
+        device_id=device,
+        device_class=DEVICE_CLASS,
+        state_dir=tmp_path / device / "state",
+        trust=signing.trust,
+        target=tmp_path / device / "firmware.bin",
+        ack_timeout=ACK_TIMEOUT,
+        retry_base=0.05,
+        **kw,
+    )
+
+
+@dataclass
+class RecordingHandler(BaseHandler):
+    """Answers from scripted lists (default: authorize) and records every call.
+
+    Tests await ``asks`` / ``completions`` instead of sleeping.
+    """
+
+    download: list[Decision] = field(default_factory=list)
+    install: list[Decision] = field(default_factory=list)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    progress: list[tuple[int, int]] = field(default_factory=list)
+    asks: asyncio.Queue[tuple[str, UpdateInfo]] = field(default_factory=asyncio.Queue)
+    completions: asyncio.Queue[tuple[UpdateInfo, ResultCode, str]] = field(
+        default_factory=asyncio.Queue
+    )
+
+    async def _answer(self, step: str, update: UpdateInfo, script: list[Decision]) -> Decision:
+        self.calls.append((step, update.update_id))
+        self.asks.put_nowait((step, update))
+        return script.pop(0) if script else Decision.authorize()
+
+    async def on_download_authorization(self, update: UpdateInfo) -> Decision:
+        return await self._answer("download", update, self.download)
+
+    async def on_install_authorization(self, update: UpdateInfo) -> Decision:
+        return await self._answer("install", update, self.install)
+
+    async def on_progress(self, update: UpdateInfo, done: int, total: int) -> None:
+        self.progress.append((done, total))
+
+    async def on_complete(self, update: UpdateInfo, result: ResultCode, detail: str) -> None:
+        self.calls.append(("complete", result.name))
+        self.completions.put_nowait((update, result, detail))

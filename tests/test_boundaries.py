@@ -1,0 +1,69 @@
+"""fota/core decides and never waits or touches the world: no I/O imports there."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+CORE = Path(__file__).parent.parent / "fota" / "core"
+FORBIDDEN = {
+    "asyncio",
+    "socket",
+    "os",
+    "pathlib",
+    "time",
+    "datetime",
+    "threading",
+    "subprocess",
+    "selectors",
+    "aiocoap",
+    "structlog",
+    "logging",
+    "random",
+    "shutil",
+    "tempfile",
+    "io",
+    "fota.engine",
+    "fota.journal",
+    "fota.transport",
+    "fota.install",
+    "fota.client",
+    "fota.cli",
+    "fota.testing",
+    "fota.download",
+}
+FORBIDDEN_CALLS = {"open", "print", "input"}
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(CORE.glob("*.py")), ids=lambda p: p.name)
+def test_core_module_has_no_io(path: Path) -> None:
+    tree = ast.parse(path.read_text(), str(path))
+    bad = {
+        name
+        for name in _imports(tree)
+        if any(name == f or name.startswith(f + ".") for f in FORBIDDEN)
+    }
+    assert not bad, f"{path.name} imports {sorted(bad)}"
+    calls = {
+        node.func.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+    }
+    assert not calls & FORBIDDEN_CALLS, f"{path.name} calls {sorted(calls & FORBIDDEN_CALLS)}"
+
+
+def test_the_check_catches_a_forbidden_import(tmp_path: Path) -> None:
+    tree = ast.parse("import asyncio\nfrom aiocoap import Message\n")
+    assert {"asyncio", "aiocoap"} <= _imports(tree)
