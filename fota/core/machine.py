@@ -625,3 +625,19 @@ class Model:
         self.record = self.record.evolve(
             outbox=tuple(r for r in self.record.outbox if r.sequence != seq)
         )
+
+
+def table_markdown() -> str:
+    """The transition table as Markdown (docs/state-machine.md embeds it; a test compares)."""
+    rows = [
+        "| trigger | from | to | conditions | unless | callbacks |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in TRANSITIONS:
+        source = "any" if t.source == ALL else ", ".join(s.name for s in t.source)
+        dest = t.dest.name if t.dest else "(stays)"
+        rows.append(
+            f"| `{t.trigger}` | {source} | {dest} | {', '.join(t.conditions)} "
+            f"| {', '.join(t.unless)} | {', '.join((*t.prepare, *t.after))} |"
+        )
+    return "\n".join(rows)
