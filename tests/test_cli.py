@@ -1,0 +1,112 @@
+"""The `fota` command as a user runs it: keys, manifests, and the test server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fota.core import manifest as mf
+from fota.keys import load_private, load_public
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def fota(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fota", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("alg", ["ed25519", "es256"])
+def test_keygen_create_inspect_round_trip(tmp_path: Path, alg: str) -> None:
+    key = tmp_path / "release.key"
+    out = fota("manifest", "keygen", "--out", str(key), "--alg", alg)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert (key.stat().st_mode & 0o777) == 0o600
+    pub = Path(info["public"])
+    assert mf.kid_for(load_public(pub)).hex() == info["kid"]
+    assert load_private(key)
+
+    image = tmp_path / "fw.bin"
+    image.write_bytes(os.urandom(200_000))
+    manifest = tmp_path / "fw.cose"
+    out = fota(
+        "manifest",
+        "create",
+        "--key",
+        str(key),
+        "--image",
+        str(image),
+        "--version",
+        "3.1",
+        "--device-class",
+        "gw",
+        "--sequence",
+        "7",
+        "--severity",
+        "critical",
+        "--impolite",
+        "--fragment-size",
+        "65536",
+        "--out",
+        str(manifest),
+    )
+    assert out.returncode == 0, out.stderr
+
+    out = fota("manifest", "inspect", str(manifest), "--trust", str(pub))
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["signature"] == "valid"
+    assert shown["alg"] == {"ed25519": "EdDSA", "es256": "ES256"}[alg]
+    assert shown["sequence"] == 7 and shown["version"] == "3.1" and shown["polite"] is False
+    assert shown["severity"] == "critical" and shown["fragments"] == 4
+    assert shown["image_sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert shown["image_uri"] == f"../img/{shown['image_sha256']}"
+
+
+def test_inspect_with_the_wrong_key_fails_with_a_typed_message(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        assert fota("manifest", "keygen", "--out", str(tmp_path / name)).returncode == 0
+    image = tmp_path / "fw.bin"
+    image.write_bytes(b"x" * 5000)
+    manifest = tmp_path / "fw.cose"
+    created = fota(
+        "manifest",
+        "create",
+        "--key",
+        str(tmp_path / "a"),
+        "--image",
+        str(image),
+        "--version",
+        "1",
+        "--device-class",
+        "gw",
+        "--sequence",
+        "1",
+        "--out",
+        str(manifest),
+    )
+    assert created.returncode == 0, created.stderr
+    out = fota("manifest", "inspect", str(manifest), "--trust", str(tmp_path / "b.pub"))
+    assert out.returncode == 2
+    assert "ManifestError: manifest kid:" in out.stderr and "not in the trust store" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_inspect_of_garbage_names_the_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.cose"
+    bad.write_bytes(b"\x83\x01\x02\x03")  # a complete CBOR array, untagged
+    out = fota("manifest", "inspect", str(bad))
+    assert out.returncode == 2
+    assert "manifest cose_sign1: expected CBOR tag 18" in out.stderr
