@@ -118,6 +118,8 @@ class Engine:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._changed = asyncio.Condition()
         self._runner: asyncio.Task[None] | None = None
+        self.handled = 0
+        """Events handled so far (tests stop the engine after a given number)."""
         self.model: Model | None = None
         self._current: UpdateInfo | None = None
         self.downloader = Downloader(
@@ -211,6 +213,7 @@ class Engine:
                 log.exception("event_crashed", fact=type(event).__name__)
                 if future is not None and not future.done():
                     future.set_exception(exc)
+            self.handled += 1
             async with self._changed:
                 self._changed.notify_all()
 

@@ -23,6 +23,7 @@ import structlog
 
 from fota.core.manifest import Manifest, TrustStore, verify
 from fota.core.record import Record
+from fota.core.states import State
 from fota.errors import FotaError, JournalError
 
 log = structlog.get_logger(__name__)
@@ -154,13 +155,17 @@ class Journal:
         installed = self._load_manifest(record.installed, "installed")
         pending = self._load_manifest(record.pending, "pending")
         if record.pending is not None and pending is None:
+            log.error("pending_update_dropped", digest=record.pending.hex())
             record = record.evolve(
-                state=type(record.state).IDLE,
+                state=State.IDLE,
                 pending=None,
+                manifest_uri=None,
                 verified=b"",
                 defer_until=None,
+                defer_reason="",
                 attempts=0,
                 restarts=0,
+                progress=0,
             )
         if record.installed is not None and installed is None:
             # Without its manifest the running image cannot decide politeness or anti-rollback;

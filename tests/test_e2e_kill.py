@@ -26,7 +26,7 @@ FRAGMENT = 64 * 1024
 async def start_client(
     tmp_path: Path, server: UpdateServer, trust_pem: Path
 ) -> asyncio.subprocess.Process:
-    log = open(tmp_path / "client.log", "ab")  # noqa: SIM115, ASYNC230 - handed to the child
+    log = open(tmp_path / "client.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         return await asyncio.create_subprocess_exec(
             sys.executable,

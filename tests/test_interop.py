@@ -41,7 +41,7 @@ async def fetch(uri: str, out: Path, *args: str) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), 90)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode == 0, stderr.decode()
 
 
