@@ -102,6 +102,7 @@ class Client:
             ack_timeout=config.ack_timeout,
             max_retransmit=config.max_retransmit,
             poll_interval=config.poll_interval,
+            observe_refresh=config.observe_refresh,
         )
         self.config = config
         self.engine = Engine(

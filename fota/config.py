@@ -22,6 +22,8 @@ class Config:
         trust: manifest verification keys by key id.
         target: the file the file installer replaces (when no installer is given).
         poll_interval: poll the announcement every this many seconds instead of observing.
+        observe_refresh: re-register an observation silent this long (a restarted server
+            forgets its observers without telling them).
         block_size: CoAP Block2 size asked for, 16..1024.
         ack_timeout: CoAP ACK_TIMEOUT in seconds (RFC 7252: 2.0).
         max_retransmit: CoAP MAX_RETRANSMIT (RFC 7252: 4).
@@ -41,6 +43,7 @@ class Config:
     trust: TrustStore = field(default_factory=TrustStore)
     target: Path | None = None
     poll_interval: float | None = None
+    observe_refresh: float = 300.0
     block_size: int = 1024
     ack_timeout: float = 2.0
     max_retransmit: int = 4

@@ -241,7 +241,9 @@ class Engine:
                 if future is not None:
                     future.set_exception(problem)
                 return
-            log.info("event_dropped", fact=type(event).__name__, state=model.state.name)
+            # Announcements repeat (re-registrations, polls): dropping one is the normal case.
+            level = log.debug if isinstance(event, ev.AnnouncementReceived) else log.info
+            level("event_dropped", fact=type(event).__name__, state=model.state.name)
         elif model.record != before[1]:
             try:
                 self.journal.save(model.record, (model.pending, model.installed))

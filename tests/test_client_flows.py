@@ -294,3 +294,32 @@ async def test_refused_manifest_is_reported_and_no_image_byte_requested(
             installed=mf.verify(v1.raw, signing.trust),
         )
     assert info.value.result is result and info.value.field == field_name
+
+
+async def test_download_resumes_across_a_server_restart(
+    tmp_path: Path, server: UpdateServer, signing: Signing
+) -> None:
+    """Block2 is served statelessly from disk: a new server process on the same files and port
+    answers the client's next requests, and the ETag (from the image digest) is unchanged."""
+    config = make_config(tmp_path, server, signing, observe_refresh=2.0)
+    image = os.urandom(2 * MiB)
+    published = server.make_manifest(image, "1.0", device_class=DEVICE_CLASS)
+    path = f"/fota/img/{published.image_sha256.hex()}"
+    halfway = asyncio.Event()
+    server.request_hook = lambda r: halfway.set() if r.path == path and r.offset == MiB else None
+    async with Client(config) as client:
+        server.announce_raw(published.raw, published.sequence)
+        await asyncio.wait_for(halfway.wait(), 60)
+        await server.stop()
+        served_before = len(server.image_requests(published.image_sha256))
+        async with UpdateServer(server.root, signing.key, signing.kid, port=server.port) as again:
+            again.announce_raw(published.raw, published.sequence)
+            await client.wait_for(idle_with("1.0"), 90)
+            resumed = again.image_requests(published.image_sha256)
+            # The old observation died with the old server; the silent one is re-registered
+            # (observe_refresh), so a new announcement still arrives.
+            again.publish(os.urandom(1000), "2.0", device_class=DEVICE_CLASS, sequence=2)
+            await client.wait_for(lambda s: s.state is State.AWAIT_DOWNLOAD_AUTH, 30)
+    assert sha(config.target) == published.image_sha256  # type: ignore[arg-type]
+    assert resumed and min(r.offset or 0 for r in resumed) >= MiB - 64 * 1024
+    assert served_before + len(resumed) < 2 * len(image) // 1024

@@ -84,6 +84,7 @@ class CoapTransport:
         max_retransmit: CoAP MAX_RETRANSMIT (RFC 7252 default 4).
         poll_interval: poll the announcement this often instead of observing (sleepy
             devices); None observes.
+        observe_refresh: re-register an observation that was silent this long (seconds).
     """
 
     def __init__(
@@ -94,12 +95,14 @@ class CoapTransport:
         ack_timeout: float = 2.0,
         max_retransmit: int = 4,
         poll_interval: float | None = None,
+        observe_refresh: float = 300.0,
     ) -> None:
         self.server = server.rstrip("/")
         self.device_id = device_id
         self.announce_uri = f"{self.server}/fota/ann/{device_id}"
         self.report_uri = f"{self.server}/fota/report/{device_id}"
         self.poll_interval = poll_interval
+        self.observe_refresh = observe_refresh
         self._tuning = tuning(ack_timeout, max_retransmit)
         self._ctx: Any = None
         self._ctx_lock = asyncio.Lock()
@@ -236,13 +239,27 @@ class CoapTransport:
                 ann = self._decode_announcement(response)
                 if ann is not None:
                     yield ann
-                async for notification in request.observation:
+                # A server that restarts forgets its observers without telling them, so a
+                # silent observation is re-registered after observe_refresh seconds.
+                notifications = aiter(request.observation)
+                while True:
+                    try:
+                        notification = await asyncio.wait_for(
+                            anext(notifications), self.observe_refresh
+                        )
+                    except StopAsyncIteration:
+                        log.info("observation_ended", uri=self.announce_uri)
+                        break
+                    except TimeoutError:
+                        request.observation.cancel()
+                        log.debug("observation_refreshed", uri=self.announce_uri)
+                        backoff = 0.0
+                        break
                     ann = self._decode_announcement(notification)
                     if ann is not None:
                         yield ann
-                log.info("observation_ended", uri=self.announce_uri)
             except (aiocoap.error.Error, OSError, TransportError) as exc:
                 log.info("announcement_retry", uri=self.announce_uri, error=str(exc), delay=backoff)
             # Back-off between re-registrations (a timer, not synchronisation).
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 60.0)
+            backoff = min(max(backoff, 0.5) * 2, 60.0)
