@@ -110,3 +110,63 @@ def test_inspect_of_garbage_names_the_problem(tmp_path: Path) -> None:
     out = fota("manifest", "inspect", str(bad))
     assert out.returncode == 2
     assert "manifest cose_sign1: expected CBOR tag 18" in out.stderr
+
+
+def free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_fota_server_publishes_and_serves_to_coap_client(tmp_path: Path) -> None:
+    import shutil
+
+    import cbor2
+
+    client = shutil.which("coap-client-notls")
+    assert client, "coap-client-notls is missing: apt-get install libcoap3-bin (scripts/test does)"
+    assert fota("manifest", "keygen", "--out", str(tmp_path / "k")).returncode == 0
+    image = tmp_path / "fw.bin"
+    image.write_bytes(os.urandom(30_000))
+    port = free_udp_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fota",
+            "server",
+            "--root",
+            str(tmp_path / "srv"),
+            "--key",
+            str(tmp_path / "k"),
+            "--port",
+            str(port),
+            "--device-class",
+            "gw",
+            "--publish",
+            f"{image}=4.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        published = json.loads(proc.stdout.readline())
+        ready = json.loads(proc.stdout.readline())  # printed once the socket is bound
+        assert ready["uri"] == f"coap://127.0.0.1:{port}"
+        out = tmp_path / "ann.cbor"
+        got = subprocess.run(
+            [client, "-B", "10", "-o", str(out), f"{ready['uri']}/fota/ann/any-device"],
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
+        assert got.returncode == 0, got.stderr
+        ann = cbor2.loads(out.read_bytes())
+        assert ann[1] == 1 and ann[2].hex().startswith(published["update_id"])
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
