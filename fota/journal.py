@@ -148,6 +148,7 @@ class Journal:
             data = (self.dir / RECORD_NAME).read_bytes()
         except FileNotFoundError:
             self._last = Record()
+            self._sweep(self._last)
             return Loaded(self._last, None, None)
         except OSError as exc:
             raise JournalError(f"journal {self.dir / RECORD_NAME}: {exc}") from exc
@@ -172,6 +173,7 @@ class Journal:
             # refusing to guess is safer than treating the device as empty.
             raise JournalError(f"installed manifest {record.installed.hex()} is missing or invalid")
         self._last = record
+        self._sweep(record)
         return Loaded(record, pending, installed)
 
     def save(self, record: Record, manifests: tuple[Manifest | None, ...] = ()) -> None:
@@ -191,3 +193,13 @@ class Journal:
             if digest not in keep:
                 self.ops.unlink(self._manifest_path(digest))
                 self._written.discard(digest)
+
+    def _sweep(self, record: Record) -> None:
+        """At load: remove what an interrupted save left behind (temp files, orphan manifests)."""
+        keep = {self._manifest_path(d).name for d in (record.pending, record.installed) if d}
+        for path in self.dir.glob("manifest-*.cose"):
+            if path.name not in keep:
+                log.info("orphan_removed", path=str(path))
+                self.ops.unlink(path)
+        for path in self.dir.glob(".*.tmp"):
+            self.ops.unlink(path)

@@ -24,7 +24,6 @@ FORBIDDEN = {
     "random",
     "shutil",
     "tempfile",
-    "io",
     "fota.engine",
     "fota.journal",
     "fota.transport",

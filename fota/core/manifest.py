@@ -9,6 +9,7 @@ traceback. No I/O here: keys come in as objects, bytes come in as bytes.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from fota.core.uri import check_uri_reference
 from fota.errors import ManifestError
 
-MAX_MANIFEST_BYTES = 262_144
-"""Largest signed manifest accepted, checked before decoding."""
+MAX_MANIFEST_BYTES = 327_680
+"""Largest signed manifest accepted, checked before decoding (room for MAX_FRAGMENTS digests)."""
 MAX_FRAGMENTS = 8192
 """Most fragments one manifest may list."""
 MAX_FRAGMENT_SIZE = 1 << 20
@@ -165,7 +166,9 @@ class TrustStore:
     """Verification keys by key id."""
 
     def __init__(self, keys: Mapping[bytes, PublicKey] | None = None) -> None:
-        self._keys: dict[bytes, PublicKey] = dict(keys or {})
+        self._keys: dict[bytes, PublicKey] = {}
+        for kid, key in (keys or {}).items():
+            self.add(kid, key)
 
     def add(self, kid: bytes, key: PublicKey) -> None:
         """Trust ``key`` for manifests whose protected header names ``kid``."""
@@ -209,13 +212,35 @@ def sign(body: ManifestBody, key: PrivateKey, kid: bytes) -> bytes:
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
 
+def show(value: Any, limit: int = 40) -> str:
+    """Render an untrusted value for a message: short, and never a 5000-digit integer.
+
+    (``repr`` of a huge ``int`` raises ValueError past Python's digit limit.)
+    """
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<integer of {value.bit_length()} bits>"
+    text = repr(value) if not isinstance(value, int) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def loads_exact(raw: bytes) -> Any:
+    """Decode exactly one CBOR item that spans all of ``raw``; duplicate map keys are refused.
+
+    Raises:
+        ValueError: trailing bytes after the item (cbor2 errors pass through).
+    """
+    fp = io.BytesIO(raw)
+    item = cbor2.CBORDecoder(fp, allow_duplicate_keys=False).decode()
+    if fp.tell() != len(raw):
+        raise ValueError(f"{len(raw) - fp.tell()} bytes after the CBOR item")
+    return item
+
+
 def _loads(raw: bytes, what: str) -> Any:
     try:
-        return cbor2.loads(raw)
+        return loads_exact(raw)
     except Exception as exc:  # cbor2 raises several types on hostile input; all mean "malformed"
-        raise ManifestError(
-            "malformed", what, f"not valid CBOR ({exc.__class__.__name__})"
-        ) from exc
+        raise ManifestError("malformed", what, f"not valid CBOR ({show(str(exc), 80)})") from exc
 
 
 def _split_cose(raw: bytes) -> tuple[bytes, dict[Any, Any], bytes, bytes]:
@@ -253,9 +278,9 @@ def _verify_signature(
 ) -> bytes:
     alg = header.get(_HDR_ALG)
     kid = header.get(_HDR_KID)
-    if alg not in (ALG_EDDSA, ALG_ES256):
+    if type(alg) is not int or alg not in (ALG_EDDSA, ALG_ES256):
         raise ManifestError(
-            "malformed", "alg", f"algorithm {alg!r} is not EdDSA (-8) or ES256 (-7)"
+            "malformed", "alg", f"algorithm {show(alg)} is not EdDSA (-8) or ES256 (-7)"
         )
     if not isinstance(kid, bytes) or not 1 <= len(kid) <= 64:
         raise ManifestError("malformed", "kid", "expected a byte string of 1 to 64 bytes")
@@ -297,8 +322,8 @@ def _field(body: dict[Any, Any], key: int, kind: type | tuple[type, ...]) -> Any
 
 def _text(body: dict[Any, Any], key: int, limit: int) -> str:
     value: str = _field(body, key, str)
-    if not 1 <= len(value) <= limit:
-        raise ManifestError("malformed", _FIELD_NAMES[key], f"length must be 1..{limit}")
+    if not 1 <= len(value.encode()) <= limit:  # the CDDL .size counts UTF-8 bytes
+        raise ManifestError("malformed", _FIELD_NAMES[key], f"length must be 1..{limit} bytes")
     return value
 
 
@@ -308,7 +333,7 @@ def _enum(body: dict[Any, Any], key: int, enum: type[IntEnum]) -> Any:
         return enum(value)
     except ValueError:
         raise ManifestError(
-            "malformed", _FIELD_NAMES[key], f"{value} is not one of {[int(e) for e in enum]}"
+            "malformed", _FIELD_NAMES[key], f"{show(value)} is not one of {[int(e) for e in enum]}"
         ) from None
 
 
@@ -319,24 +344,26 @@ def decode_body(payload: bytes, *, max_image_size: int) -> ManifestBody:
         raise ManifestError("malformed", "payload", "expected a map")
     for key in body:
         if not isinstance(key, int) or isinstance(key, bool):
-            raise ManifestError("malformed", f"key {key!r}", "keys must be integers")
+            raise ManifestError("malformed", f"key {show(key)}", "keys must be integers")
         if key not in _KNOWN_KEYS and key not in EXTENSION_KEYS:
             raise ManifestError(
-                "malformed", f"key {key}", "unknown key outside the extension range 1000..65535"
+                "malformed",
+                f"key {show(key)}",
+                "unknown key outside the extension range 1000..65535",
             )
     if _field(body, K_FORMAT, int) != MANIFEST_FORMAT:
         raise ManifestError("malformed", "format", f"only format {MANIFEST_FORMAT} is supported")
     size = _field(body, K_SIZE, int)
     if size > max_image_size:
         raise ManifestError(
-            "oversize", "image_size", f"{size} bytes exceeds the limit of {max_image_size}"
+            "oversize", "image_size", f"{show(size)} bytes exceeds the limit of {max_image_size}"
         )
     frag_size = _field(body, K_FRAG_SIZE, int)
     if frag_size == 0 or frag_size % FRAGMENT_UNIT or frag_size > MAX_FRAGMENT_SIZE:
         raise ManifestError(
             "malformed",
             "fragment_size",
-            f"{frag_size} must be a multiple of {FRAGMENT_UNIT} up to {MAX_FRAGMENT_SIZE}",
+            f"{show(frag_size)} must be a multiple of {FRAGMENT_UNIT} up to {MAX_FRAGMENT_SIZE}",
         )
     frags = _field(body, K_FRAGS, list)
     if len(frags) > MAX_FRAGMENTS:

@@ -12,6 +12,7 @@ from typing import Any
 
 import cbor2
 
+from fota.core.manifest import show
 from fota.core.states import State
 from fota.errors import JournalError, ResultCode
 
@@ -135,7 +136,9 @@ class Record:
         except Exception as exc:  # hostile or truncated bytes: cbor2 raises several types
             raise JournalError(f"journal record: not a [schema, body, crc] array ({exc})") from exc
         if schema != SCHEMA:
-            raise JournalError(f"journal record: schema {schema!r}, this version reads {SCHEMA}")
+            raise JournalError(
+                f"journal record: schema {show(schema)}, this version reads {SCHEMA}"
+            )
         if not isinstance(body, bytes) or zlib.crc32(body) != crc:
             raise JournalError("journal record: checksum mismatch (damaged file)")
         try:
