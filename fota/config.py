@@ -25,6 +25,9 @@ class Config:
         observe_refresh: re-register an observation silent this long (a restarted server
             forgets its observers without telling them).
         block_size: CoAP Block2 size asked for, 16..1024.
+        window: most image block requests in flight (NON requests; see docs/protocol.md).
+        fsync_every: fsync the candidate every this many verified fragments (and at the end);
+            a fragment is journaled only after the fsync that covers it.
         ack_timeout: CoAP ACK_TIMEOUT in seconds (RFC 7252: 2.0).
         max_retransmit: CoAP MAX_RETRANSMIT (RFC 7252: 4).
         max_image_size: largest image accepted, bytes.
@@ -45,6 +48,8 @@ class Config:
     poll_interval: float | None = None
     observe_refresh: float = 300.0
     block_size: int = 1024
+    window: int = 16
+    fsync_every: int = 1
     ack_timeout: float = 2.0
     max_retransmit: int = 4
     max_image_size: int = 1 << 32
@@ -63,6 +68,10 @@ class Config:
             raise ConfigError("device_id: 1..64 characters without '/'")
         if self.block_size not in (16, 32, 64, 128, 256, 512, 1024):
             raise ConfigError(f"block_size: {self.block_size} must be a power of two in 16..1024")
+        if not 1 <= self.window <= 256:
+            raise ConfigError(f"window: {self.window} must be in 1..256")
+        if self.fsync_every < 1:
+            raise ConfigError("fsync_every: must be at least 1")
         if not 1 <= self.progress_step <= 100:
             raise ConfigError(f"progress_step: {self.progress_step} must be in 1..100")
         if self.max_attempts < 1:

@@ -1,13 +1,18 @@
 """The fragment downloader: a child task of the engine that reports only through events.
 
-For each fragment the journal does not vouch for, it fetches the fragment's blocks, writes each
-at its byte offset in the candidate file, hashes the fragment as it arrives, and when the
-fragment is complete and matches its signed digest, fsyncs the candidate and only then emits
-``FragmentVerified`` (write-ahead order: the journal marks it after the bytes are durable).
-A fragment that fails its digest is fetched again; no unverified byte is ever vouched for.
+Theory of operation:
 
-Before fetching, fragments the journal already vouches for are re-read and re-hashed: bytes on
-disk are not trusted just because a record says so (a cheap read, once per download start).
+* Before fetching, fragments the journal vouches for are re-read and re-hashed: bytes on disk
+  are not trusted just because a record says so (a cheap read, once per download start).
+* The remaining fragments are handed to the transport's :class:`~fota.transport.BlockFetcher`
+  as byte ranges; blocks come back in any order and land in a per-fragment buffer at their
+  offset. Memory is bounded by the fragments with blocks in flight, not by the image.
+* A complete fragment is hashed; if it matches its signed digest it is written to the candidate
+  at its byte offset with one ``pwrite``. Every ``fsync_every`` fragments (and at the end) the
+  candidate is fsynced in a worker thread while blocks keep arriving, and only then is
+  ``FragmentVerified`` emitted for them (write-ahead order: the journal marks a fragment after
+  its bytes are durable). A fragment that fails its digest is asked for again.
+* Only fragment-level events reach the state machine, never one per block.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -23,17 +28,19 @@ import structlog
 from fota.core import events as ev
 from fota.core.manifest import Manifest
 from fota.core.record import bitmap_get
-from fota.errors import FotaError, ImageChanged, IntegrityError, StorageError, TransportError
+from fota.errors import FotaError, ImageChanged, IntegrityError, StorageError
 from fota.journal import FileOps
-from fota.transport import Transport
+from fota.transport import Block, BlockFetcher, Transport
 
 log = structlog.get_logger(__name__)
 
 FRAGMENT_TRIES = 3
 """Times one fragment may fail its digest in one download run before the run fails."""
+UNIT = 16
+"""Smallest CoAP block; received bytes are tracked in these units."""
 
 
-def _recheck(ops: FileOps, fd: int, manifest: Manifest, verified: bytes) -> list[int]:
+def _recheck(fd: int, manifest: Manifest, verified: bytes) -> list[int]:
     bad = []
     for index in range(manifest.fragment_count):
         if not bitmap_get(verified, index):
@@ -45,6 +52,130 @@ def _recheck(ops: FileOps, fd: int, manifest: Manifest, verified: bytes) -> list
     return bad
 
 
+class _Assembly:
+    """Puts blocks into fragment buffers, verifies, writes and syncs complete fragments."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        fd: int,
+        ops: FileOps,
+        emit: Callable[[ev.Event], None],
+        fetcher: BlockFetcher,
+        wanted: list[int],
+        fsync_every: int,
+    ) -> None:
+        self.m = manifest
+        self.fd = fd
+        self.ops = ops
+        self.emit = emit
+        self.fetcher = fetcher
+        self.wanted = set(wanted)
+        self.fsync_every = max(1, fsync_every)
+        self.size = manifest.body.image_size
+        self.frag = manifest.body.fragment_size
+        self.buffers: dict[int, bytearray] = {}
+        self.masks: dict[int, bytearray] = {}
+        self.missing: dict[int, int] = {}  # units of 16 bytes still missing per fragment
+        self.tries: dict[int, int] = {}
+        self.unsynced: list[int] = []
+        self.syncs: list[tuple[asyncio.Future[None], list[int]]] = []
+        self.finished: list[asyncio.Future[None]] = []
+        self.etag: bytes | None = None
+        self.loop = asyncio.get_running_loop()
+
+    def plan(self) -> Iterator[tuple[int, int]]:
+        for index in sorted(self.wanted):
+            yield self.m.fragment_span(index)
+
+    def on_block(self, block: Block) -> None:
+        if block.size2 is not None and block.size2 != self.size:
+            raise ImageChanged(
+                f"Size2 {block.size2} differs from the manifest's image_size {self.size}"
+            )
+        if block.etag is not None and block.etag != self.etag:
+            if self.etag is not None:
+                # Only a hint: some servers (libcoap's among them) change it every transfer.
+                log.info("etag_changed", update_id=self.m.update_id, offset=block.offset)
+            self.etag = block.etag
+        offset, data = block.offset, block.data
+        if offset >= self.size:
+            return
+        data = data[: self.size - offset]
+        if not data:
+            raise IntegrityError(f"image ends at byte {offset}; the manifest says {self.size}")
+        index = offset // self.frag
+        if index not in self.wanted:
+            return  # a late duplicate of a fragment already done
+        start, length = self.m.fragment_span(index)
+        buffer = self.buffers.get(index)
+        if buffer is None:
+            buffer = self.buffers[index] = bytearray(length)
+            self.masks[index] = bytearray((length + UNIT - 1) // UNIT)
+            self.missing[index] = len(self.masks[index])
+        rel = offset - start
+        mask = self.masks[index]
+        # Track 16-byte units, so duplicates and blocks of a changed size count exactly once.
+        first, last = rel // UNIT, (rel + len(data) + UNIT - 1) // UNIT
+        new = mask.count(0, first, last)
+        if not new:
+            return
+        buffer[rel : rel + len(data)] = data
+        mask[first:last] = b"\x01" * (last - first)
+        self.missing[index] -= new
+        if not block.more and offset + len(data) < self.size:
+            raise IntegrityError(
+                f"image ends at byte {offset + len(data)}; the manifest says {self.size}"
+            )
+        if self.missing[index] == 0:
+            self._complete(index, start)
+
+    def _complete(self, index: int, start: int) -> None:
+        buffer = self.buffers.pop(index)
+        del self.masks[index], self.missing[index]
+        if hashlib.sha256(buffer).digest() != self.m.body.fragment_sha256[index]:
+            tries = self.tries[index] = self.tries.get(index, 0) + 1
+            log.warning("fragment_corrupt", update_id=self.m.update_id, fragment=index, tries=tries)
+            if tries >= FRAGMENT_TRIES:
+                raise IntegrityError(f"fragment {index} failed its digest {tries} times in a row")
+            self.fetcher.want(start, len(buffer))
+            return
+        self.wanted.discard(index)
+        try:
+            self.ops.pwrite(self.fd, bytes(buffer), start)
+        except OSError as exc:
+            raise StorageError(f"candidate: {exc}") from exc
+        self.unsynced.append(index)
+        if len(self.unsynced) >= self.fsync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        """Sync the candidate in a worker thread, then vouch for the fragments it covered."""
+        if not self.unsynced:
+            return
+        covered, self.unsynced = self.unsynced, []
+        future = self.loop.run_in_executor(None, self.ops.fsync, self.fd)
+        self.syncs.append((future, covered))
+        future.add_done_callback(self._vouch)
+
+    def _vouch(self, _: object) -> None:
+        # Emit strictly in sync order, and only for syncs that succeeded.
+        while self.syncs and self.syncs[0][0].done():
+            future, covered = self.syncs.pop(0)
+            self.finished.append(future)
+            if future.cancelled() or future.exception() is not None:
+                continue
+            for index in covered:
+                self.emit(ev.FragmentVerified(self.m.update_id, index))
+
+    async def finish(self) -> None:
+        """Sync what is left and wait for every sync (its error, if any, is raised)."""
+        self.sync()
+        pending = [future for future, _ in self.syncs]
+        for future in [*self.finished, *pending]:
+            await future
+
+
 class Downloader:
     """Fetches the missing fragments of one update into the candidate file.
 
@@ -54,6 +185,8 @@ class Downloader:
         candidate: path of the candidate file.
         emit: puts an event into the engine's inbox.
         block_size: CoAP block size asked for (the server may answer smaller).
+        window: most block requests in flight.
+        fsync_every: fsync the candidate every this many fragments (and at the end).
     """
 
     def __init__(
@@ -64,12 +197,16 @@ class Downloader:
         emit: Callable[[ev.Event], None],
         *,
         block_size: int = 1024,
+        window: int = 8,
+        fsync_every: int = 1,
     ) -> None:
         self.transport = transport
         self.ops = ops
         self.candidate = candidate
         self.emit = emit
         self.block_size = block_size
+        self.window = window
+        self.fsync_every = fsync_every
 
     async def run(self, manifest: Manifest, image_uri: str, verified: bytes) -> None:
         """Download until every fragment is verified; report the outcome as an event."""
@@ -90,7 +227,9 @@ class Downloader:
         uid = manifest.update_id
         fd = self.ops.open(self.candidate, os.O_RDWR | os.O_CREAT)
         try:
-            bad = await asyncio.to_thread(_recheck, self.ops, fd, manifest, verified)
+            # Exactly the image's size: stale bytes of an older candidate must not linger.
+            os.ftruncate(fd, manifest.body.image_size)
+            bad = await asyncio.to_thread(_recheck, fd, manifest, verified)
             if bad:
                 log.warning("fragments_invalid_on_disk", update_id=uid, fragments=bad)
                 self.emit(ev.FragmentsInvalid(uid, tuple(bad)))
@@ -98,43 +237,19 @@ class Downloader:
                 i for i in range(manifest.fragment_count) if not bitmap_get(verified, i) or i in bad
             ]
             log.debug("download_started", update_id=uid, fragments=len(todo), uri=image_uri)
-            for index in todo:
-                await self._fragment(fd, manifest, image_uri, index)
+            if not todo:
+                return
+            fetcher = self.transport.block_fetcher(
+                image_uri, window=self.window, block_size=self.block_size
+            )
+            assembly = _Assembly(manifest, fd, self.ops, self.emit, fetcher, todo, self.fsync_every)
+            try:
+                await fetcher.run(assembly.plan(), assembly.on_block)
+            finally:
+                await assembly.finish()
+            if assembly.wanted:
+                raise IntegrityError(
+                    f"server ended the transfer with {len(assembly.wanted)} fragments missing"
+                )
         finally:
             self.ops.close(fd)
-
-    async def _fragment(self, fd: int, manifest: Manifest, uri: str, index: int) -> None:
-        start, length = manifest.fragment_span(index)
-        end = start + length
-        expected = manifest.body.fragment_sha256[index]
-        for attempt in range(1, FRAGMENT_TRIES + 1):
-            digest = hashlib.sha256()
-            offset, block_size = start, self.block_size
-            while offset < end:
-                block = await self.transport.fetch_block(uri, offset, block_size)
-                if block.size2 is not None and block.size2 != manifest.body.image_size:
-                    raise ImageChanged(
-                        f"{uri}: Size2 {block.size2} differs from the manifest's image_size "
-                        f"{manifest.body.image_size}"
-                    )
-                if block.offset != offset:
-                    raise TransportError(
-                        f"{uri}: asked for byte {offset}, got block at {block.offset}"
-                    )
-                data = block.data[: end - offset]
-                if not data:
-                    raise IntegrityError(f"{uri}: image ends at byte {offset}, manifest says {end}")
-                self.ops.pwrite(fd, data, offset)
-                digest.update(data)
-                offset += len(data)
-                if len(block.data) < block_size and offset < end and block.more:
-                    # The server answers with smaller blocks (RFC 7959 2.4): follow it.
-                    block_size = len(block.data)
-            if digest.digest() == expected:
-                self.ops.fsync(fd)
-                self.emit(ev.FragmentVerified(manifest.update_id, index))
-                return
-            log.warning(
-                "fragment_corrupt", update_id=manifest.update_id, fragment=index, attempt=attempt
-            )
-        raise IntegrityError(f"fragment {index} failed its digest {FRAGMENT_TRIES} times in a row")

@@ -123,7 +123,13 @@ class Engine:
         self.model: Model | None = None
         self._current: UpdateInfo | None = None
         self.downloader = Downloader(
-            transport, journal.ops, journal.candidate_path, self.post, block_size=config.block_size
+            transport,
+            journal.ops,
+            journal.candidate_path,
+            self.post,
+            block_size=config.block_size,
+            window=config.window,
+            fsync_every=config.fsync_every,
         )
 
     # -- lifecycle ------------------------------------------------------------------------

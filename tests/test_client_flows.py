@@ -250,7 +250,7 @@ def _bad_manifest(case: str, server: UpdateServer, signing: Signing) -> tuple[by
     if case == "malformed_not_cbor":
         return b"\xff\x00 not a manifest", 50
     if case == "oversize":
-        return cbor2.dumps(cbor2.CBORTag(18, [b"", {}, b"\x00" * 300_000, b""])), 50
+        return cbor2.dumps(cbor2.CBORTag(18, [b"", {}, b"\x00" * 400_000, b""])), 50
     raise AssertionError(case)
 
 

@@ -757,6 +757,20 @@ CASES: tuple[Case, ...] = (
         start={"verified": b"\x03", "attempts": 1},
         after={"attempts": 2},
     ),
+    Case(
+        "download-finished/incomplete-exhausted",
+        S.DOWNLOADING,
+        ev.DownloadFinished(U),
+        S.FAILED,
+        (
+            C.SendReports(),
+            *_FAIL,
+            C.NotifyComplete(U, R.INTEGRITY_FAILURE, "download ended with 1 fragments missing"),
+        ),
+        ((S.FAILED, R.INTEGRITY_FAILURE),),
+        start={"verified": b"\x03", "attempts": 2},
+        after={"attempts": 2, "verified": b"\x03"},
+    ),
     drop(
         "download-finished/stale",
         S.DOWNLOADING,

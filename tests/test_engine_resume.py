@@ -24,7 +24,7 @@ from fota.core.manifest import Component, ManifestBody
 from fota.core.states import State
 from fota.engine import Engine
 from fota.journal import Journal
-from fota.transport import Announcement, Block
+from fota.transport import Announcement, Block, SequentialFetcher
 from tests.conftest import DEVICE_CLASS, Signing
 
 BASE = "coap://fake"
@@ -76,6 +76,9 @@ class FakeTransport:
 
     async def fetch(self, uri: str, *, limit: int) -> bytes:
         return self.resources[uri][: limit + 1]
+
+    def block_fetcher(self, uri: str, *, window: int, block_size: int) -> SequentialFetcher:
+        return SequentialFetcher(self, uri, block_size)
 
     async def fetch_block(self, uri: str, offset: int, block_size: int) -> Block:
         data = self.resources[uri]

@@ -157,7 +157,15 @@ TRANSITIONS: tuple[Transition, ...] = (
         ("is_current", "all_fragments_verified"),
         after=("verify_image",),
     ),
-    T("download_finished", (S.DOWNLOADING,), None, ("is_current",), after=("schedule_retry",)),
+    # The transfer ended with fragments missing: an attempt like any failed one.
+    T(
+        "download_finished",
+        (S.DOWNLOADING,),
+        None,
+        ("is_current", "may_retry"),
+        after=("schedule_retry",),
+    ),
+    T("download_finished", (S.DOWNLOADING,), S.FAILED, ("is_current",), after=("fail",)),
     T(
         "download_failed",
         (S.DOWNLOADING,),
@@ -579,6 +587,10 @@ class Model:
         error: FotaError | None = getattr(event, "error", None)
         if isinstance(event, ev.ImageChecked):
             result, detail = ResultCode.INTEGRITY_FAILURE, "image digest mismatch"
+        elif isinstance(event, ev.DownloadFinished):
+            missing = self.pending.fragment_count - bitmap_count(self.record.verified)
+            result = ResultCode.INTEGRITY_FAILURE
+            detail = f"download ended with {missing} fragments missing"
         elif isinstance(event, ev.SelfTestFinished):
             result, detail = ResultCode.FAILED, f"self-test failed: {event.detail}"
         elif e.event.name == "restarted":

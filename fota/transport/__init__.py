@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +42,55 @@ class Block:
     etag: bytes | None = None
 
 
+class BlockFetcher(Protocol):
+    """Fetches byte ranges of one resource, block by block, in any order."""
+
+    def want(self, offset: int, length: int) -> None:
+        """Ask (again) for a byte range before the rest of the plan."""
+        ...
+
+    async def run(self, plan: Iterator[tuple[int, int]], on_block: Callable[[Block], None]) -> None:
+        """Fetch every ``(offset, length)`` range of ``plan`` and of :meth:`want`.
+
+        ``on_block`` is called once per block received; an error it raises ends the run.
+        """
+        ...
+
+
+class SequentialFetcher:
+    """A :class:`BlockFetcher` over ``Transport.fetch_block``: one request at a time.
+
+    For transports without a windowed path (fakes in tests, or a future transport).
+    """
+
+    def __init__(self, transport: Transport, uri: str, block_size: int) -> None:
+        self.transport = transport
+        self.uri = uri
+        self.block_size = block_size
+        self._urgent: deque[tuple[int, int]] = deque()
+
+    def want(self, offset: int, length: int) -> None:
+        """Queue a range before the rest of the plan."""
+        self._urgent.append((offset, length))
+
+    async def run(self, plan: Iterator[tuple[int, int]], on_block: Callable[[Block], None]) -> None:
+        """Fetch each range block by block."""
+        while True:
+            piece = self._urgent.popleft() if self._urgent else next(plan, None)
+            if piece is None:
+                return
+            offset, length = piece
+            end = offset + length
+            while offset < end:
+                block = await self.transport.fetch_block(self.uri, offset, self.block_size)
+                on_block(block)
+                if not block.data or not block.more:
+                    break
+                if len(block.data) < self.block_size:
+                    self.block_size = len(block.data)
+                offset = block.offset + len(block.data)
+
+
 class Transport(Protocol):
     """What the engine and the downloader use to talk to the update server."""
 
@@ -54,6 +104,10 @@ class Transport(Protocol):
 
     async def fetch_block(self, uri: str, offset: int, block_size: int) -> Block:
         """Fetch the block at byte ``offset`` (a multiple of ``block_size``)."""
+        ...
+
+    def block_fetcher(self, uri: str, *, window: int, block_size: int) -> BlockFetcher:
+        """A fetcher for the image at ``uri`` with up to ``window`` requests in flight."""
         ...
 
     async def post_report(self, body: bytes) -> None:

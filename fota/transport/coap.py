@@ -16,6 +16,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aiocoap
 import aiocoap.error
@@ -27,7 +28,8 @@ from aiocoap.optiontypes import BlockOption
 
 from fota.core.uri import resolve
 from fota.errors import ImageChanged, PermanentServerError, TransportError
-from fota.transport import Announcement, Block
+from fota.transport import Announcement, Block, BlockFetcher
+from fota.transport.window import WindowFetcher
 
 log = structlog.get_logger(__name__)
 
@@ -167,6 +169,22 @@ class CoapTransport:
             more=bool(block2.more),
             size2=response.opt.size2,
             etag=response.opt.etag,
+        )
+
+    def block_fetcher(self, uri: str, *, window: int, block_size: int) -> BlockFetcher:
+        """A windowed NON Block2 fetcher (``fota.transport.window``) for a ``coap://`` image."""
+        parts = urlsplit(uri)
+        if parts.scheme != "coap" or not parts.hostname:
+            raise PermanentServerError(uri, "unsupported scheme for the image (coap:// only)")
+        path = tuple(unquote(p) for p in parts.path.split("/")[1:] if p)
+        return WindowFetcher(
+            parts.hostname,
+            parts.port or 5683,
+            path,
+            window=window,
+            block_size=block_size,
+            timeout=self._tuning.ACK_TIMEOUT,
+            max_tries=self._tuning.MAX_RETRANSMIT + 1,
         )
 
     async def fetch(self, uri: str, *, limit: int) -> bytes:

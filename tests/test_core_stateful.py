@@ -1,0 +1,457 @@
+"""Tier 1: hypothesis stateful tests of the core state machine's invariants.
+
+Random event sequences (current and stale update ids, valid and refused manifests, timers,
+fragments, failures, restarts, report acknowledgements) are fed to a Model inside an
+AsyncMachine built exactly as the engine builds it. After every step:
+
+(a) no ``Install`` is emitted unless the triggering event is an ``Authorized`` for that same
+    update accepted in AWAIT_INSTALL_AUTH / INSTALL_DEFERRED, or a forcing rule applies (no
+    installed manifest: first install; the installed manifest is not polite), or it is the
+    re-issue of the work of INSTALLING after ``restarted``;
+(b) every persisted state is the machine's state (``record.state is model.state``);
+(c) the verified bitmap has the pending manifest's fragment count (and no bit past it);
+(d) report sequence numbers in the durable outbox strictly increase;
+(e) there is a pending update exactly when the state is not IDLE;
+and every state change appends a report about the new state (docs/state-machine.md).
+
+Events the machine drops (illegal in the state, or a failed condition) must change nothing.
+Seeded (``derandomize=True``), no deadline, no example database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from itertools import pairwise
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from transitions.core import MachineError
+from transitions.extensions.asyncio import AsyncMachine
+
+from fota.core import commands as C
+from fota.core import events as ev
+from fota.core.machine import Model, transitions_kwargs
+from fota.core.manifest import (
+    Component,
+    Manifest,
+    ManifestBody,
+    TrustStore,
+    kid_for,
+    sign,
+    verify,
+)
+from fota.core.policy import Policy, must_ask
+from fota.core.record import Record, bitmap_count, bitmap_get, bitmap_new, bitmap_set
+from fota.core.states import State
+from fota.errors import InstallError, PermanentServerError, ResultCode, TransportError
+
+S = State
+DEVICE_CLASS = "stateful-gw"
+KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132)))
+KID = kid_for(KEY.public_key())
+OTHER_KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(132, 164)))
+TRUST = TrustStore({KID: KEY.public_key()})
+POLICY = Policy(
+    device_class=DEVICE_CLASS,
+    max_image_size=1 << 20,
+    progress_step=10,
+    max_attempts=3,
+    restart_limit=2,
+)
+START = 1_700_000_000.0
+STALE = "00000000deadbeef"
+
+
+def _body(sequence: int, fragments: int, polite: bool, device_class: str) -> ManifestBody:
+    size = fragments * 1024 - 100
+    return ManifestBody(
+        sequence=sequence,
+        component=Component.APPLICATION,
+        version=f"2.{sequence}.{int(polite)}",
+        device_class=device_class,
+        image_size=size,
+        image_sha256=hashlib.sha256(b"%d" % sequence).digest(),
+        image_uri=f"/img/{sequence}",
+        fragment_size=1024,
+        fragment_sha256=tuple(hashlib.sha256(bytes([i])).digest() for i in range(fragments)),
+        polite=polite,
+    )
+
+
+def _manifest(body: ManifestBody) -> Manifest:
+    return verify(sign(body, KEY, KID), TRUST)
+
+
+INSTALLED: dict[str, Manifest | None] = {
+    "none": None,
+    "polite": _manifest(_body(10, 2, True, DEVICE_CLASS)),
+    "impolite": _manifest(_body(10, 2, False, DEVICE_CLASS)),
+}
+POOL: tuple[Manifest, ...] = tuple(
+    _manifest(_body(seq, fragments, polite, DEVICE_CLASS))
+    for seq, fragments in ((11, 1), (12, 3), (13, 4), (14, 2))
+    for polite in (True, False)
+)
+"""Candidate updates: newer than the installed image, polite or not, 1 to 4 fragments."""
+RAW_BAD_SIGNATURE = sign(_body(15, 2, True, DEVICE_CLASS), OTHER_KEY, KID)
+RAW_LOWER_SEQUENCE = sign(_body(5, 2, True, DEVICE_CLASS), KEY, KID)
+RAW_WRONG_CLASS = sign(_body(16, 2, True, "elsewhere"), KEY, KID)
+POOL_INDEX = st.integers(0, len(POOL) - 1)
+OTHER_IDS = (STALE, *(m.update_id for m in POOL))
+
+UIDS = st.sampled_from(["current", "current", "other"])
+"""Mostly the current update's id; else a stale one (or, by chance, the current one)."""
+DOWNLOADED = (S.VERIFYING, S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED, S.INSTALLING, S.AWAIT_COMMIT)
+
+
+async def _trigger(model: Model, event: ev.Event, now: float) -> bool:
+    try:
+        return bool(await model.trigger(event.trigger, event=event, now=now))
+    except MachineError:
+        return False
+
+
+@dataclass(frozen=True)
+class Step:
+    """One handled event, kept for the failure message."""
+
+    state: State
+    event: ev.Event
+    accepted: bool
+    new_state: State
+    commands: tuple[C.Command, ...]
+
+
+@settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+)
+class CoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.model: Model | None = None
+        self.now = START
+        self.steps: list[Step] = []
+
+    def teardown(self) -> None:
+        self.loop.close()
+
+    # -- setup ----------------------------------------------------------------------------
+
+    @initialize(
+        installed=st.sampled_from(["none", "polite", "impolite"]),
+        state=st.sampled_from(State),
+        pending_index=POOL_INDEX,
+        verified=st.booleans(),
+    )
+    def restore(self, installed: str, state: State, pending_index: int, verified: bool) -> None:
+        """Start from a journal record as the engine would load it (IDLE or mid-update)."""
+        pending = POOL[pending_index]
+        inst = INSTALLED[installed]
+        record = Record(state=state, installed=inst.digest if inst else None)
+        if state is not S.IDLE:
+            bitmap = bitmap_new(pending.fragment_count)
+            if state in DOWNLOADED or (verified and state in (S.DOWNLOADING, S.FAILED)):
+                for i in range(pending.fragment_count):
+                    bitmap = bitmap_set(bitmap, i)
+            record = record.evolve(
+                pending=pending.digest, manifest_uri="coap://s/m", verified=bitmap
+            )
+        if state in (S.DOWNLOAD_DEFERRED, S.INSTALL_DEFERRED):
+            record = record.evolve(defer_until=START + 3600, defer_reason="busy")
+        model = Model(
+            POLICY,
+            TRUST,
+            record,
+            pending=pending if state is not S.IDLE else None,
+            installed=inst,
+        )
+        AsyncMachine(
+            model=model,
+            states=State,
+            transitions=transitions_kwargs(),
+            initial=state,
+            auto_transitions=False,
+            send_event=True,
+            queued=False,
+            after_state_change="sync_state",
+        )
+        self.model = model
+
+    # -- driving ----------------------------------------------------------------------------
+
+    @property
+    def m(self) -> Model:
+        assert self.model is not None
+        return self.model
+
+    def uid(self, which: str, other: int) -> str:
+        if which == "current" and self.m.update_id is not None:
+            return self.m.update_id
+        return OTHER_IDS[other % len(OTHER_IDS)]
+
+    def fire(self, event: ev.Event) -> Step:
+        model = self.m
+        self.now += 7.0
+        state, record = model.state, model.record
+        pending, installed = model.pending, model.installed
+        accepted = self.loop.run_until_complete(_trigger(model, event, self.now))
+        commands = tuple(model.take_commands())
+        step = Step(state, event, accepted, model.state, commands)
+        self.steps.append(step)
+        trail = "\n".join(map(repr, self.steps[-8:]))
+
+        if not accepted:
+            assert model.state is state, trail
+            assert model.record == record, trail
+            assert model.pending is pending and model.installed is installed, trail
+            assert commands == (), trail
+
+        # Every state change is reported: a report about the new state joins the outbox.
+        if accepted and model.state is not state:
+            added = [r for r in model.record.outbox if r.sequence >= record.report_seq]
+            assert added and added[-1].state is model.state, trail
+
+        # (a) no install without an authorization for that update or a forcing rule.
+        for command in commands:
+            if not isinstance(command, C.Install):
+                continue
+            authorized = (
+                isinstance(event, ev.Authorized)
+                and accepted
+                and state in (S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED)
+                and event.update_id == command.update_id
+            )
+            forced = not must_ask(installed)
+            reissued = isinstance(event, ev.Restarted) and state is S.INSTALLING
+            assert authorized or forced or reissued, trail
+            assert command.update_id == model.update_id, trail
+            assert model.state is S.INSTALLING, trail
+        return step
+
+    # -- rules: the network ---------------------------------------------------------------
+
+    @rule(
+        which=st.sampled_from(["new", "installed", "pending", "refused", "no-manifest"]),
+        index=POOL_INDEX,
+    )
+    def announce(self, which: str, index: int) -> None:
+        manifest = POOL[index]
+        digest: bytes | None = {
+            "new": manifest.digest,
+            "installed": self.m.record.installed,
+            "pending": self.m.record.pending,
+            "refused": self.m.record.refused,
+            "no-manifest": None,
+        }[which]
+        uri = "coap://s/m" if digest is not None else None
+        step = self.fire(ev.AnnouncementReceived(1, digest, uri))
+        if step.accepted:
+            assert which == "new" and digest is not None and uri is not None
+            assert step.commands == (C.FetchManifest(uri, digest),)
+
+    @rule(
+        kind=st.sampled_from(["valid", "valid", "bad-signature", "lower-sequence", "wrong-class"]),
+        index=POOL_INDEX,
+    )
+    def manifest_fetched(self, kind: str, index: int) -> None:
+        manifest = POOL[index]
+        raw = {
+            "valid": manifest.raw,
+            "bad-signature": RAW_BAD_SIGNATURE,
+            "lower-sequence": RAW_LOWER_SEQUENCE,
+            "wrong-class": RAW_WRONG_CLASS,
+        }[kind]
+        state, digest = self.m.state, hashlib.sha256(raw).digest()
+        installed, pending = self.m.installed, self.m.pending
+        sequence = {"valid": manifest.body.sequence, "lower-sequence": 5}.get(kind)
+        # Refused: a bad signature or another class, or not newer than the running image.
+        refuse = sequence is None or (installed is not None and sequence <= installed.body.sequence)
+        if self.fire(ev.ManifestFetched(raw, "coap://s/m", digest)).accepted:
+            if refuse:  # remembered; a failed update stays pending
+                assert self.m.state is state
+                assert self.m.record.refused == digest
+                assert self.m.pending is pending
+            else:  # adopted as the new pending update, asking first under a polite image
+                assert self.m.pending is not None and self.m.pending.raw == raw
+                assert self.m.record.attempts == self.m.record.restarts == 0
+                assert self.m.state is (
+                    S.AWAIT_DOWNLOAD_AUTH if must_ask(installed) else S.DOWNLOADING
+                )
+
+    # -- rules: the application -------------------------------------------------------------
+
+    @rule(which=UIDS, other=st.integers(0, 20))
+    def authorized(self, which: str, other: int) -> None:
+        self.fire(ev.Authorized(self.uid(which, other)))
+
+    @rule(which=UIDS, other=st.integers(0, 20), delay=st.floats(0, 86_400))
+    def deferred(self, which: str, other: int, delay: float) -> None:
+        until = self.now + delay
+        if self.fire(ev.Deferred(self.uid(which, other), until, "later")).accepted:
+            assert self.m.state in (S.DOWNLOAD_DEFERRED, S.INSTALL_DEFERRED)
+            assert self.m.record.defer_until == until
+
+    @rule(which=UIDS, other=st.integers(0, 20))
+    def rejected(self, which: str, other: int) -> None:
+        uid = self.uid(which, other)
+        if self.fire(ev.Rejected(uid, "no")).accepted:
+            assert self.m.state is S.IDLE
+            assert self.m.record.outbox[-1].result is ResultCode.REJECTED
+
+    @rule()
+    def resume_requested(self) -> None:
+        self.fire(ev.ResumeRequested())
+
+    # -- rules: timers and the download ----------------------------------------------------
+
+    @rule(name=st.sampled_from(["defer", "retry"]), which=UIDS, other=st.integers(0, 20))
+    def timer_fired(self, name: str, which: str, other: int) -> None:
+        self.fire(ev.TimerFired(name, self.uid(which, other)))
+
+    @rule(which=UIDS, other=st.integers(0, 20), index=st.integers(-1, 5))
+    def fragment_verified(self, which: str, other: int, index: int) -> None:
+        self.fire(ev.FragmentVerified(self.uid(which, other), index))
+
+    @rule()
+    def every_fragment_verified(self) -> None:
+        if self.m.pending is not None:
+            for index in range(self.m.pending.fragment_count):
+                self.fire(ev.FragmentVerified(self.m.pending.update_id, index))
+
+    @rule(which=UIDS, other=st.integers(0, 20), indexes=st.lists(st.integers(-1, 9), max_size=4))
+    def fragments_invalid(self, which: str, other: int, indexes: list[int]) -> None:
+        self.fire(ev.FragmentsInvalid(self.uid(which, other), tuple(indexes)))
+
+    @rule(which=UIDS, other=st.integers(0, 20))
+    def download_finished(self, which: str, other: int) -> None:
+        self.fire(ev.DownloadFinished(self.uid(which, other)))
+
+    @rule(which=UIDS, other=st.integers(0, 20), retryable=st.booleans())
+    def download_failed(self, which: str, other: int, retryable: bool) -> None:
+        error = TransportError("timeout") if retryable else PermanentServerError("u", "4.04")
+        self.fire(ev.DownloadFailed(self.uid(which, other), error))
+
+    @rule(which=UIDS, other=st.integers(0, 20), ok=st.booleans())
+    def image_checked(self, which: str, other: int, ok: bool) -> None:
+        self.fire(ev.ImageChecked(self.uid(which, other), ok))
+
+    # -- rules: install, self-test, restart, reports ------------------------------------------
+
+    @rule(which=UIDS, other=st.integers(0, 20), ok=st.booleans())
+    def install_finished(self, which: str, other: int, ok: bool) -> None:
+        self.fire(ev.InstallFinished(self.uid(which, other), None if ok else InstallError("x")))
+
+    @rule(which=UIDS, other=st.integers(0, 20), ok=st.booleans())
+    def self_test_finished(self, which: str, other: int, ok: bool) -> None:
+        uid = self.uid(which, other)
+        pending = self.m.pending
+        if self.fire(ev.SelfTestFinished(uid, ok, "probe")).accepted and ok:
+            assert self.m.installed is pending
+            assert self.m.state is S.IDLE
+
+    @rule()
+    def restarted(self) -> None:
+        self.fire(ev.Restarted())
+
+    @rule(pick=st.integers(0, 50))
+    def report_delivered(self, pick: int) -> None:
+        outbox = self.m.record.outbox
+        sequence = outbox[pick % len(outbox)].sequence if outbox and pick < 40 else pick
+        kept = tuple(r for r in outbox if r.sequence != sequence)
+        assert self.fire(ev.ReportDelivered(sequence)).accepted
+        assert self.m.record.outbox == kept
+
+    # -- a driver: the event the current state waits for, so runs reach the later states --------
+
+    @rule(
+        choice=st.integers(0, 5),
+        index=POOL_INDEX,
+        delay=st.floats(1, 3600),
+    )
+    def advance(self, choice: int, index: int, delay: float) -> None:
+        """Feed one plausible next event for the current update (mostly the happy path)."""
+        model = self.m
+        uid = model.update_id
+        state = model.state
+        ok = choice != 0  # one in six fails
+        event: ev.Event
+        if uid is None or state in (S.IDLE, S.FAILED):
+            manifest = POOL[index]
+            event = ev.ManifestFetched(manifest.raw, "coap://s/m", manifest.digest)
+        elif state in (S.AWAIT_DOWNLOAD_AUTH, S.AWAIT_INSTALL_AUTH):
+            answers: tuple[ev.Event, ...] = (
+                ev.Rejected(uid, "no"),
+                ev.Deferred(uid, self.now + delay, "later"),
+            )
+            event = answers[choice] if choice < len(answers) else ev.Authorized(uid)
+        elif state in (S.DOWNLOAD_DEFERRED, S.INSTALL_DEFERRED):
+            event = ev.TimerFired("defer", uid) if choice % 2 else ev.ResumeRequested()
+        elif state is S.DOWNLOADING:
+            if ok:
+                self.every_fragment_verified()
+                event = ev.DownloadFinished(uid)
+            else:
+                event = ev.DownloadFailed(uid, TransportError("timeout"))
+        elif state is S.VERIFYING:
+            event = ev.ImageChecked(uid, ok)
+        elif state is S.INSTALLING:
+            event = ev.InstallFinished(uid, None if ok else InstallError("x"))
+        else:
+            assert state is S.AWAIT_COMMIT
+            event = ev.SelfTestFinished(uid, ok, "probe")
+        self.fire(event)
+
+    @rule(
+        choice=st.integers(0, 5),
+        index=POOL_INDEX,
+        delay=st.floats(1, 3600),
+    )
+    def advance_again(self, choice: int, index: int, delay: float) -> None:
+        """The driver once more, so that it is picked about as often as the random events."""
+        self.advance(choice, index, delay)
+
+    # -- invariants ---------------------------------------------------------------------------
+
+    @invariant()
+    def persisted_state_is_machine_state(self) -> None:
+        if self.model is not None:
+            assert self.model.record.state is self.model.state
+
+    @invariant()
+    def bitmap_matches_pending(self) -> None:
+        model = self.model
+        if model is not None and model.pending is not None:
+            count = model.pending.fragment_count
+            assert len(model.record.verified) == (count + 7) // 8
+            assert bitmap_count(model.record.verified) <= count
+            assert bitmap_count(model.record.verified) == sum(
+                bitmap_get(model.record.verified, i) for i in range(count)
+            )
+
+    @invariant()
+    def report_sequences_increase(self) -> None:
+        if self.model is not None:
+            record = self.model.record
+            sequences = [r.sequence for r in record.outbox]
+            assert all(a < b for a, b in pairwise(sequences))
+            assert all(s < record.report_seq for s in sequences)
+
+    @invariant()
+    def pending_exactly_when_busy(self) -> None:
+        model = self.model
+        if model is not None:
+            assert (model.pending is None) == (model.state is S.IDLE)
+            assert model.record.pending == (model.pending.digest if model.pending else None)
+            assert model.record.installed == (model.installed.digest if model.installed else None)
+
+
+TestCoreMachine = CoreMachine.TestCase
