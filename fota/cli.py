@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -121,6 +122,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     handler: UpdateHandler | None = AutoAuthorize() if args.auto_authorize else None
     return asyncio.run(_run_client(config, handler))
+
+
+# -- fota fetch -------------------------------------------------------------------------
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """``fota fetch``."""
+    from fota.fetch import fetch, remove_leftovers
+
+    out = Path(args.out)
+    if args.restart:
+        remove_leftovers(out)
+    expected = bytes.fromhex(args.sha256) if args.sha256 else None
+    started = time.perf_counter()
+    result = asyncio.run(
+        fetch(
+            args.uri,
+            out,
+            sha256=expected,
+            window=args.window,
+            block_size=args.block_size,
+            ack_timeout=args.ack_timeout,
+            fsync_every=args.fsync_every,
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "bytes": result.size,
+                "sha256": result.sha256.hex(),
+                "resumed_fragments": result.resumed_fragments,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
+    )
+    return 0
 
 
 # -- fota server ------------------------------------------------------------------------
@@ -318,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--block-size", type=int, default=1024)
     run.add_argument("--ack-timeout", type=float, default=2.0)
     run.set_defaults(func=cmd_run)
+
+    fe = sub.add_parser("fetch", help="download one image, resumable, verified (like coap-client)")
+    fe.add_argument("uri", help="coap://host:port/path")
+    fe.add_argument("--out", required=True)
+    fe.add_argument("--sha256", help="expected SHA-256 (hex); exit 0 only when it matches")
+    fe.add_argument("--window", type=int, default=16, help="requests in flight")
+    fe.add_argument("--block-size", type=int, default=1024)
+    fe.add_argument("--ack-timeout", type=float, default=2.0)
+    fe.add_argument("--fsync-every", type=int, default=1, help="fragments (64 KiB) per fsync")
+    fe.add_argument("--restart", action="store_true", help="ignore a previous partial fetch")
+    fe.set_defaults(func=cmd_fetch)
 
     srv = sub.add_parser("server", help="run the CoAP test update server")
     srv.add_argument("--root", required=True, help="directory for images and manifests")

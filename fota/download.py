@@ -18,9 +18,11 @@ Theory of operation:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -40,14 +42,51 @@ UNIT = 16
 """Smallest CoAP block; received bytes are tracked in these units."""
 
 
-def _recheck(fd: int, manifest: Manifest, verified: bytes) -> list[int]:
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How an image is cut into fragments, and the digest each must match.
+
+    Attributes:
+        update_id: names the download in events and logs.
+        image_size: bytes.
+        fragment_size: bytes per fragment (a multiple of 1024; the last may be shorter).
+        digests: SHA-256 of every fragment; None when there are none to check (``fota fetch``
+            without a manifest: only the whole image's digest is checked, at the end).
+    """
+
+    update_id: str
+    image_size: int
+    fragment_size: int
+    digests: tuple[bytes, ...] | None
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Layout:
+        """The layout a signed manifest declares."""
+        body = manifest.body
+        return cls(manifest.update_id, body.image_size, body.fragment_size, body.fragment_sha256)
+
+    @property
+    def count(self) -> int:
+        """Number of fragments."""
+        return max(1, -(-self.image_size // self.fragment_size))
+
+    def span(self, index: int) -> tuple[int, int]:
+        """``(offset, length)`` of fragment ``index``."""
+        offset = index * self.fragment_size
+        return offset, min(self.fragment_size, self.image_size - offset)
+
+    def matches(self, index: int, data: bytes | bytearray) -> bool:
+        """Whether fragment ``index`` has the signed digest (always, without digests)."""
+        return self.digests is None or hashlib.sha256(data).digest() == self.digests[index]
+
+
+def _recheck(fd: int, layout: Layout, verified: bytes) -> list[int]:
     bad = []
-    for index in range(manifest.fragment_count):
+    for index in range(layout.count):
         if not bitmap_get(verified, index):
             continue
-        offset, length = manifest.fragment_span(index)
-        data = os.pread(fd, length, offset)
-        if hashlib.sha256(data).digest() != manifest.body.fragment_sha256[index]:
+        offset, length = layout.span(index)
+        if not layout.matches(index, os.pread(fd, length, offset)):
             bad.append(index)
     return bad
 
@@ -57,7 +96,7 @@ class _Assembly:
 
     def __init__(
         self,
-        manifest: Manifest,
+        layout: Layout,
         fd: int,
         ops: FileOps,
         emit: Callable[[ev.Event], None],
@@ -65,28 +104,28 @@ class _Assembly:
         wanted: list[int],
         fsync_every: int,
     ) -> None:
-        self.m = manifest
+        self.m = layout
         self.fd = fd
         self.ops = ops
         self.emit = emit
         self.fetcher = fetcher
         self.wanted = set(wanted)
         self.fsync_every = max(1, fsync_every)
-        self.size = manifest.body.image_size
-        self.frag = manifest.body.fragment_size
+        self.size = layout.image_size
+        self.frag = layout.fragment_size
         self.buffers: dict[int, bytearray] = {}
         self.masks: dict[int, bytearray] = {}
         self.missing: dict[int, int] = {}  # units of 16 bytes still missing per fragment
         self.tries: dict[int, int] = {}
         self.unsynced: list[int] = []
-        self.syncs: list[tuple[asyncio.Future[None], list[int]]] = []
-        self.finished: list[asyncio.Future[None]] = []
+        self.syncs: list[concurrent.futures.Future[None]] = []
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fota-fsync")
         self.etag: bytes | None = None
         self.loop = asyncio.get_running_loop()
 
     def plan(self) -> Iterator[tuple[int, int]]:
         for index in sorted(self.wanted):
-            yield self.m.fragment_span(index)
+            yield self.m.span(index)
 
     def on_block(self, block: Block) -> None:
         if block.size2 is not None and block.size2 != self.size:
@@ -107,7 +146,7 @@ class _Assembly:
         index = offset // self.frag
         if index not in self.wanted:
             return  # a late duplicate of a fragment already done
-        start, length = self.m.fragment_span(index)
+        start, length = self.m.span(index)
         buffer = self.buffers.get(index)
         if buffer is None:
             buffer = self.buffers[index] = bytearray(length)
@@ -133,7 +172,7 @@ class _Assembly:
     def _complete(self, index: int, start: int) -> None:
         buffer = self.buffers.pop(index)
         del self.masks[index], self.missing[index]
-        if hashlib.sha256(buffer).digest() != self.m.body.fragment_sha256[index]:
+        if not self.m.matches(index, buffer):
             tries = self.tries[index] = self.tries.get(index, 0) + 1
             log.warning("fragment_corrupt", update_id=self.m.update_id, fragment=index, tries=tries)
             if tries >= FRAGMENT_TRIES:
@@ -150,30 +189,29 @@ class _Assembly:
             self.sync()
 
     def sync(self) -> None:
-        """Sync the candidate in a worker thread, then vouch for the fragments it covered."""
+        """Sync the candidate in the sync thread, then vouch for the fragments it covered.
+
+        One sync thread per download keeps the syncs, and so the events, in order; the
+        transfer goes on meanwhile.
+        """
         if not self.unsynced:
             return
         covered, self.unsynced = self.unsynced, []
-        future = self.loop.run_in_executor(None, self.ops.fsync, self.fd)
-        self.syncs.append((future, covered))
-        future.add_done_callback(self._vouch)
+        self.syncs.append(self.executor.submit(self._sync_and_vouch, covered))
 
-    def _vouch(self, _: object) -> None:
-        # Emit strictly in sync order, and only for syncs that succeeded.
-        while self.syncs and self.syncs[0][0].done():
-            future, covered = self.syncs.pop(0)
-            self.finished.append(future)
-            if future.cancelled() or future.exception() is not None:
-                continue
-            for index in covered:
-                self.emit(ev.FragmentVerified(self.m.update_id, index))
+    def _sync_and_vouch(self, covered: list[int]) -> None:
+        self.ops.fsync(self.fd)
+        for index in covered:
+            self.loop.call_soon_threadsafe(self.emit, ev.FragmentVerified(self.m.update_id, index))
 
     async def finish(self) -> None:
         """Sync what is left and wait for every sync (its error, if any, is raised)."""
-        self.sync()
-        pending = [future for future, _ in self.syncs]
-        for future in [*self.finished, *pending]:
-            await future
+        try:
+            self.sync()
+            for future in self.syncs:
+                await asyncio.wrap_future(future)
+        finally:
+            self.executor.shutdown(wait=True)
 
 
 class Downloader:
@@ -210,9 +248,13 @@ class Downloader:
 
     async def run(self, manifest: Manifest, image_uri: str, verified: bytes) -> None:
         """Download until every fragment is verified; report the outcome as an event."""
-        uid = manifest.update_id
+        await self.fetch(Layout.of(manifest), image_uri, verified)
+
+    async def fetch(self, layout: Layout, image_uri: str, verified: bytes) -> None:
+        """Download ``layout``'s missing fragments; report the outcome as an event."""
+        uid = layout.update_id
         try:
-            await self._run(manifest, image_uri, verified)
+            await self._run(layout, image_uri, verified)
         except asyncio.CancelledError:
             raise
         except FotaError as exc:
@@ -223,26 +265,24 @@ class Downloader:
         else:
             self.emit(ev.DownloadFinished(uid))
 
-    async def _run(self, manifest: Manifest, image_uri: str, verified: bytes) -> None:
-        uid = manifest.update_id
+    async def _run(self, layout: Layout, image_uri: str, verified: bytes) -> None:
+        uid = layout.update_id
         fd = self.ops.open(self.candidate, os.O_RDWR | os.O_CREAT)
         try:
             # Exactly the image's size: stale bytes of an older candidate must not linger.
-            os.ftruncate(fd, manifest.body.image_size)
-            bad = await asyncio.to_thread(_recheck, fd, manifest, verified)
+            os.ftruncate(fd, layout.image_size)
+            bad = await asyncio.to_thread(_recheck, fd, layout, verified)
             if bad:
                 log.warning("fragments_invalid_on_disk", update_id=uid, fragments=bad)
                 self.emit(ev.FragmentsInvalid(uid, tuple(bad)))
-            todo = [
-                i for i in range(manifest.fragment_count) if not bitmap_get(verified, i) or i in bad
-            ]
+            todo = [i for i in range(layout.count) if not bitmap_get(verified, i) or i in bad]
             log.debug("download_started", update_id=uid, fragments=len(todo), uri=image_uri)
             if not todo:
                 return
             fetcher = self.transport.block_fetcher(
                 image_uri, window=self.window, block_size=self.block_size
             )
-            assembly = _Assembly(manifest, fd, self.ops, self.emit, fetcher, todo, self.fsync_every)
+            assembly = _Assembly(layout, fd, self.ops, self.emit, fetcher, todo, self.fsync_every)
             try:
                 await fetcher.run(assembly.plan(), assembly.on_block)
             finally:

@@ -1,0 +1,154 @@
+"""``fota fetch``: the image downloader on its own, resumable and verified.
+
+Like ``coap-client-notls -o FILE URI``, but the transfer survives a kill: fragments that were
+written and fsynced are recorded in a small journal beside the output (``FILE.fota-fetch``,
+written atomically after the fsync that covers them), and a second run with the same URI
+fetches only the rest. The bytes go to ``FILE.part`` and become ``FILE`` only after the whole
+image's SHA-256 was computed (and matched ``--sha256`` when given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import cbor2
+import structlog
+
+from fota.core import events as ev
+from fota.core.record import bitmap_new, bitmap_set
+from fota.download import Downloader, Layout
+from fota.errors import FotaError, IntegrityError, JournalError, TransportError
+from fota.journal import FileOps
+from fota.transport.coap import CoapTransport
+
+log = structlog.get_logger(__name__)
+
+FRAGMENT = 64 * 1024
+
+
+@dataclass(slots=True)
+class FetchResult:
+    """What a fetch did."""
+
+    size: int
+    sha256: bytes
+    resumed_fragments: int
+
+
+def _load_state(path: Path, uri: str, size: int, count: int) -> bytes:
+    try:
+        state = cbor2.loads(path.read_bytes())
+        if (
+            state["uri"] == uri
+            and state["size"] == size
+            and len(state["done"]) == len(bitmap_new(count))
+        ):
+            return bytes(state["done"])
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # a damaged journal only costs a fresh download
+        log.warning("fetch_journal_ignored", path=str(path), error=str(exc))
+    return bitmap_new(count)
+
+
+def _digest(path: Path, size: int) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = size
+        while remaining:
+            chunk = f.read(min(1 << 20, remaining))
+            if not chunk:
+                break
+            h.update(chunk)
+            remaining -= len(chunk)
+    return h.digest()
+
+
+async def fetch(
+    uri: str,
+    out: Path,
+    *,
+    sha256: bytes | None = None,
+    window: int = 16,
+    block_size: int = 1024,
+    ack_timeout: float = 2.0,
+    max_retransmit: int = 4,
+    fsync_every: int = 1,
+) -> FetchResult:
+    """Download ``uri`` to ``out``, resuming a previous run; verify the SHA-256 if given.
+
+    Raises:
+        FotaError: transport errors, a server refusal, or a digest mismatch (IntegrityError).
+    """
+    parts = urlsplit(uri)
+    if parts.scheme != "coap" or not parts.hostname:
+        raise TransportError(f"{uri}: only coap:// URIs are supported")
+    out = Path(out)
+    journal = out.with_name(out.name + ".fota-fetch")
+    candidate = out.with_name(out.name + ".part")
+    ops = FileOps()
+    transport = CoapTransport(
+        f"coap://{parts.netloc}", "fetch", ack_timeout=ack_timeout, max_retransmit=max_retransmit
+    )
+    try:
+        first = await transport.fetch_block(uri, 0, block_size)
+        if first.size2 is not None:
+            size = first.size2
+        elif not first.more:
+            size = len(first.data)
+        else:
+            raise TransportError(f"{uri}: the server sent no Size2; cannot plan the download")
+        layout = Layout("fetch", size, FRAGMENT, None)
+        done = _load_state(journal, uri, size, layout.count)
+        resumed = sum(bin(b).count("1") for b in done)
+        failure: list[FotaError] = []
+
+        def emit(event: ev.Event) -> None:
+            nonlocal done
+            if isinstance(event, ev.FragmentVerified):
+                done = bitmap_set(done, event.index)
+                # After the fsync that covered the fragment: the journal may vouch for it now.
+                ops.write_atomic(journal, cbor2.dumps({"uri": uri, "size": size, "done": done}))
+            elif isinstance(event, ev.DownloadFailed):
+                failure.append(event.error)
+
+        downloader = Downloader(
+            transport,
+            ops,
+            candidate,
+            emit,
+            block_size=block_size,
+            window=window,
+            fsync_every=fsync_every,
+        )
+        await downloader.fetch(layout, uri, done)
+        if failure:
+            raise failure[0]
+        digest = await asyncio.to_thread(_digest, candidate, size)
+        if sha256 is not None and digest != sha256:
+            ops.unlink(candidate)
+            ops.unlink(journal)
+            raise IntegrityError(
+                f"{uri}: SHA-256 {digest.hex()} is not the expected {sha256.hex()}"
+            )
+        ops.replace(candidate, out)
+        ops.fsync_dir(out.parent)
+        ops.unlink(journal)
+        return FetchResult(size, digest, resumed)
+    except OSError as exc:
+        raise JournalError(f"{out}: {exc}") from exc
+    finally:
+        await transport.aclose()
+
+
+def remove_leftovers(out: Path) -> None:
+    """Forget a previous partial fetch of ``out`` (the ``--restart`` option)."""
+    for suffix in (".fota-fetch", ".part"):
+        path = out.with_name(out.name + suffix)
+        if path.exists():
+            os.unlink(path)
