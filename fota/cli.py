@@ -10,31 +10,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fota import keys
-from fota.client import Client
-from fota.config import Config
-from fota.core import manifest as mf
-from fota.core.manifest import Component, ManifestBody, Severity
-from fota.core.states import State
-from fota.errors import FotaError, ResultCode
-from fota.handler import AutoAuthorize, BaseHandler, Decision, UpdateHandler, UpdateInfo
+from fota.errors import FotaError
 from fota.logs import configure
-from fota.testing.server import UpdateServer, file_sha256, fragment_digests
 
+if TYPE_CHECKING:
+    from fota.config import Config
+    from fota.handler import UpdateHandler
 
-def _enum_choice(enum: type[Component] | type[Severity]) -> list[str]:
-    return [e.name.lower() for e in enum]
+# Each command imports what it needs, so `fota fetch` starts without the state machine,
+# aiocoap and cryptography (start-up time and memory are part of what it is measured on).
+COMPONENTS = ["firmware", "application", "other"]
+SEVERITIES = ["optional", "mandatory", "critical"]
 
 
 # -- fota manifest ----------------------------------------------------------------------
@@ -42,6 +37,9 @@ def _enum_choice(enum: type[Component] | type[Severity]) -> list[str]:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     """``fota manifest keygen``."""
+    from fota import keys
+    from fota.core import manifest as mf
+
     key = keys.generate(args.alg)
     pub = keys.save_keypair(key, Path(args.out))
     print(
@@ -54,6 +52,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_create(args: argparse.Namespace) -> int:
     """``fota manifest create``."""
+    from fota import keys
+    from fota.core import manifest as mf
+    from fota.core.manifest import Component, ManifestBody, Severity
+    from fota.testing.server import file_sha256, fragment_digests
+
     key = keys.load_private(Path(args.key))
     image = Path(args.image)
     sha = file_sha256(image)
@@ -81,6 +84,9 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``fota manifest inspect``."""
+    from fota import keys
+    from fota.core import manifest as mf
+
     raw = Path(args.manifest).read_bytes()
     info = mf.inspect(raw)
     if args.trust:
@@ -94,6 +100,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 async def _run_client(config: Config, handler: UpdateHandler | None) -> int:
+    from fota.client import Client
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,6 +112,9 @@ async def _run_client(config: Config, handler: UpdateHandler | None) -> int:
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
+    from fota import keys
+    from fota.config import Config
+
     return Config(
         server=args.server,
         device_id=args.device_id,
@@ -119,6 +130,8 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``fota run``."""
+    from fota.handler import AutoAuthorize
+
     config = _config_from_args(args)
     handler: UpdateHandler | None = AutoAuthorize() if args.auto_authorize else None
     return asyncio.run(_run_client(config, handler))
@@ -165,6 +178,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from fota import keys
+    from fota.core import manifest as mf
+    from fota.testing.server import UpdateServer
+
     key = keys.load_private(Path(args.key))
     kid = mf.kid_for(key.public_key())
     async with UpdateServer(Path(args.root), key, kid, host=args.host, port=args.port) as server:
@@ -194,112 +211,12 @@ def cmd_server(args: argparse.Namespace) -> int:
 # -- fota demo --------------------------------------------------------------------------
 
 
-_NOT_FINAL = (ResultCode.INITIAL, ResultCode.DEFERRED)
-
-
-class DemoHandler(BaseHandler):
-    """Asks on the terminal; unattended, it defers once (a busy device) and then authorizes."""
-
-    def __init__(self, interactive: bool) -> None:
-        self.interactive = interactive
-        self.deferred_once = False
-
-    async def _ask(self, step: str, update: UpdateInfo) -> Decision:
-        print(
-            f"  ? {step} authorization for {update.version} ({update.component.name.lower()}, "
-            f"{update.image_size} bytes, running {update.installed_version})"
-        )
-        if self.interactive:
-            answer = await asyncio.to_thread(input, "    [a]uthorize / [d]efer 3 s / [r]eject: ")
-            answer = answer.strip().lower()[:1]
-        else:
-            answer = "a" if self.deferred_once or step == "install" else "d"
-        if answer == "d":
-            self.deferred_once = True
-            print("    -> deferred 3 s: the device is busy")
-            return Decision.defer(datetime.now(UTC) + timedelta(seconds=3), "device busy")
-        if answer == "r":
-            print("    -> rejected")
-            return Decision.reject("operator said no")
-        print("    -> authorized")
-        return Decision.authorize()
-
-    async def on_download_authorization(self, update: UpdateInfo) -> Decision:
-        """See :class:`fota.UpdateHandler`."""
-        return await self._ask("download", update)
-
-    async def on_install_authorization(self, update: UpdateInfo) -> Decision:
-        """See :class:`fota.UpdateHandler`."""
-        return await self._ask("install", update)
-
-    async def on_progress(self, update: UpdateInfo, done: int, total: int) -> None:
-        """See :class:`fota.UpdateHandler`."""
-        percent = done * 100 // max(1, total)
-        bar = "#" * (percent // 5)
-        print(f"    [{bar:<20}] {percent:3d} %  {done}/{total} bytes", flush=True)
-
-    async def on_complete(self, update: UpdateInfo, result: ResultCode, detail: str) -> None:
-        """See :class:`fota.UpdateHandler`."""
-        print(f"  * {update.version}: {result.name.lower()} {detail}".rstrip(), flush=True)
-
-
-async def _demo(args: argparse.Namespace) -> int:
-    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fota-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    key = keys.generate("ed25519")
-    kid = mf.kid_for(key.public_key())
-    trust = mf.TrustStore({kid: key.public_key()})
-    interactive = sys.stdin.isatty() and not args.yes
-    v1_image, v2_image = os.urandom(64 * 1024), os.urandom(args.size)
-    print(f"fota demo in {work} ({'interactive' if interactive else 'unattended'})")
-    async with UpdateServer(work / "server", key, kid) as server:
-        print(f"- update server on {server.uri}, signing key {kid.hex()}")
-        config = Config(
-            server=server.uri,
-            device_id="demo-gw-1",
-            device_class="demo-gateway",
-            state_dir=work / "device",
-            trust=trust,
-            target=work / "firmware.bin",
-            ack_timeout=0.5,
-        )
-        server.publish(v1_image, "1.0.0", device_class=config.device_class, polite=True)
-        print(
-            "- published 1.0.0: the device is empty, so the first install is immediate (not asked)"
-        )
-        async with Client(config, handler=DemoHandler(interactive)) as client:
-            await client.wait_for(lambda s: s.installed_version == "1.0.0", timeout=60)
-            print("- 1.0.0 is running; it declares itself polite, so the next update asks first")
-            v2 = server.publish(v2_image, "2.0.0", device_class=config.device_class, polite=True)
-            print(f"- published 2.0.0 ({len(v2_image)} bytes), update id {v2.update_id}")
-            # Done when the server hears how 2.0.0 ended (success, rejected or failed).
-            final = await server.wait_for_report(
-                lambda r: r.get(5) == v2.update_id and r[4] not in _NOT_FINAL, timeout=args.timeout
-            )
-            await client.wait_for(lambda s: s.reports_pending == 0, timeout=30)
-        print("- reports the server received (state, result):")
-        for report in server.reports:
-            state, result = State(report[3]).name, ResultCode(report[4]).name
-            print(f"    #{report[2]:<3} {state:<20} {result:<12} {report.get(8, '')}")
-        if final[4] != ResultCode.SUCCESS:
-            print(f"RESULT: 2.0.0 ended with {ResultCode(final[4]).name}; nothing new installed")
-            return 1
-        installed = hashlib.sha256((work / "firmware.bin").read_bytes()).digest()
-        success = any(
-            r.get(5) == v2.update_id and r[4] == ResultCode.SUCCESS for r in server.reports
-        )
-        ok = installed == v2.image_sha256 and success
-        print(
-            f"RESULT: installed digest {'matches' if installed == v2.image_sha256 else 'DIFFERS'}, "
-            f"success report {'recorded' if success else 'MISSING'} -> {'OK' if ok else 'FAILED'}"
-        )
-        return 0 if ok else 1
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """``fota demo``."""
+    from fota.demo import run
+
     configure(args.log_level or "warning")
-    return asyncio.run(_demo(args))
+    return asyncio.run(run(args))
 
 
 # -- parser -----------------------------------------------------------------------------
@@ -331,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--device-class", required=True)
     cr.add_argument("--sequence", type=int, required=True)
     cr.add_argument("--uri", help="image URI reference (default ../img/<sha256>)")
-    cr.add_argument("--component", choices=_enum_choice(Component), default="firmware")
-    cr.add_argument("--severity", choices=_enum_choice(Severity), default="optional")
+    cr.add_argument("--component", choices=COMPONENTS, default="firmware")
+    cr.add_argument("--severity", choices=SEVERITIES, default="optional")
     cr.add_argument("--impolite", action="store_true", help="updates after this image do not ask")
     cr.add_argument("--fragment-size", type=int, default=64 * 1024)
     cr.add_argument("--max-deferral", type=int, default=0)

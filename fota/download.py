@@ -24,17 +24,23 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from fota.core import events as ev
-from fota.core.manifest import Manifest
 from fota.core.record import bitmap_get
 from fota.errors import FotaError, ImageChanged, IntegrityError, StorageError
-from fota.journal import FileOps
-from fota.transport import Block, BlockFetcher, Transport
+from fota.fileops import FileOps
+from fota.transport import Block, BlockFetcher
+
+if TYPE_CHECKING:  # the fetch path must not import cryptography just for a type
+    from fota.core.manifest import Manifest
 
 log = structlog.get_logger(__name__)
+
+FetcherFactory = Callable[..., BlockFetcher]
+"""``factory(uri, window=W, block_size=N)``, e.g. ``Transport.block_fetcher``."""
 
 FRAGMENT_TRIES = 3
 """Times one fragment may fail its digest in one download run before the run fails."""
@@ -218,7 +224,7 @@ class Downloader:
     """Fetches the missing fragments of one update into the candidate file.
 
     Args:
-        transport: the network.
+        fetchers: makes the block fetcher for an image URI (``Transport.block_fetcher``).
         ops: file operations (shared with the journal so tests see one ordered log).
         candidate: path of the candidate file.
         emit: puts an event into the engine's inbox.
@@ -229,7 +235,7 @@ class Downloader:
 
     def __init__(
         self,
-        transport: Transport,
+        fetchers: FetcherFactory,
         ops: FileOps,
         candidate: Path,
         emit: Callable[[ev.Event], None],
@@ -238,7 +244,7 @@ class Downloader:
         window: int = 8,
         fsync_every: int = 1,
     ) -> None:
-        self.transport = transport
+        self.fetchers = fetchers
         self.ops = ops
         self.candidate = candidate
         self.emit = emit
@@ -279,9 +285,7 @@ class Downloader:
             log.debug("download_started", update_id=uid, fragments=len(todo), uri=image_uri)
             if not todo:
                 return
-            fetcher = self.transport.block_fetcher(
-                image_uri, window=self.window, block_size=self.block_size
-            )
+            fetcher = self.fetchers(image_uri, window=self.window, block_size=self.block_size)
             assembly = _Assembly(layout, fd, self.ops, self.emit, fetcher, todo, self.fsync_every)
             try:
                 await fetcher.run(assembly.plan(), assembly.on_block)

@@ -123,7 +123,7 @@ class Engine:
         self.model: Model | None = None
         self._current: UpdateInfo | None = None
         self.downloader = Downloader(
-            transport,
+            transport.block_fetcher,
             journal.ops,
             journal.candidate_path,
             self.post,

@@ -14,8 +14,6 @@ All file operations go through a :class:`FileOps` object so a test can record th
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,63 +23,14 @@ from fota.core.manifest import Manifest, TrustStore, verify
 from fota.core.record import Record
 from fota.core.states import State
 from fota.errors import FotaError, JournalError
+from fota.fileops import FileOps
+
+__all__ = ["CANDIDATE_NAME", "RECORD_NAME", "FileOps", "Journal", "Loaded"]
 
 log = structlog.get_logger(__name__)
 
 RECORD_NAME = "journal.cbor"
 CANDIDATE_NAME = "candidate.bin"
-
-
-class FileOps:
-    """Thin wrappers over the OS calls whose order matters; tests subclass it to record them."""
-
-    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
-        """``os.open``."""
-        return os.open(path, flags, mode)
-
-    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
-        """Write all of ``data`` at ``offset``."""
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
-
-    def fsync(self, fd: int) -> None:
-        """``os.fsync``."""
-        os.fsync(fd)
-
-    def close(self, fd: int) -> None:
-        """``os.close``."""
-        os.close(fd)
-
-    def replace(self, src: Path, dst: Path) -> None:
-        """``os.replace``."""
-        os.replace(src, dst)
-
-    def fsync_dir(self, path: Path) -> None:
-        """Fsync a directory so a rename in it is durable."""
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def unlink(self, path: Path) -> None:
-        """Remove a file if it exists."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-    def write_atomic(self, path: Path, data: bytes) -> None:
-        """Replace ``path`` with ``data`` atomically and durably."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        try:
-            self.pwrite(fd, data, 0)
-            self.fsync(fd)
-        finally:
-            self.close(fd)
-        self.replace(tmp, path)
-        self.fsync_dir(path.parent)
 
 
 @dataclass(slots=True)

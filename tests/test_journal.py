@@ -12,7 +12,6 @@ import stat
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 import cbor2
 import pytest
@@ -28,7 +27,7 @@ from fota.core.states import State
 from fota.download import Downloader
 from fota.errors import JournalError, ResultCode
 from fota.journal import CANDIDATE_NAME, RECORD_NAME, FileOps, Journal
-from fota.transport import Block, SequentialFetcher, Transport
+from fota.transport import Block, SequentialFetcher
 
 KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 KID = b"journal-test-key"
@@ -207,7 +206,7 @@ class Harness:
 
     async def download(self, transport: FakeTransport) -> None:
         downloader = Downloader(
-            cast(Transport, transport),
+            transport.block_fetcher,
             self.journal.ops,
             self.journal.candidate_path,
             self.emit,

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from fota.core.text import show
 from fota.core.uri import check_uri_reference
 from fota.errors import ManifestError
 
@@ -210,17 +211,6 @@ def sign(body: ManifestBody, key: PrivateKey, kid: bytes) -> bytes:
         r, s = decode_dss_signature(key.sign(to_sign, ec.ECDSA(hashes.SHA256())))
         signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
-
-
-def show(value: Any, limit: int = 40) -> str:
-    """Render an untrusted value for a message: short, and never a 5000-digit integer.
-
-    (``repr`` of a huge ``int`` raises ValueError past Python's digit limit.)
-    """
-    if isinstance(value, int) and value.bit_length() > 64:
-        return f"<integer of {value.bit_length()} bits>"
-    text = repr(value) if not isinstance(value, int) else str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def loads_exact(raw: bytes) -> Any:

@@ -12,8 +12,8 @@ from typing import Any
 
 import cbor2
 
-from fota.core.manifest import show
 from fota.core.states import State
+from fota.core.text import show
 from fota.errors import JournalError, ResultCode
 
 SCHEMA = 1

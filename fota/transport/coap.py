@@ -16,7 +16,6 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aiocoap
 import aiocoap.error
@@ -173,14 +172,8 @@ class CoapTransport:
 
     def block_fetcher(self, uri: str, *, window: int, block_size: int) -> BlockFetcher:
         """A windowed NON Block2 fetcher (``fota.transport.window``) for a ``coap://`` image."""
-        parts = urlsplit(uri)
-        if parts.scheme != "coap" or not parts.hostname:
-            raise PermanentServerError(uri, "unsupported scheme for the image (coap:// only)")
-        path = tuple(unquote(p) for p in parts.path.split("/")[1:] if p)
-        return WindowFetcher(
-            parts.hostname,
-            parts.port or 5683,
-            path,
+        return WindowFetcher.for_uri(
+            uri,
             window=window,
             block_size=block_size,
             timeout=self._tuning.ACK_TIMEOUT,

@@ -30,6 +30,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import structlog
 
@@ -93,6 +95,19 @@ class WindowFetcher:
         self._stop = threading.Event()
         self.sent = 0
         self.retransmits = 0
+
+    @classmethod
+    def for_uri(cls, uri: str, **options: Any) -> WindowFetcher:
+        """A fetcher for a ``coap://host[:port]/path`` URI (options as for the constructor).
+
+        Raises:
+            PermanentServerError: not a ``coap://`` URI with a host.
+        """
+        parts = urlsplit(uri)
+        if parts.scheme != "coap" or not parts.hostname:
+            raise PermanentServerError(uri, "unsupported URI for an image (coap:// only)")
+        path = tuple(unquote(p) for p in parts.path.split("/")[1:] if p)
+        return cls(parts.hostname, parts.port or 5683, path, **options)
 
     # -- public ---------------------------------------------------------------------------
 
