@@ -36,6 +36,11 @@ class Config:
         retry_base: first retry delay, seconds (doubles per attempt).
         retry_cap: longest retry delay, seconds.
         restart_limit: restarts during one update's active steps before it fails.
+        max_download_bytes: data budget per update (bytes received, across attempts and
+            restarts; metered links); None: no limit. Exceeding it fails the update (107).
+        max_download_time: seconds from the first download start; None: no limit (108).
+        resume: after a restart mid-download: ``resume`` (from the verified fragments),
+            ``restart`` (from zero) or ``none`` (the update fails and is reported).
         report_retry_cap: longest delay between report delivery attempts, seconds.
     """
 
@@ -58,6 +63,9 @@ class Config:
     retry_base: float = 1.0
     retry_cap: float = 300.0
     restart_limit: int = 8
+    max_download_bytes: int | None = None
+    max_download_time: float | None = None
+    resume: str = "resume"
     report_retry_cap: float = 60.0
 
     def __post_init__(self) -> None:
@@ -70,6 +78,8 @@ class Config:
             raise ConfigError(f"block_size: {self.block_size} must be a power of two in 16..1024")
         if not 1 <= self.window <= 256:
             raise ConfigError(f"window: {self.window} must be in 1..256")
+        if self.resume not in ("resume", "restart", "none"):
+            raise ConfigError(f"resume: {self.resume!r} is not one of resume, restart, none")
         if self.fsync_every < 1:
             raise ConfigError("fsync_every: must be at least 1")
         if not 1 <= self.progress_step <= 100:
@@ -89,4 +99,7 @@ class Config:
             retry_base=self.retry_base,
             retry_cap=self.retry_cap,
             restart_limit=self.restart_limit,
+            max_download_bytes=self.max_download_bytes,
+            max_download_time=self.max_download_time,
+            resume=self.resume,
         )

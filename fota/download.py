@@ -123,7 +123,8 @@ class _Assembly:
         self.masks: dict[int, bytearray] = {}
         self.missing: dict[int, int] = {}  # units of 16 bytes still missing per fragment
         self.tries: dict[int, int] = {}
-        self.unsynced: list[int] = []
+        self.unsynced: list[tuple[int, int]] = []  # (fragment, bytes received for it)
+        self.received = 0  # bytes received and not yet reported in an event
         self.syncs: list[concurrent.futures.Future[None]] = []
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fota-fsync")
         self.etag: bytes | None = None
@@ -144,6 +145,7 @@ class _Assembly:
                 log.info("etag_changed", update_id=self.m.update_id, offset=block.offset)
             self.etag = block.etag
         offset, data = block.offset, block.data
+        self.received += len(data)
         if offset >= self.size:
             return
         data = data[: self.size - offset]
@@ -190,7 +192,8 @@ class _Assembly:
             self.ops.pwrite(self.fd, bytes(buffer), start)
         except OSError as exc:
             raise StorageError(f"candidate: {exc}") from exc
-        self.unsynced.append(index)
+        self.unsynced.append((index, self.received))
+        self.received = 0
         if len(self.unsynced) >= self.fsync_every:
             self.sync()
 
@@ -205,10 +208,11 @@ class _Assembly:
         covered, self.unsynced = self.unsynced, []
         self.syncs.append(self.executor.submit(self._sync_and_vouch, covered))
 
-    def _sync_and_vouch(self, covered: list[int]) -> None:
+    def _sync_and_vouch(self, covered: list[tuple[int, int]]) -> None:
         self.ops.fsync(self.fd)
-        for index in covered:
-            self.loop.call_soon_threadsafe(self.emit, ev.FragmentVerified(self.m.update_id, index))
+        for index, fetched in covered:
+            event = ev.FragmentVerified(self.m.update_id, index, fetched)
+            self.loop.call_soon_threadsafe(self.emit, event)
 
     async def finish(self) -> None:
         """Sync what is left and wait for every sync (its error, if any, is raised)."""
@@ -251,6 +255,7 @@ class Downloader:
         self.block_size = block_size
         self.window = window
         self.fsync_every = fsync_every
+        self.unreported = 0
 
     async def run(self, manifest: Manifest, image_uri: str, verified: bytes) -> None:
         """Download until every fragment is verified; report the outcome as an event."""
@@ -259,17 +264,19 @@ class Downloader:
     async def fetch(self, layout: Layout, image_uri: str, verified: bytes) -> None:
         """Download ``layout``'s missing fragments; report the outcome as an event."""
         uid = layout.update_id
+        self.unreported = 0
         try:
             await self._run(layout, image_uri, verified)
         except asyncio.CancelledError:
             raise
         except FotaError as exc:
-            self.emit(ev.DownloadFailed(uid, exc))
+            self.emit(ev.DownloadFailed(uid, exc, self.unreported))
         except OSError as exc:  # the candidate file could not be written (disk full, I/O error)
             log.error("candidate_write_failed", update_id=uid, error=str(exc))
-            self.emit(ev.DownloadFailed(uid, StorageError(f"candidate {self.candidate}: {exc}")))
+            error = StorageError(f"candidate {self.candidate}: {exc}")
+            self.emit(ev.DownloadFailed(uid, error, self.unreported))
         else:
-            self.emit(ev.DownloadFinished(uid))
+            self.emit(ev.DownloadFinished(uid, self.unreported))
 
     async def _run(self, layout: Layout, image_uri: str, verified: bytes) -> None:
         uid = layout.update_id
@@ -290,7 +297,11 @@ class Downloader:
             try:
                 await fetcher.run(assembly.plan(), assembly.on_block)
             finally:
-                await assembly.finish()
+                try:
+                    await assembly.finish()
+                finally:
+                    # Bytes of fragments never completed still count against the data budget.
+                    self.unreported = assembly.received
             if assembly.wanted:
                 raise IntegrityError(
                     f"server ended the transfer with {len(assembly.wanted)} fragments missing"

@@ -33,6 +33,8 @@ class ResultCode(IntEnum):
     OVERSIZE = 104
     MALFORMED = 105
     REJECTED = 106
+    DATA_BUDGET_EXCEEDED = 107
+    TIME_BUDGET_EXCEEDED = 108
 
 
 class FotaError(Exception):

@@ -96,9 +96,11 @@ async def test_polite_update_of_10_mib_end_to_end(
         (State.AWAIT_COMMIT, ResultCode.INITIAL),
         (State.IDLE, ResultCode.SUCCESS),
     ]
-    # Every block was fetched exactly once, with explicit Block2 requests.
+    # Every block was fetched with explicit Block2 requests; a request the busy in-process
+    # server answers after the (short, test) timeout is sent again, which is rare.
     offsets = [r.offset or 0 for r in server.image_requests(v2.image_sha256)]
-    assert sorted(offsets) == list(range(0, len(image), 1024))
+    assert set(offsets) == set(range(0, len(image), 1024))
+    assert len(offsets) - len(set(offsets)) <= len(image) // 1024 // 100
     # Report sequence numbers are unique and increasing.
     seqs = [r[2] for r in server.reports]
     assert seqs == sorted(set(seqs))
@@ -323,3 +325,23 @@ async def test_download_resumes_across_a_server_restart(
     assert sha(config.target) == published.image_sha256  # type: ignore[arg-type]
     assert resumed and min(r.offset or 0 for r in resumed) >= MiB - 64 * 1024
     assert served_before + len(resumed) < 2 * len(image) // 1024
+
+
+async def test_data_budget_exceeded_fails_the_update_with_its_own_code(
+    tmp_path: Path, server: UpdateServer, signing: Signing
+) -> None:
+    config = make_config(tmp_path, server, signing, max_download_bytes=300_000)
+    handler = RecordingHandler()
+    async with Client(config, handler=handler) as client:
+        published = server.publish(os.urandom(1 * MiB), "1.0", device_class=DEVICE_CLASS)
+        report = await server.wait_for_report(
+            lambda r: r[4] == ResultCode.DATA_BUDGET_EXCEEDED, timeout=30
+        )
+        status = await client.wait_for(lambda s: s.state is State.FAILED, 10)
+        _, result, detail = await asyncio.wait_for(handler.completions.get(), 10)
+    assert report[5] == published.update_id and "over the budget of 300000" in report[8]
+    assert result is ResultCode.DATA_BUDGET_EXCEEDED and "300000" in detail
+    assert status.installed_version is None and not config.target.exists()  # type: ignore[union-attr]
+    # The budget is enforced per fragment: at most one fragment and a window beyond it.
+    fetched = 1024 * len(server.image_requests(published.image_sha256))
+    assert fetched <= 300_000 + 64 * 1024 + config.window * 1024

@@ -13,7 +13,7 @@ manifests, a real :class:`~fota.core.policy.Policy` and a real trust store.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import pytest
@@ -39,6 +39,7 @@ from fota.core.policy import Policy
 from fota.core.record import Record, Report
 from fota.core.states import State
 from fota.errors import (
+    ImageChanged,
     InstallError,
     PermanentServerError,
     ResultCode,
@@ -173,10 +174,10 @@ def start_record(state: State, installed: Installed, **overrides: Any) -> Record
     return base.evolve(**overrides)
 
 
-def build(record: Record, installed: Installed) -> Model:
+def build(record: Record, installed: Installed, policy: Policy = POLICY) -> Model:
     """A Model restored from ``record`` inside an AsyncMachine configured like the engine's."""
     model = Model(
-        POLICY,
+        policy,
         TRUST,
         record,
         pending=PENDING if record.pending is not None else None,
@@ -262,6 +263,13 @@ class Case:
     after: dict[str, Any] = field(default_factory=dict)
     accepted: bool = True
     report: Report | None = None
+    policy: Policy = POLICY
+    via: str | None = None
+    """The condition that tells this row from others with the same outcome (see _row_for)."""
+
+
+BUDGETS = replace(POLICY, max_download_bytes=100_000, max_download_time=600.0)
+"""A policy with both download budgets set."""
 
 
 def drop(
@@ -667,6 +675,125 @@ CASES: tuple[Case, ...] = (
     drop("timer/install-deferred/stale", S.INSTALL_DEFERRED, ev.TimerFired("defer", STALE)),
     drop("timer/downloading/stale", S.DOWNLOADING, ev.TimerFired("retry", STALE)),
     # -- fragment_verified / fragments_invalid ---------------------------------------------
+    # -- budgets, image change, resume modes (the download engine) --------------------------
+    Case(
+        "fragment/within-data-budget",
+        S.DOWNLOADING,
+        ev.FragmentVerified(U, 0, 10_000),
+        S.DOWNLOADING,
+        (C.NotifyProgress(U, 1024, 2560),),
+        start={"fetched": 50_000},
+        after={"verified": b"\x01", "progress": 40, "fetched": 60_000},
+        policy=BUDGETS,
+    ),
+    Case(
+        "fragment/over-data-budget",
+        S.DOWNLOADING,
+        ev.FragmentVerified(U, 0, 60_000),
+        S.FAILED,
+        (
+            C.SendReports(),
+            *_FAIL,
+            C.CancelTimer("budget"),
+            C.NotifyComplete(
+                U, R.DATA_BUDGET_EXCEEDED, "110000 bytes received, over the budget of 100000"
+            ),
+        ),
+        ((S.FAILED, R.DATA_BUDGET_EXCEEDED),),
+        start={"fetched": 50_000},
+        after={"fetched": 110_000, "verified": b"\x00"},
+        policy=BUDGETS,
+        via="over_data_budget",
+    ),
+    Case(
+        "timer/time-budget",
+        S.DOWNLOADING,
+        ev.TimerFired("budget", U),
+        S.FAILED,
+        (
+            C.SendReports(),
+            *_FAIL,
+            C.CancelTimer("budget"),
+            C.NotifyComplete(U, R.TIME_BUDGET_EXCEEDED, "download took longer than 600 s"),
+        ),
+        ((S.FAILED, R.TIME_BUDGET_EXCEEDED),),
+        policy=BUDGETS,
+    ),
+    Case(
+        "authorized/download-arms-time-budget",
+        S.AWAIT_DOWNLOAD_AUTH,
+        ev.Authorized(U),
+        S.DOWNLOADING,
+        (C.SendReports(), C.StartTimer("budget", NOW + 600.0, U), C.StartDownload(U)),
+        ((S.DOWNLOADING, R.INITIAL),),
+        after={"download_started": NOW},
+        policy=BUDGETS,
+    ),
+    Case(
+        "download-finished/complete-ends-time-budget",
+        S.DOWNLOADING,
+        ev.DownloadFinished(U, 512),
+        S.VERIFYING,
+        (C.SendReports(), C.CancelTimer("budget"), C.VerifyImage(U)),
+        ((S.VERIFYING, R.INITIAL),),
+        start={"verified": FULL, "download_started": NOW - 5},
+        after={"fetched": 512},
+        policy=BUDGETS,
+    ),
+    Case(
+        "download-failed/image-changed-restarts-from-zero",
+        S.DOWNLOADING,
+        ev.DownloadFailed(U, ImageChanged("Size2 5000 differs"), 3000),
+        S.DOWNLOADING,
+        (C.SendReports(), C.StartDownload(U)),
+        ((S.DOWNLOADING, R.INITIAL),),
+        start={"verified": b"\x03"},
+        after={"attempts": 1, "verified": b"\x00", "fetched": 3000},
+        via="image_changed",
+    ),
+    Case(
+        "download-failed/image-changed-exhausted",
+        S.DOWNLOADING,
+        ev.DownloadFailed(U, ImageChanged("4.08")),
+        S.FAILED,
+        (C.SendReports(), *_FAIL, C.NotifyComplete(U, R.INTEGRITY_FAILURE, "4.08")),
+        ((S.FAILED, R.INTEGRITY_FAILURE),),
+        start={"attempts": 2},
+    ),
+    Case(
+        "restarted/downloading/resume-off",
+        S.DOWNLOADING,
+        ev.Restarted(),
+        S.FAILED,
+        (
+            C.SendReports(),
+            *_FAIL,
+            C.NotifyComplete(U, R.FAILED, "interrupted download, and resume is off"),
+        ),
+        ((S.FAILED, R.FAILED),),
+        policy=replace(POLICY, resume="none"),
+        via="resume_unsupported",
+    ),
+    Case(
+        "restarted/downloading/restart-mode",
+        S.DOWNLOADING,
+        ev.Restarted(),
+        S.DOWNLOADING,
+        (C.StartDownload(U), C.SendReports()),
+        start={"verified": b"\x03"},
+        after={"verified": b"\x00", "restarts": 1},
+        policy=replace(POLICY, resume="restart"),
+    ),
+    Case(
+        "restarted/downloading/time-budget-rearmed",
+        S.DOWNLOADING,
+        ev.Restarted(),
+        S.DOWNLOADING,
+        (C.StartTimer("budget", NOW + 500.0, U), C.StartDownload(U), C.SendReports()),
+        start={"download_started": NOW - 100.0},
+        after={"restarts": 1},
+        policy=BUDGETS,
+    ),
     Case(
         "fragment/first-crosses-step",
         S.DOWNLOADING,
@@ -1174,7 +1301,7 @@ CASES: tuple[Case, ...] = (
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 async def test_transition(case: Case) -> None:
     before = start_record(case.state, case.installed, **case.start)
-    model = build(before, case.installed)
+    model = build(before, case.installed, case.policy)
     pending_before, installed_before = model.pending, model.installed
 
     accepted = await fire(model, case.event)
@@ -1230,8 +1357,12 @@ async def test_rejected_update_is_not_fetched_again() -> None:
 # -- meta-tests: the literal data matches and covers the product's table ------------------------
 
 
-def _row_for(trigger: str, state: State, new_state: State) -> int:
-    """Index of the TRANSITIONS row an accepted (trigger, state -> new_state) went through."""
+def _row_for(trigger: str, state: State, new_state: State, via: str | None = None) -> int:
+    """Index of the TRANSITIONS row an accepted (trigger, state -> new_state) went through.
+
+    Where several rows have that outcome, ``via`` names the condition of the row meant; without
+    it, the row with the fewest conditions (the general one; the first in table order on a tie).
+    """
     rows = [
         i
         for i, t in enumerate(TRANSITIONS)
@@ -1239,8 +1370,10 @@ def _row_for(trigger: str, state: State, new_state: State) -> int:
         and state in t.source
         and (t.dest is new_state or (t.dest is None and new_state is state))
     ]
-    assert len(rows) == 1, (trigger, state, new_state, rows)
-    return rows[0]
+    if via is not None:
+        rows = [i for i in rows if via in TRANSITIONS[i].conditions]
+    assert rows, (trigger, state, new_state, via)
+    return min(rows, key=lambda i: (len(TRANSITIONS[i].conditions), i))
 
 
 def test_legal_pairs_match_the_table() -> None:
@@ -1252,7 +1385,9 @@ def test_legal_pairs_match_the_table() -> None:
 
 def test_cases_cover_every_row_and_source() -> None:
     covered = {
-        (_row_for(c.event.trigger, c.state, c.new_state), c.state) for c in CASES if c.accepted
+        (_row_for(c.event.trigger, c.state, c.new_state, c.via), c.state)
+        for c in CASES
+        if c.accepted
     }
     wanted = {(i, s) for i, t in enumerate(TRANSITIONS) for s in t.source}
     assert wanted - covered == set()

@@ -231,8 +231,10 @@ async def test_fragment_is_fsynced_before_the_journal_vouches_for_it(tmp_path: P
     await harness.download(FakeTransport(IMAGE, max_block=512))
 
     uid = manifest.update_id
+    # Each event carries the bytes received for it (the data budget counts them).
     assert harness.events == [
-        *(ev.FragmentVerified(uid, i) for i in range(4)),
+        *(ev.FragmentVerified(uid, i, FRAGMENT) for i in range(3)),
+        ev.FragmentVerified(uid, 3, 428),
         ev.DownloadFinished(uid),
     ]
     assert harness.vouched_on_disk == [True] * 4
@@ -285,9 +287,9 @@ async def test_resume_reuses_only_fragments_that_still_verify(tmp_path: Path) ->
     uid = manifest.update_id
     assert harness.events == [
         ev.FragmentsInvalid(uid, (2,)),
-        ev.FragmentVerified(uid, 1),
-        ev.FragmentVerified(uid, 2),
-        ev.FragmentVerified(uid, 3),
+        ev.FragmentVerified(uid, 1, FRAGMENT),
+        ev.FragmentVerified(uid, 2, FRAGMENT),
+        ev.FragmentVerified(uid, 3, 428),
         ev.DownloadFinished(uid),
     ]
     assert [offset for _, offset, _ in transport.requests] == [1024, 2048, 3072]

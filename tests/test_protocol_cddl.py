@@ -359,7 +359,7 @@ def _report(**changes: Any) -> dict[Any, Any]:
     [
         pytest.param({**_report(), 3: 4}, id="unknown-state"),
         pytest.param({**_report(), 4: 2}, id="unknown-result"),
-        pytest.param({**_report(), 4: 107}, id="result-past-106"),
+        pytest.param({**_report(), 4: 109}, id="result-past-108"),
         pytest.param({**_report(), 1: b"dev"}, id="device-id-bytes"),
         pytest.param({**_report(), 2: -1}, id="negative-sequence"),
         pytest.param({**_report(), 7: "10"}, id="verified-text"),

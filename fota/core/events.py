@@ -100,6 +100,9 @@ class FragmentVerified(Event):
     trigger: ClassVar[str] = "fragment_verified"
     update_id: str
     index: int
+    fetched: int = 0
+    """Bytes received since the previous event of this download (counts toward the data
+    budget, duplicates and corrupt blocks included)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,7 @@ class DownloadFailed(Event):
     trigger: ClassVar[str] = "download_failed"
     update_id: str
     error: FotaError
+    fetched: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +166,7 @@ class DownloadFinished(Event):
 
     trigger: ClassVar[str] = "download_finished"
     update_id: str
+    fetched: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from fota.core.manifest import Manifest, TrustStore, accept, update_id_of
 from fota.core.policy import Policy, must_ask, retry_delay
 from fota.core.record import Record, Report, bitmap_count, bitmap_get, bitmap_new, bitmap_set
 from fota.core.states import State
-from fota.errors import FotaError, ManifestError, ResultCode
+from fota.errors import FotaError, ImageChanged, ManifestError, ResultCode
 
 S = State
 WAITING = (S.AWAIT_DOWNLOAD_AUTH, S.DOWNLOAD_DEFERRED, S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED)
@@ -147,15 +147,35 @@ TRANSITIONS: tuple[Transition, ...] = (
         ("is_current", "is_retry_timer"),
         after=("start_download",),
     ),
-    # Download.
-    T("fragment_verified", (S.DOWNLOADING,), None, ("is_current",), after=("mark_fragment",)),
+    T(
+        "timer_fired",
+        (S.DOWNLOADING,),
+        S.FAILED,
+        ("is_current", "is_budget_timer"),
+        after=("fail",),
+    ),
+    # Download. Every event of the download task carries the bytes it received (data budget).
+    T(
+        "fragment_verified",
+        (S.DOWNLOADING,),
+        S.FAILED,
+        ("is_current", "over_data_budget"),
+        after=("count_fetched", "fail"),
+    ),
+    T(
+        "fragment_verified",
+        (S.DOWNLOADING,),
+        None,
+        ("is_current",),
+        after=("count_fetched", "mark_fragment"),
+    ),
     T("fragments_invalid", (S.DOWNLOADING,), None, ("is_current",), after=("clear_fragments",)),
     T(
         "download_finished",
         (S.DOWNLOADING,),
         S.VERIFYING,
         ("is_current", "all_fragments_verified"),
-        after=("verify_image",),
+        after=("count_fetched", "verify_image"),
     ),
     # The transfer ended with fragments missing: an attempt like any failed one.
     T(
@@ -163,17 +183,37 @@ TRANSITIONS: tuple[Transition, ...] = (
         (S.DOWNLOADING,),
         None,
         ("is_current", "may_retry"),
-        after=("schedule_retry",),
+        after=("count_fetched", "schedule_retry"),
     ),
-    T("download_finished", (S.DOWNLOADING,), S.FAILED, ("is_current",), after=("fail",)),
+    T(
+        "download_finished",
+        (S.DOWNLOADING,),
+        S.FAILED,
+        ("is_current",),
+        after=("count_fetched", "fail"),
+    ),
+    # 4.08 or another Size2: the image behind the URI changed; start again from zero at once.
+    T(
+        "download_failed",
+        (S.DOWNLOADING,),
+        None,
+        ("is_current", "image_changed", "may_retry"),
+        after=("count_fetched", "restart_from_zero"),
+    ),
     T(
         "download_failed",
         (S.DOWNLOADING,),
         None,
         ("is_current", "may_retry"),
-        after=("schedule_retry",),
+        after=("count_fetched", "schedule_retry"),
     ),
-    T("download_failed", (S.DOWNLOADING,), S.FAILED, ("is_current",), after=("fail",)),
+    T(
+        "download_failed",
+        (S.DOWNLOADING,),
+        S.FAILED,
+        ("is_current",),
+        after=("count_fetched", "fail"),
+    ),
     # Verification of the whole image.
     T(
         "image_checked",
@@ -223,6 +263,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     # Restart: fail a reboot loop, else re-issue the restored state's work explicitly.
     T("restarted", ACTIVE, S.FAILED, ("restart_limit_reached",), after=("fail",)),
+    T("restarted", (S.DOWNLOADING,), S.FAILED, ("resume_unsupported",), after=("fail",)),
     T("restarted", ALL, None, after=("resume_work",)),
     # Reports.
     T("report_delivered", ALL, None, after=("drop_report",)),
@@ -343,6 +384,8 @@ class Model:
         self.record = self.record.evolve(
             pending=None,
             manifest_uri=None,
+            fetched=0,
+            download_started=None,
             verified=b"",
             etag=None,
             defer_until=None,
@@ -397,6 +440,23 @@ class Model:
         error: FotaError | None = getattr(e.kwargs["event"], "error", None)
         retryable = error.retryable if error is not None else True
         return retryable and self.record.attempts + 1 < self.policy.max_attempts
+
+    def is_budget_timer(self, e: Any) -> bool:
+        """The timer that fired is the download's time budget."""
+        return bool(e.kwargs["event"].name == "budget")
+
+    def over_data_budget(self, e: Any) -> bool:
+        """The bytes received, this event's included, exceed the data budget."""
+        limit = self.policy.max_download_bytes
+        return limit is not None and self.record.fetched + e.kwargs["event"].fetched > limit
+
+    def image_changed(self, e: Any) -> bool:
+        """The download failed because the image behind the URI changed."""
+        return isinstance(getattr(e.kwargs["event"], "error", None), ImageChanged)
+
+    def resume_unsupported(self, e: Any) -> bool:
+        """Config.resume is ``none``: a download interrupted by a restart fails."""
+        return self.policy.resume == "none"
 
     def image_ok(self, e: Any) -> bool:
         """The whole image matched."""
@@ -474,7 +534,15 @@ class Model:
         assert self.pending is not None
         if e.transition.dest is not None:  # entered DOWNLOADING (not a retry inside it)
             self._report(ResultCode.INITIAL)
+        if self.record.download_started is None:
+            self.record = self.record.evolve(download_started=e.kwargs["now"])
+            self._arm_time_budget()
         self.outbox.append(cmd.StartDownload(self.pending.update_id))
+
+    def _arm_time_budget(self) -> None:
+        limit, started = self.policy.max_download_time, self.record.download_started
+        if limit is not None and started is not None and self.pending is not None:
+            self.outbox.append(cmd.StartTimer("budget", started + limit, self.pending.update_id))
 
     def defer(self, e: Any) -> None:
         """Wait until the application's deadline, then ask again."""
@@ -518,6 +586,22 @@ class Model:
             self.record = self.record.evolve(progress=percent)
             self.outbox.append(cmd.NotifyProgress(self.pending.update_id, done, size))
 
+    def count_fetched(self, e: Any) -> None:
+        """Add the bytes the download task received to the update's total (data budget)."""
+        fetched: int = e.kwargs["event"].fetched
+        if fetched:
+            self.record = self.record.evolve(fetched=self.record.fetched + fetched)
+
+    def restart_from_zero(self, e: Any) -> None:
+        """The image changed under us: forget every fragment and fetch them all again."""
+        assert self.pending is not None
+        error = e.kwargs["event"].error
+        self.record = self.record.evolve(
+            attempts=self.record.attempts + 1, verified=bitmap_new(self.pending.fragment_count)
+        )
+        self._report(ResultCode.INITIAL, f"image changed, restarting from zero: {error}")
+        self.outbox.append(cmd.StartDownload(self.pending.update_id))
+
     def clear_fragments(self, e: Any) -> None:
         """Forget fragments that no longer verify on disk."""
         f: ev.FragmentsInvalid = e.kwargs["event"]
@@ -540,9 +624,11 @@ class Model:
         )
 
     def verify_image(self, e: Any) -> None:
-        """Check the whole image."""
+        """Check the whole image (the download and its time budget are over)."""
         assert self.pending is not None
         self._report(ResultCode.INITIAL)
+        if self.policy.max_download_time is not None:
+            self.outbox.append(cmd.CancelTimer("budget"))
         self.outbox.append(cmd.VerifyImage(self.pending.update_id))
 
     def refetch_all(self, e: Any) -> None:
@@ -587,6 +673,17 @@ class Model:
         error: FotaError | None = getattr(event, "error", None)
         if isinstance(event, ev.ImageChecked):
             result, detail = ResultCode.INTEGRITY_FAILURE, "image digest mismatch"
+        elif isinstance(event, ev.TimerFired):
+            result = ResultCode.TIME_BUDGET_EXCEEDED
+            detail = f"download took longer than {self.policy.max_download_time:g} s"
+        elif isinstance(event, ev.FragmentVerified):
+            result = ResultCode.DATA_BUDGET_EXCEEDED
+            detail = (
+                f"{self.record.fetched} bytes received, over the budget of "
+                f"{self.policy.max_download_bytes}"
+            )
+        elif e.event.name == "restarted" and self.policy.resume == "none":
+            result, detail = ResultCode.FAILED, "interrupted download, and resume is off"
         elif isinstance(event, ev.DownloadFinished):
             missing = self.pending.fragment_count - bitmap_count(self.record.verified)
             result = ResultCode.INTEGRITY_FAILURE
@@ -603,6 +700,7 @@ class Model:
         self.outbox += [
             cmd.StopDownload(),
             cmd.CancelTimer("retry"),
+            *([cmd.CancelTimer("budget")] if self.policy.max_download_time is not None else []),
             cmd.NotifyComplete(self.pending.update_id, result, detail),
         ]
 
@@ -626,6 +724,10 @@ class Model:
                 S.INSTALLING: cmd.Install(uid),
                 S.AWAIT_COMMIT: cmd.RunSelfTest(uid),
             }
+        if self.state is S.DOWNLOADING and self.pending is not None:
+            if self.policy.resume == "restart":  # Config.resume: start over after a restart
+                self.record = self.record.evolve(verified=bitmap_new(self.pending.fragment_count))
+            self._arm_time_budget()
         if self.state in work:
             self.outbox.append(work[self.state])
         if self.record.outbox:

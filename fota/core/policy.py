@@ -24,6 +24,11 @@ class Policy:
         retry_cap: longest retry delay in seconds.
         restart_limit: process restarts during one update's active steps before it fails
             (breaks reboot loops).
+        max_download_bytes: data budget: bytes received for one update, across attempts and
+            restarts (metered links); None: no limit.
+        max_download_time: wall-clock seconds from the first download start; None: no limit.
+        resume: after a restart in DOWNLOADING: ``resume`` from the verified fragments,
+            ``restart`` from zero, or ``none`` (the update fails and is reported).
     """
 
     device_class: str
@@ -33,6 +38,9 @@ class Policy:
     retry_base: float = 1.0
     retry_cap: float = 300.0
     restart_limit: int = 8
+    max_download_bytes: int | None = None
+    max_download_time: float | None = None
+    resume: str = "resume"
 
 
 def must_ask(installed: Manifest | None) -> bool:

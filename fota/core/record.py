@@ -89,6 +89,8 @@ class Record:
         progress: last progress step the application was told, in percent.
         report_seq: sequence number of the next report.
         outbox: reports not yet acknowledged by the server.
+        fetched: bytes received for the pending update (the data budget).
+        download_started: wall-clock time its download first started (the time budget).
     """
 
     state: State = State.IDLE
@@ -105,6 +107,8 @@ class Record:
     progress: int = 0
     report_seq: int = 0
     outbox: tuple[Report, ...] = field(default=())
+    fetched: int = 0
+    download_started: float | None = None
 
     def to_bytes(self) -> bytes:
         """Encode as ``[schema, body, crc32(body)]`` so a bit flip is caught on load."""
@@ -124,6 +128,8 @@ class Record:
                 self.progress,
                 self.report_seq,
                 [r._to_list() for r in self.outbox],
+                self.fetched,
+                self.download_started,
             ]
         )
         return cbor2.dumps([SCHEMA, body, zlib.crc32(body)])
@@ -157,6 +163,8 @@ class Record:
                 progress,
                 report_seq,
                 outbox,
+                fetched,
+                download_started,
             ) = cbor2.loads(body)
             return cls(
                 State(state),
@@ -173,6 +181,8 @@ class Record:
                 progress,
                 report_seq,
                 tuple(Report._from_list(r) for r in outbox),
+                fetched,
+                download_started,
             )
         except Exception as exc:
             raise JournalError(f"journal record: bad body ({exc})") from exc
