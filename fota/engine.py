@@ -32,7 +32,7 @@ from transitions.extensions.asyncio import AsyncMachine
 from fota.config import Config
 from fota.core import commands as cmd
 from fota.core import events as ev
-from fota.core.machine import Model, transitions_kwargs
+from fota.core.machine import LEGAL, Model, transitions_kwargs
 from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest
 from fota.core.states import State
 from fota.core.uri import resolve
@@ -228,7 +228,9 @@ class Engine:
         assert model is not None
         before = (model.state, model.record, model.pending, model.installed)
         try:
-            ok = await model.trigger(event.trigger, event=event, now=self.clock())
+            ok = (model.state, event.trigger) in LEGAL and await model.trigger(
+                event.trigger, event=event, now=self.clock()
+            )
         except MachineError:
             ok = False
         except Exception:

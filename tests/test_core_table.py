@@ -795,6 +795,15 @@ CASES: tuple[Case, ...] = (
         policy=BUDGETS,
     ),
     Case(
+        "fragment/progress-resets-the-restart-count",
+        S.DOWNLOADING,
+        ev.FragmentVerified(U, 2),
+        S.DOWNLOADING,
+        (),
+        start={"restarts": 2},
+        after={"verified": b"\x04", "restarts": 0},
+    ),
+    Case(
         "fragment/first-crosses-step",
         S.DOWNLOADING,
         ev.FragmentVerified(U, 0),

@@ -287,6 +287,13 @@ def transitions_kwargs() -> list[dict[str, Any]]:
     ]
 
 
+LEGAL: frozenset[tuple[State, str]] = frozenset(
+    (state, t.trigger) for t in TRANSITIONS for state in t.source
+)
+"""Every (state, trigger) pair with a row; the engine drops others without calling the machine
+(transitions logs an invalid trigger at ERROR level before it raises)."""
+
+
 def triggers() -> tuple[str, ...]:
     """Every trigger name, in table order."""
     return tuple(dict.fromkeys(t.trigger for t in TRANSITIONS))
@@ -578,6 +585,9 @@ class Model:
         if not 0 <= f.index < self.pending.fragment_count:
             return
         self.record = self.record.evolve(verified=bitmap_set(self.record.verified, f.index))
+        if self.record.restarts:
+            # Progress since the last restart: an interrupted download, not a reboot loop.
+            self.record = self.record.evolve(restarts=0)
         size = max(1, self.pending.body.image_size)
         done = self.verified_bytes()
         percent = done * 100 // size
