@@ -45,6 +45,7 @@ from fota.errors import (
     PermanentServerError,
     ResultCode,
 )
+from fota.fileops import sha256_prefix
 from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo
 from fota.install import Installer
 from fota.journal import Journal
@@ -442,21 +443,11 @@ class Engine:
         model = self.model
         assert model is not None and model.pending is not None
         manifest = model.pending
-
-        def digest() -> bytes:
-            h = hashlib.sha256()
-            remaining = manifest.body.image_size
-            with open(self.journal.candidate_path, "rb") as f:
-                while remaining:
-                    chunk = f.read(min(1 << 20, remaining))
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    remaining -= len(chunk)
-            return h.digest()
-
         try:
-            ok = await asyncio.to_thread(digest) == manifest.body.image_sha256
+            digest = await asyncio.to_thread(
+                sha256_prefix, self.journal.candidate_path, manifest.body.image_size
+            )
+            ok = digest == manifest.body.image_sha256
         except OSError as exc:
             log.error("candidate_unreadable", error=str(exc))
             ok = False

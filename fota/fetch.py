@@ -10,7 +10,6 @@ image's SHA-256 was computed (and matched ``--sha256`` when given).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from fota.core import events as ev
 from fota.core.record import bitmap_new, bitmap_set
 from fota.download import Downloader, Layout
 from fota.errors import FotaError, IntegrityError, JournalError, TransportError
-from fota.fileops import FileOps
+from fota.fileops import FileOps, sha256_prefix
 from fota.transport import Block
 from fota.transport.window import WindowFetcher
 
@@ -56,19 +55,6 @@ def _load_state(path: Path, uri: str, size: int, count: int) -> bytes:
     except Exception as exc:  # a damaged journal only costs a fresh download
         log.warning("fetch_journal_ignored", path=str(path), error=str(exc))
     return bitmap_new(count)
-
-
-def _digest(path: Path, size: int) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        remaining = size
-        while remaining:
-            chunk = f.read(min(1 << 20, remaining))
-            if not chunk:
-                break
-            h.update(chunk)
-            remaining -= len(chunk)
-    return h.digest()
 
 
 async def fetch(
@@ -140,7 +126,7 @@ async def fetch(
         await downloader.fetch(layout, uri, done)
         if failure:
             raise failure[0]
-        digest = await asyncio.to_thread(_digest, candidate, size)
+        digest = await asyncio.to_thread(sha256_prefix, candidate, size)
         if sha256 is not None and digest != sha256:
             ops.unlink(candidate)
             ops.unlink(journal)

@@ -6,6 +6,7 @@ Kept free of heavy imports: the journal, the downloader and ``fota fetch`` all u
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -60,3 +61,17 @@ class FileOps:
             self.close(fd)
         self.replace(tmp, path)
         self.fsync_dir(path.parent)
+
+
+def sha256_prefix(path: Path, size: int) -> bytes:
+    """SHA-256 of the first ``size`` bytes of a file, read in 1 MiB pieces (fewer if shorter)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = size
+        while remaining:
+            chunk = f.read(min(1 << 20, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.digest()
