@@ -8,8 +8,10 @@ default: the OS picks one, see :attr:`UpdateServer.port`):
   the ETag is derived from the image digest, so it survives a server restart;
 * announcements per device (or for every device) are observable;
 * every request and every status report is recorded for tests to assert on;
-* a seeded :class:`FaultPlan` injects faults ("corrupt block k" first; more come with the
-  download-engine issue).
+* a seeded :class:`FaultPlan` injects faults into image requests: corrupt blocks, request
+  loss, response delay (fixed + jitter, or answers one at a time), a smaller block size or
+  another ETag from some request on, 5.03 with Max-Age, 4.04; image requests in flight
+  (received, not yet answered) are counted, so a test can check the client's window.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ CF_CBOR = 60
 CF_COSE_SIGN1 = 18
 CF_OCTETS = 42
 DEFAULT_FRAGMENT = 64 * 1024
+NO_RESPONSE_ALL = 2 | 8 | 16
+"""RFC 7967 No-Response value that suppresses 2.xx, 4.xx and 5.xx answers."""
 ALL_DEVICES = "*"
 
 
@@ -56,21 +60,79 @@ def bound_port(context: Any) -> int:
     raise RuntimeError("server context has no request interface")
 
 
+@dataclass(frozen=True, slots=True)
+class Reaction:
+    """What the server does with one image request, as :meth:`FaultPlan.react` decided.
+
+    Attributes:
+        faults: names of the faults injected into this request (empty: served normally).
+        drop: do not answer at all (the request is lost).
+        turn: answer in turn, this many seconds after the previous image answer (0: at once).
+        delay: seconds to wait before answering (after the turn).
+        busy_max_age: answer 5.03 Service Unavailable with this Max-Age.
+        not_found: answer 4.04 Not Found.
+        max_block_size: serve at most this block size.
+        etag: serve this ETag instead of the image's own.
+    """
+
+    faults: tuple[str, ...] = ()
+    drop: bool = False
+    turn: float = 0.0
+    delay: float = 0.0
+    busy_max_age: int | None = None
+    not_found: bool = False
+    max_block_size: int | None = None
+    etag: bytes | None = None
+
+
 @dataclass
 class FaultPlan:
-    """Seeded faults the server injects.
+    """Seeded faults the server injects into image requests (``/fota/img/...``).
+
+    Every random choice comes from one ``random.Random(seed)``, so a failing run can be repeated
+    (the draws follow the order in which requests arrive). A test sets the plan up front
+    (``UpdateServer(..., faults=FaultPlan(seed=7).lose(10))``) or changes it at run time
+    (``server.faults.busy(3)`` or ``server.faults.loss_percent = 0``): the server consults it for
+    every request. "After N requests" counts from the call, in image requests the plan has seen.
 
     Attributes:
         seed: seeds the random choices, so a failing run can be repeated.
         corrupt_blocks: block number (in the request's block size) -> how many times to flip a
             byte in that block's payload before serving it intact.
+        loss_percent: share of image requests dropped without an answer, 0..100.
+        delay_fixed: seconds every answer to an image request is held back.
+        delay_jitter: up to this many more seconds (uniform, seeded), per request.
+        throttle_interval: image answers leave one at a time, at least this many seconds apart
+            (0: no throttle).
+        shrink_from: from this image request number on, blocks are at most ``shrink_size``.
+        shrink_size: the smaller block size served from ``shrink_from`` on.
+        etag_from: from this image request number on, ``etag`` is served as the ETag.
+        etag: the changed ETag.
+        busy_left: the next this many image requests are answered 5.03 Service Unavailable.
+        busy_max_age: the Max-Age (seconds) of those 5.03 answers.
+        missing_images: hex digests of images answered 4.04 Not Found (the file stays).
+        seen: image requests seen so far (numbers them from 0, in arrival order).
     """
 
     seed: int = 0
     corrupt_blocks: dict[int, int] = field(default_factory=dict)
+    loss_percent: float = 0.0
+    delay_fixed: float = 0.0
+    delay_jitter: float = 0.0
+    throttle_interval: float = 0.0
+    shrink_from: int | None = None
+    shrink_size: int = 1024
+    etag_from: int | None = None
+    etag: bytes | None = None
+    busy_left: int = 0
+    busy_max_age: int = 1
+    missing_images: set[str] = field(default_factory=set)
+    seen: int = 0
 
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
+
+    # -- setting faults up (each returns the plan, so calls chain) ------------------------
 
     def corrupt(self, block: int, times: int = 1) -> FaultPlan:
         """Corrupt block ``block`` the next ``times`` times it is served."""
@@ -82,6 +144,134 @@ class FaultPlan:
         for block in self._random.sample(range(blocks), count):
             self.corrupt(block)
         return self
+
+    def lose(self, percent: float) -> FaultPlan:
+        """Drop ``percent`` % of image requests (seeded), answering nothing.
+
+        A dropped NON request gets no datagram back; a dropped CON request gets only the
+        empty ACK (RFC 7967 No-Response), so its response never comes either.
+
+        Raises:
+            ValueError: ``percent`` is outside 0..100.
+        """
+        if not 0 <= percent <= 100:
+            raise ValueError(f"loss percent {percent} must be in 0..100")
+        self.loss_percent = percent
+        return self
+
+    def delay(self, seconds: float, jitter: float = 0.0) -> FaultPlan:
+        """Hold every answer back ``seconds`` plus up to ``jitter`` more (uniform, seeded).
+
+        Raises:
+            ValueError: a negative delay or jitter.
+        """
+        if seconds < 0 or jitter < 0:
+            raise ValueError(f"delay {seconds} and jitter {jitter} must not be negative")
+        self.delay_fixed, self.delay_jitter = seconds, jitter
+        return self
+
+    def throttle(self, interval: float) -> FaultPlan:
+        """Answer image requests one at a time, in arrival order, ``interval`` seconds apart.
+
+        A slow link or a single-threaded server: requests queue while one is served. Unlike a
+        per-request delay, the answers cannot bunch up (each waits for the previous one to leave
+        plus ``interval``), so a client with a window of W keeps W requests queued here: each
+        new one arrives while the other W - 1 still wait. A ``delay`` still applies after the
+        turn.
+
+        Raises:
+            ValueError: a negative interval.
+        """
+        if interval < 0:
+            raise ValueError(f"throttle interval {interval} must not be negative")
+        self.throttle_interval = interval
+        return self
+
+    def shrink_block(self, after_requests: int = 0, size: int = 256) -> FaultPlan:
+        """Serve blocks of at most ``size`` bytes once ``after_requests`` more requests came.
+
+        RFC 7959 §2.4 lets a server answer with a smaller block than asked; the client must
+        follow it.
+
+        Raises:
+            ValueError: ``size`` is not a power of two in 16..1024.
+        """
+        if size not in (16, 32, 64, 128, 256, 512, 1024):
+            raise ValueError(f"block size {size} must be a power of two in 16..1024")
+        self.shrink_from, self.shrink_size = self.seen + after_requests, size
+        return self
+
+    def change_etag(self, after_requests: int = 0, etag: bytes | None = None) -> FaultPlan:
+        """Serve another ETag for the same bytes once ``after_requests`` more requests came.
+
+        Args:
+            after_requests: image requests still served with the image's own ETag.
+            etag: the new ETag (1..8 bytes); None draws 8 seeded random bytes.
+
+        Raises:
+            ValueError: ``etag`` is empty or longer than 8 bytes.
+        """
+        if etag is not None and not 1 <= len(etag) <= 8:
+            raise ValueError(f"an ETag has 1..8 bytes, not {len(etag)}")
+        self.etag_from = self.seen + after_requests
+        self.etag = etag if etag is not None else self._random.randbytes(8)
+        return self
+
+    def busy(self, count: int, max_age: int = 1) -> FaultPlan:
+        """Answer the next ``count`` image requests 5.03 Service Unavailable, Max-Age ``max_age``.
+
+        Raises:
+            ValueError: a negative count or Max-Age.
+        """
+        if count < 0 or max_age < 0:
+            raise ValueError(f"busy count {count} and max_age {max_age} must not be negative")
+        self.busy_left, self.busy_max_age = count, max_age
+        return self
+
+    def missing(self, sha256: bytes) -> FaultPlan:
+        """Answer 4.04 Not Found for the image with this digest (its file stays on disk)."""
+        self.missing_images.add(sha256.hex())
+        return self
+
+    # -- used by the server ---------------------------------------------------------------
+
+    def react(self, name: str) -> Reaction:
+        """Decide, for the next image request (for the image named ``name``), which faults hit.
+
+        Each call counts one request (see ``seen``). A lost request is only lost: it consumes
+        no 5.03 and is not delayed.
+        """
+        number = self.seen
+        self.seen += 1
+        if self.loss_percent and self._random.random() * 100 < self.loss_percent:
+            return Reaction(faults=("lost",), drop=True)
+        faults: list[str] = []
+        turn = self.throttle_interval
+        if turn:
+            faults.append("throttled")
+        delay = self.delay_fixed
+        if self.delay_jitter:
+            delay += self._random.uniform(0, self.delay_jitter)
+        if delay:
+            faults.append("delayed")
+        if name in self.missing_images:
+            return Reaction((*faults, "missing"), turn=turn, delay=delay, not_found=True)
+        if self.busy_left > 0:
+            self.busy_left -= 1
+            return Reaction(
+                (*faults, "busy"), turn=turn, delay=delay, busy_max_age=self.busy_max_age
+            )
+        max_block_size = None
+        if self.shrink_from is not None and number >= self.shrink_from:
+            faults.append("shrunk")
+            max_block_size = self.shrink_size
+        etag = None
+        if self.etag_from is not None and number >= self.etag_from:
+            faults.append("etag")
+            etag = self.etag
+        return Reaction(
+            tuple(faults), turn=turn, delay=delay, max_block_size=max_block_size, etag=etag
+        )
 
     def apply(self, block: int, payload: bytes) -> bytes:
         """Return the payload to serve for ``block`` (corrupted while the plan says so)."""
@@ -95,13 +285,29 @@ class FaultPlan:
 
 @dataclass(frozen=True, slots=True)
 class RequestLog:
-    """One request the server saw."""
+    """One request the server saw, logged as it arrived.
+
+    Attributes:
+        method: ``GET`` or ``POST``.
+        path: the resource path.
+        offset: byte offset asked for (Block2 requests; 0 for a GET without Block2).
+        block_size: block size the server serves for it (what was asked, capped by the
+            server's largest block and a ``shrink_block`` fault).
+        at: ``time.monotonic()`` at arrival.
+        asked: block size the client asked for (None: no Block2 option).
+        faults: faults injected into this request (see :meth:`FaultPlan.react`).
+        in_flight: image requests in flight at the server right after this one arrived,
+            itself included (None for other requests and for lost ones).
+    """
 
     method: str
     path: str
     offset: int | None
     block_size: int | None
     at: float
+    asked: int | None = None
+    faults: tuple[str, ...] = ()
+    in_flight: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,33 +362,73 @@ class _Sliced(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type:
         ):
             return aiocoap.Message(code=Code.NOT_FOUND)
         name = path[0]
-        file = self.folder / name
         block2 = request.opt.block2
+        asked = 1 << (block2.size_exponent + 4) if block2 is not None else None
         szx = min(block2.size_exponent if block2 else 6, self.server.max_szx)
-        size = 1 << (szx + 4)
         offset = block2.start if block2 else 0
-        self.server._log("GET", f"/fota/{self.kind}/{name}", offset, size)
+        where = f"/fota/{self.kind}/{name}"
+        if self.kind != "img":
+            self.server._log("GET", where, offset, 1 << (szx + 4), asked=asked)
+            response, _ = self._slice(name, block2 is not None, offset, szx)
+            return response
+        reaction = self.server.faults.react(name)
+        if reaction.max_block_size is not None:
+            szx = min(szx, reaction.max_block_size.bit_length() - 5)
+        size = 1 << (szx + 4)
+        if reaction.drop:
+            self.server._log("GET", where, offset, size, asked=asked, faults=reaction.faults)
+            # RFC 7967 No-Response for every class: aiocoap sends nothing back for a NON
+            # request (and only the empty ACK for a CON one).
+            return aiocoap.Message(code=Code.CONTENT, no_response=NO_RESPONSE_ALL)
+        faults = reaction.faults
+        if reaction.not_found:
+            response = aiocoap.Message(code=Code.NOT_FOUND)
+        elif reaction.busy_max_age is not None:
+            response = aiocoap.Message(code=Code.SERVICE_UNAVAILABLE, max_age=reaction.busy_max_age)
+        else:
+            response, corrupted = self._slice(name, block2 is not None, offset, szx, reaction.etag)
+            if corrupted:
+                faults = (*faults, "corrupt")
+        self.server._image_arrived(where, offset, size, asked, faults)
+        try:
+            # The faults themselves: a slow link, a slow server.
+            if reaction.turn:
+                async with self.server._turn:
+                    await asyncio.sleep(reaction.turn)
+            if reaction.delay:
+                await asyncio.sleep(reaction.delay)
+            return response
+        finally:
+            self.server._image_answered()
+
+    def _slice(
+        self, name: str, blockwise: bool, offset: int, szx: int, etag: bytes | None = None
+    ) -> tuple[Any, bool]:
+        """The response for a slice of a file, and whether the fault plan corrupted it."""
+        size = 1 << (szx + 4)
         try:
             # A small positioned read per block; a thread hop would cost more than it saves.
-            with open(file, "rb") as f:  # noqa: ASYNC230
+            with open(self.folder / name, "rb") as f:
                 total = os.fstat(f.fileno()).st_size
                 f.seek(offset)
                 payload = f.read(size)
         except FileNotFoundError:
-            return aiocoap.Message(code=Code.NOT_FOUND)
+            return aiocoap.Message(code=Code.NOT_FOUND), False
         if offset and offset >= total:
-            return aiocoap.Message(code=Code.BAD_OPTION)
+            return aiocoap.Message(code=Code.BAD_OPTION), False
         more = offset + len(payload) < total
+        corrupted = False
         if self.kind == "img":
-            payload = self.server.faults.apply(offset // size, payload)
+            served = self.server.faults.apply(offset // size, payload)
+            corrupted, payload = served is not payload, served
         response = aiocoap.Message(
             code=Code.CONTENT, payload=payload, content_format=self.content_format
         )
-        if block2 is not None or more:
+        if blockwise or more:
             response.opt.block2 = BlockOption.BlockwiseTuple(offset // size, more, szx)
             response.opt.size2 = total
-            response.opt.etag = bytes.fromhex(name)[:8]
-        return response
+            response.opt.etag = etag if etag is not None else bytes.fromhex(name)[:8]
+        return response, corrupted
 
 
 class _Announcements(aiocoap.resource.ObservableResource, aiocoap.resource.PathCapable):  # type: ignore[misc]
@@ -272,6 +518,11 @@ class UpdateServer:
         self.requests: list[RequestLog] = []
         self.request_hook: Callable[[RequestLog], None] | None = None
         """Called with every request as it arrives (tests wait on it instead of sleeping)."""
+        self.in_flight = 0
+        """Image requests received and not answered yet (> 0 while a response is delayed)."""
+        self.max_in_flight = 0
+        """The most image requests that were ever in flight at once."""
+        self._turn = asyncio.Lock()  # FIFO: throttled answers leave one at a time, in order
         self.reports: list[dict[int, Any]] = []
         self.duplicate_reports = 0
         self._seen: set[tuple[str, int]] = set()
@@ -411,11 +662,43 @@ class UpdateServer:
 
     # -- records --------------------------------------------------------------------------
 
-    def _log(self, method: str, path: str, offset: int | None, block_size: int | None) -> None:
-        entry = RequestLog(method, path, offset, block_size, time.monotonic())
+    def _log(
+        self,
+        method: str,
+        path: str,
+        offset: int | None,
+        block_size: int | None,
+        *,
+        asked: int | None = None,
+        faults: tuple[str, ...] = (),
+        in_flight: int | None = None,
+    ) -> None:
+        entry = RequestLog(
+            method, path, offset, block_size, time.monotonic(), asked, faults, in_flight
+        )
         self.requests.append(entry)
         if self.request_hook is not None:
             self.request_hook(entry)
+
+    def _image_arrived(
+        self, path: str, offset: int, block_size: int, asked: int | None, faults: tuple[str, ...]
+    ) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._log(
+            "GET", path, offset, block_size, asked=asked, faults=faults, in_flight=self.in_flight
+        )
+
+    def _image_answered(self) -> None:
+        self.in_flight -= 1
+
+    @property
+    def in_flight_samples(self) -> list[int]:
+        """The in-flight count at each image request's arrival (that request included).
+
+        Lost requests are not sampled: the server never holds them.
+        """
+        return [r.in_flight for r in self.requests if r.in_flight is not None]
 
     def _record_report(self, device: str, report: dict[int, Any]) -> None:
         key = (device, report[2])
