@@ -57,7 +57,7 @@ class Config:
     fsync_every: int = 1
     ack_timeout: float = 2.0
     max_retransmit: int = 4
-    max_image_size: int = 1 << 32
+    max_image_size: int = 1 << 30
     progress_step: int = 5
     max_attempts: int = 5
     retry_base: float = 1.0

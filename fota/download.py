@@ -125,6 +125,7 @@ class _Assembly:
         self.tries: dict[int, int] = {}
         self.unsynced: list[tuple[int, int]] = []  # (fragment, bytes received for it)
         self.received = 0  # bytes received and not yet reported in an event
+        self.sync_error: OSError | None = None
         self.syncs: list[concurrent.futures.Future[None]] = []
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fota-fsync")
         self.etag: bytes | None = None
@@ -144,6 +145,8 @@ class _Assembly:
                 # Only a hint: some servers (libcoap's among them) change it every transfer.
                 log.info("etag_changed", update_id=self.m.update_id, offset=block.offset)
             self.etag = block.etag
+        if self.sync_error is not None:
+            raise StorageError(f"candidate fsync failed: {self.sync_error}")
         offset, data = block.offset, block.data
         self.received += len(data)
         if offset >= self.size:
@@ -209,7 +212,13 @@ class _Assembly:
         self.syncs.append(self.executor.submit(self._sync_and_vouch, covered))
 
     def _sync_and_vouch(self, covered: list[tuple[int, int]]) -> None:
-        self.ops.fsync(self.fd)
+        if self.sync_error is not None:
+            return  # after a failed fsync nothing is vouched for (Linux may forget the error)
+        try:
+            self.ops.fsync(self.fd)
+        except OSError as exc:
+            self.sync_error = exc
+            raise
         for index, fetched in covered:
             event = ev.FragmentVerified(self.m.update_id, index, fetched)
             self.loop.call_soon_threadsafe(self.emit, event)

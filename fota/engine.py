@@ -40,6 +40,7 @@ from fota.download import Downloader
 from fota.errors import (
     FotaError,
     InstallError,
+    IntegrityError,
     InvalidTransition,
     JournalError,
     PermanentServerError,
@@ -57,6 +58,8 @@ SelfTest = Callable[[Manifest], Awaitable[tuple[bool, str]]]
 """A post-install health check: returns (passed, detail)."""
 
 _STOP = object()
+JOURNAL_RETRY = 5.0
+"""Seconds before an event whose journal write failed is handled again."""
 
 
 def decision_event(update_id: str, decision: Decision) -> ev.Event | None:
@@ -119,6 +122,8 @@ class Engine:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._changed = asyncio.Condition()
         self._runner: asyncio.Task[None] | None = None
+        self._closing = False
+        self._retired: set[asyncio.Task[None]] = set()  # cancelled, maybe not finished yet
         self.handled = 0
         """Events handled so far (tests stop the engine after a given number)."""
         self.model: Model | None = None
@@ -166,19 +171,25 @@ class Engine:
         self._spawn("watch", self._watch())
 
     async def aclose(self) -> None:
-        """Stop child tasks and the engine (after the event in progress), keep the journal as is."""
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
-        tasks = [*self._tasks.values(), *self._loose]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
+        """Stop child tasks and the engine (after the event in progress), keep the journal as is.
+
+        The runner stops first and no command starts work after that, so nothing is spawned
+        while the children are cancelled; every child (cancelled earlier too) is awaited.
+        """
+        self._closing = True
         if self._runner is not None:
             self._inbox.put_nowait((_STOP, None))
             await asyncio.gather(self._runner, return_exceptions=True)
             self._runner = None
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        tasks = [*self._tasks.values(), *self._loose, *self._retired]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._retired.clear()
 
     # -- the inbox ----------------------------------------------------------------------
 
@@ -262,6 +273,10 @@ class Engine:
                 log.error("journal_write_failed", error=str(exc), fact=type(event).__name__)
                 if future is not None:
                     future.set_exception(JournalError(f"journal write failed: {exc}"))
+                elif not self._closing:
+                    # The fact still holds (a finished download, a fired timer); dropping it
+                    # would strand the update. Offer it again once the disk may have room.
+                    asyncio.get_running_loop().call_later(JOURNAL_RETRY, self.post, event)
                 return
         if isinstance(event, ev.ManifestFetched) and model.refusal is not None:
             refusal = model.refusal
@@ -292,6 +307,9 @@ class Engine:
     # -- commands -----------------------------------------------------------------------
 
     def _spawn(self, name: str | None, coro: Coroutine[Any, Any, None]) -> None:
+        if self._closing:
+            coro.close()
+            return
         task = asyncio.create_task(coro, name=f"fota-{name or 'notify'}")
         task.add_done_callback(_log_crash)
         if name is None:
@@ -300,13 +318,18 @@ class Engine:
             return
         old = self._tasks.get(name)
         if old is not None and not old.done():
-            old.cancel()
+            self._retire(old)
         self._tasks[name] = task
+
+    def _retire(self, task: asyncio.Task[None]) -> None:
+        task.cancel()
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
 
     def _cancel(self, name: str) -> None:
         task = self._tasks.pop(name, None)
-        if task is not None:
-            task.cancel()
+        if task is not None and not task.done():
+            self._retire(task)
 
     def _execute(self, c: cmd.Command) -> None:
         model = self.model
@@ -343,6 +366,8 @@ class Engine:
                 self.journal.ops.unlink(self.journal.candidate_path)
             case cmd.StartTimer(name=name, at=at, update_id=uid):
                 self._cancel_timer(name)
+                if self._closing:
+                    return
                 delay = max(0.0, at - self.clock())
                 loop = asyncio.get_running_loop()
                 self._timers[name] = loop.call_later(delay, self.post, ev.TimerFired(name, uid))
@@ -428,7 +453,13 @@ class Engine:
             if download
             else self.handler.on_install_authorization
         )
-        decision = await hook(info)
+        try:
+            decision = await hook(info)
+        except Exception:
+            # The application's bug: the update waits for an answer through the Client API
+            # (or the next restart, which asks again), as with a pending answer.
+            log.exception("authorization_hook_failed", step=step, update_id=update_id)
+            return
         log.info(
             "authorization_answered", step=step, update_id=update_id, decision=decision.kind.value
         )
@@ -438,6 +469,10 @@ class Engine:
                 await self.submit(event)
             except InvalidTransition as exc:
                 log.info("answer_dropped", step=step, error=str(exc))
+            except JournalError:
+                # Not recorded: ask again later rather than lose the answer.
+                await asyncio.sleep(JOURNAL_RETRY)
+                self._spawn("ask", self._ask(update_id, download=download))
 
     async def _verify(self, update_id: str) -> None:
         model = self.model
@@ -456,8 +491,18 @@ class Engine:
     async def _install(self, update_id: str) -> None:
         model = self.model
         assert model is not None and model.pending is not None
+        manifest = model.pending
         try:
-            await self.installer.install(self.journal.candidate_path, model.pending)
+            # Check again right before installing: a restart (days after VERIFYING, perhaps)
+            # must not hand the installer bytes nobody checked since.
+            digest = await asyncio.to_thread(
+                sha256_prefix, self.journal.candidate_path, manifest.body.image_size
+            )
+            if digest != manifest.body.image_sha256:
+                raise IntegrityError("candidate no longer matches the manifest's image_sha256")
+            await self.installer.install(self.journal.candidate_path, manifest)
+        except OSError as exc:
+            self.post(ev.InstallFinished(update_id, InstallError(f"candidate: {exc}")))
         except FotaError as exc:
             self.post(ev.InstallFinished(update_id, exc))
         except Exception as exc:  # a third-party installer's bug must not strand the update
@@ -481,7 +526,9 @@ class Engine:
             await self.installer.commit(manifest)
         except Exception as exc:
             log.error("commit_failed", error=str(exc))
-        self.journal.ops.unlink(self.journal.candidate_path)
+        if self.model is not None and self.model.pending is None:
+            # Only while no newer update has started writing a candidate of its own.
+            self.journal.ops.unlink(self.journal.candidate_path)
 
     async def _rollback(self, manifest: Manifest) -> None:
         try:

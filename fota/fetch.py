@@ -41,14 +41,16 @@ class FetchResult:
     resumed_fragments: int
 
 
-def _load_state(path: Path, uri: str, size: int, count: int) -> bytes:
+def _load_state(path: Path, uri: str, size: int, etag: bytes | None, count: int) -> bytes:
+    """The fragments a previous run vouched for, if it fetched the same resource.
+
+    Without fragment digests the ETag is what says "same resource": a server that swapped the
+    file for another of the same size must not get its old fragments mixed in.
+    """
     try:
         state = cbor2.loads(path.read_bytes())
-        if (
-            state["uri"] == uri
-            and state["size"] == size
-            and len(state["done"]) == len(bitmap_new(count))
-        ):
+        same = (state["uri"], state["size"], state.get("etag")) == (uri, size, etag)
+        if same and len(state["done"]) == len(bitmap_new(count)):
             return bytes(state["done"])
     except FileNotFoundError:
         pass
@@ -101,7 +103,7 @@ async def fetch(
         else:
             raise TransportError(f"{uri}: the server sent no Size2; cannot plan the download")
         layout = Layout("fetch", size, FRAGMENT, None)
-        done = _load_state(journal, uri, size, layout.count)
+        done = _load_state(journal, uri, size, first.etag, layout.count)
         resumed = sum(bin(b).count("1") for b in done)
         failure: list[FotaError] = []
 
@@ -110,7 +112,8 @@ async def fetch(
             if isinstance(event, ev.FragmentVerified):
                 done = bitmap_set(done, event.index)
                 # After the fsync that covered the fragment: the journal may vouch for it now.
-                ops.write_atomic(journal, cbor2.dumps({"uri": uri, "size": size, "done": done}))
+                state = {"uri": uri, "size": size, "etag": first.etag, "done": done}
+                ops.write_atomic(journal, cbor2.dumps(state))
             elif isinstance(event, ev.DownloadFailed):
                 failure.append(event.error)
 

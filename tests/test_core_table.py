@@ -1077,10 +1077,24 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         ev.Restarted(),
         S.IDLE,
-        (),
+        (C.Commit(INSTALLED_POLITE.update_id),),  # commit again: a crash may have cut it short
         start={"outbox": ()},
     ),
-    Case("restarted/idle", S.IDLE, ev.Restarted(), S.IDLE, (C.SendReports(),)),
+    Case(
+        "restarted/idle",
+        S.IDLE,
+        ev.Restarted(),
+        S.IDLE,
+        (C.Commit(INSTALLED_POLITE.update_id), C.SendReports()),
+    ),
+    Case(
+        "restarted/idle/empty-device",
+        S.IDLE,
+        ev.Restarted(),
+        S.IDLE,
+        (C.SendReports(),),
+        installed="none",
+    ),
     Case(
         "restarted/await-download",
         S.AWAIT_DOWNLOAD_AUTH,
@@ -1167,7 +1181,7 @@ CASES: tuple[Case, ...] = (
         S.FAILED,
         ev.Restarted(),
         S.FAILED,
-        (C.SendReports(),),
+        (C.Rollback(U), C.SendReports()),  # roll back again: a crash may have cut it short
         start={"restarts": 2},
         after={"restarts": 2},
     ),

@@ -246,12 +246,6 @@ async def test_missing_image_fails_once_without_a_retry_storm(
 # -- (f) 5.03 with Max-Age --------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="window.py WindowFetcher._loop: after a 5.03 pause with nothing left in flight,"
-    " _fill() is never called again (only after a received datagram), so the 5.03'd ranges"
-    " queued in _urgent are never re-sent and the transfer hangs",
-)
 async def test_service_unavailable_pauses_for_max_age(
     tmp_path: Path, server: UpdateServer, signing: Signing
 ) -> None:

@@ -543,7 +543,9 @@ class Model:
             self._report(ResultCode.INITIAL)
         if self.record.download_started is None:
             self.record = self.record.evolve(download_started=e.kwargs["now"])
-            self._arm_time_budget()
+        # Every start (a refetch after VERIFYING cancelled it too); a timer of that name is
+        # replaced, and the deadline counts from the first start.
+        self._arm_time_budget()
         self.outbox.append(cmd.StartDownload(self.pending.update_id))
 
     def _arm_time_budget(self) -> None:
@@ -740,6 +742,12 @@ class Model:
             self._arm_time_budget()
         if self.state in work:
             self.outbox.append(work[self.state])
+        # Commit and rollback run after the journal already says IDLE / FAILED; a crash may
+        # have cut them short. Both are idempotent (the Installer contract): run them again.
+        if self.state is S.IDLE and self.installed is not None:
+            self.outbox.append(cmd.Commit(self.installed.update_id))
+        elif self.state is S.FAILED and uid is not None:
+            self.outbox.append(cmd.Rollback(uid))
         if self.record.outbox:
             self.outbox.append(cmd.SendReports())
 

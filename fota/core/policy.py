@@ -32,7 +32,7 @@ class Policy:
     """
 
     device_class: str
-    max_image_size: int = 1 << 32
+    max_image_size: int = 1 << 30
     progress_step: int = 5
     max_attempts: int = 5
     retry_base: float = 1.0

@@ -1,8 +1,10 @@
 """The installer seam: a Protocol, and the backends that implement it.
 
 An installer receives only verified bytes: the engine calls :meth:`Installer.install` after the
-whole candidate matched the signed manifest. ``install`` must be idempotent (after a power cut
-in INSTALLING the engine runs it again), and ``rollback`` must restore the previous image.
+whole candidate matched the signed manifest (checked again right before the call). All three
+calls must be idempotent: after a power cut the engine runs ``install`` again in INSTALLING,
+``commit`` again in IDLE and ``rollback`` again in FAILED. ``rollback`` restores the previous
+image, and is a no-op when there is nothing to restore.
 """
 
 from __future__ import annotations

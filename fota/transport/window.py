@@ -49,6 +49,28 @@ POLL = 0.05
 OnBlock = Callable[[Block], None]
 
 
+async def finish_thread(worker: asyncio.Future[None], stop: threading.Event) -> None:
+    """Await a worker thread's future; on cancellation, stop the thread and still wait for it.
+
+    Returning while the thread runs would let the caller close files the thread writes to
+    (a reused descriptor number could be the journal's). Further cancellations while waiting
+    are absorbed; the first one is raised once the thread has ended (within ``POLL``).
+    """
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(worker)
+            break
+        except asyncio.CancelledError:
+            cancelled = True
+            if worker.done():
+                break
+            stop.set()
+    if cancelled:
+        raise asyncio.CancelledError
+    worker.result()
+
+
 def szx_of(size: int) -> int:
     """SZX for a block size of 16..1024."""
     return size.bit_length() - 5
@@ -130,12 +152,7 @@ class WindowFetcher:
         self._stop.clear()
         loop = asyncio.get_running_loop()
         worker = loop.run_in_executor(None, self._blocking_run, on_block)
-        try:
-            await asyncio.shield(worker)
-        except asyncio.CancelledError:
-            self._stop.set()
-            await asyncio.wait([worker])
-            raise
+        await finish_thread(worker, self._stop)
 
     # -- the transfer thread --------------------------------------------------------------
 
@@ -161,16 +178,18 @@ class WindowFetcher:
                 return
             now = time.monotonic()
             earliest = min((d for _, d, _ in self._flight.values()), default=now + POLL)
-            wait = min(POLL, max(0.0005, earliest - now), max(0.0005, self._paused_until - now))
+            wait = min(POLL, max(0.0005, earliest - now))
+            if self._paused_until > now:
+                wait = min(wait, max(0.0005, self._paused_until - now))
             sock.settimeout(wait)
             try:
                 data = sock.recv(2048)
-            except TimeoutError:
-                self._check(time.monotonic())
-                continue
-            except ConnectionRefusedError:
-                # ICMP port unreachable: the server is not there (yet); retries decide.
-                self._check(time.monotonic())
+            except (TimeoutError, ConnectionRefusedError):
+                # Nothing came (or ICMP port unreachable: the server is not there yet). Resend
+                # what is due, and send what waits: after a 5.03 pause nothing may be in flight.
+                now = time.monotonic()
+                self._check(now)
+                self._fill(now)
                 continue
             except OSError as exc:
                 raise TransportError(f"{self.uri}: {exc}") from exc
@@ -236,7 +255,10 @@ class WindowFetcher:
         if response is None or len(response.token) != 8 or response.token[:3] != self._salt:
             return  # not ours (or not CoAP)
         if response.mtype == wire.CON:
-            sock.send(wire.encode_empty(wire.ACK, response.mid))
+            try:
+                sock.send(wire.encode_empty(wire.ACK, response.mid))
+            except OSError as exc:  # the server sends the response again if the ACK is lost
+                log.debug("ack_failed", uri=self.uri, error=str(exc))
         offset = int.from_bytes(response.token[3:], "big")
         flight = self._flight.get(offset)
         if flight is None:
