@@ -35,6 +35,7 @@ class Config:
         max_attempts: failed download attempts before the update fails.
         retry_base: first retry delay, seconds (doubles per attempt).
         retry_cap: longest retry delay, seconds.
+        retry_jitter: retry delays are spread randomly by this fraction either way (0..1).
         restart_limit: restarts during one update's active steps before it fails.
         max_download_bytes: data budget per update (bytes received, across attempts and
             restarts; metered links); None: no limit. Exceeding it fails the update (107).
@@ -62,6 +63,7 @@ class Config:
     max_attempts: int = 5
     retry_base: float = 1.0
     retry_cap: float = 300.0
+    retry_jitter: float = 0.25
     restart_limit: int = 8
     max_download_bytes: int | None = None
     max_download_time: float | None = None
@@ -80,6 +82,8 @@ class Config:
             raise ConfigError(f"window: {self.window} must be in 1..256")
         if self.resume not in ("resume", "restart", "none"):
             raise ConfigError(f"resume: {self.resume!r} is not one of resume, restart, none")
+        if not 0 <= self.retry_jitter < 1:
+            raise ConfigError(f"retry_jitter: {self.retry_jitter} must be in 0..1")
         if self.fsync_every < 1:
             raise ConfigError("fsync_every: must be at least 1")
         if not 1 <= self.progress_step <= 100:
@@ -98,6 +102,7 @@ class Config:
             max_attempts=self.max_attempts,
             retry_base=self.retry_base,
             retry_cap=self.retry_cap,
+            retry_jitter=self.retry_jitter,
             restart_limit=self.restart_limit,
             max_download_bytes=self.max_download_bytes,
             max_download_time=self.max_download_time,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -123,6 +124,7 @@ class Engine:
         self._changed = asyncio.Condition()
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
+        self._random = random.Random()  # jitter for retry delays, passed into the core
         self._retired: set[asyncio.Task[None]] = set()  # cancelled, maybe not finished yet
         self.handled = 0
         """Events handled so far (tests stop the engine after a given number)."""
@@ -241,7 +243,7 @@ class Engine:
         before = (model.state, model.record, model.pending, model.installed)
         try:
             ok = (model.state, event.trigger) in LEGAL and await model.trigger(
-                event.trigger, event=event, now=self.clock()
+                event.trigger, event=event, now=self.clock(), draw=self._random.random()
             )
         except MachineError:
             ok = False

@@ -631,7 +631,9 @@ class Model:
         assert self.pending is not None
         self.outbox.append(
             cmd.StartTimer(
-                "retry", now + retry_delay(attempts, self.policy), self.pending.update_id
+                "retry",
+                now + retry_delay(attempts, self.policy, e.kwargs.get("draw", 0.5)),
+                self.pending.update_id,
             )
         )
 

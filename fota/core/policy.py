@@ -22,6 +22,7 @@ class Policy:
         max_attempts: failed download attempts before the update fails.
         retry_base: first retry delay in seconds; doubles per attempt.
         retry_cap: longest retry delay in seconds.
+        retry_jitter: retry delays are spread by this fraction either way.
         restart_limit: process restarts during one update's active steps before it fails
             (breaks reboot loops).
         max_download_bytes: data budget: bytes received for one update, across attempts and
@@ -38,6 +39,7 @@ class Policy:
     retry_base: float = 1.0
     retry_cap: float = 300.0
     restart_limit: int = 8
+    retry_jitter: float = 0.25
     max_download_bytes: int | None = None
     max_download_time: float | None = None
     resume: str = "resume"
@@ -53,6 +55,12 @@ def must_ask(installed: Manifest | None) -> bool:
     return installed is not None and installed.body.polite
 
 
-def retry_delay(attempt: int, policy: Policy) -> float:
-    """Delay before retry number ``attempt`` (1-based): exponential, capped."""
-    return float(min(policy.retry_cap, policy.retry_base * (2 ** max(0, attempt - 1))))
+def retry_delay(attempt: int, policy: Policy, draw: float = 0.5) -> float:
+    """Delay before retry number ``attempt`` (1-based): exponential, capped, with jitter.
+
+    ``draw`` is a random number in [0, 1) passed in by the engine (the core has no random
+    source); it spreads the delay over +/- ``retry_jitter`` so a fleet that lost its server at
+    the same moment does not come back at the same moment. 0.5 gives the plain delay.
+    """
+    base = min(policy.retry_cap, policy.retry_base * (2 ** max(0, attempt - 1)))
+    return float(base * (1 + policy.retry_jitter * (2 * draw - 1)))
