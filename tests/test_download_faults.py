@@ -134,7 +134,9 @@ async def test_window_keeps_exactly_w_requests_in_flight(
     # and their successors arrive one by one, so the server would count fewer than W.)
     server.faults.throttle(0.003)
     image = image_of(512 * KiB, window)
-    config = configure(tmp_path, server, signing, window=window, ack_timeout=0.2)
+    # A long timeout: a retransmitted request still queued at the server would be counted
+    # there twice (correct behaviour, but not what this test measures).
+    config = configure(tmp_path, server, signing, window=window, ack_timeout=2.0)
     published = await install(server, config, image)
 
     samples = [r.in_flight for r in server.image_requests(published.image_sha256)]
@@ -152,7 +154,7 @@ async def test_window_caps_overlapping_requests_under_jittered_delay(
     window = 8
     server.faults.delay(0.004, jitter=0.004)  # answers overtake each other
     image = image_of(512 * KiB, 8)
-    config = configure(tmp_path, server, signing, window=window, ack_timeout=0.2)
+    config = configure(tmp_path, server, signing, window=window, ack_timeout=2.0)
     published = await install(server, config, image)
 
     assert len(server.in_flight_samples) == len(server.image_requests(published.image_sha256))
