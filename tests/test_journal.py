@@ -303,7 +303,7 @@ def full_record(pending: Manifest, installed: Manifest) -> Record:
     return Record(
         state=State.INSTALL_DEFERRED,
         pending=pending.digest,
-        manifest_uri=f"coap://[::1]:5683/fota/m/{pending.digest.hex()}",
+        manifest_uri=f"coap://[::1]:61616/fota/m/{pending.digest.hex()}",
         installed=installed.digest,
         refused=hashlib.sha256(b"refused").digest(),
         verified=b"\x0f",

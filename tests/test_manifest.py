@@ -762,7 +762,7 @@ def test_bad_image_uri_is_refused(uri: str, limit: str) -> None:
 
 @pytest.mark.parametrize(
     "uri",
-    ["../img/" + "x" * 248, "coap://h/img", "coap+tcp://[::1]:5683/img", "/fota/img/x", "x"],
+    ["../img/" + "x" * 248, "coap://h/img", "coap+tcp://[::1]:61616/img", "/fota/img/x", "x"],
 )
 def test_good_image_uris_are_accepted(uri: str) -> None:
     assert len(uri) <= 255
@@ -864,12 +864,12 @@ MANIFEST_URI = "coap://127.0.0.1:1234/fota/m/abc"
         (MANIFEST_URI, "./x", "coap://127.0.0.1:1234/fota/m/x"),
         (MANIFEST_URI, "../../../../x", "coap://127.0.0.1:1234/x"),
         (MANIFEST_URI, "/fota/img/x", "coap://127.0.0.1:1234/fota/img/x"),
-        (MANIFEST_URI, "//10.0.0.1:5683/img/x", "coap://10.0.0.1:5683/img/x"),
+        (MANIFEST_URI, "//192.0.2.1:61616/img/x", "coap://192.0.2.1:61616/img/x"),
         (MANIFEST_URI, "coap://example.org/img/x", "coap://example.org/img/x"),
-        (MANIFEST_URI, "coap+tcp://example.org:5683/img", "coap+tcp://example.org:5683/img"),
-        ("coap+tcp://[::1]:5683/fota/m/abc", "../img/x", "coap+tcp://[::1]:5683/fota/img/x"),
-        ("coap+tcp://[::1]:5683/fota/m/abc", "/a/b", "coap+tcp://[::1]:5683/a/b"),
-        ("coap+tcp://[::1]:5683/fota/m/abc", "//h/a", "coap+tcp://h/a"),
+        (MANIFEST_URI, "coap+tcp://example.org:61616/img", "coap+tcp://example.org:61616/img"),
+        ("coap+tcp://[::1]:61616/fota/m/abc", "../img/x", "coap+tcp://[::1]:61616/fota/img/x"),
+        ("coap+tcp://[::1]:61616/fota/m/abc", "/a/b", "coap+tcp://[::1]:61616/a/b"),
+        ("coap+tcp://[::1]:61616/fota/m/abc", "//h/a", "coap+tcp://h/a"),
         ("coap://[::1]/fota/ann/dev1", "../m/ab12", "coap://[::1]/fota/m/ab12"),
         ("coap://h:9", "../img/x", "coap://h:9/img/x"),
     ],

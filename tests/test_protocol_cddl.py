@@ -247,7 +247,7 @@ BODIES = [
         },
         id="empty-image",
     ),
-    pytest.param({"image_uri": "coap+tcp://[::1]:5683/fota/img/x" + "y" * 200}, id="long-uri"),
+    pytest.param({"image_uri": "coap+tcp://[::1]:61616/fota/img/x" + "y" * 200}, id="long-uri"),
 ]
 
 
