@@ -22,7 +22,8 @@ from fota.core.record import bitmap_new, bitmap_set
 from fota.download import Downloader, Layout
 from fota.errors import FotaError, IntegrityError, JournalError, TransportError
 from fota.fileops import FileOps, sha256_prefix
-from fota.transport import Block
+from fota.transport import Block, BlockFetcher
+from fota.transport.tcp import TcpFetcher
 from fota.transport.window import WindowFetcher
 
 log = structlog.get_logger(__name__)
@@ -80,7 +81,9 @@ async def fetch(
     candidate = out.with_name(out.name + ".part")
     ops = FileOps()
 
-    def fetchers(uri: str, *, window: int, block_size: int) -> WindowFetcher:
+    def fetchers(uri: str, *, window: int, block_size: int) -> BlockFetcher:
+        if uri.startswith("coap+tcp://"):
+            return TcpFetcher.for_uri(uri)
         return WindowFetcher.for_uri(
             uri,
             window=window,

@@ -28,6 +28,7 @@ from aiocoap.optiontypes import BlockOption
 from fota.core.uri import resolve
 from fota.errors import ImageChanged, PermanentServerError, TransportError
 from fota.transport import Announcement, Block, BlockFetcher
+from fota.transport.tcp import TcpFetcher
 from fota.transport.window import WindowFetcher
 
 log = structlog.get_logger(__name__)
@@ -171,7 +172,13 @@ class CoapTransport:
         )
 
     def block_fetcher(self, uri: str, *, window: int, block_size: int) -> BlockFetcher:
-        """A windowed NON Block2 fetcher (``fota.transport.window``) for a ``coap://`` image."""
+        """The image fetcher for ``uri``.
+
+        BERT over TCP for ``coap+tcp://`` (RFC 8323), else a windowed NON Block2 fetcher over
+        UDP (``fota.transport.window``).
+        """
+        if uri.startswith("coap+tcp://"):
+            return TcpFetcher.for_uri(uri)
         return WindowFetcher.for_uri(
             uri,
             window=window,

@@ -71,6 +71,14 @@ async def finish_thread(worker: asyncio.Future[None], stop: threading.Event) -> 
     worker.result()
 
 
+def classify_code(uri: str, code: int) -> None:
+    """Raise the fota error for a permanent refusal or a changed resource; else return."""
+    if code in PERMANENT_CODES:
+        raise PermanentServerError(uri, wire.code_text(code))
+    if code == REQUEST_INCOMPLETE:
+        raise ImageChanged(f"{uri}: server answered 4.08 (the resource changed)")
+
+
 def szx_of(size: int) -> int:
     """SZX for a block size of 16..1024."""
     return size.bit_length() - 5
@@ -282,10 +290,7 @@ class WindowFetcher:
                 del self._flight[offset]
                 self._urgent.appendleft((offset, size))
                 return None
-            if code in PERMANENT_CODES:
-                raise PermanentServerError(self.uri, wire.code_text(code))
-            if code == REQUEST_INCOMPLETE:
-                raise ImageChanged(f"{self.uri}: server answered 4.08 (the resource changed)")
+            classify_code(self.uri, code)
             # Other errors (5.xx): leave it in flight; the timeout sends it again.
             log.info("block_error_response", uri=self.uri, code=wire.code_text(code), offset=offset)
             return None

@@ -95,8 +95,11 @@ class Response:
     max_age: int | None = None
 
 
-def decode(data: bytes) -> Response | None:
-    """Decode a datagram; None when it is not a well-formed CoAP message."""
+def decode(data: bytes, *, bert: bool = False) -> Response | None:
+    """Decode a datagram; None when it is not a well-formed CoAP message.
+
+    ``bert`` admits Block2 SZX 7 (BERT), which only reliable transports may use (RFC 8323).
+    """
     if len(data) < 4:
         return None
     first, code, mid = _HEADER.unpack_from(data)
@@ -143,7 +146,7 @@ def decode(data: bytes) -> Response | None:
             if length > 3:
                 return None
             raw = int.from_bytes(value, "big")
-            if raw & 7 == 7:
+            if raw & 7 == 7 and not bert:
                 return None  # SZX 7 is reserved (BERT only over reliable transports)
             response.block2 = (raw >> 4, bool(raw & 8), raw & 7)
         elif number == OPT_SIZE2:
