@@ -166,6 +166,12 @@ def main() -> None:
     p.add_argument("--server", choices=["libcoap", "fota"], default="libcoap")
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--fsync-every", type=int, default=1)
+    p.add_argument(
+        "--transport",
+        choices=["udp", "tcp"],
+        default="udp",
+        help="tcp: coap+tcp:// with BERT for both tools (libcoap server only)",
+    )
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fota-bench-"))
     port = free_port()
@@ -183,6 +189,8 @@ def main() -> None:
             sha = digest_of.hexdigest()
             if args.server == "libcoap":
                 uri = put_libcoap(port, f"img{size}", image)
+                if args.transport == "tcp":
+                    uri = uri.replace("coap://", "coap+tcp://")
             else:
                 digest = bytes.fromhex(sha)
                 dest = work / "srv" / "img" / digest.hex()
@@ -207,12 +215,13 @@ def main() -> None:
                     "--restart",
                 ],
             )
+            # Over TCP, coap-client uses BERT unless -b says otherwise.
+            block = ["-b", "1024"] if args.transport == "udp" else []
             coap_argv = pinned(
                 1,
                 [
                     "coap-client-notls",
-                    "-b",
-                    "1024",
+                    *block,
                     "-B",
                     "300",
                     "-o",
@@ -232,7 +241,8 @@ def main() -> None:
         server.wait()
     med = statistics.median
     print(
-        f"server: {args.server}, window {args.window}, fsync every {args.fsync_every} "
+        f"server: {args.server} ({args.transport}), window {args.window}, "
+        f"fsync every {args.fsync_every} "
         f"fragment(s), {args.rounds} rounds A/B, medians"
     )
     print()
@@ -247,7 +257,7 @@ def main() -> None:
         aws = med(r.written_mib for r in a)
         print(
             f"| {size} MiB | {aw:.3f} s | {bw:.3f} s | {aw / bw:.2f}x | {ac:.3f} s | {bc:.3f} s "
-            f"| {ac / bc:.2f}x | {med(r.rss_mib for r in a):.1f} MiB "
+            f"| {ac / max(bc, 0.01):.2f}x | {med(r.rss_mib for r in a):.1f} MiB "
             f"| {med(r.rss_mib for r in b):.1f} MiB | {aws:.2f} MiB | {aws / size:.3f} |"
         )
 

@@ -154,6 +154,18 @@ class _Assembly:
         data = data[: self.size - offset]
         if not data:
             raise IntegrityError(f"image ends at byte {offset}; the manifest says {self.size}")
+        if not block.more and offset + len(data) < self.size:
+            raise IntegrityError(
+                f"image ends at byte {offset + len(data)}; the manifest says {self.size}"
+            )
+        # A large block (BERT) may span fragments: hand each fragment its part.
+        view = memoryview(data)
+        while view:
+            cut = self.frag - offset % self.frag
+            self._piece(offset, view[:cut])
+            offset, view = offset + cut, view[cut:]
+
+    def _piece(self, offset: int, data: memoryview | bytes) -> None:
         index = offset // self.frag
         if index not in self.wanted:
             return  # a late duplicate of a fragment already done
@@ -173,10 +185,6 @@ class _Assembly:
         buffer[rel : rel + len(data)] = data
         mask[first:last] = b"\x01" * (last - first)
         self.missing[index] -= new
-        if not block.more and offset + len(data) < self.size:
-            raise IntegrityError(
-                f"image ends at byte {offset + len(data)}; the manifest says {self.size}"
-            )
         if self.missing[index] == 0:
             self._complete(index, start)
 

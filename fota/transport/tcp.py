@@ -195,18 +195,8 @@ class TcpFetcher:
         # not reliable (above); a transfer that stops short leaves fragments missing, and the
         # downloader reports that.
         at_end = not more and response.size2 is not None and offset + len(payload) >= response.size2
-        view = memoryview(payload)
-        for at in range(0, len(payload), UNIT):
-            # 1 KiB pieces never cross a fragment boundary (fragments are multiples of 1 KiB).
-            last = at + UNIT >= len(payload)
-            piece = Block(
-                offset + at,
-                bytes(view[at : at + UNIT]),
-                not (last and at_end),
-                response.size2,
-                response.etag,
-            )
-            on_block(piece)
+        # One block for the whole payload: the assembly cuts it at fragment boundaries.
+        on_block(Block(offset, payload, not at_end, response.size2, response.etag))
         return len(payload), more
 
     def _read_exact(self, sock: socket.socket, count: int) -> memoryview:
