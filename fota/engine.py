@@ -394,10 +394,10 @@ class Engine:
         if handle is not None:
             handle.cancel()
 
-    def _info(self, manifest: Manifest | None = None) -> UpdateInfo:
+    def _info(self) -> UpdateInfo:
         model = self.model
         assert model is not None
-        m = manifest or model.pending or model.installed
+        m = model.pending or model.installed
         assert m is not None
         installed = model.installed
         if installed is m:

@@ -20,6 +20,20 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 MiB = 1024 * 1024
 
 
+async def put_over_tcp(base: str, image: bytes, tmp_path: Path, name: str) -> tuple[str, Layout]:
+    """PUT ``image`` into libcoap's server over TCP; return its URI and a 64 KiB layout."""
+    file = tmp_path / "image.bin"
+    file.write_bytes(image)
+    uri = f"{base.replace('coap://', 'coap+tcp://')}/img"
+    code, out = await coap_client("-m", "put", "-b", "1024", "-f", str(file), uri)
+    assert code == 0, out.decode(errors="replace")
+    fragment = 64 * 1024
+    digests = tuple(
+        hashlib.sha256(image[i : i + fragment]).digest() for i in range(0, len(image), fragment)
+    )
+    return uri, Layout(name, len(image), fragment, digests)
+
+
 def test_csm_and_request_framing() -> None:
     csm = tcp.encode_csm(256 * 1024)
     # Len 4 (option 2 with a 3-byte value, then option 4 empty), TKL 0; code 7.01.
@@ -31,18 +45,8 @@ def test_csm_and_request_framing() -> None:
 
 async def test_bert_download_from_libcoap_is_streamed_and_verified(tmp_path: Path) -> None:
     image = os.urandom(3 * MiB + 5000)
-    file = tmp_path / "image.bin"
-    file.write_bytes(image)
     async with libcoap_server(tmp_path / "coap-server.log") as base:
-        tcp_base = base.replace("coap://", "coap+tcp://")
-        code, out = await coap_client("-m", "put", "-b", "1024", "-f", str(file), f"{tcp_base}/img")
-        assert code == 0, out.decode(errors="replace")
-
-        fragment = 64 * 1024
-        digests = tuple(
-            hashlib.sha256(image[i : i + fragment]).digest() for i in range(0, len(image), fragment)
-        )
-        layout = Layout("tcp-test", len(image), fragment, digests)
+        uri, layout = await put_over_tcp(base, image, tmp_path, "tcp-test")
         fetchers: list[TcpFetcher] = []
 
         def factory(uri: str, *, window: int, block_size: int) -> TcpFetcher:
@@ -53,7 +57,7 @@ async def test_bert_download_from_libcoap_is_streamed_and_verified(tmp_path: Pat
         events: list[ev.Event] = []
         candidate = tmp_path / "candidate"
         downloader = Downloader(factory, FileOps(), candidate, events.append)
-        await downloader.fetch(layout, f"{tcp_base}/img", bitmap_new(layout.count))
+        await downloader.fetch(layout, uri, bitmap_new(layout.count))
     assert isinstance(events[-1], ev.DownloadFinished), events[-1]
     assert sorted(e.index for e in events if isinstance(e, ev.FragmentVerified)) == list(
         range(layout.count)
@@ -65,17 +69,9 @@ async def test_bert_download_from_libcoap_is_streamed_and_verified(tmp_path: Pat
 
 async def test_bert_resume_skips_verified_fragments(tmp_path: Path) -> None:
     image = os.urandom(1 * MiB)
-    file = tmp_path / "image.bin"
-    file.write_bytes(image)
     async with libcoap_server(tmp_path / "coap-server.log") as base:
-        tcp_base = base.replace("coap://", "coap+tcp://")
-        code, out = await coap_client("-m", "put", "-b", "1024", "-f", str(file), f"{tcp_base}/img")
-        assert code == 0, out.decode(errors="replace")
-        fragment = 64 * 1024
-        digests = tuple(
-            hashlib.sha256(image[i : i + fragment]).digest() for i in range(0, len(image), fragment)
-        )
-        layout = Layout("tcp-resume", len(image), fragment, digests)
+        uri, layout = await put_over_tcp(base, image, tmp_path, "tcp-resume")
+        fragment = layout.fragment_size
         candidate = tmp_path / "candidate"
         candidate.write_bytes(image[: 8 * fragment] + bytes(len(image) - 8 * fragment))
         verified = bytes([0xFF]) + bytes(1)  # fragments 0..7 on disk and vouched for
@@ -83,7 +79,7 @@ async def test_bert_resume_skips_verified_fragments(tmp_path: Path) -> None:
         downloader = Downloader(
             lambda uri, **_: TcpFetcher.for_uri(uri), FileOps(), candidate, events.append
         )
-        await downloader.fetch(layout, f"{tcp_base}/img", verified)
+        await downloader.fetch(layout, uri, verified)
     assert isinstance(events[-1], ev.DownloadFinished), events[-1]
     assert sorted(e.index for e in events if isinstance(e, ev.FragmentVerified)) == list(
         range(8, 16)

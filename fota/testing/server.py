@@ -36,6 +36,7 @@ from aiocoap.optiontypes import BlockOption
 
 from fota.core import manifest as mf
 from fota.core.manifest import Component, ManifestBody, PrivateKey, Severity
+from fota.fileops import sha256_prefix
 
 log = structlog.get_logger(__name__)
 
@@ -333,11 +334,7 @@ def fragment_digests(path: Path, fragment_size: int) -> tuple[bytes, ...]:
 
 def file_sha256(path: Path) -> bytes:
     """SHA-256 of a whole file, read in 1 MiB pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.digest()
+    return sha256_prefix(path, path.stat().st_size)
 
 
 class _Sliced(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type: ignore[misc]
