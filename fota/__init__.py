@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         DecisionKind,
         UpdateHandler,
         UpdateInfo,
+        UpdateReason,
     )
     from fota.install import FileInstaller, Installer
 
@@ -58,6 +59,7 @@ _WHERE = {
     "DecisionKind": "fota.handler",
     "UpdateHandler": "fota.handler",
     "UpdateInfo": "fota.handler",
+    "UpdateReason": "fota.handler",
     "FileInstaller": "fota.install",
     "Installer": "fota.install",
     **{
@@ -111,6 +113,7 @@ __all__ = [
     "TrustStore",
     "UpdateHandler",
     "UpdateInfo",
+    "UpdateReason",
 ]
 
 

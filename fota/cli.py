@@ -50,6 +50,23 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instant(text: str) -> int:
+    """An instant for ``--deadline``: epoch seconds, or ISO 8601 with a time zone."""
+    from datetime import datetime
+
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither epoch seconds nor ISO 8601"
+        ) from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone (add Z for UTC)")
+    return int(when.timestamp())
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     """``fota manifest create``."""
     from fota import keys
@@ -73,6 +90,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         polite=not args.impolite,
         severity=Severity[args.severity.upper()],
         max_deferral=args.max_deferral,
+        deadline=args.deadline,
     )
     raw = mf.sign(body, key, bytes.fromhex(args.kid) if args.kid else mf.kid_for(key.public_key()))
     # Check what we wrote with the same decoder a device uses (limits included).
@@ -252,7 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--severity", choices=SEVERITIES, default="optional")
     cr.add_argument("--impolite", action="store_true", help="updates after this image do not ask")
     cr.add_argument("--fragment-size", type=int, default=64 * 1024)
-    cr.add_argument("--max-deferral", type=int, default=0)
+    cr.add_argument(
+        "--max-deferral", type=int, default=0, help="longest cumulative deferral, seconds"
+    )
+    cr.add_argument(
+        "--deadline",
+        type=_instant,
+        help="past this UTC instant the update proceeds without asking or waiting "
+        "(ISO 8601 with a zone, e.g. 2027-01-31T02:00Z, or epoch seconds)",
+    )
     cr.add_argument("--out", required=True)
     cr.set_defaults(func=cmd_create)
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 
 from fota.config import Config
 from fota.core import events as ev
+from fota.core import policy as pol
 from fota.core.machine import Model
 from fota.core.states import State
-from fota.engine import Engine, SelfTest
-from fota.errors import ConfigError
+from fota.engine import Condition, Engine, SelfTest
+from fota.errors import ConfigError, InvalidTransition, PolicyError
 from fota.handler import UpdateHandler
 from fota.install import FileInstaller, Installer
 from fota.journal import FileOps, Journal
@@ -35,6 +36,13 @@ class Status:
         image_size: the pending image's size.
         defer_until: when the current deferral ends (epoch seconds, UTC).
         reports_pending: reports not yet acknowledged by the server.
+        defer_reason: the application's reason for the current deferral.
+        deferred: seconds the pending update has been deferred so far (cumulative).
+        deferral_limit: the most it may be deferred in total (None: unbounded).
+        deadline: when it proceeds whatever the answers and holds (epoch seconds, UTC).
+        forced: the rule that forced it past the application, or "".
+        held: what holds it now (locks, maintenance window, quiet period, conditions).
+        locks: inhibitor locks in force, as ``(name, expires_at)``.
     """
 
     state: State
@@ -46,11 +54,20 @@ class Status:
     image_size: int | None
     defer_until: float | None
     reports_pending: int
+    defer_reason: str = ""
+    deferred: float = 0.0
+    deferral_limit: float | None = None
+    deadline: float | None = None
+    forced: str = ""
+    held: tuple[str, ...] = ()
+    locks: tuple[tuple[str, float], ...] = ()
 
 
-def status_of(model: Model) -> Status:
-    """Build a :class:`Status` from the machine's model."""
+def status_of(model: Model, now: float | None = None) -> Status:
+    """Build a :class:`Status` from the machine's model (``now``: for expiring locks)."""
     pending, installed = model.pending, model.installed
+    rec = model.record
+    now = time.time() if now is None else now
     return Status(
         state=model.state,
         update_id=model.update_id,
@@ -61,6 +78,13 @@ def status_of(model: Model) -> Status:
         image_size=pending.body.image_size if pending else None,
         defer_until=model.record.defer_until,
         reports_pending=len(model.record.outbox),
+        defer_reason=rec.defer_reason,
+        deferred=pol.deferred_so_far(rec, now) if pending else 0.0,
+        deferral_limit=pol.deferral_bound(pending, model.policy) if pending else None,
+        deadline=pol.deadline_of(pending, rec, model.policy) if pending else None,
+        forced=rec.forced,
+        held=rec.held,
+        locks=pol.active_locks(rec, now),
     )
 
 
@@ -76,8 +100,12 @@ class Client:
         transport: defaults to :class:`~fota.transport.coap.CoapTransport` for ``config.server``.
         installer: defaults to a :class:`~fota.install.FileInstaller` for ``config.target``.
         self_test: post-install health check; None commits at once.
-        clock: wall-clock source (epoch seconds, UTC); injectable for tests.
+        clock: wall-clock source (epoch seconds, UTC); injectable for tests
+            (:class:`fota.testing.ManualClock`).
         file_ops: file operations for the journal and candidate; injectable for tests.
+        conditions: local conditions by name (async callables returning True when an update
+            may proceed: on mains power, battery above 30 %, not on a metered link). They are
+            checked before a held install (and download, with ``Config.gates_download``).
     """
 
     def __init__(
@@ -90,6 +118,7 @@ class Client:
         self_test: SelfTest | None = None,
         clock: Callable[[], float] = time.time,
         file_ops: FileOps | None = None,
+        conditions: Mapping[str, Condition] | None = None,
     ) -> None:
         if installer is None:
             if config.target is None:
@@ -103,6 +132,7 @@ class Client:
             max_retransmit=config.max_retransmit,
             poll_interval=config.poll_interval,
             observe_refresh=config.observe_refresh,
+            poll_jitter=config.poll_jitter,
         )
         self.config = config
         self.engine = Engine(
@@ -113,7 +143,9 @@ class Client:
             handler=handler,
             clock=clock,
             self_test=self_test,
+            conditions=conditions,
         )
+        self._clock = clock
 
     async def start(self) -> None:
         """Load the journal and start working (resuming whatever was in progress)."""
@@ -155,8 +187,17 @@ class Client:
         """
         await self.engine.submit(ev.Rejected(update_id, reason))
 
-    async def defer(self, update_id: str, until: datetime, reason: str = "") -> None:
+    async def defer(self, update_id: str, until: datetime, reason: str = "") -> datetime | None:
         """Defer the waiting step until ``until`` (timezone-aware); then the handler is asked again.
+
+        The deferral persists across restarts and is reported with ``reason`` and its end. It
+        counts toward the update's cumulative deferral, which the severity and the manifest
+        bound; a deadline bounds it too.
+
+        Returns:
+            When the deferral ends: ``until``, or earlier when cut to the bound or deadline.
+            None when no deferral was granted: the step proceeds now, forced (the handler's
+            ``on_forced`` is told).
 
         Raises:
             InvalidTransition: ``update_id`` is not the current update, or nothing waits.
@@ -165,6 +206,10 @@ class Client:
         if until.tzinfo is None:
             raise ValueError("defer: until must be timezone-aware (UTC wall-clock time)")
         await self.engine.submit(ev.Deferred(update_id, until.timestamp(), reason))
+        end = self.status().defer_until
+        if self.state not in (State.DOWNLOAD_DEFERRED, State.INSTALL_DEFERRED) or end is None:
+            return None
+        return datetime.fromtimestamp(end, UTC)
 
     async def resume(self) -> None:
         """End a deferral now: the handler is asked again.
@@ -173,6 +218,60 @@ class Client:
             InvalidTransition: nothing is deferred.
         """
         await self.engine.submit(ev.ResumeRequested())
+
+    # -- local holds, handler, wake-up -------------------------------------------------
+
+    async def inhibit(self, name: str, ttl: float) -> datetime:
+        """Take (or renew) the inhibitor lock ``name`` for ``ttl`` seconds.
+
+        While any lock is held, installs (and, with ``Config.gates_download``, downloads) wait,
+        until the deadline forces them. Locks are journaled; the time to live is capped by
+        ``Config.max_lock_ttl`` so a crashed holder cannot block updates forever. Renew a lock
+        before it expires to keep holding it.
+
+        Returns:
+            When the lock expires (UTC).
+
+        Raises:
+            PolicyError: a bad name or time to live, or ``Config.max_locks`` locks are held.
+        """
+        if not name or len(name.encode()) > 64 or not name.isprintable():
+            raise PolicyError(f"inhibit: name {name!r} must be 1..64 printable bytes")
+        if not 0 < ttl <= self.config.max_lock_ttl:
+            raise PolicyError(
+                f"inhibit: ttl {ttl} must be in (0, {self.config.max_lock_ttl:g}] seconds"
+                " (Config.max_lock_ttl)"
+            )
+        try:
+            await self.engine.submit(ev.LockTaken(name, ttl))
+        except InvalidTransition:
+            raise PolicyError(
+                f"inhibit: {self.config.max_locks} locks are held (Config.max_locks)"
+            ) from None
+        expires = dict(self.status().locks)[name]
+        return datetime.fromtimestamp(expires, UTC)
+
+    async def release(self, name: str) -> None:
+        """Release the inhibitor lock ``name`` (an unknown or expired name is not an error)."""
+        await self.engine.submit(ev.LockReleased(name))
+
+    def set_handler(self, handler: UpdateHandler | None) -> None:
+        """Register the application's handler (or remove it with None).
+
+        An update waiting for an answer asks the new handler at once. Register as early as
+        possible: with ``Config.unanswered = "proceed"``, a polite update proceeds when nobody
+        registered within the grace period.
+        """
+        self.engine.set_handler(handler)
+
+    def check_now(self) -> None:
+        """The application just woke up: look for an update and at due timers now.
+
+        For sleepy devices (``Config.poll_interval``): fetches the announcement at once instead
+        of at the next poll, and fires any deferral or hold whose time passed while asleep.
+        """
+        self.transport.check_now()
+        self.engine.check_timers()
 
     # -- status -------------------------------------------------------------------------
 
@@ -184,11 +283,13 @@ class Client:
     def status(self) -> Status:
         """A snapshot of the client."""
         assert self.engine.model is not None, "Client.start() first"
-        return status_of(self.engine.model)
+        return status_of(self.engine.model, self._clock())
 
     async def wait_for(
         self, predicate: Callable[[Status], bool], timeout: float | None = None
     ) -> Status:
         """Wait until ``predicate(status)`` holds (checked after every handled event)."""
-        await self.engine.wait_for(lambda model: predicate(status_of(model)), timeout)
+        await self.engine.wait_for(
+            lambda model: predicate(status_of(model, self._clock())), timeout
+        )
         return self.status()

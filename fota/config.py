@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from datetime import UTC, tzinfo
 from pathlib import Path
 
 from fota.core.manifest import TrustStore
 from fota.core.policy import Policy
+from fota.core.windows import Window, parse_windows
 from fota.errors import ConfigError
+
+SEVERITIES = ("optional", "mandatory", "critical")
+
+
+def _default_max_deferral() -> dict[str, float | None]:
+    return {"optional": None, "mandatory": 7 * 86400.0, "critical": 86400.0}
+
+
+def _default_deadline_after() -> dict[str, float | None]:
+    return {"optional": None, "mandatory": None, "critical": None}
+
+
+def local_zone(name: str | None) -> tzinfo:
+    """The time zone maintenance windows are read in.
+
+    ``name`` is an IANA name; None means the system's zone (``TZ``, else ``/etc/localtime``),
+    falling back to UTC when neither is readable.
+    """
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        if name:
+            return ZoneInfo(name)
+        env = os.environ.get("TZ", "").lstrip(":")
+        if env:
+            return ZoneInfo(env)
+        with open("/etc/localtime", "rb") as fp:
+            return ZoneInfo.from_file(fp, key="localtime")
+    except (ZoneInfoNotFoundError, OSError, ValueError) as exc:
+        if name:
+            raise ConfigError(f"timezone: {name!r} is not a known IANA time zone") from exc
+        return UTC
 
 
 @dataclass(slots=True)
@@ -43,6 +78,28 @@ class Config:
         resume: after a restart mid-download: ``resume`` (from the verified fragments),
             ``restart`` (from zero) or ``none`` (the update fails and is reported).
         report_retry_cap: longest delay between report delivery attempts, seconds.
+        poll_jitter: each poll interval is spread randomly by this fraction either way.
+        max_deferral: cumulative deferral allowed per severity (``optional``, ``mandatory``,
+            ``critical``), seconds, across restarts; None: unbounded. A manifest's
+            ``max_deferral`` tightens it. Past it the update proceeds, forced.
+        deadline_after: per severity, seconds after an update is first seen at which it is
+            forced past every wait (like a manifest ``deadline``); None: none.
+        unanswered: what a polite update does while no handler is registered: ``wait``
+            (default: it is not installed by itself) or ``proceed`` after ``unanswered_grace``.
+        unanswered_grace: seconds from when the update is first seen; see ``unanswered``.
+        quiet_period: seconds after the first start (provisioning) during which updates are
+            held, unless forced by a deadline.
+        maintenance_windows: weekly windows in local time, e.g. ``"Mon-Fri 02:00-04:00"``;
+            outside them installs are held (the deadline still forces). Empty: any time.
+        timezone: IANA zone of the windows; None: the system's zone.
+        condition_commands: conditions as commands (argument lists): exit 0 = may proceed.
+        condition_recheck: seconds before failing conditions are evaluated again.
+        hook_timeout: seconds a condition (callback or command) may take.
+        gates_download: locks, windows, quiet period and conditions hold downloads too.
+        max_locks: most inhibitor locks at once.
+        max_lock_ttl: longest inhibitor lock time to live, seconds.
+        factory_manifest: the signed manifest of the image the device was provisioned with;
+            read at the first start so that its ``polite`` flag governs the first update.
     """
 
     server: str
@@ -69,6 +126,23 @@ class Config:
     max_download_time: float | None = None
     resume: str = "resume"
     report_retry_cap: float = 60.0
+    poll_jitter: float = 0.1
+    max_deferral: dict[str, float | None] = field(default_factory=_default_max_deferral)
+    deadline_after: dict[str, float | None] = field(default_factory=_default_deadline_after)
+    unanswered: str = "wait"
+    unanswered_grace: float = 3600.0
+    quiet_period: float = 0.0
+    maintenance_windows: list[str] = field(default_factory=list)
+    timezone: str | None = None
+    condition_commands: dict[str, list[str]] = field(default_factory=dict)
+    condition_recheck: float = 300.0
+    hook_timeout: float = 30.0
+    gates_download: bool = False
+    max_locks: int = 32
+    max_lock_ttl: float = 86400.0
+    factory_manifest: Path | None = None
+    _windows: tuple[Window, ...] = field(default=(), init=False, repr=False)
+    _zone: tzinfo = field(default=UTC, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -92,6 +166,37 @@ class Config:
             raise ConfigError("max_attempts: must be at least 1")
         if self.ack_timeout <= 0:
             raise ConfigError("ack_timeout: must be positive")
+        if not 0 <= self.poll_jitter < 1:
+            raise ConfigError(f"poll_jitter: {self.poll_jitter} must be in 0..1")
+        for name, table in (
+            ("max_deferral", self.max_deferral),
+            ("deadline_after", self.deadline_after),
+        ):
+            unknown = set(table) - set(SEVERITIES)
+            if unknown:
+                raise ConfigError(f"{name}: unknown severity {sorted(unknown)}, use {SEVERITIES}")
+            for severity, value in table.items():
+                if value is not None and value < 0:
+                    raise ConfigError(f"{name}.{severity}: {value} must not be negative")
+        if self.unanswered not in ("wait", "proceed"):
+            raise ConfigError(f"unanswered: {self.unanswered!r} is not one of wait, proceed")
+        for name in ("unanswered_grace", "quiet_period", "max_lock_ttl"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative")
+        for name in ("condition_recheck", "hook_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        if self.max_locks < 1:
+            raise ConfigError("max_locks: must be at least 1")
+        for name, argv in self.condition_commands.items():
+            if not argv or not all(isinstance(a, str) for a in argv):
+                raise ConfigError(
+                    f"condition_commands.{name}: must be a non-empty list of arguments"
+                )
+        self._windows = parse_windows(self.maintenance_windows)
+        self._zone = local_zone(self.timezone)
+        if self.factory_manifest is not None:
+            self.factory_manifest = Path(self.factory_manifest)
 
     def policy(self) -> Policy:
         """The core's view of these settings."""
@@ -107,4 +212,21 @@ class Config:
             max_download_bytes=self.max_download_bytes,
             max_download_time=self.max_download_time,
             resume=self.resume,
+            max_deferral=_by_severity({**_default_max_deferral(), **self.max_deferral}),
+            deadline_after=_by_severity(self.deadline_after),
+            unanswered=self.unanswered,
+            unanswered_grace=self.unanswered_grace,
+            quiet_period=self.quiet_period,
+            windows=self._windows,
+            tz=self._zone,
+            conditions=tuple(self.condition_commands),
+            condition_recheck=self.condition_recheck,
+            gates_download=self.gates_download,
+            max_locks=self.max_locks,
+            max_lock_ttl=self.max_lock_ttl,
         )
+
+
+def _by_severity(table: dict[str, float | None]) -> tuple[float | None, float | None, float | None]:
+    """A severity table as the core's tuple (index = Severity value); missing: None."""
+    return (table.get("optional"), table.get("mandatory"), table.get("critical"))

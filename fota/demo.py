@@ -20,7 +20,7 @@ from fota.errors import ResultCode
 from fota.handler import BaseHandler, Decision, UpdateInfo
 from fota.testing.server import UpdateServer
 
-_NOT_FINAL = (ResultCode.INITIAL, ResultCode.DEFERRED)
+_NOT_FINAL = (ResultCode.INITIAL, ResultCode.DEFERRED, ResultCode.AUTHORIZED, ResultCode.FORCED)
 
 
 class DemoHandler(BaseHandler):

@@ -20,10 +20,14 @@ Rules that keep it correct (design.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -33,22 +37,26 @@ from transitions.extensions.asyncio import AsyncMachine
 from fota.config import Config
 from fota.core import commands as cmd
 from fota.core import events as ev
+from fota.core import policy as pol
 from fota.core.machine import LEGAL, Model, transitions_kwargs
-from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest
+from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest, accept
+from fota.core.policy import must_ask
 from fota.core.states import State
 from fota.core.uri import resolve
 from fota.download import Downloader
 from fota.errors import (
+    ConfigError,
     FotaError,
     InstallError,
     IntegrityError,
     InvalidTransition,
     JournalError,
+    ManifestError,
     PermanentServerError,
     ResultCode,
 )
 from fota.fileops import sha256_prefix
-from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo
+from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo, UpdateReason
 from fota.install import Installer
 from fota.journal import Journal
 from fota.transport import Transport
@@ -57,6 +65,12 @@ log = structlog.get_logger(__name__)
 
 SelfTest = Callable[[Manifest], Awaitable[tuple[bool, str]]]
 """A post-install health check: returns (passed, detail)."""
+Condition = Callable[[], Awaitable[bool]]
+"""A local condition (battery, mains power, network type): True when an update may proceed."""
+
+TIMER_RECHECK = 30.0
+"""Longest real sleep of the timer task: timers are wall-clock instants, and a suspended
+device or a stepped clock must not make a deferral or a deadline late by more than this."""
 
 _STOP = object()
 JOURNAL_RETRY = 5.0
@@ -73,6 +87,38 @@ def decision_event(update_id: str, decision: Decision) -> ev.Event | None:
         assert decision.until is not None
         return ev.Deferred(update_id, decision.until.timestamp(), decision.reason)
     return None
+
+
+async def run_condition(name: str, argv: list[str], timeout: float) -> bool:
+    """Run a condition command; exit 0 means "may proceed".
+
+    The command is an argument list, never a shell string. Any other exit, a timeout or a
+    missing program means "not now".
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,  # a command that prompts must not hang the update
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    except OSError as exc:
+        log.warning("condition_failed", condition=name, error=str(exc))
+        return False
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        log.warning("condition_timed_out", condition=name, timeout=timeout)
+        return False
+    log.debug(
+        "condition_checked",
+        condition=name,
+        code=proc.returncode,
+        output=out.decode(errors="replace")[-200:],
+    )
+    return proc.returncode == 0
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:
@@ -95,8 +141,12 @@ class Engine:
         journal: the on-disk state.
         installer: puts verified images in place.
         handler: the application's hooks, or None (polite updates then wait for the API).
-        clock: wall-clock time in seconds since the epoch (UTC); injectable for tests.
+        clock: wall-clock time in seconds since the epoch (UTC); injectable for tests. A clock
+            with a ``subscribe(callback)`` method (:class:`fota.testing.ManualClock`) wakes
+            the timers when it changes.
         self_test: post-install health check; None commits at once.
+        conditions: local conditions by name, checked before a held step proceeds (besides
+            ``Config.condition_commands``).
     """
 
     def __init__(
@@ -109,6 +159,7 @@ class Engine:
         handler: UpdateHandler | None = None,
         clock: Callable[[], float] = time.time,
         self_test: SelfTest | None = None,
+        conditions: Mapping[str, Condition] | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -120,16 +171,20 @@ class Engine:
         self._inbox: asyncio.Queue[tuple[Any, asyncio.Future[None] | None]] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loose: set[asyncio.Task[None]] = set()
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timers: dict[str, tuple[float, str]] = {}
+        self._timer_wake = asyncio.Event()
+        self.conditions: dict[str, Condition] = dict(conditions or {})
         self._changed = asyncio.Condition()
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
         self._random = random.Random()  # jitter for retry delays, passed into the core
         self._retired: set[asyncio.Task[None]] = set()  # cancelled, maybe not finished yet
+        self._unsubscribe: Callable[[], None] | None = None
         self.handled = 0
         """Events handled so far (tests stop the engine after a given number)."""
         self.model: Model | None = None
         self._current: UpdateInfo | None = None
+        self._previous: UpdateInfo | None = None
         self.downloader = Downloader(
             transport.block_fetcher,
             journal.ops,
@@ -145,18 +200,29 @@ class Engine:
     async def start(self) -> None:
         """Load the journal, build the machine, and start the engine and announcement watcher."""
         loaded = self.journal.load()
+        record, installed = loaded.record, loaded.installed
+        if installed is None and record.installed is None and self.config.factory_manifest:
+            # A provisioned device: the factory image's manifest decides politeness from the
+            # first update on, as an installed one would.
+            installed = self._factory_manifest(self.config.factory_manifest)
+            record = record.evolve(installed=installed.digest)
+            self.journal.save(record, (loaded.pending, installed))
+            log.info("factory_manifest_adopted", version=installed.body.version)
+        policy = self.config.policy()
+        # Condition callbacks registered in-process count as configured conditions too.
+        policy = dataclasses.replace(policy, conditions=(*policy.conditions, *self.conditions))
         self.model = Model(
-            self.config.policy(),
+            policy,
             self.config.trust,
-            loaded.record,
+            record,
             pending=loaded.pending,
-            installed=loaded.installed,
+            installed=installed,
         )
         AsyncMachine(
             model=self.model,
             states=State,
             transitions=transitions_kwargs(),
-            initial=loaded.record.state,
+            initial=record.state,
             auto_transitions=False,
             send_event=True,
             queued=False,
@@ -164,13 +230,34 @@ class Engine:
         )
         log.info(
             "engine_started",
-            state=loaded.record.state.name,
+            state=record.state.name,
             update_id=self.model.update_id,
-            installed=loaded.installed.body.version if loaded.installed else None,
+            installed=installed.body.version if installed else None,
         )
+        self.model.handler_present = self.handler is not None
         self._runner = asyncio.create_task(self._run(), name="fota-engine")
         self.post(ev.Restarted())
         self._spawn("watch", self._watch())
+        self._spawn("timers", self._run_timers())
+        subscribe = getattr(self.clock, "subscribe", None)
+        if callable(subscribe):
+            self._unsubscribe = subscribe(self.check_timers)
+
+    def _factory_manifest(self, path: Path) -> Manifest:
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"factory_manifest: cannot read {path}: {exc.strerror}") from exc
+        try:
+            return accept(
+                raw,
+                self.config.trust,
+                device_class=self.config.device_class,
+                installed=None,
+                max_image_size=1 << 62,  # it is already installed; the limit is for downloads
+            )
+        except ManifestError as exc:
+            raise ConfigError(f"factory_manifest: {path}: {exc}") from exc
 
     async def aclose(self) -> None:
         """Stop child tasks and the engine (after the event in progress), keep the journal as is.
@@ -183,15 +270,41 @@ class Engine:
             self._inbox.put_nowait((_STOP, None))
             await asyncio.gather(self._runner, return_exceptions=True)
             self._runner = None
-        for handle in self._timers.values():
-            handle.cancel()
         self._timers.clear()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         tasks = [*self._tasks.values(), *self._loose, *self._retired]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         self._retired.clear()
+
+    def set_handler(self, handler: UpdateHandler | None) -> None:
+        """Register (or remove) the application's handler; a waiting update asks the new one."""
+        self.handler = handler
+        if self._runner is not None:
+            self.post(ev.HandlerChanged(handler is not None))
+
+    def check_timers(self) -> None:
+        """Look at the timers now (the wall clock may have jumped: resume from suspend)."""
+        self._timer_wake.set()
+
+    async def _run_timers(self) -> None:
+        # Timers are wall-clock instants (a deferral until 02:00 UTC means that instant, even
+        # across a suspend, when the monotonic clock of call_later stands still).
+        while True:
+            now = self.clock()
+            for name, (at, uid) in sorted(self._timers.items(), key=lambda x: x[1][0]):
+                if at <= now:
+                    del self._timers[name]
+                    self.post(ev.TimerFired(name, uid))
+            nearest = min((at for at, _ in self._timers.values()), default=None)
+            delay = TIMER_RECHECK if nearest is None else min(TIMER_RECHECK, nearest - now)
+            self._timer_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), max(0.0, delay))
 
     # -- the inbox ----------------------------------------------------------------------
 
@@ -288,8 +401,9 @@ class Engine:
         if model.pending is not None and (
             self._current is None or self._current.update_id != model.pending.update_id
         ):
-            # Kept for on_complete, which runs after the record has forgotten the update.
-            self._current = self._info()
+            # Kept for on_complete, which runs after the record has forgotten the update (the
+            # previous one too: a superseded update is told after its successor took over).
+            self._previous, self._current = self._current, self._info()
         if ok and model.state is not before[0]:
             log.info(
                 "state_changed", old=before[0].name, new=model.state.name, update_id=model.update_id
@@ -367,14 +481,19 @@ class Engine:
                 self._cancel("download")
                 self.journal.ops.unlink(self.journal.candidate_path)
             case cmd.StartTimer(name=name, at=at, update_id=uid):
-                self._cancel_timer(name)
-                if self._closing:
-                    return
-                delay = max(0.0, at - self.clock())
-                loop = asyncio.get_running_loop()
-                self._timers[name] = loop.call_later(delay, self.post, ev.TimerFired(name, uid))
+                if not self._closing:
+                    self._timers[name] = (at, uid)
+                    self._timer_wake.set()
             case cmd.CancelTimer(name=name):
-                self._cancel_timer(name)
+                self._timers.pop(name, None)
+            case cmd.CheckGates(update_id=uid, step=step):
+                self._spawn("gates", self._check_gates(uid, step))
+            case cmd.Inform(update_id=uid, step=step):
+                if self.handler is not None:
+                    self._spawn(None, self._inform(uid, step))
+            case cmd.NotifyForced(update_id=uid, step=step, reason=reason):
+                if self.handler is not None:
+                    self._spawn(None, self._notify_forced(step, reason))
             case cmd.SendReports():
                 task = self._tasks.get("reports")
                 if task is None or task.done():
@@ -383,16 +502,13 @@ class Engine:
                 if self.handler is not None:
                     self._spawn(None, self.handler.on_progress(self._info(), done, total))
             case cmd.NotifyComplete(update_id=uid, result=result, detail=detail):
-                if self.handler is not None and self._current is not None:
-                    assert self._current.update_id == uid
-                    self._spawn(None, self._notify_complete(self._current, result, detail))
+                info = next(
+                    (i for i in (self._current, self._previous) if i and i.update_id == uid), None
+                )
+                if self.handler is not None and info is not None:
+                    self._spawn(None, self._notify_complete(info, result, detail))
             case _:
                 raise AssertionError(f"unhandled command {c!r}")
-
-    def _cancel_timer(self, name: str) -> None:
-        handle = self._timers.pop(name, None)
-        if handle is not None:
-            handle.cancel()
 
     def _info(self) -> UpdateInfo:
         model = self.model
@@ -402,6 +518,8 @@ class Engine:
         installed = model.installed
         if installed is m:
             installed = None
+        pending = m is model.pending
+        deadline = pol.deadline_of(m, model.record, model.policy) if pending else None
         return UpdateInfo(
             update_id=m.update_id,
             version=m.body.version,
@@ -410,19 +528,74 @@ class Engine:
             severity=m.body.severity,
             image_size=m.body.image_size,
             installed_version=installed.body.version if installed else None,
-            polite=installed is not None and installed.body.polite,
+            polite=must_ask(installed),
+            reason=UpdateReason.of(m.body.component),
+            deadline=datetime.fromtimestamp(deadline, UTC) if deadline is not None else None,
+            deferred=pol.deferred_so_far(model.record, self.clock()) if pending else 0.0,
+            deferral_limit=pol.deferral_bound(m, model.policy),
+            forced=model.record.forced if pending else "",
         )
 
     async def _notify_complete(self, info: UpdateInfo, result: ResultCode, detail: str) -> None:
         assert self.handler is not None
         await self.handler.on_complete(info, result, detail)
 
+    async def _notify_forced(self, step: str, reason: str) -> None:
+        assert self.handler is not None
+        log.warning("update_forced", step=step, reason=reason, update_id=self._info().update_id)
+        await self.handler.on_forced(self._info(), step, reason)
+
+    async def _inform(self, update_id: str, step: str) -> None:
+        # The running image is not polite: the hook is told, its answer changes nothing.
+        assert self.handler is not None
+        hook = (
+            self.handler.on_download_authorization
+            if step == "download"
+            else self.handler.on_install_authorization
+        )
+        try:
+            decision = await hook(self._info())
+        except Exception:
+            log.exception("authorization_hook_failed", step=step, update_id=update_id)
+            return
+        if decision.kind is not DecisionKind.AUTHORIZE:
+            log.info(
+                "answer_ignored",
+                step=step,
+                update_id=update_id,
+                decision=decision.kind.value,
+                why="the running image is not polite",
+            )
+
+    async def _check_gates(self, update_id: str, step: str) -> None:
+        """Evaluate the conditions (callbacks, then commands) and report which fail."""
+        model = self.model
+        assert model is not None
+        failing: list[str] = []
+        if pol.needs_check(step, model.installed, model.policy):
+            for name, condition in self.conditions.items():
+                try:
+                    ok = bool(await asyncio.wait_for(condition(), self.config.hook_timeout))
+                except Exception as exc:  # a broken condition holds the update; say why
+                    log.warning("condition_failed", condition=name, error=repr(exc))
+                    ok = False
+                if not ok:
+                    failing.append(name)
+            for name, argv in self.config.condition_commands.items():
+                if not await run_condition(name, argv, self.config.hook_timeout):
+                    failing.append(name)
+        self.post(ev.GatesChecked(update_id, tuple(failing)))
+
     # -- child tasks --------------------------------------------------------------------
 
     async def _watch(self) -> None:
         async for ann in self.transport.announcements():
             log.debug("announcement_received", sequence=ann.sequence, uri=ann.manifest_uri)
-            self.post(ev.AnnouncementReceived(ann.sequence, ann.manifest_digest, ann.manifest_uri))
+            self.post(
+                ev.AnnouncementReceived(
+                    ann.sequence, ann.manifest_digest, ann.manifest_uri, ann.cancel
+                )
+            )
 
     async def _fetch_manifest(self, uri: str, digest: bytes) -> None:
         policy = self.config.policy()

@@ -35,6 +35,9 @@ class ResultCode(IntEnum):
     REJECTED = 106
     DATA_BUDGET_EXCEEDED = 107
     TIME_BUDGET_EXCEEDED = 108
+    FORCED = 109
+    SUPERSEDED = 110
+    AUTHORIZED = 111
 
 
 class FotaError(Exception):
@@ -59,6 +62,7 @@ class ManifestError(FotaError):
         "wrong_device_class": ResultCode.WRONG_DEVICE_CLASS,
         "oversize": ResultCode.OVERSIZE,
         "malformed": ResultCode.MALFORMED,
+        "cancelled": ResultCode.CANCELLED,
     }
 
     def __init__(self, kind: str, field: str, message: str) -> None:

@@ -16,6 +16,22 @@ from fota.core.manifest import Component, Severity
 from fota.errors import ResultCode
 
 
+class UpdateReason(Enum):
+    """Why the device is being updated (Electric Imp's SHUTDOWN_NEWFIRMWARE, NEWSQUIRREL, OTHER)."""
+
+    NEW_FIRMWARE = "new_firmware"
+    NEW_APPLICATION = "new_application"
+    OTHER = "other"
+
+    @classmethod
+    def of(cls, component: Component) -> UpdateReason:
+        """The reason an update of ``component`` gives."""
+        return {
+            Component.FIRMWARE: cls.NEW_FIRMWARE,
+            Component.APPLICATION: cls.NEW_APPLICATION,
+        }.get(component, cls.OTHER)
+
+
 class DecisionKind(Enum):
     """What the application answered."""
 
@@ -70,6 +86,12 @@ class UpdateInfo:
         installed_version: the running image's version, None on an empty device.
         polite: True when the application's answer decides (the running image is polite);
             False when it is only informed.
+        reason: new firmware, new application or other (from ``component``).
+        deadline: when the update proceeds whatever the answer (UTC), if it has one.
+        deferred: seconds this update has been deferred so far, across restarts.
+        deferral_limit: the most it may be deferred in total, seconds (None: no bound).
+        forced: the rule that forced it past the application ("deadline", "deferral limit",
+            "unanswered"), or "".
     """
 
     update_id: str
@@ -80,6 +102,11 @@ class UpdateInfo:
     image_size: int
     installed_version: str | None
     polite: bool
+    reason: UpdateReason = UpdateReason.OTHER
+    deadline: datetime | None = None
+    deferred: float = 0.0
+    deferral_limit: float | None = None
+    forced: str = ""
 
 
 class UpdateHandler(Protocol):
@@ -98,7 +125,15 @@ class UpdateHandler(Protocol):
         ...
 
     async def on_complete(self, update: UpdateInfo, result: ResultCode, detail: str) -> None:
-        """The update ended (success, rejected, failed)."""
+        """The update ended (success, rejected, failed, cancelled, superseded)."""
+        ...
+
+    async def on_forced(self, update: UpdateInfo, step: str, reason: str) -> None:
+        """``step`` (download or install) proceeds without the application's authorization.
+
+        ``reason`` is the rule: ``deadline``, ``deferral limit`` or ``unanswered``. Use it to
+        get ready (save state, tell users), as Electric Imp's shutdown handler does.
+        """
         ...
 
 
@@ -118,6 +153,9 @@ class BaseHandler:
 
     async def on_complete(self, update: UpdateInfo, result: ResultCode, detail: str) -> None:
         """Ignore completion."""
+
+    async def on_forced(self, update: UpdateInfo, step: str, reason: str) -> None:
+        """Ignore forcing."""
 
 
 class AutoAuthorize(BaseHandler):

@@ -14,7 +14,6 @@ FORBIDDEN = {
     "os",
     "pathlib",
     "time",
-    "datetime",
     "threading",
     "subprocess",
     "selectors",
@@ -34,6 +33,8 @@ FORBIDDEN = {
     "fota.download",
 }
 FORBIDDEN_CALLS = {"open", "print", "input"}
+CLOCK_READS = {"now", "utcnow", "today", "time", "monotonic"}
+"""datetime is allowed for pure conversions (local time in a given zone), not to read a clock."""
 
 
 def _imports(tree: ast.AST) -> set[str]:
@@ -61,6 +62,25 @@ def test_core_module_has_no_io(path: Path) -> None:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
     }
     assert not calls & FORBIDDEN_CALLS, f"{path.name} calls {sorted(calls & FORBIDDEN_CALLS)}"
+    reads = _clock_reads(tree)
+    assert not reads, f"{path.name} reads a clock: {sorted(reads)}"
+
+
+def _clock_reads(tree: ast.AST) -> set[str]:
+    return {
+        node.func.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in CLOCK_READS
+    }
+
+
+def test_the_check_catches_a_clock_read() -> None:
+    tree = ast.parse(
+        "from datetime import datetime\nx = datetime.now()\ny = datetime.fromtimestamp(0)\n"
+    )
+    assert _clock_reads(tree) == {"now"}
 
 
 def test_the_check_catches_a_forbidden_import(tmp_path: Path) -> None:

@@ -59,6 +59,8 @@ def test_keygen_create_inspect_round_trip(tmp_path: Path, alg: str) -> None:
         "--impolite",
         "--fragment-size",
         "65536",
+        "--deadline",
+        "2027-01-31T02:00:00Z",
         "--out",
         str(manifest),
     )
@@ -71,6 +73,7 @@ def test_keygen_create_inspect_round_trip(tmp_path: Path, alg: str) -> None:
     assert shown["alg"] == {"ed25519": "EdDSA", "es256": "ES256"}[alg]
     assert shown["sequence"] == 7 and shown["version"] == "3.1" and shown["polite"] is False
     assert shown["severity"] == "critical" and shown["fragments"] == 4
+    assert shown["deadline"] == 1_801_360_800  # 2027-01-31T02:00:00Z
     assert shown["image_sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
     assert shown["image_uri"] == f"../img/{shown['image_sha256']}"
 
@@ -189,3 +192,25 @@ def test_fetch_path_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("deadline", "problem"),
+    [("2027-01-31T02:00", "has no time zone"), ("next tuesday", "neither epoch seconds")],
+)
+def test_create_refuses_a_deadline_it_cannot_place(
+    tmp_path: Path, deadline: str, problem: str
+) -> None:
+    key = tmp_path / "k"
+    assert fota("manifest", "keygen", "--out", str(key)).returncode == 0
+    image = tmp_path / "fw.bin"
+    image.write_bytes(b"x" * 100)
+    out = fota(
+        "manifest",
+        "create",
+        *("--key", str(key), "--image", str(image), "--version", "1", "--device-class", "gw"),
+        *("--sequence", "1", "--deadline", deadline, "--out", str(tmp_path / "m")),
+    )
+    assert out.returncode == 2
+    assert "--deadline" in out.stderr and problem in out.stderr
+    assert not (tmp_path / "m").exists()

@@ -89,10 +89,10 @@ async def test_polite_update_of_10_mib_end_to_end(
     assert done == sorted(done) and done[-1] == len(image) and len(done) >= 15
     assert reports_for(server, v2.update_id) == [
         (State.AWAIT_DOWNLOAD_AUTH, ResultCode.INITIAL),
-        (State.DOWNLOADING, ResultCode.INITIAL),
+        (State.DOWNLOADING, ResultCode.AUTHORIZED),
         (State.VERIFYING, ResultCode.INITIAL),
         (State.AWAIT_INSTALL_AUTH, ResultCode.INITIAL),
-        (State.INSTALLING, ResultCode.INITIAL),
+        (State.INSTALLING, ResultCode.AUTHORIZED),
         (State.AWAIT_COMMIT, ResultCode.INITIAL),
         (State.IDLE, ResultCode.SUCCESS),
     ]

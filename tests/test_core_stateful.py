@@ -34,7 +34,7 @@ from transitions.extensions.asyncio import AsyncMachine
 
 from fota.core import commands as C
 from fota.core import events as ev
-from fota.core.machine import Model, transitions_kwargs
+from fota.core.machine import CANCELLABLE, Model, transitions_kwargs
 from fota.core.manifest import (
     Component,
     Manifest,
@@ -140,6 +140,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.model: Model | None = None
         self.now = START
         self.steps: list[Step] = []
+        self.install_authorized: set[str] = set()
+        """Updates whose install the application authorized (they may wait in INSTALL_HELD)."""
 
     def teardown(self) -> None:
         self.loop.close()
@@ -167,6 +169,10 @@ class CoreMachine(RuleBasedStateMachine):
             )
         if state in (S.DOWNLOAD_DEFERRED, S.INSTALL_DEFERRED):
             record = record.evolve(defer_until=START + 3600, defer_reason="busy")
+        if state is S.INSTALL_HELD:
+            # A journal in INSTALL_HELD was written after the install was authorized (or
+            # forced, or the image is impolite): the answer came before the restart.
+            self.install_authorized.add(pending.update_id)
         model = Model(
             POLICY,
             TRUST,
@@ -205,6 +211,12 @@ class CoreMachine(RuleBasedStateMachine):
         pending, installed = model.pending, model.installed
         accepted = self.loop.run_until_complete(_trigger(model, event, self.now))
         commands = tuple(model.take_commands())
+        if (
+            accepted
+            and isinstance(event, ev.Authorized)
+            and state in (S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED)
+        ):
+            self.install_authorized.add(event.update_id)
         step = Step(state, event, accepted, model.state, commands)
         self.steps.append(step)
         trail = "\n".join(map(repr, self.steps[-8:]))
@@ -224,13 +236,8 @@ class CoreMachine(RuleBasedStateMachine):
         for command in commands:
             if not isinstance(command, C.Install):
                 continue
-            authorized = (
-                isinstance(event, ev.Authorized)
-                and accepted
-                and state in (S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED)
-                and event.update_id == command.update_id
-            )
-            forced = not must_ask(installed)
+            authorized = command.update_id in self.install_authorized
+            forced = not must_ask(installed) or bool(model.record.forced)
             reissued = isinstance(event, ev.Restarted) and state is S.INSTALLING
             assert authorized or forced or reissued, trail
             assert command.update_id == model.update_id, trail
@@ -273,10 +280,18 @@ class CoreMachine(RuleBasedStateMachine):
         state, digest = self.m.state, hashlib.sha256(raw).digest()
         installed, pending = self.m.installed, self.m.pending
         sequence = {"valid": manifest.body.sequence, "lower-sequence": 5}.get(kind)
-        # Refused: a bad signature or another class, or not newer than the running image.
-        refuse = sequence is None or (installed is not None and sequence <= installed.body.sequence)
+        # Refused: a bad signature or another class, or not newer than the running image (nor
+        # than a live update it would replace).
+        floor = installed.body.sequence if installed is not None else -1
+        if pending is not None and state in CANCELLABLE:
+            floor = max(floor, pending.body.sequence)
+        refuse = sequence is None or sequence <= floor
+        same = pending is not None and digest == self.m.record.pending
         if self.fire(ev.ManifestFetched(raw, "coap://s/m", digest)).accepted:
-            if refuse:  # remembered; a failed update stays pending
+            if same:  # the pending update's manifest again: nothing changes
+                assert self.m.state is state and self.m.pending is pending
+                assert self.m.record.refused != digest
+            elif refuse:  # remembered; a failed update stays pending
                 assert self.m.state is state
                 assert self.m.record.refused == digest
                 assert self.m.pending is pending
@@ -395,6 +410,8 @@ class CoreMachine(RuleBasedStateMachine):
             event = answers[choice] if choice < len(answers) else ev.Authorized(uid)
         elif state in (S.DOWNLOAD_DEFERRED, S.INSTALL_DEFERRED):
             event = ev.TimerFired("defer", uid) if choice % 2 else ev.ResumeRequested()
+        elif state in (S.DOWNLOAD_HELD, S.INSTALL_HELD):
+            event = ev.GatesChecked(uid, () if ok else ("power",))
         elif state is S.DOWNLOADING:
             if ok:
                 self.every_fragment_verified()

@@ -74,6 +74,9 @@ class FakeTransport:
                 yield self.current
             await self.changed.wait()
 
+    def check_now(self) -> None:
+        pass  # the fake yields every change at once anyway
+
     async def fetch(self, uri: str, *, limit: int) -> bytes:
         return self.resources[uri][: limit + 1]
 

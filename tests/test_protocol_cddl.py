@@ -248,6 +248,8 @@ BODIES = [
         id="empty-image",
     ),
     pytest.param({"image_uri": "coap+tcp://[::1]:61616/fota/img/x" + "y" * 200}, id="long-uri"),
+    pytest.param({"deadline": 1_900_000_000}, id="deadline"),
+    pytest.param({"deadline": 0}, id="deadline-zero"),
 ]
 
 
@@ -264,6 +266,21 @@ def test_manifest_payload_matches_rule_manifest_pycddl_subset(changes: dict[str,
     payload = cose_parts(mf.sign(body, ED_KEY, ED_KID))[2]
     assert payload == body.to_cbor()
     valid("manifest", payload, SUBSET_TEXT)
+
+
+def test_manifest_with_deadline_from_the_server_matches_rule_manifest_pycddl_subset(
+    server: UpdateServer,
+) -> None:
+    pub = server.make_manifest(
+        bytes(3000), "1.0", device_class="gw", fragment_size=1024, deadline=1_900_000_000
+    )
+    payload = cose_parts(pub.raw)[2]
+    assert cbor2.loads(payload)[14] == 1_900_000_000
+    valid("manifest", payload, SUBSET_TEXT)
+    valid("signed-manifest", pub.raw, SUBSET_TEXT)
+    # Without a deadline the key is left out, not encoded as null.
+    plain = server.make_manifest(bytes(3000), "1.1", device_class="gw", fragment_size=1024)
+    assert 14 not in cbor2.loads(cose_parts(plain.raw)[2])
 
 
 # -- announcements, as the test server renders them ----------------------------------------------
@@ -288,6 +305,17 @@ async def test_announcements_match_rule_announcement(server: UpdateServer) -> No
 
     server.publish(bytes(10), "2.0", device_class="gw", sequence=2**40, devices=["dev2"])
     valid("announcement", await render_announcement(server, "dev2"))
+
+
+async def test_cancel_announcement_matches_rule_announcement(server: UpdateServer) -> None:
+    pub = server.publish(bytes(3000), "1.0", device_class="gw", fragment_size=1024)
+    sequence = server.cancel(pub.digest)
+    assert sequence > pub.sequence
+    cancel = await render_announcement(server, "dev1")
+    assert cbor2.loads(cancel) == {1: sequence, 4: pub.digest}  # only a cancel: no 2, no 3
+    valid("announcement", cancel)
+    # The page allows a cancel beside an announced manifest, too.
+    valid("announcement", cbor2.dumps({**_ANN, 4: pub.digest}))
 
 
 # -- status reports -----------------------------------------------------------------------------
@@ -359,7 +387,8 @@ def _report(**changes: Any) -> dict[Any, Any]:
     [
         pytest.param({**_report(), 3: 4}, id="unknown-state"),
         pytest.param({**_report(), 4: 2}, id="unknown-result"),
-        pytest.param({**_report(), 4: 109}, id="result-past-108"),
+        pytest.param({**_report(), 4: 112}, id="result-past-111"),
+        pytest.param({**_report(), 3: 18}, id="state-past-17"),
         pytest.param({**_report(), 1: b"dev"}, id="device-id-bytes"),
         pytest.param({**_report(), 2: -1}, id="negative-sequence"),
         pytest.param({**_report(), 7: "10"}, id="verified-text"),
@@ -381,6 +410,9 @@ _ANN: dict[Any, Any] = {1: 3, 2: bytes(32), 3: "../m/" + "00" * 32}
     "broken",
     [
         pytest.param({**_ANN, 2: bytes(31)}, id="short-digest"),
+        pytest.param({**_ANN, 4: bytes(31)}, id="short-cancel"),
+        pytest.param({**_ANN, 4: bytes(33)}, id="long-cancel"),
+        pytest.param({1: 4, 4: None}, id="null-cancel"),
         pytest.param({**_ANN, 1: -1}, id="negative-sequence"),
         pytest.param({**_ANN, 3: ""}, id="empty-location"),
         pytest.param({**_ANN, 3: "x" * 256}, id="long-location"),
@@ -422,7 +454,9 @@ def _manifest(**changes: Any) -> dict[Any, Any]:
 
 MANIFEST_NEGATIVES = [
     pytest.param({**_manifest(), "x": 1}, id="string-key"),
-    pytest.param({**_manifest(), 14: 1}, id="key-14"),
+    pytest.param({**_manifest(), 15: 1}, id="key-15"),
+    pytest.param({**_manifest(), 14: "2030-01-01"}, id="deadline-text"),
+    pytest.param({**_manifest(), 14: -1}, id="negative-deadline"),
     pytest.param({**_manifest(), 2: "42"}, id="sequence-text"),
     pytest.param({**_manifest(), 1: 2}, id="format-2"),
     pytest.param({**_manifest(), 3: 3}, id="component-3"),

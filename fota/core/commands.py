@@ -126,3 +126,31 @@ class NotifyComplete(Command):
     update_id: str
     result: ResultCode
     detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckGates(Command):
+    """Evaluate the configured conditions for ``step`` and post ``GatesChecked``."""
+
+    update_id: str
+    step: str
+
+
+@dataclass(frozen=True, slots=True)
+class Inform(Command):
+    """Call the application's authorization hook for ``step`` for information only.
+
+    The running image is not polite: the update proceeds whatever the answer.
+    """
+
+    update_id: str
+    step: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyForced(Command):
+    """Tell the application that ``step`` proceeds without its authorization, and why."""
+
+    update_id: str
+    step: str
+    reason: str

@@ -30,6 +30,8 @@ class AnnouncementReceived(Event):
     sequence: int
     manifest_digest: bytes | None
     manifest_uri: str | None
+    cancel: bytes | None = None
+    """Digest of a manifest the server withdraws."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,3 +176,42 @@ class Restarted(Event):
     """The engine loaded the journal; re-issue the restored state's work."""
 
     trigger: ClassVar[str] = "restarted"
+
+
+@dataclass(frozen=True, slots=True)
+class GatesChecked(Event):
+    """The engine evaluated the configured conditions for a held update.
+
+    ``failing`` names the conditions (callbacks or commands) that said "not now".
+    """
+
+    trigger: ClassVar[str] = "gates_checked"
+    update_id: str
+    failing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LockTaken(Event):
+    """A local holder took (or renewed) the inhibitor lock ``name`` for ``ttl`` seconds."""
+
+    trigger: ClassVar[str] = "lock_taken"
+    from_api: ClassVar[bool] = True
+    name: str
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class LockReleased(Event):
+    """A local holder released the inhibitor lock ``name`` (releasing an unknown lock is fine)."""
+
+    trigger: ClassVar[str] = "lock_released"
+    from_api: ClassVar[bool] = True
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerChanged(Event):
+    """An application registered (``present``) or removed its handler."""
+
+    trigger: ClassVar[str] = "handler_changed"
+    present: bool

@@ -25,6 +25,7 @@ from typing import Any
 
 from fota.core import commands as cmd
 from fota.core import events as ev
+from fota.core import policy as pol
 from fota.core.manifest import Manifest, TrustStore, accept, update_id_of
 from fota.core.policy import Policy, must_ask, retry_delay
 from fota.core.record import Record, Report, bitmap_count, bitmap_get, bitmap_new, bitmap_set
@@ -32,9 +33,16 @@ from fota.core.states import State
 from fota.errors import FotaError, ImageChanged, ManifestError, ResultCode
 
 S = State
-WAITING = (S.AWAIT_DOWNLOAD_AUTH, S.DOWNLOAD_DEFERRED, S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED)
+ASK_DOWNLOAD = (S.AWAIT_DOWNLOAD_AUTH, S.DOWNLOAD_DEFERRED)
+ASK_INSTALL = (S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED)
+WAITING = (*ASK_DOWNLOAD, *ASK_INSTALL)
+HELD = (S.DOWNLOAD_HELD, S.INSTALL_HELD)
 ACTIVE = (S.DOWNLOADING, S.VERIFYING, S.INSTALLING, S.AWAIT_COMMIT)
 """States whose work a reboot loop could repeat forever; restarts in them are counted."""
+CANCELLABLE = (*WAITING, *HELD, S.DOWNLOADING, S.VERIFYING)
+"""A server cancel or a newer manifest ends the update here, but not once it is installing."""
+ADOPTING = (S.IDLE, S.FAILED, *CANCELLABLE)
+"""States in which a new manifest is taken up (replacing a pending one)."""
 ALL = tuple(S)
 
 
@@ -52,67 +60,81 @@ class Transition:
 
 
 T = Transition
+
+
+def _proceed(
+    trigger: str,
+    source: tuple[State, ...],
+    step: str,
+    conditions: tuple[str, ...],
+    first: tuple[str, ...],
+    unless: tuple[str, ...] = (),
+) -> tuple[Transition, Transition]:
+    """Two rows: the step's work at once, or its HELD state.
+
+    The work starts at once when nothing can hold it; else the update waits in the HELD state,
+    where the engine checks the conditions. ``first`` runs before either.
+    """
+    if step == "download":
+        work, held, start = S.DOWNLOADING, S.DOWNLOAD_HELD, "start_download"
+    else:
+        work, held, start = S.INSTALLING, S.INSTALL_HELD, "install"
+    return (
+        T(trigger, source, work, (*conditions, f"{step}_clear"), unless, (*first, start)),
+        T(trigger, source, held, conditions, unless, (*first, "check_gates")),
+    )
+
+
 TRANSITIONS: tuple[Transition, ...] = (
-    # A new manifest was announced: fetch it (only when nothing is in progress).
+    # -- The server: cancel, announce, supersede ------------------------------------------
+    T("announcement_received", CANCELLABLE, S.IDLE, ("is_cancel",), after=("cancel_update",)),
     T(
         "announcement_received",
-        (S.IDLE, S.FAILED),
+        (S.INSTALLING, S.AWAIT_COMMIT),
+        None,
+        ("is_cancel",),
+        after=("refuse_cancel",),
+    ),
+    T(
+        "announcement_received",
+        ADOPTING,
         None,
         ("is_new_announcement",),
         after=("fetch_manifest",),
     ),
-    # Its bytes arrived: refuse it, start at once (first install / impolite image), or ask.
+    T("announcement_received", ADOPTING, None, ("names_cancel",), after=("note_cancel",)),
+    # A fetched manifest: refuse it, ask, or proceed at once (first install, impolite
+    # running image, deadline already passed). A pending update it replaces is superseded.
     T(
         "manifest_fetched",
-        (S.IDLE, S.FAILED),
+        ADOPTING,
         None,
         ("manifest_refused",),
         after=("refuse_manifest",),
         prepare=("check_manifest",),
     ),
+    # The pending update's own manifest again (two announcements raced its fetch): nothing
+    # to do; re-adopting it would supersede the update by itself and drop its fragments.
+    T("manifest_fetched", (S.FAILED, *CANCELLABLE), None, ("is_pending_manifest",)),
     T(
         "manifest_fetched",
-        (S.IDLE, S.FAILED),
-        S.DOWNLOADING,
-        unless=("must_ask",),
-        after=("adopt_manifest", "start_download"),
-    ),
-    T(
-        "manifest_fetched",
-        (S.IDLE, S.FAILED),
+        ADOPTING,
         S.AWAIT_DOWNLOAD_AUTH,
+        ("candidate_must_ask",),
         after=("adopt_manifest", "ask_download"),
     ),
-    # Application answers.
-    T(
-        "authorized",
-        (S.AWAIT_DOWNLOAD_AUTH, S.DOWNLOAD_DEFERRED),
-        S.DOWNLOADING,
-        ("is_current",),
-        after=("end_deferral", "start_download"),
+    *_proceed("manifest_fetched", ADOPTING, "download", (), ("adopt_manifest", "proceed")),
+    # -- The application answers ----------------------------------------------------------
+    *_proceed(
+        "authorized", ASK_DOWNLOAD, "download", ("is_current",), ("end_deferral", "authorize")
     ),
-    T(
-        "authorized",
-        (S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED),
-        S.INSTALLING,
-        ("is_current",),
-        after=("end_deferral", "install"),
-    ),
-    T(
-        "deferred",
-        (S.AWAIT_DOWNLOAD_AUTH, S.DOWNLOAD_DEFERRED),
-        S.DOWNLOAD_DEFERRED,
-        ("is_current",),
-        after=("defer",),
-    ),
-    T(
-        "deferred",
-        (S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED),
-        S.INSTALL_DEFERRED,
-        ("is_current",),
-        after=("defer",),
-    ),
-    T("rejected", WAITING, S.IDLE, ("is_current",), after=("reject",)),
+    *_proceed("authorized", ASK_INSTALL, "install", ("is_current",), ("end_deferral", "authorize")),
+    T("deferred", ASK_DOWNLOAD, S.DOWNLOAD_DEFERRED, ("is_current", "may_defer"), after=("defer",)),
+    T("deferred", ASK_INSTALL, S.INSTALL_DEFERRED, ("is_current", "may_defer"), after=("defer",)),
+    # A deferral past the bound or the deadline is not granted: the step proceeds, forced.
+    *_proceed("deferred", ASK_DOWNLOAD, "download", ("is_current",), ("end_deferral", "proceed")),
+    *_proceed("deferred", ASK_INSTALL, "install", ("is_current",), ("end_deferral", "proceed")),
+    T("rejected", (*WAITING, *HELD), S.IDLE, ("is_current",), ("is_forced",), after=("reject",)),
     T(
         "resume_requested",
         (S.DOWNLOAD_DEFERRED,),
@@ -125,12 +147,29 @@ TRANSITIONS: tuple[Transition, ...] = (
         S.AWAIT_INSTALL_AUTH,
         after=("end_deferral", "ask_install"),
     ),
-    # Timers.
+    T(
+        "handler_changed",
+        (S.AWAIT_DOWNLOAD_AUTH,),
+        None,
+        ("handler_arrived",),
+        after=("note_handler", "ask_download"),
+    ),
+    T(
+        "handler_changed",
+        (S.AWAIT_INSTALL_AUTH,),
+        None,
+        ("handler_arrived",),
+        after=("note_handler", "ask_install"),
+    ),
+    T("handler_changed", ALL, None, after=("note_handler",)),
+    # -- Timers ---------------------------------------------------------------------------
+    # A deferral that ends within its bound: ask again.
     T(
         "timer_fired",
         (S.DOWNLOAD_DEFERRED,),
         S.AWAIT_DOWNLOAD_AUTH,
         ("is_current", "is_defer_timer"),
+        ("is_forced",),
         after=("end_deferral", "ask_download"),
     ),
     T(
@@ -138,8 +177,25 @@ TRANSITIONS: tuple[Transition, ...] = (
         (S.INSTALL_DEFERRED,),
         S.AWAIT_INSTALL_AUTH,
         ("is_current", "is_defer_timer"),
+        ("is_forced",),
         after=("end_deferral", "ask_install"),
     ),
+    # Deadline, exhausted deferral bound, or nobody registered within the grace period.
+    *_proceed(
+        "timer_fired",
+        ASK_DOWNLOAD,
+        "download",
+        ("is_current", "timer_forces"),
+        ("end_deferral", "proceed"),
+    ),
+    *_proceed(
+        "timer_fired",
+        ASK_INSTALL,
+        "install",
+        ("is_current", "timer_forces"),
+        ("end_deferral", "proceed"),
+    ),
+    T("timer_fired", HELD, None, ("is_current", "is_hold_timer"), after=("check_gates",)),
     T(
         "timer_fired",
         (S.DOWNLOADING,),
@@ -154,7 +210,27 @@ TRANSITIONS: tuple[Transition, ...] = (
         ("is_current", "is_budget_timer"),
         after=("fail",),
     ),
-    # Download. Every event of the download task carries the bytes it received (data budget).
+    # -- Local holds: conditions, inhibitor locks ------------------------------------------
+    T(
+        "gates_checked",
+        (S.DOWNLOAD_HELD,),
+        S.DOWNLOADING,
+        ("is_current", "gates_open"),
+        after=("release_hold", "start_download"),
+    ),
+    T(
+        "gates_checked",
+        (S.INSTALL_HELD,),
+        S.INSTALLING,
+        ("is_current", "gates_open"),
+        after=("release_hold", "install"),
+    ),
+    T("gates_checked", HELD, None, ("is_current",), after=("hold",)),
+    T("lock_taken", HELD, None, ("lock_room",), after=("take_lock", "check_gates")),
+    T("lock_taken", ALL, None, ("lock_room",), after=("take_lock",)),
+    T("lock_released", HELD, None, after=("release_lock", "check_gates")),
+    T("lock_released", ALL, None, after=("release_lock",)),
+    # -- Download. Every event of the download task carries the bytes it received. ---------
     T(
         "fragment_verified",
         (S.DOWNLOADING,),
@@ -214,22 +290,16 @@ TRANSITIONS: tuple[Transition, ...] = (
         ("is_current",),
         after=("count_fetched", "fail"),
     ),
-    # Verification of the whole image.
-    T(
-        "image_checked",
-        (S.VERIFYING,),
-        S.INSTALLING,
-        ("is_current", "image_ok"),
-        unless=("must_ask",),
-        after=("install",),
-    ),
+    # -- Verification of the whole image ----------------------------------------------------
     T(
         "image_checked",
         (S.VERIFYING,),
         S.AWAIT_INSTALL_AUTH,
-        ("is_current", "image_ok"),
+        ("is_current", "image_ok", "must_ask"),
+        ("is_forced",),
         after=("ask_install",),
     ),
+    *_proceed("image_checked", (S.VERIFYING,), "install", ("is_current", "image_ok"), ("proceed",)),
     T(
         "image_checked",
         (S.VERIFYING,),
@@ -238,7 +308,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         after=("refetch_all",),
     ),
     T("image_checked", (S.VERIFYING,), S.FAILED, ("is_current",), after=("fail",)),
-    # Install, self-test, commit.
+    # -- Install, self-test, commit ---------------------------------------------------------
     T(
         "install_finished",
         (S.INSTALLING,),
@@ -261,11 +331,11 @@ TRANSITIONS: tuple[Transition, ...] = (
         ("is_current",),
         after=("rollback", "fail"),
     ),
-    # Restart: fail a reboot loop, else re-issue the restored state's work explicitly.
+    # -- Restart: fail a reboot loop, else re-issue the restored state's work explicitly. ---
     T("restarted", ACTIVE, S.FAILED, ("restart_limit_reached",), after=("fail",)),
     T("restarted", (S.DOWNLOADING,), S.FAILED, ("resume_unsupported",), after=("fail",)),
     T("restarted", ALL, None, after=("resume_work",)),
-    # Reports.
+    # -- Reports ----------------------------------------------------------------------------
     T("report_delivered", ALL, None, after=("drop_report",)),
 )
 """The whole lifecycle. Pairs of (state, trigger) absent here are illegal."""
@@ -328,6 +398,11 @@ class Model:
         # Set by check_manifest (a prepare callback) for the conditions that follow it.
         self._candidate: Manifest | None = None
         self.refusal: ManifestError | None = None
+        self.handler_present = False
+        """Whether an application handler is registered (not journaled: the engine sets it
+        at start, before ``Restarted``)."""
+        self._cancel_refused: bytes | None = None
+        self._entry: tuple[ResultCode, str] | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -400,7 +475,66 @@ class Model:
             attempts=0,
             restarts=0,
             progress=0,
+            first_seen=None,
+            deferred_total=0.0,
+            defer_since=None,
+            forced="",
+            held=(),
         )
+
+    def _step(self) -> str:
+        """The step the current state is about (valid in the ask, held and work states)."""
+        download = (S.AWAIT_DOWNLOAD_AUTH, S.DOWNLOAD_DEFERRED, S.DOWNLOAD_HELD, S.DOWNLOADING)
+        return "download" if self.state in download else "install"
+
+    def _subject(self, e: Any) -> tuple[Manifest | None, Record]:
+        """The manifest a condition is about, with its record.
+
+        For ``manifest_fetched``: the candidate as it would be adopted now; else the pending
+        update.
+        """
+        if e.event.name == "manifest_fetched":
+            return self._candidate, Record(first_seen=e.kwargs["now"])
+        return self.pending, self.record
+
+    def _deadline(self, e: Any) -> float | None:
+        manifest, record = self._subject(e)
+        return pol.deadline_of(manifest, record, self.policy) if manifest else None
+
+    def _past_deadline(self, e: Any) -> bool:
+        deadline = self._deadline(e)
+        return deadline is not None and e.kwargs["now"] >= deadline
+
+    def _forcing(self, e: Any) -> str:
+        """The rule forcing the subject update past the application now, or ""."""
+        manifest, record = self._subject(e)
+        if manifest is None:
+            return ""
+        reason = pol.force_reason(e.kwargs["now"], manifest, record, self.policy)
+        event = e.kwargs["event"]
+        if not reason and isinstance(event, ev.TimerFired) and event.name == "grace":
+            reason = pol.UNANSWERED
+        return reason
+
+    def _clear(self, step: str, e: Any) -> bool:
+        """Nothing can hold ``step`` now: no local hold applies, or the deadline passed."""
+        now = e.kwargs["now"]
+        if self._past_deadline(e):
+            return True
+        if pol.needs_check(step, self.installed, self.policy):
+            return False
+        return not pol.blockers(now, step, self.record, self.installed, self.policy)
+
+    def _leave_waiting(self) -> None:
+        """Timers that only matter while the application is asked."""
+        self.outbox += [cmd.CancelTimer("grace"), cmd.CancelTimer("deadline")]
+
+    def _stop_everything(self) -> None:
+        """The update ends before install: stop its work and every timer."""
+        self.outbox += [cmd.StopDownload()]
+        self.outbox += [
+            cmd.CancelTimer(n) for n in ("defer", "retry", "budget", "hold", "deadline", "grace")
+        ]
 
     # -- conditions (pure) ---------------------------------------------------------------
 
@@ -414,12 +548,83 @@ class Model:
     def is_new_announcement(self, e: Any) -> bool:
         """The announced manifest is not one we have, are doing, or refused."""
         a: ev.AnnouncementReceived = e.kwargs["event"]
-        known = {self.record.installed, self.record.pending, self.record.refused}
+        known = {
+            self.record.installed,
+            self.record.pending,
+            self.record.refused,
+            self.record.cancelled,
+        }
         return (
             a.manifest_digest is not None
             and a.manifest_uri is not None
             and a.manifest_digest not in known
         )
+
+    def is_pending_manifest(self, e: Any) -> bool:
+        """The fetched manifest is the pending update's."""
+        return self.pending is not None and e.kwargs["event"].digest == self.record.pending
+
+    def is_cancel(self, e: Any) -> bool:
+        """The announcement withdraws the pending update."""
+        cancel = getattr(e.kwargs["event"], "cancel", None)
+        return cancel is not None and cancel == self.record.pending
+
+    def candidate_must_ask(self, e: Any) -> bool:
+        """The fetched manifest waits for the application (polite image, no deadline passed)."""
+        return must_ask(self.installed) and not self._forcing(e)
+
+    def download_clear(self, e: Any) -> bool:
+        """Nothing holds the download (see :func:`fota.core.policy.blockers`)."""
+        return self._clear("download", e)
+
+    def install_clear(self, e: Any) -> bool:
+        """Nothing holds the install."""
+        return self._clear("install", e)
+
+    def may_defer(self, e: Any) -> bool:
+        """No forcing rule applies: the deferral is granted (cut to the bound and deadline).
+
+        A deferral asked until a time already past is granted too: it ends at once and the
+        application is asked again; only a spent bound or a passed deadline refuse it.
+        """
+        return not self.is_forced(e)
+
+    def is_forced(self, e: Any) -> bool:
+        """A forcing rule (deadline, deferral bound) applies to the pending update now."""
+        return self.pending is not None and bool(
+            pol.force_reason(e.kwargs["now"], self.pending, self.record, self.policy)
+        )
+
+    def timer_forces(self, e: Any) -> bool:
+        """A deferral, deadline or grace timer fired and a forcing rule now applies."""
+        t: ev.TimerFired = e.kwargs["event"]
+        if t.name == "grace":
+            return not self.handler_present and self.policy.unanswered == "proceed"
+        return t.name in ("defer", "deadline") and bool(self._forcing(e))
+
+    def is_hold_timer(self, e: Any) -> bool:
+        """The timer to look at a held update again (a window opens, a lock expires...)."""
+        return bool(e.kwargs["event"].name == "hold")
+
+    def gates_open(self, e: Any) -> bool:
+        """No local hold is left (conditions as the engine found them), or the deadline passed."""
+        if self._past_deadline(e):
+            return True
+        failing = e.kwargs["event"].failing
+        now = e.kwargs["now"]
+        return not pol.blockers(
+            now, self._step(), self.record, self.installed, self.policy, failing
+        )
+
+    def lock_room(self, e: Any) -> bool:
+        """The lock is a renewal, or there is room for another."""
+        lock: ev.LockTaken = e.kwargs["event"]
+        active = pol.active_locks(self.record, e.kwargs["now"])
+        return any(name == lock.name for name, _ in active) or len(active) < self.policy.max_locks
+
+    def handler_arrived(self, e: Any) -> bool:
+        """A handler registered where none was."""
+        return bool(e.kwargs["event"].present) and not self.handler_present
 
     def manifest_refused(self, e: Any) -> bool:
         """check_manifest found a problem with the fetched manifest."""
@@ -490,11 +695,15 @@ class Model:
                 self.trust,
                 device_class=self.policy.device_class,
                 installed=self.installed,
-                pending=None,
+                # A manifest replacing a live update must be newer than it too; a failed one
+                # is simply replaced.
+                pending=self.pending if self.state in CANCELLABLE else None,
                 max_image_size=self.policy.max_image_size,
             )
+            if fetched.digest == self.record.cancelled:
+                raise ManifestError("cancelled", "digest", "the server cancelled this manifest")
         except ManifestError as exc:
-            self.refusal = exc
+            self._candidate, self.refusal = None, exc
 
     # -- callbacks (plain def: change the record, append commands) ------------------------
 
@@ -512,35 +721,205 @@ class Model:
         self._report(self.refusal.result, str(self.refusal), refused=fetched.digest)
 
     def adopt_manifest(self, e: Any) -> None:
-        """Make the fetched manifest the pending update, with a fresh download state."""
-        assert self._candidate is not None
-        if self.pending is not None:  # a failed update is replaced by the new one
-            self.outbox.append(cmd.DiscardCandidate())
+        """Make the fetched manifest the pending update, with a fresh download state.
+
+        A live update it replaces is superseded (reported, told, stopped); its verified
+        fragments are kept when the new manifest describes the same image the same way.
+        """
+        new = self._candidate
+        assert new is not None
+        old = self.pending
+        verified = bitmap_new(new.fragment_count)
+        if old is not None:
+            live = State[e.transition.source] in CANCELLABLE
+            same = (
+                live
+                and old.body.image_sha256 == new.body.image_sha256
+                and old.body.fragment_sha256 == new.body.fragment_sha256
+            )
+            if live:
+                detail = f"superseded by {new.update_id} (sequence {new.body.sequence})"
+                self._report(ResultCode.SUPERSEDED, detail)
+                self._stop_everything()
+                self.outbox.append(cmd.NotifyComplete(old.update_id, ResultCode.SUPERSEDED, detail))
+            if same:
+                verified = self.record.verified
+            else:
+                self.outbox.append(cmd.DiscardCandidate())
         self._clear_pending()
-        self.pending = self._candidate
+        self.pending = new
         self.record = self.record.evolve(
-            pending=self._candidate.digest,
+            pending=new.digest,
             manifest_uri=e.kwargs["event"].uri,
-            verified=bitmap_new(self._candidate.fragment_count),
+            verified=verified,
+            first_seen=e.kwargs["now"],
         )
+
+    def _ask(self, e: Any, step: str) -> None:
+        """Ask the application, with the timers that bound the wait for its answer."""
+        assert self.pending is not None
+        uid = self.pending.update_id
+        ask = cmd.AskDownloadAuthorization if step == "download" else cmd.AskInstallAuthorization
+        self.outbox.append(ask(uid))
+        self._arm_wait_timers(e.kwargs["now"])
+
+    def _arm_wait_timers(self, now: float) -> None:
+        """Arm the timers that force a waiting update.
+
+        The deadline always; the grace period when nobody is there to answer and the
+        configuration says to proceed.
+        """
+        assert self.pending is not None
+        uid = self.pending.update_id
+        deadline = pol.deadline_of(self.pending, self.record, self.policy)
+        if deadline is not None:
+            self.outbox.append(cmd.StartTimer("deadline", deadline, uid))
+        if not self.handler_present and self.policy.unanswered == "proceed":
+            start = self.record.first_seen if self.record.first_seen is not None else now
+            self.outbox.append(cmd.StartTimer("grace", start + self.policy.unanswered_grace, uid))
 
     def ask_download(self, e: Any) -> None:
         """Ask the application whether to download."""
-        assert self.pending is not None
         self._report(ResultCode.INITIAL)
-        self.outbox.append(cmd.AskDownloadAuthorization(self.pending.update_id))
+        self._ask(e, "download")
 
     def ask_install(self, e: Any) -> None:
         """Ask the application whether to install."""
-        assert self.pending is not None
         self._report(ResultCode.INITIAL)
-        self.outbox.append(cmd.AskInstallAuthorization(self.pending.update_id))
+        self._ask(e, "install")
+
+    def authorize(self, e: Any) -> None:
+        """The application said yes: the report of the step's start says so."""
+        self._leave_waiting()
+        self._entry = (ResultCode.AUTHORIZED, self._step())
+
+    def _report_entry(self, e: Any) -> None:
+        """Report entering a work or held state, with the decision that led there.
+
+        A step that starts past its deadline through local holds overrules their holders:
+        that is reported as forced too (unless the step was already forced past the
+        application, which reported it).
+        """
+        result, detail = self._entry or (ResultCode.INITIAL, "")
+        self._entry = None
+        self._report(result, detail)
+        # A refetch after VERIFYING is not a new start of the step: no hold applies to it.
+        if result is not ResultCode.FORCED and State[e.transition.source] is not S.VERIFYING:
+            self._force_past_holds(e)
+
+    def _force_past_holds(self, e: Any) -> None:
+        assert self.pending is not None
+        now, step = e.kwargs["now"], self._step()
+        failing = getattr(e.kwargs["event"], "failing", ())
+        if not self._past_deadline(e) or not pol.blockers(
+            now, step, self.record, self.installed, self.policy, failing
+        ):
+            return
+        self.record = self.record.evolve(forced=pol.DEADLINE)
+        self._report(ResultCode.FORCED, f"{step}: {pol.DEADLINE}")
+        self.outbox.append(cmd.NotifyForced(self.pending.update_id, step, pol.DEADLINE))
+
+    def proceed(self, e: Any) -> None:
+        """The step goes ahead without the application's yes: say why, to whom it concerns.
+
+        Forced (deadline, deferral bound, nobody answered): reported and told. An impolite
+        running image: the application's hook is called for information only. A first install
+        on an empty device: nobody to tell.
+        """
+        assert self.pending is not None
+        uid, step = self.pending.update_id, self._step()
+        self._leave_waiting()
+        reason = self._forcing(e)
+        if reason and must_ask(self.installed):
+            self.record = self.record.evolve(forced=reason)
+            self._entry = (ResultCode.FORCED, f"{step}: {reason}")
+            self.outbox.append(cmd.NotifyForced(uid, step, reason))
+        elif self.installed is not None and not self.installed.body.polite:
+            self.outbox.append(cmd.Inform(uid, step))
+
+    def check_gates(self, e: Any) -> None:
+        """Have the engine evaluate the configured conditions for the held step."""
+        assert self.pending is not None
+        if e.transition.dest is not None:
+            self._report_entry(e)
+        self.outbox.append(cmd.CheckGates(self.pending.update_id, self._step()))
+
+    def hold(self, e: Any) -> None:
+        """Still held: look again when something may have changed; report what holds it."""
+        assert self.pending is not None
+        now = e.kwargs["now"]
+        failing = e.kwargs["event"].failing
+        held = pol.blockers(now, self._step(), self.record, self.installed, self.policy, failing)
+        deadline = pol.deadline_of(self.pending, self.record, self.policy)
+        again = pol.next_check(now, self.record, self.policy, failing, deadline)
+        if held != self.record.held:
+            self.record = self.record.evolve(held=held)
+            self._report(ResultCode.INITIAL, "held: " + ", ".join(held), again)
+        if again is None:  # cannot happen while something holds; be safe
+            again = now + self.policy.condition_recheck
+        self.outbox.append(cmd.StartTimer("hold", again, self.pending.update_id))
+
+    def release_hold(self, e: Any) -> None:
+        """Nothing holds the step any more."""
+        self.record = self.record.evolve(held=())
+        self.outbox.append(cmd.CancelTimer("hold"))
+
+    def take_lock(self, e: Any) -> None:
+        """Take or renew an inhibitor lock.
+
+        Its time to live is capped, so a crashed holder cannot block updates forever.
+        """
+        lock: ev.LockTaken = e.kwargs["event"]
+        now = e.kwargs["now"]
+        ttl = min(max(0.0, lock.ttl), self.policy.max_lock_ttl)
+        locks = tuple(x for x in pol.active_locks(self.record, now) if x[0] != lock.name)
+        self.record = self.record.evolve(locks=(*locks, (lock.name, now + ttl)))
+
+    def release_lock(self, e: Any) -> None:
+        """Drop an inhibitor lock (and any that expired)."""
+        name = e.kwargs["event"].name
+        locks = tuple(x for x in pol.active_locks(self.record, e.kwargs["now"]) if x[0] != name)
+        self.record = self.record.evolve(locks=locks)
+
+    def note_handler(self, e: Any) -> None:
+        """Remember whether a handler is registered; one that arrives ends the grace period."""
+        self.handler_present = bool(e.kwargs["event"].present)
+        if self.handler_present:
+            self.outbox.append(cmd.CancelTimer("grace"))
+
+    def cancel_update(self, e: Any) -> None:
+        """The server withdrew the pending update: stop, discard, report; not fetched again."""
+        assert self.pending is not None
+        uid, digest = self.pending.update_id, self.pending.digest
+        detail = "cancelled by the server"
+        self._report(ResultCode.CANCELLED, detail)
+        self._stop_everything()
+        self.outbox += [
+            cmd.DiscardCandidate(),
+            cmd.NotifyComplete(uid, ResultCode.CANCELLED, detail),
+        ]
+        self._clear_pending()
+        self.record = self.record.evolve(cancelled=digest)
+
+    def refuse_cancel(self, e: Any) -> None:
+        """Too late to cancel once installing: say so once."""
+        if self._cancel_refused != self.record.pending:
+            self._cancel_refused = self.record.pending
+            self._report(ResultCode.INITIAL, "cancel refused: the update is being installed")
+
+    def names_cancel(self, e: Any) -> bool:
+        """The announcement withdraws a manifest that is not pending (yet)."""
+        return getattr(e.kwargs["event"], "cancel", None) not in (None, self.record.cancelled)
+
+    def note_cancel(self, e: Any) -> None:
+        """Remember a withdrawn manifest, in case its fetch is still under way."""
+        self.record = self.record.evolve(cancelled=e.kwargs["event"].cancel)
 
     def start_download(self, e: Any) -> None:
         """Start or resume the download task."""
         assert self.pending is not None
         if e.transition.dest is not None:  # entered DOWNLOADING (not a retry inside it)
-            self._report(ResultCode.INITIAL)
+            self._report_entry(e)
         if self.record.download_started is None:
             self.record = self.record.evolve(download_started=e.kwargs["now"])
         # Every start (a refetch after VERIFYING cancelled it too); a timer of that name is
@@ -554,24 +933,43 @@ class Model:
             self.outbox.append(cmd.StartTimer("budget", started + limit, self.pending.update_id))
 
     def defer(self, e: Any) -> None:
-        """Wait until the application's deadline, then ask again."""
+        """Wait until the application's time (cut to the bound and the deadline), then ask again.
+
+        The deferral counts toward the update's cumulative deferral.
+        """
         d: ev.Deferred = e.kwargs["event"]
-        self.record = self.record.evolve(defer_until=d.until, defer_reason=d.reason)
-        self._report(ResultCode.DEFERRED, d.reason, d.until)
-        self.outbox.append(cmd.StartTimer("defer", d.until, d.update_id))
+        assert self.pending is not None
+        now = e.kwargs["now"]
+        self._end_deferral(now)
+        until = pol.clamp_deferral(now, d.until, self.pending, self.record, self.policy)
+        self.record = self.record.evolve(defer_until=until, defer_since=now, defer_reason=d.reason)
+        self._leave_waiting()
+        self._report(ResultCode.DEFERRED, d.reason, until)
+        # The deferral is cut to the deadline, so its own timer is the only one needed.
+        self.outbox.append(cmd.StartTimer("defer", until, d.update_id))
+
+    def _end_deferral(self, now: float) -> None:
+        rec = self.record
+        if rec.defer_until is not None:
+            self.record = rec.evolve(
+                deferred_total=pol.deferred_so_far(rec, now),
+                defer_until=None,
+                defer_since=None,
+                defer_reason="",
+            )
+            self.outbox.append(cmd.CancelTimer("defer"))
 
     def end_deferral(self, e: Any) -> None:
-        """Leave a deferral (answered, resumed or due)."""
-        if self.record.defer_until is not None:
-            self.record = self.record.evolve(defer_until=None, defer_reason="")
-            self.outbox.append(cmd.CancelTimer("defer"))
+        """Leave a deferral (answered, resumed, due or forced); its length is added up."""
+        self._end_deferral(e.kwargs["now"])
 
     def reject(self, e: Any) -> None:
         """Drop the update for good; the same manifest is not fetched again."""
         r: ev.Rejected = e.kwargs["event"]
         assert self.pending is not None
         uid = self.pending.update_id
-        self.end_deferral(e)
+        self._end_deferral(e.kwargs["now"])
+        self._stop_everything()
         self._report(ResultCode.REJECTED, r.reason)
         self.record = self.record.evolve(refused=self.pending.digest)
         self._clear_pending()
@@ -656,7 +1054,7 @@ class Model:
     def install(self, e: Any) -> None:
         """Run the installer."""
         assert self.pending is not None
-        self._report(ResultCode.INITIAL)
+        self._report_entry(e)
         self.outbox.append(cmd.Install(self.pending.update_id))
 
     def self_test(self, e: Any) -> None:
@@ -737,6 +1135,8 @@ class Model:
                 S.INSTALL_DEFERRED: cmd.StartTimer("defer", until, uid),
                 S.INSTALLING: cmd.Install(uid),
                 S.AWAIT_COMMIT: cmd.RunSelfTest(uid),
+                S.DOWNLOAD_HELD: cmd.CheckGates(uid, "download"),
+                S.INSTALL_HELD: cmd.CheckGates(uid, "install"),
             }
         if self.state is S.DOWNLOADING and self.pending is not None:
             if self.policy.resume == "restart":  # Config.resume: start over after a restart
@@ -744,6 +1144,10 @@ class Model:
             self._arm_time_budget()
         if self.state in work:
             self.outbox.append(work[self.state])
+        if self.state in (S.AWAIT_DOWNLOAD_AUTH, S.AWAIT_INSTALL_AUTH):
+            self._arm_wait_timers(e.kwargs["now"])
+        if self.record.provisioned_at is None:  # the first start ever: the quiet period begins
+            self.record = self.record.evolve(provisioned_at=e.kwargs["now"])
         # Commit and rollback run after the journal already says IDLE / FAILED; a crash may
         # have cut them short. Both are idempotent (the Installer contract): run them again.
         if self.state is S.IDLE and self.installed is not None:

@@ -69,8 +69,8 @@ class Severity(IntEnum):
 # Manifest map keys (docs/protocol.md, rule "manifest").
 K_FORMAT, K_SEQ, K_COMPONENT, K_VERSION, K_CLASS = 1, 2, 3, 4, 5
 K_SIZE, K_SHA256, K_URI, K_FRAG_SIZE, K_FRAGS = 6, 7, 8, 9, 10
-K_POLITE, K_SEVERITY, K_MAX_DEFERRAL = 11, 12, 13
-_KNOWN_KEYS = frozenset(range(1, 14))
+K_POLITE, K_SEVERITY, K_MAX_DEFERRAL, K_DEADLINE = 11, 12, 13, 14
+_KNOWN_KEYS = frozenset(range(1, 15))
 _FIELD_NAMES = {
     K_FORMAT: "format",
     K_SEQ: "sequence",
@@ -85,6 +85,7 @@ _FIELD_NAMES = {
     K_POLITE: "polite",
     K_SEVERITY: "severity",
     K_MAX_DEFERRAL: "max_deferral",
+    K_DEADLINE: "deadline",
 }
 
 
@@ -104,9 +105,14 @@ class ManifestBody:
     polite: bool = True
     severity: Severity = Severity.OPTIONAL
     max_deferral: int = 0
+    """Longest cumulative deferral in seconds the publisher allows; 0: the device's bound for
+    the severity applies (see :mod:`fota.core.policy`)."""
+    deadline: int | None = None
+    """UTC instant (epoch seconds) after which the update proceeds without asking or waiting."""
 
     def to_cbor(self) -> bytes:
         """Encode the body as the CBOR map of ``docs/protocol.md``."""
+        optional = {} if self.deadline is None else {K_DEADLINE: self.deadline}
         return cbor2.dumps(
             {
                 K_FORMAT: MANIFEST_FORMAT,
@@ -122,6 +128,7 @@ class ManifestBody:
                 K_POLITE: self.polite,
                 K_SEVERITY: int(self.severity),
                 K_MAX_DEFERRAL: self.max_deferral,
+                **optional,
             }
         )
 
@@ -377,6 +384,9 @@ def decode_body(payload: bytes, *, max_image_size: int) -> ManifestBody:
     if problem:
         raise ManifestError("malformed", "image_uri", problem)
     max_deferral = _field(body, K_MAX_DEFERRAL, int)
+    deadline = _field(body, K_DEADLINE, int) if K_DEADLINE in body else None
+    if deadline is not None and deadline >= 1 << 40:
+        raise ManifestError("malformed", "deadline", f"{show(deadline)} is past 2**40 seconds")
     return ManifestBody(
         sequence=_field(body, K_SEQ, int),
         component=_enum(body, K_COMPONENT, Component),
@@ -390,6 +400,7 @@ def decode_body(payload: bytes, *, max_image_size: int) -> ManifestBody:
         polite=_field(body, K_POLITE, bool),
         severity=_enum(body, K_SEVERITY, Severity),
         max_deferral=max_deferral,
+        deadline=deadline,
     )
 
 
@@ -477,4 +488,5 @@ def inspect(raw: bytes) -> dict[str, Any]:
         "polite": body.polite,
         "severity": body.severity.name.lower(),
         "max_deferral": body.max_deferral,
+        "deadline": body.deadline,
     }

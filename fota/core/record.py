@@ -16,7 +16,9 @@ from fota.core.states import State
 from fota.core.text import show
 from fota.errors import JournalError, ResultCode
 
-SCHEMA = 1
+SCHEMA = 2
+_V1_FIELDS = 16
+"""Schema 1 (fota 0.1) had the first 16 fields; the later ones take their defaults."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,16 @@ class Record:
         outbox: reports not yet acknowledged by the server.
         fetched: bytes received for the pending update (the data budget).
         download_started: wall-clock time its download first started (the time budget).
+        first_seen: wall-clock time the pending update was adopted (severity deadlines count
+            from it).
+        deferred_total: seconds the pending update was deferred, over every ended deferral
+            (across restarts); the current deferral counts from ``defer_since``.
+        defer_since: when the current deferral started.
+        forced: the rule that forced the pending update past the application ("" if none).
+        locks: inhibitor locks as ``(name, expires_at)``.
+        provisioned_at: wall-clock time of the first start (the quiet period counts from it).
+        cancelled: digest of the last manifest the server cancelled (not fetched again).
+        held: what held the pending update when last reported (reported again on change).
     """
 
     state: State = State.IDLE
@@ -109,6 +121,14 @@ class Record:
     outbox: tuple[Report, ...] = field(default=())
     fetched: int = 0
     download_started: float | None = None
+    first_seen: float | None = None
+    deferred_total: float = 0.0
+    defer_since: float | None = None
+    forced: str = ""
+    locks: tuple[tuple[str, float], ...] = field(default=())
+    provisioned_at: float | None = None
+    cancelled: bytes | None = None
+    held: tuple[str, ...] = field(default=())
 
     def to_bytes(self) -> bytes:
         """Encode as ``[schema, body, crc32(body)]`` so a bit flip is caught on load."""
@@ -130,6 +150,14 @@ class Record:
                 [r._to_list() for r in self.outbox],
                 self.fetched,
                 self.download_started,
+                self.first_seen,
+                self.deferred_total,
+                self.defer_since,
+                self.forced,
+                [list(lock) for lock in self.locks],
+                self.provisioned_at,
+                self.cancelled,
+                list(self.held),
             ]
         )
         return cbor2.dumps([SCHEMA, body, zlib.crc32(body)])
@@ -141,13 +169,16 @@ class Record:
             schema, body, crc = cbor2.loads(data)
         except Exception as exc:  # hostile or truncated bytes: cbor2 raises several types
             raise JournalError(f"journal record: not a [schema, body, crc] array ({exc})") from exc
-        if schema != SCHEMA:
+        if schema not in (1, SCHEMA):
             raise JournalError(
-                f"journal record: schema {show(schema)}, this version reads {SCHEMA}"
+                f"journal record: schema {show(schema)}, this version reads 1..{SCHEMA}"
             )
         if not isinstance(body, bytes) or zlib.crc32(body) != crc:
             raise JournalError("journal record: checksum mismatch (damaged file)")
         try:
+            items = cbor2.loads(body)
+            if schema == 1:
+                items = [*items[:_V1_FIELDS], None, 0.0, None, "", [], None, None, []]
             (
                 state,
                 pending,
@@ -165,7 +196,15 @@ class Record:
                 outbox,
                 fetched,
                 download_started,
-            ) = cbor2.loads(body)
+                first_seen,
+                deferred_total,
+                defer_since,
+                forced,
+                locks,
+                provisioned_at,
+                cancelled,
+                held,
+            ) = items
             return cls(
                 State(state),
                 pending,
@@ -183,6 +222,14 @@ class Record:
                 tuple(Report._from_list(r) for r in outbox),
                 fetched,
                 download_started,
+                first_seen,
+                float(deferred_total),
+                defer_since,
+                forced,
+                tuple((str(name), float(until)) for name, until in locks),
+                provisioned_at,
+                cancelled,
+                tuple(held),
             )
         except Exception as exc:
             raise JournalError(f"journal record: bad body ({exc})") from exc

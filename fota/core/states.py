@@ -18,3 +18,7 @@ class State(Enum):
     INSTALL_DEFERRED = 13
     AWAIT_COMMIT = 14
     FAILED = 15
+    DOWNLOAD_HELD = 16
+    """Authorized (or forced), waiting for local conditions before the download starts."""
+    INSTALL_HELD = 17
+    """Authorized (or forced), waiting for local conditions before the install starts."""

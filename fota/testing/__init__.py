@@ -1,5 +1,6 @@
-"""Testing helpers that ship with fota: a real CoAP update server with fault injection."""
+"""Testing helpers that ship with fota: a real CoAP update server, and a hand-moved clock."""
 
+from fota.testing.clock import ManualClock
 from fota.testing.server import FaultPlan, Published, RequestLog, UpdateServer, bound_port
 
-__all__ = ["FaultPlan", "Published", "RequestLog", "UpdateServer", "bound_port"]
+__all__ = ["FaultPlan", "ManualClock", "Published", "RequestLog", "UpdateServer", "bound_port"]

@@ -6,7 +6,8 @@ default: the OS picks one, see :attr:`UpdateServer.port`):
 * images and manifests are files under ``root``, addressed by digest, and Block2 slices are cut
   from disk for each request (stateless: a new server on the same files resumes a download);
   the ETag is derived from the image digest, so it survives a server restart;
-* announcements per device (or for every device) are observable;
+* announcements per device (or for every device) are observable, and may withdraw (cancel) a
+  manifest;
 * every request and every status report is recorded for tests to assert on;
 * a seeded :class:`FaultPlan` injects faults into image requests: corrupt blocks, request
   loss, response delay (fixed + jitter, or answers one at a time), a smaller block size or
@@ -453,9 +454,7 @@ class _Announcements(aiocoap.resource.ObservableResource, aiocoap.resource.PathC
         device = "/".join(request.opt.uri_path)
         self.server._log("GET", f"/fota/ann/{device}", None, None)
         ann = self.server.announcements.get(device) or self.server.announcements.get(ALL_DEVICES)
-        body: dict[int, Any] = {1: 0}
-        if ann is not None:
-            body = {1: ann[0], 2: ann[1], 3: f"../m/{ann[1].hex()}"}
+        body: dict[int, Any] = {1: 0} if ann is None else ann
         return aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(body), content_format=CF_CBOR)
 
 
@@ -511,7 +510,9 @@ class UpdateServer:
         self.port = port
         self.faults = faults or FaultPlan()
         self.max_szx = max_block_size.bit_length() - 5
-        self.announcements: dict[str, tuple[int, bytes]] = {}
+        self.announcements: dict[str, dict[int, Any]] = {}
+        """The announcement body (CBOR map of ``docs/protocol.md``) per device id or
+        :data:`ALL_DEVICES`; a device's own entry wins."""
         self.requests: list[RequestLog] = []
         self.request_hook: Callable[[RequestLog], None] | None = None
         """Called with every request as it arrives (tests wait on it instead of sleeping)."""
@@ -521,6 +522,8 @@ class UpdateServer:
         """The most image requests that were ever in flight at once."""
         self._turn = asyncio.Lock()  # FIFO: throttled answers leave one at a time, in order
         self.reports: list[dict[int, Any]] = []
+        """Every report received, in arrival order, duplicates left out."""
+        self._reports_by_device: dict[str, list[dict[int, Any]]] = {}
         self.duplicate_reports = 0
         self._seen: set[tuple[str, int]] = set()
         self._changed = asyncio.Condition()
@@ -603,11 +606,16 @@ class UpdateServer:
         component: Component = Component.FIRMWARE,
         severity: Severity = Severity.OPTIONAL,
         max_deferral: int = 0,
+        deadline: int | None = None,
         fragment_size: int = DEFAULT_FRAGMENT,
         key: PrivateKey | None = None,
         kid: bytes | None = None,
     ) -> Published:
-        """Store an image and sign a manifest for it, without announcing it."""
+        """Store an image and sign a manifest for it, without announcing it.
+
+        ``deadline`` (UTC epoch seconds, manifest key 14): past it the update proceeds without
+        asking and through every local wait.
+        """
         path, sha = self.store_image(image)
         size = path.stat().st_size
         if sequence is None:
@@ -626,6 +634,7 @@ class UpdateServer:
             polite=polite,
             severity=severity,
             max_deferral=max_deferral,
+            deadline=deadline,
         )
         raw = mf.sign(body, key or self.key, kid or self.kid)
         digest = hashlib.sha256(raw).digest()
@@ -638,11 +647,41 @@ class UpdateServer:
         digest = hashlib.sha256(raw).digest()
         (self.root / "m" / digest.hex()).write_bytes(raw)
         devices = tuple(devices)
-        for device in devices:
-            self.announcements[device] = (sequence, digest)
-        self._ann.notify(devices)
+        self.announce_body({1: sequence, 2: digest, 3: f"../m/{digest.hex()}"}, devices)
         log.info("manifest_announced", sequence=sequence, digest=digest.hex()[:16], devices=devices)
         return digest
+
+    def announce_body(self, body: dict[int, Any], devices: Iterable[str] = (ALL_DEVICES,)) -> None:
+        """Serve ``body`` as the announcement, as it is (a malformed one too), and notify.
+
+        For tests of a misbehaving server; :meth:`publish` and :meth:`cancel` build correct
+        bodies. Setting :attr:`announcements` directly changes the announcement without
+        notifying observers (a lost notification).
+        """
+        devices = tuple(devices)
+        for device in devices:
+            self.announcements[device] = dict(body)
+        self._ann.notify(devices)
+
+    def cancel(self, digest: bytes, devices: Iterable[str] = (ALL_DEVICES,)) -> int:
+        """Withdraw the manifest with this digest: announce ``{1: seq, 4: digest}``.
+
+        The announcement sequence is bumped (so are later manifests' default sequences) and
+        observers are notified. The withdrawn manifest stays downloadable. Returns the
+        announcement's sequence number.
+
+        Raises:
+            ValueError: ``digest`` is not 32 bytes.
+        """
+        if len(digest) != 32:
+            raise ValueError(f"a manifest digest has 32 bytes, not {len(digest)}")
+        announced = [a[1] for a in self.announcements.values() if isinstance(a.get(1), int)]
+        sequence: int = max([self._sequence, *announced]) + 1
+        self._sequence = sequence
+        devices = tuple(devices)
+        self.announce_body({1: sequence, 4: digest}, devices)
+        log.info("manifest_cancelled", sequence=sequence, digest=digest.hex()[:16], devices=devices)
+        return sequence
 
     def publish(
         self,
@@ -704,11 +743,16 @@ class UpdateServer:
             return
         self._seen.add(key)
         self.reports.append(report)
+        self._reports_by_device.setdefault(device, []).append(report)
         asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    def reports_for(self, device: str) -> list[dict[int, Any]]:
+        """The reports one device sent, in arrival order, duplicates left out (a copy)."""
+        return list(self._reports_by_device.get(device, ()))
 
     def image_requests(self, sha256: bytes) -> list[RequestLog]:
         """Requests for the image with this digest."""

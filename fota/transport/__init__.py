@@ -15,11 +15,20 @@ from typing import Protocol
 
 @dataclass(frozen=True, slots=True)
 class Announcement:
-    """A decoded announcement; ``manifest_uri`` is already resolved to an absolute URI."""
+    """A decoded announcement; ``manifest_uri`` is already resolved to an absolute URI.
+
+    Attributes:
+        sequence: the announcement's sequence number (0: nothing announced).
+        manifest_digest: SHA-256 of the announced manifest, if one is announced.
+        manifest_uri: where to fetch it, if one is announced.
+        cancel: SHA-256 of a manifest the server withdraws (key 4); an announcement may
+            carry only a cancel.
+    """
 
     sequence: int
     manifest_digest: bytes | None
     manifest_uri: str | None
+    cancel: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +105,14 @@ class Transport(Protocol):
 
     def announcements(self) -> AsyncIterator[Announcement]:
         """Yield the current announcement and every change to it, forever."""
+        ...
+
+    def check_now(self) -> None:
+        """Make the announcement watcher fetch the announcement now and yield it.
+
+        Returns at once (call it from the event loop's thread); for an application that just
+        woke from sleep. Works whether the watcher polls or observes.
+        """
         ...
 
     async def fetch(self, uri: str, *, limit: int) -> bytes:

@@ -13,8 +13,10 @@ leaves this module: its errors become :mod:`fota.errors` types with the original
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiocoap
@@ -57,6 +59,14 @@ def tuning(ack_timeout: float, max_retransmit: int) -> TransportTuning:
     return _Tuning()
 
 
+def poll_delay(interval: float, jitter: float, rng: random.Random) -> float:
+    """One poll interval, drawn uniformly in ``interval * (1 ± jitter)``.
+
+    A fleet that started together (a power cut ends) must not poll in lockstep.
+    """
+    return interval * rng.uniform(1.0 - jitter, 1.0 + jitter)
+
+
 def szx_for(block_size: int) -> int:
     """The SZX exponent for a block size of 16..1024 bytes (a power of two)."""
     if block_size not in (16, 32, 64, 128, 256, 512, 1024):
@@ -87,6 +97,11 @@ class CoapTransport:
         poll_interval: poll the announcement this often instead of observing (sleepy
             devices); None observes.
         observe_refresh: re-register an observation that was silent this long (seconds).
+        poll_jitter: each poll interval is drawn uniformly in ``poll_interval * (1 ± jitter)``
+            (0 <= jitter < 1), so a fleet does not poll in lockstep.
+
+    Raises:
+        ValueError: ``poll_jitter`` is outside 0..1.
     """
 
     def __init__(
@@ -98,13 +113,22 @@ class CoapTransport:
         max_retransmit: int = 4,
         poll_interval: float | None = None,
         observe_refresh: float = 300.0,
+        poll_jitter: float = 0.1,
     ) -> None:
+        if not 0 <= poll_jitter < 1:
+            raise ValueError(f"poll_jitter {poll_jitter} must be in 0..1 (1 excluded)")
         self.server = server.rstrip("/")
         self.device_id = device_id
         self.announce_uri = f"{self.server}/fota/ann/{device_id}"
         self.report_uri = f"{self.server}/fota/report/{device_id}"
         self.poll_interval = poll_interval
         self.observe_refresh = observe_refresh
+        self.poll_jitter = poll_jitter
+        self._random = random.Random()
+        # Set by check_now(); the poll timer, the observation wait and the back-off all
+        # also wait on it. Cleared just before a fetch, so a check made during a fetch
+        # gets a fetch of its own.
+        self._check = asyncio.Event()
         self._tuning = tuning(ack_timeout, max_retransmit)
         self._ctx: Any = None
         self._ctx_lock = asyncio.Lock()
@@ -220,64 +244,137 @@ class CoapTransport:
             seq = body[1]
             digest = body.get(2)
             location = body.get(3)
+            cancel = body.get(4)
             if not isinstance(seq, int) or (digest is not None and not isinstance(digest, bytes)):
                 raise ValueError("field types")
             if location is not None and not isinstance(location, str):
                 raise ValueError("manifest location is not text")
+            if 4 in body and not (isinstance(cancel, bytes) and len(cancel) == 32):
+                raise ValueError("cancel is not a 32-byte digest")
         except Exception as exc:  # a misbehaving server must not stop the watcher
             log.warning("announcement_unusable", uri=self.announce_uri, error=str(exc))
             return None
         uri = resolve(self.announce_uri, location) if location else None
-        return Announcement(seq, digest, uri)
+        return Announcement(seq, digest, uri, cancel)
 
-    async def announcements(self) -> AsyncIterator[Announcement]:
+    def check_now(self) -> None:
+        """Fetch the announcement now (a plain GET) and yield it, polling or observing.
+
+        For an application that just woke from sleep. Returns at once; call it from the event
+        loop's thread. Several calls before the fetch starts make one fetch.
+        """
+        self._check.set()
+
+    def next_poll_delay(self) -> float:
+        """The next poll interval (see ``poll_jitter``)."""
+        assert self.poll_interval is not None
+        return poll_delay(self.poll_interval, self.poll_jitter, self._random)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` (a timer) or until :meth:`check_now`, whichever comes first."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._check.wait()
+
+    async def _get_announcement(self) -> Announcement | None:
+        self._check.clear()
+        response = await self._request(self.announce_uri, code=Code.GET)
+        return self._decode_announcement(response)
+
+    async def announcements(self) -> AsyncGenerator[Announcement, None]:
         """Observe (or poll) the announcement; yield every usable one, forever.
 
-        Network errors are retried with a capped back-off so the watcher never dies; they
-        are logged at INFO because a gateway losing its uplink is an expected event.
+        :meth:`check_now` makes it fetch (GET) and yield the announcement at once, in both
+        modes. Network errors are retried with a capped back-off so the watcher never dies;
+        they are logged at INFO because a gateway losing its uplink is an expected event.
         """
         backoff = 1.0
         while True:
             try:
                 if self.poll_interval is not None:
-                    response = await self._request(self.announce_uri, code=Code.GET)
+                    ann = await self._get_announcement()
                     backoff = 1.0
-                    ann = self._decode_announcement(response)
                     if ann is not None:
                         yield ann
-                    await asyncio.sleep(self.poll_interval)
+                    await self._pause(self.next_poll_delay())
                     continue
                 ctx = await self._context()
                 msg = aiocoap.Message(
                     code=Code.GET, uri=self.announce_uri, observe=0, transport_tuning=self._tuning
                 )
+                self._check.clear()  # the registration's answer is a fresh announcement
                 request = ctx.request(msg)
-                response = await request.response
-                backoff = 1.0
-                ann = self._decode_announcement(response)
-                if ann is not None:
-                    yield ann
-                # A server that restarts forgets its observers without telling them, so a
-                # silent observation is re-registered after observe_refresh seconds.
-                notifications = aiter(request.observation)
-                while True:
-                    try:
-                        notification = await asyncio.wait_for(
-                            anext(notifications), self.observe_refresh
-                        )
-                    except StopAsyncIteration:
-                        log.info("observation_ended", uri=self.announce_uri)
-                        break
-                    except TimeoutError:
-                        request.observation.cancel()
-                        log.debug("observation_refreshed", uri=self.announce_uri)
-                        backoff = 0.0
-                        break
-                    ann = self._decode_announcement(notification)
+                try:
+                    response = await request.response
+                    backoff = 1.0
+                    ann = self._decode_announcement(response)
                     if ann is not None:
                         yield ann
+                    notes = self._notifications(request.observation)
+                    async with contextlib.aclosing(notes):
+                        async for note in notes:
+                            if note is None:  # silent too long: re-register at once
+                                backoff = 0.0
+                                break
+                            yield note
+                finally:
+                    if not request.observation.cancelled:
+                        request.observation.cancel()
             except (aiocoap.error.Error, OSError, TransportError) as exc:
                 log.info("announcement_retry", uri=self.announce_uri, error=str(exc), delay=backoff)
-            # Back-off between re-registrations (a timer, not synchronisation).
-            await asyncio.sleep(backoff)
+            # Back-off between re-registrations (a timer, not synchronisation); check_now()
+            # cuts it short.
+            await self._pause(backoff)
             backoff = min(max(backoff, 0.5) * 2, 60.0)
+
+    async def _notifications(self, observation: Any) -> AsyncGenerator[Announcement | None, None]:
+        """The usable notifications of one observation, and a GET's answer per check_now().
+
+        Ends when the server ends the observation; yields None (and should be left) when the
+        observation was silent for ``observe_refresh`` seconds: a server that restarts
+        forgets its observers without telling them.
+        """
+        notifications = aiter(observation)
+
+        async def next_notification() -> Any:
+            try:
+                return await anext(notifications)
+            except StopAsyncIteration:
+                return None
+
+        loop = asyncio.get_running_loop()
+        silent_until = loop.time() + self.observe_refresh
+        # One pending read, kept across checks: cancelling it would cancel the iterator's
+        # own future.
+        pending = asyncio.create_task(next_notification())
+        checking: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                checking = asyncio.create_task(self._check.wait())
+                done, _ = await asyncio.wait(
+                    (pending, checking),
+                    timeout=max(0.0, silent_until - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                checking.cancel()
+                if pending in done:
+                    notification = pending.result()
+                    if notification is None:
+                        log.info("observation_ended", uri=self.announce_uri)
+                        return
+                    pending = asyncio.create_task(next_notification())
+                    silent_until = loop.time() + self.observe_refresh
+                    ann = self._decode_announcement(notification)
+                elif checking in done:
+                    log.debug("announcement_check", uri=self.announce_uri)
+                    ann = await self._get_announcement()
+                else:
+                    log.debug("observation_refreshed", uri=self.announce_uri)
+                    yield None
+                    return
+                if ann is not None:
+                    yield ann
+        finally:
+            pending.cancel()
+            if checking is not None:
+                checking.cancel()
