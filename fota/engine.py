@@ -38,10 +38,9 @@ from fota.config import Config
 from fota.core import commands as cmd
 from fota.core import events as ev
 from fota.core import policy as pol
-from fota.core.machine import LEGAL, Model, transitions_kwargs
+from fota.core.machine import LEGAL, Model, machine_kwargs
 from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest, accept
 from fota.core.policy import must_ask
-from fota.core.states import State
 from fota.core.uri import resolve
 from fota.download import Downloader
 from fota.errors import (
@@ -218,16 +217,7 @@ class Engine:
             pending=loaded.pending,
             installed=installed,
         )
-        AsyncMachine(
-            model=self.model,
-            states=State,
-            transitions=transitions_kwargs(),
-            initial=record.state,
-            auto_transitions=False,
-            send_event=True,
-            queued=False,
-            after_state_change="sync_state",
-        )
+        AsyncMachine(model=self.model, **machine_kwargs(record.state))
         log.info(
             "engine_started",
             state=record.state.name,

@@ -34,7 +34,7 @@ from transitions.extensions.asyncio import AsyncMachine
 
 from fota.core import commands as C
 from fota.core import events as ev
-from fota.core.machine import CANCELLABLE, Model, transitions_kwargs
+from fota.core.machine import CANCELLABLE, Model, machine_kwargs
 from fota.core.manifest import (
     Component,
     Manifest,
@@ -180,16 +180,7 @@ class CoreMachine(RuleBasedStateMachine):
             pending=pending if state is not S.IDLE else None,
             installed=inst,
         )
-        AsyncMachine(
-            model=model,
-            states=State,
-            transitions=transitions_kwargs(),
-            initial=state,
-            auto_transitions=False,
-            send_event=True,
-            queued=False,
-            after_state_change="sync_state",
-        )
+        AsyncMachine(model=model, **machine_kwargs(state))
         self.model = model
 
     # -- driving ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from transitions.extensions.asyncio import AsyncMachine
 
 from fota.core import commands as C
 from fota.core import events as ev
-from fota.core.machine import TRANSITIONS, Model, Transition, transitions_kwargs, triggers
+from fota.core.machine import TRANSITIONS, Model, Transition, machine_kwargs, triggers
 from fota.core.manifest import (
     MAX_MANIFEST_BYTES,
     Component,
@@ -293,14 +293,8 @@ def build(
     model.handler_present = handler
     AsyncMachine(
         model=model,
-        states=State,
-        transitions=transitions_kwargs(),
-        initial=record.state,
-        auto_transitions=False,
-        send_event=True,
-        queued=False,
-        after_state_change="sync_state",
         finalize_event=seen.append if seen is not None else None,
+        **machine_kwargs(record.state),
     )
     assert model.state is record.state
     return model

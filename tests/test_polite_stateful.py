@@ -65,7 +65,7 @@ from transitions.extensions.asyncio import AsyncMachine
 
 from fota.core import commands as C
 from fota.core import events as ev
-from fota.core.machine import ASK_DOWNLOAD, ASK_INSTALL, LEGAL, Model, transitions_kwargs
+from fota.core.machine import ASK_DOWNLOAD, ASK_INSTALL, LEGAL, Model, machine_kwargs
 from fota.core.manifest import (
     Component,
     Manifest,
@@ -214,16 +214,7 @@ FACTORY: dict[str, Manifest | None] = {
 
 def _build(model: Model, state: State) -> None:
     """Attach the machine to ``model`` exactly as ``Engine.start`` does."""
-    AsyncMachine(
-        model=model,
-        states=State,
-        transitions=transitions_kwargs(),
-        initial=state,
-        auto_transitions=False,
-        send_event=True,
-        queued=False,
-        after_state_change="sync_state",
-    )
+    AsyncMachine(model=model, **machine_kwargs(state))
 
 
 async def _trigger(model: Model, event: ev.Event, now: float, draw: float) -> bool:

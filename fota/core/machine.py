@@ -357,6 +357,24 @@ def transitions_kwargs() -> list[dict[str, Any]]:
     ]
 
 
+def machine_kwargs(initial: State) -> dict[str, Any]:
+    """Everything but the model that ``AsyncMachine(model=..., **machine_kwargs(s))`` takes.
+
+    One place for the settings the design fixes (no auto transitions, ``send_event``, not
+    queued, the record synced after every state change), so the engine and the core tests
+    build the same machine.
+    """
+    return {
+        "states": State,
+        "transitions": transitions_kwargs(),
+        "initial": initial,
+        "auto_transitions": False,
+        "send_event": True,
+        "queued": False,
+        "after_state_change": "sync_state",
+    }
+
+
 LEGAL: frozenset[tuple[State, str]] = frozenset(
     (state, t.trigger) for t in TRANSITIONS for state in t.source
 )
