@@ -41,7 +41,12 @@ if TYPE_CHECKING:
         UpdateInfo,
         UpdateReason,
     )
-    from fota.install import FileInstaller, Installer
+    from fota.install import ByComponent, FileInstaller, Installer, Outcome
+    from fota.install.ab import ABInstaller
+    from fota.install.archive import ArchiveInstaller
+    from fota.install.command import CommandInstaller
+    from fota.install.rauc import RaucInstaller
+    from fota.install.swupdate import SwupdateInstaller
 
 _WHERE = {
     "Client": "fota.client",
@@ -60,8 +65,15 @@ _WHERE = {
     "UpdateHandler": "fota.handler",
     "UpdateInfo": "fota.handler",
     "UpdateReason": "fota.handler",
+    "ByComponent": "fota.install",
     "FileInstaller": "fota.install",
     "Installer": "fota.install",
+    "Outcome": "fota.install",
+    "ABInstaller": "fota.install.ab",
+    "ArchiveInstaller": "fota.install.archive",
+    "CommandInstaller": "fota.install.command",
+    "RaucInstaller": "fota.install.rauc",
+    "SwupdateInstaller": "fota.install.swupdate",
     **{
         name: "fota.errors"
         for name in (
@@ -83,9 +95,13 @@ _WHERE = {
 }
 
 __all__ = [
+    "ABInstaller",
+    "ArchiveInstaller",
     "AutoAuthorize",
     "BaseHandler",
+    "ByComponent",
     "Client",
+    "CommandInstaller",
     "Component",
     "Config",
     "ConfigError",
@@ -102,13 +118,16 @@ __all__ = [
     "Manifest",
     "ManifestBody",
     "ManifestError",
+    "Outcome",
     "PermanentServerError",
     "PolicyError",
+    "RaucInstaller",
     "ResultCode",
     "Severity",
     "State",
     "Status",
     "StorageError",
+    "SwupdateInstaller",
     "TransportError",
     "TrustStore",
     "UpdateHandler",

@@ -131,18 +131,20 @@ async def _run_client(config: Config, handler: UpdateHandler | None) -> int:
 
 def _config_from_args(args: argparse.Namespace) -> Config:
     from fota import keys
-    from fota.config import Config
+    from fota.config import Config, load_install_settings
 
+    install = load_install_settings(Path(args.install_config)) if args.install_config else {}
     return Config(
         server=args.server,
         device_id=args.device_id,
         device_class=args.device_class,
         state_dir=Path(args.state_dir),
         trust=keys.trust_store([Path(p) for p in args.trust]),
-        target=Path(args.target),
+        target=Path(args.target) if args.target else None,
         poll_interval=args.poll_interval,
         block_size=args.block_size,
         ack_timeout=args.ack_timeout,
+        **install,
     )
 
 
@@ -291,7 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server", required=True, help="coap://host:port")
     run.add_argument("--state-dir", required=True)
     run.add_argument("--trust", action="append", required=True, help="public key PEM (repeatable)")
-    run.add_argument("--target", required=True, help="file the image replaces")
+    run.add_argument("--target", help="file the image replaces (the file installer)")
+    run.add_argument(
+        "--install-config",
+        metavar="FILE.toml",
+        help="installers, self-test and restart settings (docs/installers.md)",
+    )
     run.add_argument("--device-id", default=os.uname().nodename)
     run.add_argument("--device-class", required=True)
     run.add_argument("--auto-authorize", action="store_true", help="authorize every update at once")

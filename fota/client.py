@@ -16,7 +16,7 @@ from fota.core.states import State
 from fota.engine import Condition, Engine, SelfTest
 from fota.errors import ConfigError, InvalidTransition, PolicyError
 from fota.handler import UpdateHandler
-from fota.install import FileInstaller, Installer
+from fota.install import Context, FileInstaller, Installer, from_config
 from fota.journal import FileOps, Journal
 from fota.transport import Transport
 from fota.transport.coap import CoapTransport
@@ -61,6 +61,19 @@ class Status:
     forced: str = ""
     held: tuple[str, ...] = ()
     locks: tuple[tuple[str, float], ...] = ()
+
+
+def installer_for(config: Config) -> Installer:
+    """The installer ``config`` describes: ``Config.installers``, else a file at ``target``.
+
+    Raises:
+        ConfigError: naming the setting at fault.
+    """
+    if config.installers:
+        return from_config(config.installers, Context(config.state_dir, config.hook_timeout))
+    if config.target is None:
+        raise ConfigError("target: needed when neither installer nor installers is given")
+    return FileInstaller(config.target)
 
 
 def status_of(model: Model, now: float | None = None) -> Status:
@@ -121,9 +134,7 @@ class Client:
         conditions: Mapping[str, Condition] | None = None,
     ) -> None:
         if installer is None:
-            if config.target is None:
-                raise ConfigError("target: needed when no installer is given")
-            installer = FileInstaller(config.target)
+            installer = installer_for(config)
         self._owns_transport = transport is None
         self.transport: Transport = transport or CoapTransport(
             config.server,
@@ -258,9 +269,10 @@ class Client:
     def set_handler(self, handler: UpdateHandler | None) -> None:
         """Register the application's handler (or remove it with None).
 
-        An update waiting for an answer asks the new handler at once. Register as early as
-        possible: with ``Config.unanswered = "proceed"``, a polite update proceeds when nobody
-        registered within the grace period.
+        An update waiting for an answer asks it at once when no handler was registered
+        before (a replaced handler is not asked again). Register as early as possible: with
+        ``Config.unanswered = "proceed"``, a polite update proceeds when nobody registered
+        within the grace period.
         """
         self.engine.set_handler(handler)
 

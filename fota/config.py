@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from pathlib import Path
+from typing import Any
 
 from fota.core.manifest import TrustStore
 from fota.core.policy import Policy
@@ -100,6 +101,18 @@ class Config:
         max_lock_ttl: longest inhibitor lock time to live, seconds.
         factory_manifest: the signed manifest of the image the device was provisioned with;
             read at the first start so that its ``polite`` flag governs the first update.
+        installers: installer settings by component (``firmware``, ``application``,
+            ``other``, or ``default``), each a table with a ``kind`` (docs/installers.md);
+            empty: a file installer for ``target``.
+        self_test_command: a health check run after the new image starts (argument list);
+            exit 0 passes. It runs after the in-process ``self_test`` callback, if any.
+        self_test_deadline: seconds from the new image's start within which the self-test
+            must pass (it is retried until then); else the update is rolled back.
+        self_test_interval: seconds between self-test attempts.
+        restart_command: what restarts the device when an installer needs it (argument
+            list, e.g. ``["systemctl", "reboot"]``); None: fota waits for someone to do it.
+        boot_id_path: a file whose content changes at every boot; a restart asked for has
+            happened when it changed. None: every start counts as that restart.
     """
 
     server: str
@@ -141,6 +154,12 @@ class Config:
     max_locks: int = 32
     max_lock_ttl: float = 86400.0
     factory_manifest: Path | None = None
+    installers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    self_test_command: list[str] | None = None
+    self_test_deadline: float = 300.0
+    self_test_interval: float = 10.0
+    restart_command: list[str] | None = None
+    boot_id_path: Path | None = Path("/proc/sys/kernel/random/boot_id")
     _windows: tuple[Window, ...] = field(default=(), init=False, repr=False)
     _zone: tzinfo = field(default=UTC, init=False, repr=False)
 
@@ -162,6 +181,8 @@ class Config:
             raise ConfigError("fsync_every: must be at least 1")
         if not 1 <= self.progress_step <= 100:
             raise ConfigError(f"progress_step: {self.progress_step} must be in 1..100")
+        if self.restart_limit < 1:
+            raise ConfigError(f"restart_limit: {self.restart_limit} must be at least 1")
         if self.max_attempts < 1:
             raise ConfigError("max_attempts: must be at least 1")
         if self.ack_timeout <= 0:
@@ -197,6 +218,15 @@ class Config:
         self._zone = local_zone(self.timezone)
         if self.factory_manifest is not None:
             self.factory_manifest = Path(self.factory_manifest)
+        for name in ("self_test_deadline", "self_test_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        for name in ("self_test_command", "restart_command"):
+            argv = getattr(self, name)
+            if argv is not None and (not argv or not all(isinstance(a, str) and a for a in argv)):
+                raise ConfigError(f"{name}: must be a non-empty list of arguments")
+        if self.boot_id_path is not None:
+            self.boot_id_path = Path(self.boot_id_path)
 
     def policy(self) -> Policy:
         """The core's view of these settings."""
@@ -224,9 +254,53 @@ class Config:
             gates_download=self.gates_download,
             max_locks=self.max_locks,
             max_lock_ttl=self.max_lock_ttl,
+            self_test_deadline=self.self_test_deadline,
+            self_test_interval=self.self_test_interval,
         )
 
 
 def _by_severity(table: dict[str, float | None]) -> tuple[float | None, float | None, float | None]:
     """A severity table as the core's tuple (index = Severity value); missing: None."""
     return (table.get("optional"), table.get("mandatory"), table.get("critical"))
+
+
+INSTALL_KEYS: dict[str, type | tuple[type, ...]] = {
+    "installers": dict,
+    "self_test_command": list,
+    "self_test_deadline": (int, float),
+    "self_test_interval": (int, float),
+    "restart_command": list,
+    "boot_id_path": str,
+    "hook_timeout": (int, float),
+    "factory_manifest": str,
+    "restart_limit": int,
+}
+"""The settings ``fota run --install-config FILE`` reads (the daemon's TOML grows from it)."""
+
+
+def load_install_settings(path: Path) -> dict[str, Any]:
+    """Read the install settings from a TOML file, as ``Config`` keyword arguments.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a key is unknown or of the wrong
+            type (the message names the file and the key).
+    """
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        expected = INSTALL_KEYS.get(key)
+        if expected is None:
+            raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(INSTALL_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, expected):
+            kind = expected.__name__ if isinstance(expected, type) else "a number"
+            raise ConfigError(f"{path}: {key}: expected {kind}, got {value!r}")
+        out[key] = Path(str(value)) if key in ("boot_id_path", "factory_manifest") else value
+    return out

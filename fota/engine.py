@@ -34,6 +34,7 @@ import structlog
 from transitions.core import MachineError
 from transitions.extensions.asyncio import AsyncMachine
 
+from fota import crashpoints, hooks
 from fota.config import Config
 from fota.core import commands as cmd
 from fota.core import events as ev
@@ -41,6 +42,8 @@ from fota.core import policy as pol
 from fota.core.machine import LEGAL, Model, machine_kwargs
 from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest, accept
 from fota.core.policy import must_ask
+from fota.core.record import Record
+from fota.core.states import State
 from fota.core.uri import resolve
 from fota.download import Downloader
 from fota.errors import (
@@ -88,36 +91,60 @@ def decision_event(update_id: str, decision: Decision) -> ev.Event | None:
     return None
 
 
-async def run_condition(name: str, argv: list[str], timeout: float) -> bool:
-    """Run a condition command; exit 0 means "may proceed".
+async def _run_check(
+    name: str, argv: list[str], timeout: float, env: dict[str, str] | None = None
+) -> tuple[bool, str]:
+    """Run a check command (condition, self-test, restart); exit 0 passes.
 
-    The command is an argument list, never a shell string. Any other exit, a timeout or a
-    missing program means "not now".
+    Any other exit, a timeout or a missing program fails, with a detail saying which.
     """
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,  # a command that prompts must not hang the update
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    except OSError as exc:
-        log.warning("condition_failed", condition=name, error=str(exc))
-        return False
+        done = await hooks.run(argv, name=name, timeout=timeout, env=env)
+    except hooks.CommandNotFound as exc:
+        log.warning("command_missing", command=name, error=str(exc))
+        return False, str(exc)
+    return done.ok, "" if done.ok else hooks.describe(name, done, timeout)
+
+
+def _manifest_env(manifest: Manifest) -> dict[str, str]:
+    """What a self-test or restart command learns about the update."""
+    return {
+        "FOTA_UPDATE_ID": manifest.update_id,
+        "FOTA_VERSION": manifest.body.version,
+        "FOTA_COMPONENT": manifest.body.component.name.lower(),
+    }
+
+
+_DURABLE_STATES = {
+    State.INSTALLING: "journal:installing",
+    State.AWAIT_RESTART: "journal:await_restart",
+    State.AWAIT_COMMIT: "journal:await_commit",
+    State.ROLLING_BACK: "journal:rolling_back",
+}
+
+
+def read_boot_id(path: Path | None) -> str:
+    """This boot's id (Linux: ``/proc/sys/kernel/random/boot_id``); "" if it cannot be read."""
+    if path is None:
+        return ""
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        log.warning("condition_timed_out", condition=name, timeout=timeout)
-        return False
-    log.debug(
-        "condition_checked",
-        condition=name,
-        code=proc.returncode,
-        output=out.decode(errors="replace")[-200:],
-    )
-    return proc.returncode == 0
+        return path.read_text().strip()
+    except OSError as exc:
+        log.warning("boot_id_unreadable", path=str(path), error=exc.strerror)
+        return ""
+
+
+def _crash_after_save(old: Record, new: Record) -> None:
+    """The crash points of the install steps, right after the journal made one durable."""
+    if new.state is not old.state:
+        if new.state in _DURABLE_STATES:
+            crashpoints.point(_DURABLE_STATES[new.state])
+        elif new.state is State.IDLE and old.state is State.AWAIT_COMMIT:
+            crashpoints.point("journal:idle")
+        elif new.state is State.FAILED and old.state is State.ROLLING_BACK:
+            crashpoints.point("journal:failed")
+    elif new.tested and not old.tested:
+        crashpoints.point("journal:tested")
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:
@@ -171,6 +198,9 @@ class Engine:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loose: set[asyncio.Task[None]] = set()
         self._timers: dict[str, tuple[float, str]] = {}
+        # Timers that fired and wait in the inbox. A StartTimer or CancelTimer of the same
+        # name handled before them makes them stale: they are dropped, not acted on.
+        self._fired: dict[str, ev.TimerFired] = {}
         self._timer_wake = asyncio.Event()
         self.conditions: dict[str, Condition] = dict(conditions or {})
         self._changed = asyncio.Condition()
@@ -225,6 +255,7 @@ class Engine:
             installed=installed.body.version if installed else None,
         )
         self.model.handler_present = self.handler is not None
+        self.model.boot_id = read_boot_id(self.config.boot_id_path)
         self._runner = asyncio.create_task(self._run(), name="fota-engine")
         self.post(ev.Restarted())
         self._spawn("watch", self._watch())
@@ -272,10 +303,17 @@ class Engine:
         self._retired.clear()
 
     def set_handler(self, handler: UpdateHandler | None) -> None:
-        """Register (or remove) the application's handler; a waiting update asks the new one."""
+        """Register (or remove) the application's handler.
+
+        An update waiting for an answer asks it at once when no handler was registered before.
+        """
         self.handler = handler
         if self._runner is not None:
             self.post(ev.HandlerChanged(handler is not None))
+
+    def timers(self) -> dict[str, float]:
+        """The timers armed now: name -> wall-clock instant (for status displays and tests)."""
+        return {name: at for name, (at, _) in self._timers.items()}
 
     def check_timers(self) -> None:
         """Look at the timers now (the wall clock may have jumped: resume from suspend)."""
@@ -289,7 +327,8 @@ class Engine:
             for name, (at, uid) in sorted(self._timers.items(), key=lambda x: x[1][0]):
                 if at <= now:
                     del self._timers[name]
-                    self.post(ev.TimerFired(name, uid))
+                    fired = self._fired[name] = ev.TimerFired(name, uid)
+                    self.post(fired)
             nearest = min((at for at, _ in self._timers.values()), default=None)
             delay = TIMER_RECHECK if nearest is None else min(TIMER_RECHECK, nearest - now)
             self._timer_wake.clear()
@@ -343,7 +382,15 @@ class Engine:
     async def _handle(self, event: ev.Event, future: asyncio.Future[None] | None) -> None:
         model = self.model
         assert model is not None
-        before = (model.state, model.record, model.pending, model.installed)
+        if isinstance(event, ev.TimerFired):
+            if self._fired.get(event.name) is not event:
+                log.debug("timer_stale", timer=event.name, state=model.state.name)
+                if future is not None:
+                    future.set_result(None)
+                return
+            del self._fired[event.name]
+        before = (model.state, model.record)
+        snapshot = model.snapshot()
         try:
             ok = (model.state, event.trigger) in LEGAL and await model.trigger(
                 event.trigger, event=event, now=self.clock(), draw=self._random.random()
@@ -352,8 +399,7 @@ class Engine:
             ok = False
         except Exception:
             # transitions leaves the state changed when a callback raises: put it back.
-            model.state, model.record, model.pending, model.installed = before
-            model.take_commands()
+            model.restore(snapshot)
             raise
         if not ok:
             model.take_commands()
@@ -373,8 +419,7 @@ class Engine:
             try:
                 self.journal.save(model.record, (model.pending, model.installed))
             except (OSError, JournalError) as exc:
-                model.state, model.record, model.pending, model.installed = before
-                model.take_commands()
+                model.restore(snapshot)
                 log.error("journal_write_failed", error=str(exc), fact=type(event).__name__)
                 if future is not None:
                     future.set_exception(JournalError(f"journal write failed: {exc}"))
@@ -383,6 +428,7 @@ class Engine:
                     # would strand the update. Offer it again once the disk may have room.
                     asyncio.get_running_loop().call_later(JOURNAL_RETRY, self.post, event)
                 return
+            _crash_after_save(before[1], model.record)
         if isinstance(event, ev.ManifestFetched) and model.refusal is not None:
             refusal = model.refusal
             log.warning(
@@ -461,21 +507,27 @@ class Engine:
                 self._spawn("install", self._install(uid))
             case cmd.RunSelfTest(update_id=uid):
                 self._spawn("selftest", self._self_test(uid))
-            case cmd.Commit():
-                assert model.installed is not None
-                self._spawn(None, self._commit(model.installed))
-            case cmd.Rollback():
-                assert model.pending is not None
-                self._spawn(None, self._rollback(model.pending))
+            case cmd.RequestRestart(update_id=uid):
+                self._spawn("restart", self._request_restart(uid))
+            case cmd.CheckBoot(update_id=uid):
+                self._spawn("install", self._check_boot(uid))
+            case cmd.Commit(update_id=uid):
+                self._spawn("install", self._commit(uid))
+            case cmd.Rollback(update_id=uid):
+                self._spawn("install", self._rollback(uid))
+            case cmd.CheckAnnouncement():
+                self.transport.check_now()
             case cmd.DiscardCandidate():
                 self._cancel("download")
                 self.journal.ops.unlink(self.journal.candidate_path)
             case cmd.StartTimer(name=name, at=at, update_id=uid):
                 if not self._closing:
                     self._timers[name] = (at, uid)
+                    self._fired.pop(name, None)
                     self._timer_wake.set()
             case cmd.CancelTimer(name=name):
                 self._timers.pop(name, None)
+                self._fired.pop(name, None)
             case cmd.CheckGates(update_id=uid, step=step):
                 self._spawn("gates", self._check_gates(uid, step))
             case cmd.Inform(update_id=uid, step=step):
@@ -572,7 +624,8 @@ class Engine:
                 if not ok:
                     failing.append(name)
             for name, argv in self.config.condition_commands.items():
-                if not await run_condition(name, argv, self.config.hook_timeout):
+                ok, _ = await _run_check(f"condition {name}", argv, self.config.hook_timeout)
+                if not ok:
                     failing.append(name)
         self.post(ev.GatesChecked(update_id, tuple(failing)))
 
@@ -653,10 +706,14 @@ class Engine:
             ok = False
         self.post(ev.ImageChecked(update_id, ok))
 
-    async def _install(self, update_id: str) -> None:
+    def _pending(self, update_id: str) -> Manifest:
         model = self.model
         assert model is not None and model.pending is not None
-        manifest = model.pending
+        assert model.pending.update_id == update_id
+        return model.pending
+
+    async def _install(self, update_id: str) -> None:
+        manifest = self._pending(update_id)
         try:
             # Check again right before installing: a restart (days after VERIFYING, perhaps)
             # must not hand the installer bytes nobody checked since.
@@ -665,41 +722,108 @@ class Engine:
             )
             if digest != manifest.body.image_sha256:
                 raise IntegrityError("candidate no longer matches the manifest's image_sha256")
-            await self.installer.install(self.journal.candidate_path, manifest)
-        except OSError as exc:
-            self.post(ev.InstallFinished(update_id, InstallError(f"candidate: {exc}")))
-        except FotaError as exc:
-            self.post(ev.InstallFinished(update_id, exc))
-        except Exception as exc:  # a third-party installer's bug must not strand the update
-            self.post(ev.InstallFinished(update_id, InstallError(f"installer crashed: {exc!r}")))
+            outcome = await self.installer.install(
+                self.journal.candidate_path, manifest, self._install_progress(manifest)
+            )
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, FotaError)
+                else InstallError(f"candidate: {exc}")
+                if isinstance(exc, OSError)
+                # A third-party installer's bug must not strand the update.
+                else InstallError(f"installer crashed: {exc!r}")
+            )
+            log.error("install_failed", error=str(error), update_id=update_id)
+            self.post(ev.InstallFinished(update_id, error))
         else:
-            self.post(ev.InstallFinished(update_id))
+            self.post(ev.InstallFinished(update_id, restart=outcome.restart))
+
+    def _install_progress(self, manifest: Manifest) -> Callable[[int], None]:
+        loop = asyncio.get_running_loop()
+        last = -1
+
+        def report(percent: int) -> None:
+            nonlocal last
+            percent = max(0, min(100, int(percent)))
+            if percent // 10 > last // 10:  # every 10 %: an installer may call this per MiB
+                last = percent
+                log.info("install_progress", percent=percent, update_id=manifest.update_id)
+                if self.handler is not None:
+                    self._spawn(None, self.handler.on_install_progress(self._info(), percent))
+
+        def progress(percent: int) -> None:
+            # Installers call this from worker threads too (a slot written in to_thread).
+            loop.call_soon_threadsafe(report, percent)
+
+        return progress
 
     async def _self_test(self, update_id: str) -> None:
-        model = self.model
-        assert model is not None and model.pending is not None
+        """One attempt: the in-process check, then ``Config.self_test_command``."""
+        manifest = self._pending(update_id)
         ok, detail = True, ""
+        timeout = self.config.hook_timeout
         if self.self_test is not None:
             try:
-                ok, detail = await self.self_test(model.pending)
+                ok, detail = await asyncio.wait_for(self.self_test(manifest), timeout)
+            except TimeoutError:
+                ok, detail = False, f"self-test timed out after {timeout:g} s"
             except Exception as exc:
                 ok, detail = False, f"self-test crashed: {exc!r}"
+        if ok and self.config.self_test_command:
+            ok, detail = await _run_check(
+                "self-test", self.config.self_test_command, timeout, _manifest_env(manifest)
+            )
+        log.info("self_test_finished", ok=ok, detail=detail, update_id=update_id)
         self.post(ev.SelfTestFinished(update_id, ok, detail))
 
-    async def _commit(self, manifest: Manifest) -> None:
+    async def _request_restart(self, update_id: str) -> None:
+        manifest = self._pending(update_id)
+        argv = self.config.restart_command
+        if not argv:
+            log.warning(
+                "restart_required", update_id=update_id, why="no restart_command configured"
+            )
+            return
+        log.info("restarting_device", argv=argv, update_id=update_id)
+        ok, detail = await _run_check(
+            "restart", argv, self.config.hook_timeout, _manifest_env(manifest)
+        )
+        if not ok:
+            log.error("restart_failed", detail=detail, update_id=update_id)
+
+    async def _check_boot(self, update_id: str) -> None:
+        manifest = self._pending(update_id)
+        try:
+            ok = await self.installer.booted(manifest)
+            detail = "" if ok else "the device runs the previous image"
+        except Exception as exc:
+            ok, detail = False, f"boot check failed: {exc}"
+        self.post(ev.BootChecked(update_id, ok, detail))
+
+    async def _commit(self, update_id: str) -> None:
+        manifest = self._pending(update_id)
         try:
             await self.installer.commit(manifest)
+        except FotaError as exc:
+            self.post(ev.CommitFinished(update_id, exc))
         except Exception as exc:
-            log.error("commit_failed", error=str(exc))
-        if self.model is not None and self.model.pending is None:
-            # Only while no newer update has started writing a candidate of its own.
-            self.journal.ops.unlink(self.journal.candidate_path)
+            self.post(ev.CommitFinished(update_id, InstallError(f"commit crashed: {exc!r}")))
+        else:
+            self.post(ev.CommitFinished(update_id))
 
-    async def _rollback(self, manifest: Manifest) -> None:
+    async def _rollback(self, update_id: str) -> None:
+        manifest = self._pending(update_id)
         try:
-            await self.installer.rollback(manifest)
+            outcome = await self.installer.rollback(manifest)
+        except FotaError as exc:
+            log.error("rollback_failed", error=str(exc), update_id=update_id)
+            self.post(ev.RollbackFinished(update_id, exc))
         except Exception as exc:
-            log.error("rollback_failed", error=str(exc))
+            log.error("rollback_failed", error=repr(exc), update_id=update_id)
+            self.post(ev.RollbackFinished(update_id, InstallError(f"rollback crashed: {exc!r}")))
+        else:
+            self.post(ev.RollbackFinished(update_id, restart=outcome.restart))
 
     async def _deliver_reports(self) -> None:
         backoff = 0.2
@@ -719,4 +843,5 @@ class Engine:
                 backoff = min(backoff * 2, self.config.report_retry_cap)
                 continue
             backoff = 0.2
+            crashpoints.point("report:acknowledged")
             await self.submit(ev.ReportDelivered(report.sequence))

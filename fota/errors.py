@@ -38,6 +38,8 @@ class ResultCode(IntEnum):
     FORCED = 109
     SUPERSEDED = 110
     AUTHORIZED = 111
+    ROLLED_BACK = 112
+    ROLLBACK_FAILED = 113
 
 
 class FotaError(Exception):

@@ -124,8 +124,17 @@ class UpdateHandler(Protocol):
         """Download progress, about every ``Config.progress_step`` percent."""
         ...
 
+    async def on_install_progress(self, update: UpdateInfo, percent: int) -> None:
+        """Install progress in percent, as the installer reports it (every 10 % at most)."""
+        ...
+
     async def on_complete(self, update: UpdateInfo, result: ResultCode, detail: str) -> None:
-        """The update ended (success, rejected, failed, cancelled, superseded)."""
+        """The update ended.
+
+        ``result`` is SUCCESS, or why not: REJECTED, CANCELLED, SUPERSEDED, a download
+        failure, ROLLED_BACK (it failed from the install on and the previous image runs
+        again; ``detail`` says why) or ROLLBACK_FAILED (the device needs attention).
+        """
         ...
 
     async def on_forced(self, update: UpdateInfo, step: str, reason: str) -> None:
@@ -150,6 +159,9 @@ class BaseHandler:
 
     async def on_progress(self, update: UpdateInfo, done: int, total: int) -> None:
         """Ignore progress."""
+
+    async def on_install_progress(self, update: UpdateInfo, percent: int) -> None:
+        """Ignore install progress."""
 
     async def on_complete(self, update: UpdateInfo, result: ResultCode, detail: str) -> None:
         """Ignore completion."""

@@ -26,6 +26,7 @@ from fota import (
 )
 from fota.core import manifest as mf
 from fota.core.manifest import ManifestBody, kid_for
+from fota.install.base import Outcome, Progress
 from fota.testing import Published, UpdateServer
 from tests.conftest import DEVICE_CLASS, RecordingHandler, Signing, make_config
 
@@ -198,9 +199,9 @@ class CountingInstaller(FileInstaller):
         super().__init__(target)
         self.installs: list[str] = []
 
-    async def install(self, candidate: Path, manifest: Manifest) -> None:
+    async def install(self, candidate: Path, manifest: Manifest, progress: Progress) -> Outcome:
         self.installs.append(manifest.body.version)
-        await super().install(candidate, manifest)
+        return await super().install(candidate, manifest, progress)
 
 
 async def test_corrupted_block_is_refetched_and_installed_once(

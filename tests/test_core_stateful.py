@@ -1,8 +1,9 @@
 """Tier 1: hypothesis stateful tests of the core state machine's invariants.
 
 Random event sequences (current and stale update ids, valid and refused manifests, timers,
-fragments, failures, restarts, report acknowledgements) are fed to a Model inside an
-AsyncMachine built exactly as the engine builds it. After every step:
+fragments, failures, installs with and without a restart, boot checks, self-tests, commits,
+rollbacks, restarts with and without a reboot, report acknowledgements) are fed to a Model
+inside an AsyncMachine built exactly as the engine builds it. After every step:
 
 (a) no ``Install`` is emitted unless the triggering event is an ``Authorized`` for that same
     update accepted in AWAIT_INSTALL_AUTH / INSTALL_DEFERRED, or a forcing rule applies (no
@@ -12,9 +13,21 @@ AsyncMachine built exactly as the engine builds it. After every step:
 (c) the verified bitmap has the pending manifest's fragment count (and no bit past it);
 (d) report sequence numbers in the durable outbox strictly increase;
 (e) there is a pending update exactly when the state is not IDLE;
+(f) no ``Commit`` unless the update's self-test passed (``record.tested``, set only by a
+    passed ``SelfTestFinished``), and the new image becomes the installed one only by a
+    ``CommitFinished`` without error after that;
+(g) from the install on, an update ends only in IDLE (from AWAIT_COMMIT, SUCCESS) or FAILED
+    (from ROLLING_BACK, ROLLED_BACK or ROLLBACK_FAILED), with exactly one such final report,
+    told to the application, and a ``CheckAnnouncement``; no final report otherwise;
+(h) the installer's steps are asked for only in their states (``Rollback`` in ROLLING_BACK,
+    ``CheckBoot`` in AWAIT_RESTART, ``RequestRestart`` in AWAIT_RESTART or ROLLING_BACK);
+(i) the restart count never passes the restart limit;
 and every state change appends a report about the new state (docs/state-machine.md).
 
 Events the machine drops (illegal in the state, or a failed condition) must change nothing.
+Random events are still ones the engine could post: the current update's ``CommitFinished``
+only for a commit under way (the self-test passed), its ``selftest`` timer not once the commit
+cancelled it (the engine drops a cancelled timer even if it already fired).
 Seeded (``derandomize=True``), no deadline, no example database.
 """
 
@@ -34,7 +47,7 @@ from transitions.extensions.asyncio import AsyncMachine
 
 from fota.core import commands as C
 from fota.core import events as ev
-from fota.core.machine import CANCELLABLE, Model, machine_kwargs
+from fota.core.machine import CANCELLABLE, INSTALL_STEPS, Model, machine_kwargs
 from fota.core.manifest import (
     Component,
     Manifest,
@@ -105,7 +118,9 @@ OTHER_IDS = (STALE, *(m.update_id for m in POOL))
 
 UIDS = st.sampled_from(["current", "current", "other"])
 """Mostly the current update's id; else a stale one (or, by chance, the current one)."""
-DOWNLOADED = (S.VERIFYING, S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED, S.INSTALLING, S.AWAIT_COMMIT)
+DOWNLOADED = (S.VERIFYING, S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED, *INSTALL_STEPS)
+FINAL = (ResultCode.SUCCESS, ResultCode.ROLLED_BACK, ResultCode.ROLLBACK_FAILED)
+"""The result of an update that reached INSTALLING: exactly one of these ends it."""
 
 
 async def _trigger(model: Model, event: ev.Event, now: float) -> bool:
@@ -142,6 +157,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.steps: list[Step] = []
         self.install_authorized: set[str] = set()
         """Updates whose install the application authorized (they may wait in INSTALL_HELD)."""
+        self.boots = 0
+        """Boots of the simulated device; ``Model.boot_id`` is the current one's."""
 
     def teardown(self) -> None:
         self.loop.close()
@@ -153,9 +170,24 @@ class CoreMachine(RuleBasedStateMachine):
         state=st.sampled_from(State),
         pending_index=POOL_INDEX,
         verified=st.booleans(),
+        tested=st.booleans(),
+        rebooted=st.booleans(),
     )
-    def restore(self, installed: str, state: State, pending_index: int, verified: bool) -> None:
-        """Start from a journal record as the engine would load it (IDLE or mid-update)."""
+    def restore(
+        self,
+        installed: str,
+        state: State,
+        pending_index: int,
+        verified: bool,
+        tested: bool,
+        rebooted: bool,
+    ) -> None:
+        """Start from a journal record as the engine would load it (IDLE or mid-update).
+
+        In AWAIT_RESTART the journal has the boot that asked for the restart (the device
+        ``rebooted`` since, or not); in AWAIT_COMMIT the self-test deadline and perhaps a passed
+        self-test; in ROLLING_BACK why.
+        """
         pending = POOL[pending_index]
         inst = INSTALLED[installed]
         record = Record(state=state, installed=inst.digest if inst else None)
@@ -169,6 +201,13 @@ class CoreMachine(RuleBasedStateMachine):
             )
         if state in (S.DOWNLOAD_DEFERRED, S.INSTALL_DEFERRED):
             record = record.evolve(defer_until=START + 3600, defer_reason="busy")
+        if state is S.AWAIT_RESTART:
+            record = record.evolve(boot_id="boot-0")
+            self.boots = int(rebooted)
+        if state is S.AWAIT_COMMIT:
+            record = record.evolve(commit_by=START + 300.0, tested=tested)
+        if state is S.ROLLING_BACK:
+            record = record.evolve(failure="self-test failed: probe")
         if state is S.INSTALL_HELD:
             # A journal in INSTALL_HELD was written after the install was authorized (or
             # forced, or the image is impolite): the answer came before the restart.
@@ -180,6 +219,7 @@ class CoreMachine(RuleBasedStateMachine):
             pending=pending if state is not S.IDLE else None,
             installed=inst,
         )
+        model.boot_id = f"boot-{self.boots}"
         AsyncMachine(model=model, **machine_kwargs(state))
         self.model = model
 
@@ -219,9 +259,55 @@ class CoreMachine(RuleBasedStateMachine):
             assert commands == (), trail
 
         # Every state change is reported: a report about the new state joins the outbox.
+        added = [r for r in model.record.outbox if r.sequence >= record.report_seq]
         if accepted and model.state is not state:
-            added = [r for r in model.record.outbox if r.sequence >= record.report_seq]
             assert added and added[-1].state is model.state, trail
+
+        # (f) a commit only after a passed self-test; the new image is installed by a commit.
+        if model.record.tested and not record.tested:
+            assert isinstance(event, ev.SelfTestFinished) and event.ok, trail
+            assert state is S.AWAIT_COMMIT, trail
+        if model.installed is not installed:
+            assert isinstance(event, ev.CommitFinished) and event.error is None, trail
+            assert state is S.AWAIT_COMMIT and record.tested and model.installed is pending, trail
+
+        # (g) an update ends from the install on only in IDLE or FAILED, with one final report.
+        if model.state in INSTALL_STEPS and state not in INSTALL_STEPS:
+            assert model.state is S.INSTALLING, trail
+        finals = [r for r in added if r.result in FINAL]
+        if state in INSTALL_STEPS and model.state not in INSTALL_STEPS:
+            assert pending is not None, trail
+            assert (state, model.state) in (
+                (S.AWAIT_COMMIT, S.IDLE),
+                (S.ROLLING_BACK, S.FAILED),
+            ), trail
+            assert len(finals) == 1 and finals[0].update_id == pending.update_id, trail
+            result = finals[0].result
+            assert (result is ResultCode.SUCCESS) == (model.state is S.IDLE), trail
+            told = [c for c in commands if isinstance(c, C.NotifyComplete)]
+            assert [(c.update_id, c.result) for c in told] == [(pending.update_id, result)], trail
+            assert commands[-1] == C.CheckAnnouncement(), trail
+        else:
+            assert not finals, trail
+
+        # (h) each installer step only in its state, for the current update.
+        for command in commands:
+            states = {
+                C.Rollback: (S.ROLLING_BACK,),
+                C.CheckBoot: (S.AWAIT_RESTART,),
+                C.RequestRestart: (S.AWAIT_RESTART, S.ROLLING_BACK),
+                C.RunSelfTest: (S.AWAIT_COMMIT,),
+                C.Commit: (S.AWAIT_COMMIT,),
+            }.get(type(command))
+            if states is not None:
+                assert model.state in states, trail
+                assert getattr(command, "update_id", None) == model.update_id, trail
+            if isinstance(command, C.Commit):
+                assert model.record.tested, trail
+            if isinstance(command, C.RunSelfTest):
+                assert not model.record.tested, trail
+            if isinstance(command, C.CheckBoot):
+                assert isinstance(event, ev.Restarted), trail
 
         # (a) no install without an authorization for that update or a forcing rule.
         for command in commands:
@@ -319,9 +405,23 @@ class CoreMachine(RuleBasedStateMachine):
 
     # -- rules: timers and the download ----------------------------------------------------
 
-    @rule(name=st.sampled_from(["defer", "retry"]), which=UIDS, other=st.integers(0, 20))
+    @rule(
+        name=st.sampled_from(["defer", "retry", "selftest"]),
+        which=UIDS,
+        other=st.integers(0, 20),
+    )
     def timer_fired(self, name: str, which: str, other: int) -> None:
-        self.fire(ev.TimerFired(name, self.uid(which, other)))
+        if name == "selftest" and self.m.record.tested:
+            return  # the commit cancelled it: the engine drops it, even if it already fired
+        step = self.fire(ev.TimerFired(name, self.uid(which, other)))
+        if step.accepted and step.state is S.AWAIT_COMMIT:
+            assert name == "selftest"
+            assert step.commands == (C.RunSelfTest(str(self.m.update_id)),)
+
+    @rule(seconds=st.sampled_from([60.0, 400.0, 3600.0, 86_400.0]))
+    def clock(self, seconds: float) -> None:
+        """Time passes (a self-test deadline, a deferral's end)."""
+        self.now += seconds
 
     @rule(which=UIDS, other=st.integers(0, 20), index=st.integers(-1, 5))
     def fragment_verified(self, which: str, other: int, index: int) -> None:
@@ -350,23 +450,88 @@ class CoreMachine(RuleBasedStateMachine):
     def image_checked(self, which: str, other: int, ok: bool) -> None:
         self.fire(ev.ImageChecked(self.uid(which, other), ok))
 
-    # -- rules: install, self-test, restart, reports ------------------------------------------
+    # -- rules: install, restart, self-test, commit, rollback, reports -------------------------
+
+    @rule(
+        which=UIDS,
+        other=st.integers(0, 20),
+        outcome=st.sampled_from(["ok", "restart", "failed", "failed-restart"]),
+    )
+    def install_finished(self, which: str, other: int, outcome: str) -> None:
+        error = InstallError("x") if outcome.startswith("failed") else None
+        restart = outcome.endswith("restart")
+        step = self.fire(ev.InstallFinished(self.uid(which, other), error, restart))
+        if step.accepted:
+            expected = {"ok": S.AWAIT_COMMIT, "restart": S.AWAIT_RESTART}
+            assert self.m.state is expected.get(outcome, S.ROLLING_BACK)
+            if outcome == "restart":
+                assert self.m.record.boot_id == self.m.boot_id
 
     @rule(which=UIDS, other=st.integers(0, 20), ok=st.booleans())
-    def install_finished(self, which: str, other: int, ok: bool) -> None:
-        self.fire(ev.InstallFinished(self.uid(which, other), None if ok else InstallError("x")))
+    def boot_checked(self, which: str, other: int, ok: bool) -> None:
+        if self.fire(ev.BootChecked(self.uid(which, other), ok, "probe")).accepted:
+            assert self.m.state is (S.AWAIT_COMMIT if ok else S.ROLLING_BACK)
+            if ok:  # the self-test deadline counts from the new image's start
+                assert self.m.record.commit_by == self.now + POLICY.self_test_deadline
 
     @rule(which=UIDS, other=st.integers(0, 20), ok=st.booleans())
     def self_test_finished(self, which: str, other: int, ok: bool) -> None:
         uid = self.uid(which, other)
-        pending = self.m.pending
-        if self.fire(ev.SelfTestFinished(uid, ok, "probe")).accepted and ok:
-            assert self.m.installed is pending
-            assert self.m.state is S.IDLE
+        installed, by = self.m.installed, self.m.record.commit_by
+        step = self.fire(ev.SelfTestFinished(uid, ok, "probe"))
+        if step.accepted:
+            assert self.m.installed is installed  # not before the commit finished
+            if ok:
+                assert self.m.state is S.AWAIT_COMMIT and self.m.record.tested
+                assert step.commands == (C.CancelTimer("selftest"), C.Commit(uid))
+            elif by is not None and self.now < by:  # retried until the deadline
+                assert step.commands == (C.StartTimer("selftest", min(self.now + 10, by), uid),)
+            else:
+                assert self.m.state is S.ROLLING_BACK
 
-    @rule()
-    def restarted(self) -> None:
-        self.fire(ev.Restarted())
+    @rule(which=UIDS, other=st.integers(0, 20), ok=st.booleans())
+    def commit_finished(self, which: str, other: int, ok: bool) -> None:
+        pending, uid = self.m.pending, self.uid(which, other)
+        if uid == self.m.update_id and not self.m.record.tested:
+            return  # the engine posts it only for the Commit it ran (after the self-test passed)
+        error = None if ok else InstallError("x")
+        if self.fire(ev.CommitFinished(uid, error)).accepted:
+            assert self.m.state is (S.IDLE if ok else S.ROLLING_BACK)
+            if ok:
+                assert self.m.installed is pending
+
+    @rule(
+        which=UIDS,
+        other=st.integers(0, 20),
+        outcome=st.sampled_from(["ok", "ok", "restart", "failed"]),
+    )
+    def rollback_finished(self, which: str, other: int, outcome: str) -> None:
+        error = InstallError("x") if outcome == "failed" else None
+        restart = outcome == "restart"
+        installed = self.m.installed
+        step = self.fire(ev.RollbackFinished(self.uid(which, other), error, restart))
+        if step.accepted:
+            assert self.m.installed is installed
+            if restart:
+                assert self.m.state is S.ROLLING_BACK
+                assert step.commands == (C.RequestRestart(str(self.m.update_id)),)
+            else:
+                assert self.m.state is S.FAILED
+                final = ResultCode.ROLLBACK_FAILED if error else ResultCode.ROLLED_BACK
+                assert self.m.record.outbox[-1].result is final
+
+    @rule(boot=st.sampled_from(["same", "next", "next", "unknown"]))
+    def restarted(self, boot: str) -> None:
+        """fota restarts: alone (the same boot), with the device (the next), or unable to tell."""
+        if boot == "next":
+            self.boots += 1
+        self.m.boot_id = "" if boot == "unknown" else f"boot-{self.boots}"
+        asked = self.m.record.boot_id
+        step = self.fire(ev.Restarted())
+        if step.state is S.AWAIT_RESTART and step.new_state is S.AWAIT_RESTART:
+            uid = str(self.m.update_id)
+            rebooted = not asked or self.m.boot_id != asked
+            assert step.commands[0] == (C.CheckBoot(uid) if rebooted else C.RequestRestart(uid))
 
     @rule(pick=st.integers(0, 50))
     def report_delivered(self, pick: int) -> None:
@@ -412,10 +577,25 @@ class CoreMachine(RuleBasedStateMachine):
         elif state is S.VERIFYING:
             event = ev.ImageChecked(uid, ok)
         elif state is S.INSTALLING:
-            event = ev.InstallFinished(uid, None if ok else InstallError("x"))
+            event = ev.InstallFinished(uid, None if ok else InstallError("x"), choice % 2 == 1)
+        elif state is S.AWAIT_RESTART:
+            if model.record.boot_id == model.boot_id:  # the restart asked for
+                self.restarted("next" if choice != 5 else "same")
+                return
+            event = ev.BootChecked(uid, ok, "" if ok else "the previous image runs")
+        elif state is S.AWAIT_COMMIT and model.record.tested:
+            event = ev.CommitFinished(uid, None if ok else InstallError("x"))
+        elif state is S.AWAIT_COMMIT:
+            if choice == 1:  # the deadline passes while the self-test keeps failing
+                self.now += delay
+            event = ev.SelfTestFinished(uid, choice > 2, "probe")
         else:
-            assert state is S.AWAIT_COMMIT
-            event = ev.SelfTestFinished(uid, ok, "probe")
+            assert state is S.ROLLING_BACK
+            if model.record.boot_id and model.record.boot_id == model.boot_id:
+                self.restarted("next")  # the restart the rollback asked for
+                return
+            error = None if ok else InstallError("x")
+            event = ev.RollbackFinished(uid, error, restart=choice == 5)
         self.fire(event)
 
     @rule(
@@ -452,6 +632,11 @@ class CoreMachine(RuleBasedStateMachine):
             sequences = [r.sequence for r in record.outbox]
             assert all(a < b for a, b in pairwise(sequences))
             assert all(s < record.report_seq for s in sequences)
+
+    @invariant()
+    def restarts_within_limit(self) -> None:
+        if self.model is not None:
+            assert self.model.record.restarts <= POLICY.restart_limit
 
     @invariant()
     def pending_exactly_when_busy(self) -> None:

@@ -23,6 +23,7 @@ from fota.core import manifest as mf
 from fota.core.manifest import Component, ManifestBody
 from fota.core.states import State
 from fota.engine import Engine
+from fota.install.base import DONE, Outcome, Progress
 from fota.journal import Journal
 from fota.transport import Announcement, Block, SequentialFetcher
 from tests.conftest import DEVICE_CLASS, Signing
@@ -102,15 +103,19 @@ class MemoryInstaller:
         self.installs: list[str] = []
         self.commits: list[str] = []
 
-    async def install(self, candidate: Path, manifest: Manifest) -> None:
+    async def install(self, candidate: Path, manifest: Manifest, progress: Progress) -> Outcome:
         self.installs.append(manifest.body.version)
         data = await asyncio.to_thread(candidate.read_bytes)
         self.installed = data[: manifest.body.image_size]
+        return DONE
+
+    async def booted(self, manifest: Manifest) -> bool:
+        raise AssertionError("no restart expected")
 
     async def commit(self, manifest: Manifest) -> None:
         self.commits.append(manifest.body.version)
 
-    async def rollback(self, manifest: Manifest) -> None:
+    async def rollback(self, manifest: Manifest) -> Outcome:
         raise AssertionError("no rollback expected")
 
 

@@ -36,6 +36,7 @@ from fota import (
     UpdateReason,
 )
 from fota.core import events as ev
+from fota.install.base import Outcome, Progress
 from fota.testing import ManualClock, Published, UpdateServer
 from tests.conftest import DEVICE_CLASS, RecordingHandler, Signing, make_config
 
@@ -72,11 +73,11 @@ class GatedInstaller(FileInstaller):
         self.started = asyncio.Event()
         self.go = asyncio.Event()
 
-    async def install(self, candidate: Path, manifest: Manifest) -> None:
+    async def install(self, candidate: Path, manifest: Manifest, progress: Progress) -> Outcome:
         if manifest.body.version != "1.0":
             self.started.set()
             await self.go.wait()
-        await super().install(candidate, manifest)
+        return await super().install(candidate, manifest, progress)
 
 
 def at(clock: Callable[[], float], seconds: float) -> datetime:
@@ -799,15 +800,24 @@ async def test_condition_commands_hold_the_install_until_they_exit_zero(
 ) -> None:
     clock = ManualClock(START)
     handler = Recorder()
+    runs = tmp_path / "ac-runs"  # one line per run of the condition, which always fails
+    failing = ["sh", "-c", 'echo run >> "$0"; exit 1', str(runs)]
+
+    def ran(times: int) -> Callable[[Status], bool]:
+        # Checked after every handled event: GatesChecked follows the command's run.
+        return lambda _: runs.exists() and len(runs.read_text().splitlines()) >= times
+
     config = make_config(
-        tmp_path, server, signing, condition_commands={"ac": ["false"]}, condition_recheck=300
+        tmp_path, server, signing, condition_commands={"ac": failing}, condition_recheck=300
     )
     async with Client(config, handler=handler, clock=clock) as client:
         await provision(client, server)
         v2 = publish(server, "2.0")
         await client.wait_for(held_by("condition ac"), BOUND)
         await wait_report(server, held_report(server, v2.update_id, "held: condition ac"))
-        clock.advance(301)  # rechecked: "false" still fails
+        assert len(runs.read_text().splitlines()) == 1
+        clock.advance(301)  # rechecked: it still fails
+        await client.wait_for(ran(2), BOUND)
         await settle(client)
         assert client.status().held == ("condition ac",)
         assert client.state is State.INSTALL_HELD
@@ -945,7 +955,9 @@ async def test_check_now_fetches_a_new_manifest_at_once_while_polling(
         info = await next_ask(handler, "download")
         assert info.update_id == v2.update_id
     polls = [r for r in server.requests if r.path == ann]
-    assert len(polls) == 3, "one poll at start, then one per check_now()"
+    # One poll at start, one per check_now(), and one when the install of 1.0 ended (an
+    # announcement made during an install is not acted on then).
+    assert len(polls) == 4
 
 
 async def test_a_deferral_survives_sleep_and_check_now_asks_again(

@@ -7,23 +7,39 @@ builds it is driven by a minimal, faithful simulation of the engine's duties:
   for in the current state are dropped before the trigger, as the engine does (``LEGAL``);
 * timers (``StartTimer``/``CancelTimer``) kept by name as UTC wall-clock instants and fired
   when the injected clock passes them;
-* child tasks for the work commands, one per name, a new one replacing the old
-  (``StartDownload`` -> ``FragmentVerified``.../``DownloadFinished``, ``VerifyImage`` ->
-  ``ImageChecked``, ``CheckGates`` -> ``GatesChecked`` with failing conditions,
-  ``Install`` -> ``InstallFinished``, ``RunSelfTest`` -> ``SelfTestFinished``,
-  ``FetchManifest`` -> ``ManifestFetched``, ``Ask*Authorization`` -> the handler's answer);
+* child tasks for the work commands, one per name, a new one replacing the old, under the
+  engine's names (``StartDownload`` -> ``FragmentVerified``.../``DownloadFinished``,
+  ``VerifyImage`` -> ``ImageChecked``, ``CheckGates`` -> ``GatesChecked`` with failing
+  conditions, ``FetchManifest`` -> ``ManifestFetched``, ``Ask*Authorization`` -> the handler's
+  answer, ``RunSelfTest`` -> ``SelfTestFinished``, ``CheckAnnouncement`` -> a poll that
+  announces the server's latest manifest; the installer's steps share the task ``install``:
+  ``Install`` -> ``InstallFinished``, ``CheckBoot`` -> ``BootChecked``, ``Commit`` ->
+  ``CommitFinished``, ``Rollback`` -> ``RollbackFinished``; ``RequestRestart`` -> a restart
+  of the device);
+* an A/B installer: the image running on the device, and the one staged for the next boot.
+  An install puts the new image in place at once or, for an update whose installer needs a
+  restart, stages it; a rollback puts the previous one back, at once or staged (its installer
+  may need a restart too). A boot runs the staged image, unless the new image does not start
+  (the bootloader falls back). Updates have flaws drawn when published: an image that does not
+  start, fails its self-test always or now and then, or cannot be committed; each step can also
+  fail on its own;
 * the durable outbox: ``SendReports`` starts a delivery task that sends the head report over a
   lossy link to a simulated server de-duplicating on (device, report sequence); the request may
   be lost, or reach the server with its acknowledgement lost (the same report is sent again);
-* restarts: the record goes through ``Record.to_bytes()``/``Record.from_bytes()``, the model is
-  rebuilt with the same manifests, timers, tasks and queued events are lost, and ``Restarted``
+* the journal: the record is written (``Record.to_bytes()``) after every handled event, before
+  its commands run;
+* restarts (a power cut, the restart an install or a rollback asked for, or fota alone): the
+  record is read back from the journal (``Record.from_bytes()``), the model is rebuilt with the
+  same manifests and the boot id (a new one after a reboot, the same after fota alone restarted,
+  "" on a device that cannot tell), timers, tasks and queued events are lost, and ``Restarted``
   must make the core re-issue what it needs.
 
-Rules draw the server (publish with random severity, politeness, deadline and max_deferral;
-supersede, re-announce, cancel), the application (authorize, defer until a random instant,
-reject, no answer; through the hook or the API; handler registered or not), inhibitor locks,
-the clock (small and large steps), the link and restarts (with downtime). Checked after every
-step:
+Rules draw the server (publish with random severity, politeness, deadline, max_deferral,
+installer and flaw; supersede, re-announce, cancel), the application (authorize, defer until a
+random instant, reject, no answer; through the hook or the API; handler registered or not),
+inhibitor locks, the clock (small and large steps), the link, the child tasks' outcomes (a
+failed install, boot, self-test, commit or rollback) and restarts (with downtime; a reboot or
+fota alone; a device with or without boot ids; restart limit 2 or 8). Checked after every step:
 
 1. no ``Install`` without an install authorization for that update, or a forcing rule (first
    install, impolite running image, a FORCED install step);
@@ -36,7 +52,16 @@ step:
    outbox only once the server has it; the server holds each exactly once; every
    AUTHORIZED / DEFERRED / REJECTED / FORCED decision is reported exactly once (checked again
    after draining the outbox);
-5. ``record.state is model.state`` and the record survives ``to_bytes``/``from_bytes``.
+5. ``record.state is model.state``, the journal written after every step holds the record
+   (and so the machine's state), and the record survives ``to_bytes``/``from_bytes``;
+6. after an update ends (IDLE or FAILED) the device runs exactly its old or its new image: the
+   new one after SUCCESS, the old one after ROLLED_BACK (nothing staged); and while no update
+   is being installed the device runs the installed manifest's image (unless a rollback
+   failed: then the device needs attention and the test stops checking this);
+7. every update that reaches INSTALLING ends (IDLE or FAILED, never otherwise) with exactly
+   one final report (SUCCESS, ROLLED_BACK or ROLLBACK_FAILED), across restarts; after draining
+   the outbox the de-duplicating server holds exactly one for each ended update;
+8. a commit only of the new image running, and only once its self-test passed.
 
 Seeded (``derandomize=True``), no deadline, no example database; about 15 s as configured.
 A long job raises the budget, e.g. ``FOTA_STATEFUL_EXAMPLES=6000 FOTA_STATEFUL_STEPS=80
@@ -65,7 +90,14 @@ from transitions.extensions.asyncio import AsyncMachine
 
 from fota.core import commands as C
 from fota.core import events as ev
-from fota.core.machine import ASK_DOWNLOAD, ASK_INSTALL, LEGAL, Model, machine_kwargs
+from fota.core.machine import (
+    ASK_DOWNLOAD,
+    ASK_INSTALL,
+    INSTALL_STEPS,
+    LEGAL,
+    Model,
+    machine_kwargs,
+)
 from fota.core.manifest import (
     Component,
     Manifest,
@@ -112,6 +144,9 @@ DAY = 86400.0
 DEFERRED_STATES = (S.DOWNLOAD_DEFERRED, S.INSTALL_DEFERRED)
 HELD_STATES = (S.DOWNLOAD_HELD, S.INSTALL_HELD)
 DECISIONS = (R.AUTHORIZED, R.DEFERRED, R.REJECTED, R.FORCED)
+FINAL = (R.SUCCESS, R.ROLLED_BACK, R.ROLLBACK_FAILED)
+EMPTY = "-"
+"""The image of an empty device (no manifest ever installed)."""
 CONDITIONS = ("battery", "mains")
 LOCKS = ("hmi", "modem")
 BOUNDS: dict[str, dict[str, Any]] = {
@@ -185,6 +220,11 @@ class Release:
     max_deferral: int
     fragments: int
     same_image: bool
+    restart: bool
+    """The installer needs a restart for the new image to run (A/B slots)."""
+    flaw: str
+    """"": none; "boot": the new image does not start; "selftest": it always fails its
+    self-test; "flaky": now and then; "commit": the installer cannot make it permanent."""
 
 
 RELEASES = st.builds(
@@ -195,6 +235,8 @@ RELEASES = st.builds(
     max_deferral=st.sampled_from([0, 0, 600, 2 * 3600, 86400]),
     fragments=st.integers(1, 3),
     same_image=st.booleans(),
+    restart=st.booleans(),
+    flaw=st.sampled_from(["", "", "", "", "", "", "boot", "selftest", "flaky", "commit"]),
 )
 DEFER_DELAYS = st.sampled_from([-600.0, 0.0, 60.0, 1800.0, 3 * HOUR, DAY, 5 * DAY])
 """Deferrals the application asks for, from now (one already past is granted and ends)."""
@@ -282,6 +324,24 @@ class PoliteMachine(RuleBasedStateMachine):
         self.spent: dict[str, float] = {}
         """Seconds each update spent deferred, accounted by the test across restarts."""
         self.trail: list[str] = []
+        # The device's images (A/B slots) and boots; what each update's install put in place.
+        self.image = EMPTY
+        """The image running: its manifest's digest (hex), or EMPTY."""
+        self.staged: str | None = None
+        """The image the next boot runs (None: the running one)."""
+        self.releases: dict[str, Release] = {}
+        """What each published update is like (its installer, its flaw), by update id."""
+        self.boots = 0
+        self.boot_ids = True
+        """The engine can read a boot id (else ``Model.boot_id`` is "")."""
+        self.journal = b""
+        """The record as last written (after every handled event, before its commands)."""
+        self.images: dict[str, tuple[str, str]] = {}
+        """(old, new) image of every update that reached INSTALLING."""
+        self.ended: set[str] = set()
+        """Updates that reached INSTALLING and ended (in IDLE or FAILED)."""
+        self.attention = False
+        """A rollback failed: what the device runs is no longer what the journal says."""
 
     def teardown(self) -> None:
         self.loop.close()
@@ -295,6 +355,8 @@ class PoliteMachine(RuleBasedStateMachine):
         unanswered=st.sampled_from(["wait", "proceed"]),
         gates_download=st.booleans(),
         handler=st.booleans(),
+        restart_limit=st.sampled_from([2, 8]),
+        boot_ids=st.sampled_from([True, True, False]),
     )
     def first_start(
         self,
@@ -304,6 +366,8 @@ class PoliteMachine(RuleBasedStateMachine):
         unanswered: str,
         gates_download: bool,
         handler: bool,
+        restart_limit: int,
+        boot_ids: bool,
     ) -> None:
         """A new device: the factory image's manifest (if any) is the installed one."""
         self.policy = Policy(
@@ -311,14 +375,19 @@ class PoliteMachine(RuleBasedStateMachine):
             unanswered=unanswered,
             unanswered_grace=1800.0,
             gates_download=gates_download,
+            restart_limit=restart_limit,
+            self_test_deadline=90.0,
+            self_test_interval=30.0,
             **BOUNDS[bounds],
             **HOLDS[holds],
         )
+        self.boot_ids = boot_ids
         installed = FACTORY[factory]
         record = Record()
         if installed is not None:
             self.manifests[installed.digest] = installed
             record = record.evolve(installed=installed.digest)
+            self.image = installed.digest.hex()
         self.start(record, handler)
 
     def start(self, record: Record, handler: bool) -> None:
@@ -328,12 +397,17 @@ class PoliteMachine(RuleBasedStateMachine):
         model = Model(self.policy, TRUST, record, pending=pending, installed=installed)
         _build(model, record.state)
         model.handler_present = handler
+        model.boot_id = f"boot-{self.boots}" if self.boot_ids else ""
         self.model, self.handler = model, handler
+        self.journal = record.to_bytes()
         self.timers.clear()
         self.tasks.clear()
         self.inbox.clear()
         self.sending, self.awaiting_ack = False, None
-        self.trail.append(f"--- start in {record.state.name}, handler={handler}")
+        self.trail.append(
+            f"--- start in {record.state.name}, handler={handler}, boot {model.boot_id!r}, "
+            f"running {self.image[:8]}, staged {self.staged and self.staged[:8]}"
+        )
         self.handle(ev.Restarted())
 
     # -- the engine -------------------------------------------------------------------------
@@ -381,6 +455,7 @@ class PoliteMachine(RuleBasedStateMachine):
             assert model.pending is pending and model.installed is installed, story
             assert commands == (), story
             return
+        self.journal = model.record.to_bytes()  # the engine persists before it runs commands
         self.check_step(event, state, record, pending, installed, commands)
         self.run(commands)
 
@@ -401,10 +476,14 @@ class PoliteMachine(RuleBasedStateMachine):
                     self.tasks.pop("download", None)
                 case C.VerifyImage():
                     self.tasks["verify"] = c
-                case C.Install():
-                    self.tasks["install"] = c
+                case C.Install() | C.CheckBoot() | C.Commit() | C.Rollback():
+                    self.tasks["install"] = c  # the installer's steps share a task
                 case C.RunSelfTest():
                     self.tasks["selftest"] = c
+                case C.RequestRestart():
+                    self.tasks["restart"] = c
+                case C.CheckAnnouncement():
+                    self.tasks["poll"] = c
                 case C.CheckGates():
                     self.tasks["gates"] = c
                 case C.StartTimer(name=name, at=at, update_id=uid):
@@ -413,14 +492,7 @@ class PoliteMachine(RuleBasedStateMachine):
                     self.timers.pop(name, None)
                 case C.SendReports():
                     self.sending = True
-                case (
-                    C.Commit()
-                    | C.Rollback()
-                    | C.Inform()
-                    | C.NotifyForced()
-                    | C.NotifyProgress()
-                    | C.NotifyComplete()
-                ):
+                case C.Inform() | C.NotifyForced() | C.NotifyProgress() | C.NotifyComplete():
                     pass
                 case _:
                     raise AssertionError(f"unhandled command {c!r}")
@@ -534,17 +606,52 @@ class PoliteMachine(RuleBasedStateMachine):
                 assert model.pending is not None, story
                 assert c.at == deadline_of(model.pending, rec, self.policy), story
 
-        # Entering a question (or restarting in one) asks it.
+        # Entering a question (or restarting in one) asks it; a restart past the deadline
+        # (the device was off when it came) does not: the deadline timer fires at once.
         changed = pending is not model.pending
         if model.state in (S.AWAIT_DOWNLOAD_AUTH, S.AWAIT_INSTALL_AUTH) and (
             model.state is not state or changed or isinstance(event, ev.Restarted)
         ):
+            assert model.pending is not None, story
             ask = (
                 C.AskDownloadAuthorization
                 if model.state is S.AWAIT_DOWNLOAD_AUTH
                 else C.AskInstallAuthorization
             )
-            assert ask(str(model.update_id)) in commands, story
+            uid = model.pending.update_id
+            deadline = deadline_of(model.pending, rec, self.policy)
+            if isinstance(event, ev.Restarted) and deadline is not None and self.now >= deadline:
+                assert ask(uid) not in commands, story
+                assert C.StartTimer("deadline", deadline, uid) in commands, story
+            else:
+                assert ask(uid) in commands, story
+
+        # (6, 7) From the install on: the images the update changes, and how it ends.
+        finals = [r for r in new if r.result in FINAL]
+        if model.state is S.INSTALLING and state not in INSTALL_STEPS:
+            assert model.pending is not None, story
+            uid = model.pending.update_id
+            assert uid not in self.images, f"installed twice\n{story}"
+            self.images[uid] = (self.image, model.pending.digest.hex())
+        if state in INSTALL_STEPS and model.state not in INSTALL_STEPS:
+            assert pending is not None, story
+            uid = pending.update_id
+            ends = ((S.AWAIT_COMMIT, S.IDLE), (S.ROLLING_BACK, S.FAILED))
+            assert (state, model.state) in ends, story
+            assert [r.update_id for r in finals] == [uid], f"not one final report\n{story}"
+            old, new_image = self.images[uid]
+            result = finals[0].result
+            assert self.image in (old, new_image), f"the device runs {self.image}\n{story}"
+            if result is R.SUCCESS:
+                assert self.image == new_image and self.staged is None, story
+                assert model.state is S.IDLE and model.installed is pending, story
+            elif result is R.ROLLED_BACK:
+                assert self.image == old and self.staged is None, story
+            else:  # the device needs attention: it may run either, or boot into the other
+                self.attention = True
+            self.ended.add(uid)
+        else:
+            assert not finals, f"a final report while the update goes on\n{story}"
 
     def check_unheld(self, event: ev.Event, step: str, installed: Manifest | None) -> None:
         """A step starts only when no quiet period, window, lock or failing condition holds
@@ -636,10 +743,12 @@ class PoliteMachine(RuleBasedStateMachine):
         self.next_sequence += 1
         manifest = _manifest(body)
         self.published.append(manifest)
+        self.releases[manifest.update_id] = release
         self.trail.append(
             f"  server publishes {manifest.update_id}: sequence {body.sequence}, "
             f"{body.severity.name}, polite={body.polite}, deadline={release.deadline}, "
-            f"max_deferral={body.max_deferral}, same_image={release.same_image}"
+            f"max_deferral={body.max_deferral}, same_image={release.same_image}, "
+            f"restart={release.restart}, flaw={release.flaw!r}"
         )
         self.post(ev.AnnouncementReceived(body.sequence, manifest.digest, URI))
 
@@ -753,9 +862,55 @@ class PoliteMachine(RuleBasedStateMachine):
             case C.VerifyImage(update_id=uid):
                 events.append(ev.ImageChecked(uid, ok))
             case C.Install(update_id=uid):
-                events.append(ev.InstallFinished(uid, None if ok else InstallError("flash")))
+                new = self.images[uid][1]
+                if not ok:
+                    events.append(ev.InstallFinished(uid, InstallError("flash")))
+                elif self.releases[uid].restart:  # into the other slot, for the next boot
+                    self.staged = new
+                    events.append(ev.InstallFinished(uid, restart=True))
+                else:
+                    self.image, self.staged = new, None
+                    events.append(ev.InstallFinished(uid))
+            case C.CheckBoot(update_id=uid):
+                booted = self.image == self.images[uid][1]
+                detail = "" if booted else "the device runs the previous image"
+                events.append(ev.BootChecked(uid, booted, detail))
             case C.RunSelfTest(update_id=uid):
-                events.append(ev.SelfTestFinished(uid, ok, "probe"))
+                flaw = self.releases[uid].flaw
+                passed = (
+                    self.image == self.images[uid][1]
+                    and flaw not in ("boot", "selftest")
+                    and (ok or flaw != "flaky")
+                )
+                events.append(ev.SelfTestFinished(uid, passed, "" if passed else "probe failed"))
+            case C.Commit(update_id=uid):
+                # (8) only the new image, running, and only once its self-test passed.
+                assert self.image == self.images[uid][1], f"commit of another image\n{self.story()}"
+                assert model.record.tested and model.state is S.AWAIT_COMMIT, self.story()
+                if ok and self.releases[uid].flaw != "commit":
+                    events.append(ev.CommitFinished(uid))
+                else:
+                    events.append(ev.CommitFinished(uid, InstallError("bootloader")))
+            case C.Rollback(update_id=uid):
+                old = self.images[uid][0]
+                if not ok:
+                    events.append(ev.RollbackFinished(uid, InstallError("slot")))
+                elif self.image == old:  # already back (the bootloader fell back, a restart)
+                    self.staged = None
+                    events.append(ev.RollbackFinished(uid))
+                elif self.releases[uid].restart or pick % 3 == 0:
+                    self.staged = old
+                    events.append(ev.RollbackFinished(uid, restart=True))
+                else:
+                    self.image, self.staged = old, None
+                    events.append(ev.RollbackFinished(uid))
+            case C.RequestRestart():
+                # Config.restart_command: the device restarts (Engine.start runs again).
+                self.restart(60.0, self.handler, reboot=True)
+            case C.CheckAnnouncement():
+                if self.published:  # the poll finds the server's latest announcement
+                    latest = self.published[-1]
+                    events.append(ev.AnnouncementReceived(latest.body.sequence, latest.digest, URI))
             case C.CheckGates(update_id=uid, step=step):
                 # Engine._check_gates evaluates the conditions only when they apply.
                 failing: tuple[str, ...] = ()
@@ -776,13 +931,16 @@ class PoliteMachine(RuleBasedStateMachine):
         model = self.m
         state = model.state
         need = {
-            S.DOWNLOADING: "download",
-            S.VERIFYING: "verify",
-            S.INSTALLING: "install",
-            S.AWAIT_COMMIT: "selftest",
-            S.DOWNLOAD_HELD: "gates",
-            S.INSTALL_HELD: "gates",
-        }.get(state)
+            S.DOWNLOADING: ("download",),
+            S.VERIFYING: ("verify",),
+            S.INSTALLING: ("install",),
+            S.AWAIT_RESTART: ("install", "restart"),
+            S.AWAIT_COMMIT: ("install", "selftest"),
+            S.ROLLING_BACK: ("install", "restart"),
+            S.DOWNLOAD_HELD: ("gates",),
+            S.INSTALL_HELD: ("gates",),
+        }.get(state, ())
+        ready = [name for name in need if name in self.tasks]
         waiting = (*DEFERRED_STATES, *HELD_STATES, S.AWAIT_DOWNLOAD_AUTH, S.AWAIT_INSTALL_AUTH)
         if self.inbox:
             self.network_lag(False)
@@ -794,8 +952,10 @@ class PoliteMachine(RuleBasedStateMachine):
             self.restart(2 * DAY, release.polite)
         elif "manifest" in self.tasks:
             self.finish("manifest", True)
-        elif need is not None and need in self.tasks:
-            self.finish(need, choice != 0, choice)
+        elif ready:
+            self.finish(ready[0], choice != 0, choice)
+        elif "poll" in self.tasks and state in (S.IDLE, S.FAILED):
+            self.finish("poll", True)
         elif state in (S.AWAIT_DOWNLOAD_AUTH, S.AWAIT_INSTALL_AUTH):
             kind = "authorize" if choice >= 5 else "defer" if choice >= 1 else "reject"
             self.answer(kind, delay, "ask" in self.tasks and choice % 2 == 0, 1)
@@ -877,19 +1037,28 @@ class PoliteMachine(RuleBasedStateMachine):
             (R(b[4]), str(b.get(5))) for b in self.server.values() if R(b[4]) in DECISIONS
         )
         assert at_server == self.decisions, story
+        finals = Counter(str(b.get(5)) for b in self.server.values() if R(b[4]) in FINAL)
+        assert finals == Counter(self.ended), f"final reports at the server\n{story}"
 
     # -- restarts ----------------------------------------------------------------------------
 
     @rule(
         downtime=st.sampled_from([0.0, 60.0, 3 * HOUR, 2 * DAY]),
         handler=st.booleans(),
+        reboot=st.sampled_from([True, True, False]),
     )
-    def restart(self, downtime: float, handler: bool) -> None:
-        """A power cut: only the journal survives; the device is off for ``downtime``."""
-        blob = self.m.record.to_bytes()
+    def restart(self, downtime: float, handler: bool, reboot: bool = True) -> None:
+        """A power cut (``reboot``) or fota alone restarting: only the journal survives; the
+        device is off for ``downtime``; a boot runs the staged image (if it starts)."""
         self.advance(downtime)  # the deferral's clock runs while the device is off
-        record = Record.from_bytes(blob)
-        assert record == self.m.record
+        if reboot:
+            self.boots += 1
+            staged, self.staged = self.staged, None
+            doomed = [u for u, (_, new) in self.images.items() if new == staged]
+            if staged is not None and not (doomed and self.releases[doomed[0]].flaw == "boot"):
+                self.image = staged
+        record = Record.from_bytes(self.journal)
+        assert record == self.m.record, "the journal is behind the record"
         self.lag = False
         self.start(record, handler)
 
@@ -897,11 +1066,38 @@ class PoliteMachine(RuleBasedStateMachine):
 
     @invariant()
     def journaled(self) -> None:
-        """(5) the record holds the machine's state and survives its encoding."""
+        """(5) the record holds the machine's state and survives its encoding; the journal
+        holds the record."""
         if self.model is not None:
             record = self.model.record
             assert record.state is self.model.state, self.story()
             assert Record.from_bytes(record.to_bytes()) == record, self.story()
+            journaled = Record.from_bytes(self.journal)
+            assert journaled == record and journaled.state is self.model.state, self.story()
+
+    @invariant()
+    def device_runs_the_installed_image(self) -> None:
+        """(6) unless an update is being installed, the device runs the installed image."""
+        model = self.model
+        if model is None or self.attention or model.state in INSTALL_STEPS:
+            return
+        expected = model.installed.digest.hex() if model.installed is not None else EMPTY
+        assert (self.image, self.staged) == (expected, None), self.story()
+
+    @invariant()
+    def one_final_report_per_install(self) -> None:
+        """(7) every update that reached INSTALLING and ended has exactly one final report;
+        the one being installed has none yet."""
+        model = self.model
+        if model is None:
+            return
+        finals = Counter(str(r.update_id) for r in self.made.values() if r.result in FINAL)
+        assert finals == Counter(self.ended), self.story()
+        assert self.ended <= set(self.images), self.story()
+        if model.state in INSTALL_STEPS:
+            assert model.update_id in self.images and model.update_id not in self.ended
+        else:
+            assert self.ended == set(self.images), self.story()
 
     @invariant()
     def deferral_bounded(self) -> None:
@@ -988,8 +1184,12 @@ class PoliteMachine(RuleBasedStateMachine):
             assert "verify" in tasks, story
         elif state is S.INSTALLING:
             assert "install" in tasks, story
-        elif state is S.AWAIT_COMMIT:
-            assert "selftest" in tasks, story
+        elif state is S.AWAIT_RESTART:  # the restart asked for, or the boot checked
+            assert "restart" in tasks or "install" in tasks, story
+        elif state is S.AWAIT_COMMIT:  # a self-test attempt, the next one, or the commit
+            assert "selftest" in tasks or "selftest" in timers or "install" in tasks, story
+        elif state is S.ROLLING_BACK:  # the rollback, or the restart it asked for
+            assert "install" in tasks or "restart" in tasks, story
 
 
 TestPoliteMachine = PoliteMachine.TestCase

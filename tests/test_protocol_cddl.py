@@ -387,8 +387,8 @@ def _report(**changes: Any) -> dict[Any, Any]:
     [
         pytest.param({**_report(), 3: 4}, id="unknown-state"),
         pytest.param({**_report(), 4: 2}, id="unknown-result"),
-        pytest.param({**_report(), 4: 112}, id="result-past-111"),
-        pytest.param({**_report(), 3: 18}, id="state-past-17"),
+        pytest.param({**_report(), 4: 114}, id="result-past-113"),
+        pytest.param({**_report(), 3: 20}, id="state-past-19"),
         pytest.param({**_report(), 1: b"dev"}, id="device-id-bytes"),
         pytest.param({**_report(), 2: -1}, id="negative-sequence"),
         pytest.param({**_report(), 7: "10"}, id="verified-text"),

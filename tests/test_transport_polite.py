@@ -266,10 +266,35 @@ async def test_check_now_cuts_the_back_off_short(
     async with aclosing(transport.announcements()) as anns:
         waiting = asyncio.create_task(next_of(anns))
         await transport.watcher_waiting()  # in the back-off after the failed fetch
-        assert transport.pauses == [1.0]
+        assert len(transport.pauses) == 1 and 0.9 <= transport.pauses[0] <= 1.1  # 1 s ± jitter
         transport.check_now()
         assert await waiting == announced(server, v1)
-    assert transport.pauses == [1.0]  # fetched without waiting the second out
+    assert len(transport.pauses) == 1  # fetched without waiting the second out
+
+
+class Impatient(Spy):
+    """Records each pause and returns at once (to see a long back-off without waiting it)."""
+
+    async def _pause(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+
+
+async def test_a_polling_device_backs_off_failed_polls_up_to_its_poll_interval(
+    server: UpdateServer,
+) -> None:
+    """A sleepy device does not retry every minute while its uplink is down."""
+    publish(server, "1.0")
+    transport = Impatient(server.uri, DEVICE, ack_timeout=ACK_TIMEOUT, poll_interval=3600.0)
+    transport.failing_gets = 14
+    try:
+        async with aclosing(transport.announcements()) as anns:
+            await next_of(anns)
+    finally:
+        await transport.aclose()
+    backoffs = transport.pauses[:14]
+    nominal = [min(2.0**i, 3600.0) for i in range(14)]  # 1, 2, 4, ... 2048, 3600, 3600
+    assert all(n * 0.9 <= b <= n * 1.1 for b, n in zip(backoffs, nominal, strict=True))
+    assert len(set(backoffs)) == len(backoffs), "each back-off drawn with its own jitter"
 
 
 # -- poll jitter -------------------------------------------------------------------------------

@@ -65,23 +65,46 @@ class Install(Command):
 
 @dataclass(frozen=True, slots=True)
 class RunSelfTest(Command):
-    """Run the post-install health check."""
+    """Run the post-install health check once and post ``SelfTestFinished``."""
+
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRestart(Command):
+    """The device must restart for the installed (or restored) image to run.
+
+    The engine runs ``Config.restart_command`` if one is set; else it waits for someone to
+    restart the device.
+    """
+
+    update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckBoot(Command):
+    """Ask the installer whether the new image is the one running; post ``BootChecked``."""
 
     update_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class Commit(Command):
-    """Make the installed image permanent and drop the candidate."""
+    """Make the installed image permanent; post ``CommitFinished`` (idempotent)."""
 
     update_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class Rollback(Command):
-    """Put the previous image back."""
+    """Put the previous image back; post ``RollbackFinished`` (idempotent)."""
 
     update_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckAnnouncement(Command):
+    """Fetch the announcement now (one may have come while an install was under way)."""
 
 
 @dataclass(frozen=True, slots=True)

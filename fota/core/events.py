@@ -137,11 +137,47 @@ class ImageChecked(Event):
 
 @dataclass(frozen=True, slots=True)
 class InstallFinished(Event):
-    """The installer returned; ``error`` is None on success."""
+    """The installer returned; ``error`` is None on success.
+
+    ``restart``: the new image runs only after a restart of the device (A/B slots, RAUC).
+    """
 
     trigger: ClassVar[str] = "install_finished"
     update_id: str
     error: FotaError | None = None
+    restart: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BootChecked(Event):
+    """After the restart an install asked for: whether the new image is the one running."""
+
+    trigger: ClassVar[str] = "boot_checked"
+    update_id: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitFinished(Event):
+    """The installer made the new image permanent (``error`` None) or could not."""
+
+    trigger: ClassVar[str] = "commit_finished"
+    update_id: str
+    error: FotaError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackFinished(Event):
+    """The installer put the previous image back (``error`` None) or could not.
+
+    ``restart``: the previous image runs again only after a restart of the device.
+    """
+
+    trigger: ClassVar[str] = "rollback_finished"
+    update_id: str
+    error: FotaError | None = None
+    restart: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,9 @@ ASK_DOWNLOAD = (S.AWAIT_DOWNLOAD_AUTH, S.DOWNLOAD_DEFERRED)
 ASK_INSTALL = (S.AWAIT_INSTALL_AUTH, S.INSTALL_DEFERRED)
 WAITING = (*ASK_DOWNLOAD, *ASK_INSTALL)
 HELD = (S.DOWNLOAD_HELD, S.INSTALL_HELD)
-ACTIVE = (S.DOWNLOADING, S.VERIFYING, S.INSTALLING, S.AWAIT_COMMIT)
+INSTALL_STEPS = (S.INSTALLING, S.AWAIT_RESTART, S.AWAIT_COMMIT, S.ROLLING_BACK)
+"""From the install on: too late to cancel or supersede; the update ends in IDLE or FAILED."""
+ACTIVE = (S.DOWNLOADING, S.VERIFYING, *INSTALL_STEPS)
 """States whose work a reboot loop could repeat forever; restarts in them are counted."""
 CANCELLABLE = (*WAITING, *HELD, S.DOWNLOADING, S.VERIFYING)
 """A server cancel or a newer manifest ends the update here, but not once it is installing."""
@@ -90,7 +92,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     T("announcement_received", CANCELLABLE, S.IDLE, ("is_cancel",), after=("cancel_update",)),
     T(
         "announcement_received",
-        (S.INSTALLING, S.AWAIT_COMMIT),
+        INSTALL_STEPS,
         None,
         ("is_cancel",),
         after=("refuse_cancel",),
@@ -113,9 +115,10 @@ TRANSITIONS: tuple[Transition, ...] = (
         after=("refuse_manifest",),
         prepare=("check_manifest",),
     ),
-    # The pending update's own manifest again (two announcements raced its fetch): nothing
-    # to do; re-adopting it would supersede the update by itself and drop its fragments.
-    T("manifest_fetched", (S.FAILED, *CANCELLABLE), None, ("is_pending_manifest",)),
+    # A manifest we already know (two announcements raced its fetch): the pending update's
+    # own (re-adopting it would supersede the update by itself and drop its fragments), one
+    # refused or rejected (rejected is for good), or the running image's. Nothing to do.
+    T("manifest_fetched", ADOPTING, None, ("is_known_manifest",)),
     T(
         "manifest_fetched",
         ADOPTING,
@@ -134,18 +137,43 @@ TRANSITIONS: tuple[Transition, ...] = (
     # A deferral past the bound or the deadline is not granted: the step proceeds, forced.
     *_proceed("deferred", ASK_DOWNLOAD, "download", ("is_current",), ("end_deferral", "proceed")),
     *_proceed("deferred", ASK_INSTALL, "install", ("is_current",), ("end_deferral", "proceed")),
-    T("rejected", (*WAITING, *HELD), S.IDLE, ("is_current",), ("is_forced",), after=("reject",)),
+    # Only the application of a polite running image decides; past a forcing rule it cannot.
+    T(
+        "rejected",
+        (*WAITING, *HELD),
+        S.IDLE,
+        ("is_current", "must_ask"),
+        ("is_forced",),
+        after=("reject",),
+    ),
     T(
         "resume_requested",
         (S.DOWNLOAD_DEFERRED,),
         S.AWAIT_DOWNLOAD_AUTH,
+        unless=("is_forced",),
         after=("end_deferral", "ask_download"),
     ),
     T(
         "resume_requested",
         (S.INSTALL_DEFERRED,),
         S.AWAIT_INSTALL_AUTH,
+        unless=("is_forced",),
         after=("end_deferral", "ask_install"),
+    ),
+    # Resumed past the deadline or the bound (a device that slept through its timer): forced.
+    *_proceed(
+        "resume_requested",
+        (S.DOWNLOAD_DEFERRED,),
+        "download",
+        ("is_forced",),
+        ("end_deferral", "proceed"),
+    ),
+    *_proceed(
+        "resume_requested",
+        (S.INSTALL_DEFERRED,),
+        "install",
+        ("is_forced",),
+        ("end_deferral", "proceed"),
     ),
     T(
         "handler_changed",
@@ -308,31 +336,119 @@ TRANSITIONS: tuple[Transition, ...] = (
         after=("refetch_all",),
     ),
     T("image_checked", (S.VERIFYING,), S.FAILED, ("is_current",), after=("fail",)),
-    # -- Install, self-test, commit ---------------------------------------------------------
+    # -- Install, restart, self-test, commit; rollback on any failure ----------------------
+    # Every step is journaled before the installer runs it, and each installer call is
+    # idempotent: a restart re-runs the state's step (resume_work).
+    T(
+        "install_finished",
+        (S.INSTALLING,),
+        S.AWAIT_RESTART,
+        ("is_current", "succeeded", "needs_restart"),
+        after=("request_restart",),
+    ),
     T(
         "install_finished",
         (S.INSTALLING,),
         S.AWAIT_COMMIT,
         ("is_current", "succeeded"),
-        after=("self_test",),
+        after=("start_self_test",),
     ),
-    T("install_finished", (S.INSTALLING,), S.FAILED, ("is_current",), after=("rollback", "fail")),
+    T("install_finished", (S.INSTALLING,), S.ROLLING_BACK, ("is_current",), after=("roll_back",)),
+    T(
+        "boot_checked",
+        (S.AWAIT_RESTART,),
+        S.AWAIT_COMMIT,
+        ("is_current", "succeeded"),
+        after=("start_self_test",),
+    ),
+    T("boot_checked", (S.AWAIT_RESTART,), S.ROLLING_BACK, ("is_current",), after=("roll_back",)),
     T(
         "self_test_finished",
         (S.AWAIT_COMMIT,),
-        S.IDLE,
+        None,
         ("is_current", "succeeded"),
         after=("commit",),
     ),
+    # A failed attempt is retried until the self-test deadline.
     T(
         "self_test_finished",
         (S.AWAIT_COMMIT,),
+        None,
+        ("is_current", "before_commit_deadline"),
+        after=("retry_self_test",),
+    ),
+    T(
+        "self_test_finished",
+        (S.AWAIT_COMMIT,),
+        S.ROLLING_BACK,
+        ("is_current",),
+        after=("roll_back",),
+    ),
+    T(
+        "timer_fired",
+        (S.AWAIT_COMMIT,),
+        None,
+        ("is_current", "is_self_test_timer"),
+        after=("run_self_test",),
+    ),
+    # Only a commit that ran after a passed self-test counts.
+    T(
+        "commit_finished",
+        (S.AWAIT_COMMIT,),
+        S.IDLE,
+        ("is_current", "is_tested", "succeeded"),
+        after=("commit_done",),
+    ),
+    T(
+        "commit_finished",
+        (S.AWAIT_COMMIT,),
+        S.ROLLING_BACK,
+        ("is_current", "is_tested"),
+        after=("roll_back",),
+    ),
+    T(
+        "rollback_finished",
+        (S.ROLLING_BACK,),
+        None,
+        ("is_current", "succeeded", "needs_restart"),
+        after=("request_restart",),
+    ),
+    T(
+        "rollback_finished",
+        (S.ROLLING_BACK,),
+        S.FAILED,
+        ("is_current", "succeeded"),
+        after=("rolled_back",),
+    ),
+    T(
+        "rollback_finished",
+        (S.ROLLING_BACK,),
         S.FAILED,
         ("is_current",),
-        after=("rollback", "fail"),
+        after=("rollback_failed",),
     ),
-    # -- Restart: fail a reboot loop, else re-issue the restored state's work explicitly. ---
-    T("restarted", ACTIVE, S.FAILED, ("restart_limit_reached",), after=("fail",)),
+    # -- Restart: break a reboot loop, else re-issue the restored state's work explicitly. ---
+    T(
+        "restarted",
+        (S.INSTALLING, S.AWAIT_RESTART, S.AWAIT_COMMIT),
+        S.ROLLING_BACK,
+        ("restart_limit_reached",),
+        after=("roll_back",),
+    ),
+    T(
+        "restarted",
+        (S.ROLLING_BACK,),
+        S.FAILED,
+        ("restart_limit_reached",),
+        after=("rollback_failed",),
+    ),
+    T(
+        "restarted",
+        (S.DOWNLOADING, S.VERIFYING),
+        S.FAILED,
+        ("restart_limit_reached",),
+        after=("fail",),
+    ),
     T("restarted", (S.DOWNLOADING,), S.FAILED, ("resume_unsupported",), after=("fail",)),
     T("restarted", ALL, None, after=("resume_work",)),
     # -- Reports ----------------------------------------------------------------------------
@@ -419,10 +535,39 @@ class Model:
         self.handler_present = False
         """Whether an application handler is registered (not journaled: the engine sets it
         at start, before ``Restarted``)."""
+        self.boot_id = ""
+        """The current boot of the device (Linux: ``/proc/sys/kernel/random/boot_id``; ""
+        when unknown). Set by the engine at start; a restart the installer asked for
+        happened when it differs from ``record.boot_id``."""
         self._cancel_refused: bytes | None = None
         self._entry: tuple[ResultCode, str] | None = None
 
     # -- helpers -------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """Everything a trigger may change, to put back if its effects cannot be kept."""
+        return (
+            self.state,
+            self.record,
+            self.pending,
+            self.installed,
+            self.handler_present,
+            self._cancel_refused,
+            self._entry,
+        )
+
+    def restore(self, snapshot: tuple[Any, ...]) -> None:
+        """Undo a trigger (its journal write failed, or a callback raised); drop its commands."""
+        (
+            self.state,
+            self.record,
+            self.pending,
+            self.installed,
+            self.handler_present,
+            self._cancel_refused,
+            self._entry,
+        ) = snapshot
+        self.outbox = []
 
     def take_commands(self) -> list[cmd.Command]:
         """Return and clear the commands appended since the last call."""
@@ -498,6 +643,10 @@ class Model:
             defer_since=None,
             forced="",
             held=(),
+            boot_id="",
+            commit_by=None,
+            tested=False,
+            failure="",
         )
 
     def _step(self) -> str:
@@ -578,9 +727,13 @@ class Model:
             and a.manifest_digest not in known
         )
 
-    def is_pending_manifest(self, e: Any) -> bool:
-        """The fetched manifest is the pending update's."""
-        return self.pending is not None and e.kwargs["event"].digest == self.record.pending
+    def _known(self) -> set[bytes]:
+        rec = self.record
+        return {d for d in (rec.pending, rec.refused, rec.installed) if d is not None}
+
+    def is_known_manifest(self, e: Any) -> bool:
+        """The fetched manifest is the pending, a refused (or rejected) or the running one."""
+        return bool(e.kwargs["event"].digest in self._known())
 
     def is_cancel(self, e: Any) -> bool:
         """The announcement withdraws the pending update."""
@@ -697,6 +850,23 @@ class Model:
         event = e.kwargs["event"]
         return bool(getattr(event, "ok", getattr(event, "error", None) is None))
 
+    def is_tested(self, e: Any) -> bool:
+        """The self-test passed (journaled): the commit is under way."""
+        return self.record.tested
+
+    def needs_restart(self, e: Any) -> bool:
+        """The installer said the image runs only after a restart of the device."""
+        return bool(e.kwargs["event"].restart)
+
+    def before_commit_deadline(self, e: Any) -> bool:
+        """There is time left for another self-test attempt."""
+        by = self.record.commit_by
+        return by is not None and e.kwargs["now"] < by
+
+    def is_self_test_timer(self, e: Any) -> bool:
+        """The timer that fired is the next self-test attempt's."""
+        return bool(e.kwargs["event"].name == "selftest")
+
     def restart_limit_reached(self, e: Any) -> bool:
         """Restarting once more would pass the restart limit."""
         return self.record.restarts + 1 > self.policy.restart_limit
@@ -707,6 +877,8 @@ class Model:
         """Verify the fetched manifest once, for the conditions that follow."""
         fetched: ev.ManifestFetched = e.kwargs["event"]
         self._candidate, self.refusal = None, None
+        if fetched.digest in self._known():
+            return  # is_known_manifest handles it: not refused (nor reported) again
         try:
             self._candidate = accept(
                 fetched.raw,
@@ -729,6 +901,8 @@ class Model:
         """Fetch the announced manifest."""
         a: ev.AnnouncementReceived = e.kwargs["event"]
         assert a.manifest_uri is not None and a.manifest_digest is not None
+        if self.names_cancel(e):  # the same announcement withdraws another manifest
+            self.note_cancel(e)
         self.outbox.append(cmd.FetchManifest(a.manifest_uri, a.manifest_digest))
 
     def refuse_manifest(self, e: Any) -> None:
@@ -781,11 +955,12 @@ class Model:
         self.outbox.append(ask(uid))
         self._arm_wait_timers(e.kwargs["now"])
 
-    def _arm_wait_timers(self, now: float) -> None:
+    def _arm_wait_timers(self, now: float, grace_from: float | None = None) -> None:
         """Arm the timers that force a waiting update.
 
         The deadline always; the grace period when nobody is there to answer and the
-        configuration says to proceed.
+        configuration says to proceed, counted from ``grace_from`` (default: when the update
+        was first seen).
         """
         assert self.pending is not None
         uid = self.pending.update_id
@@ -793,7 +968,8 @@ class Model:
         if deadline is not None:
             self.outbox.append(cmd.StartTimer("deadline", deadline, uid))
         if not self.handler_present and self.policy.unanswered == "proceed":
-            start = self.record.first_seen if self.record.first_seen is not None else now
+            start = grace_from if grace_from is not None else self.record.first_seen
+            start = now if start is None else start
             self.outbox.append(cmd.StartTimer("grace", start + self.policy.unanswered_grace, uid))
 
     def ask_download(self, e: Any) -> None:
@@ -867,6 +1043,9 @@ class Model:
         assert self.pending is not None
         now = e.kwargs["now"]
         failing = e.kwargs["event"].failing
+        locks = pol.capped_locks(self.record, now, self.policy.max_lock_ttl)
+        if locks != pol.active_locks(self.record, now):
+            self.record = self.record.evolve(locks=locks)
         held = pol.blockers(now, self._step(), self.record, self.installed, self.policy, failing)
         deadline = pol.deadline_of(self.pending, self.record, self.policy)
         again = pol.next_check(now, self.record, self.policy, failing, deadline)
@@ -890,20 +1069,32 @@ class Model:
         lock: ev.LockTaken = e.kwargs["event"]
         now = e.kwargs["now"]
         ttl = min(max(0.0, lock.ttl), self.policy.max_lock_ttl)
-        locks = tuple(x for x in pol.active_locks(self.record, now) if x[0] != lock.name)
+        locks = tuple(
+            x
+            for x in pol.capped_locks(self.record, now, self.policy.max_lock_ttl)
+            if x[0] != lock.name
+        )
         self.record = self.record.evolve(locks=(*locks, (lock.name, now + ttl)))
 
     def release_lock(self, e: Any) -> None:
         """Drop an inhibitor lock (and any that expired)."""
         name = e.kwargs["event"].name
-        locks = tuple(x for x in pol.active_locks(self.record, e.kwargs["now"]) if x[0] != name)
+        now, cap = e.kwargs["now"], self.policy.max_lock_ttl
+        locks = tuple(x for x in pol.capped_locks(self.record, now, cap) if x[0] != name)
         self.record = self.record.evolve(locks=locks)
 
     def note_handler(self, e: Any) -> None:
-        """Remember whether a handler is registered; one that arrives ends the grace period."""
+        """Remember whether a handler is registered.
+
+        One that arrives ends the grace period; one that leaves while the application is
+        asked starts a new one from now (an application restarting itself must have the time
+        to register again).
+        """
         self.handler_present = bool(e.kwargs["event"].present)
         if self.handler_present:
             self.outbox.append(cmd.CancelTimer("grace"))
+        elif self.state in (S.AWAIT_DOWNLOAD_AUTH, S.AWAIT_INSTALL_AUTH):
+            self._arm_wait_timers(e.kwargs["now"], grace_from=e.kwargs["now"])
 
     def cancel_update(self, e: Any) -> None:
         """The server withdrew the pending update: stop, discard, report; not fetched again."""
@@ -918,12 +1109,16 @@ class Model:
         ]
         self._clear_pending()
         self.record = self.record.evolve(cancelled=digest)
+        # The same announcement may name the manifest that replaces the cancelled one.
+        if self.is_new_announcement(e):
+            self.fetch_manifest(e)
 
     def refuse_cancel(self, e: Any) -> None:
         """Too late to cancel once installing: say so once."""
         if self._cancel_refused != self.record.pending:
             self._cancel_refused = self.record.pending
-            self._report(ResultCode.INITIAL, "cancel refused: the update is being installed")
+            doing = "rolled back" if self.state is S.ROLLING_BACK else "installed"
+            self._report(ResultCode.INITIAL, f"cancel refused: the update is being {doing}")
 
     def names_cancel(self, e: Any) -> bool:
         """The announcement withdraws a manifest that is not pending (yet)."""
@@ -1070,31 +1265,121 @@ class Model:
         self.start_download(e)
 
     def install(self, e: Any) -> None:
-        """Run the installer."""
+        """Run the installer.
+
+        The install steps count their restarts from here: those of the download are not a
+        reason to roll back at the restart the installer asks for.
+        """
         assert self.pending is not None
         self._report_entry(e)
+        self.record = self.record.evolve(restarts=0)
         self.outbox.append(cmd.Install(self.pending.update_id))
 
-    def self_test(self, e: Any) -> None:
-        """Check the installed image before committing it."""
+    def start_self_test(self, e: Any) -> None:
+        """The new image runs: it must pass the self-test before the deadline."""
         assert self.pending is not None
+        now = e.kwargs["now"]
+        self.record = self.record.evolve(
+            commit_by=now + self.policy.self_test_deadline, tested=False, boot_id=""
+        )
         self._report(ResultCode.INITIAL)
         self.outbox.append(cmd.RunSelfTest(self.pending.update_id))
 
+    def run_self_test(self, e: Any) -> None:
+        """Another self-test attempt."""
+        assert self.pending is not None
+        self.outbox.append(cmd.RunSelfTest(self.pending.update_id))
+
+    def retry_self_test(self, e: Any) -> None:
+        """The attempt failed with time left: try again after the interval (or at the deadline)."""
+        assert self.pending is not None and self.record.commit_by is not None
+        at = min(e.kwargs["now"] + self.policy.self_test_interval, self.record.commit_by)
+        self.outbox.append(cmd.StartTimer("selftest", at, self.pending.update_id))
+
+    def request_restart(self, e: Any) -> None:
+        """The image runs only after a restart of the device: ask for one, remember this boot."""
+        assert self.pending is not None
+        self.record = self.record.evolve(boot_id=self.boot_id)
+        if e.transition.dest is not None:
+            self._report(ResultCode.INITIAL, "restart required")
+        self.outbox.append(cmd.RequestRestart(self.pending.update_id))
+
     def commit(self, e: Any) -> None:
-        """The new image becomes the installed one; it now decides politeness."""
+        """The self-test passed: make the new image permanent."""
+        assert self.pending is not None
+        self.record = self.record.evolve(tested=True)
+        self.outbox += [cmd.CancelTimer("selftest"), cmd.Commit(self.pending.update_id)]
+
+    def commit_done(self, e: Any) -> None:
+        """The new image is the installed one; it now decides politeness."""
         assert self.pending is not None
         uid = self.pending.update_id
         self.installed = self.pending
         self.record = self.record.evolve(installed=self.pending.digest)
         self._report(ResultCode.SUCCESS)
         self._clear_pending()
-        self.outbox += [cmd.Commit(uid), cmd.NotifyComplete(uid, ResultCode.SUCCESS)]
+        self.outbox += [
+            cmd.DiscardCandidate(),
+            cmd.NotifyComplete(uid, ResultCode.SUCCESS),
+            cmd.CheckAnnouncement(),
+        ]
 
-    def rollback(self, e: Any) -> None:
-        """Put the previous image back."""
+    def roll_back(self, e: Any) -> None:
+        """Something failed from the install on: report why, then put the previous image back.
+
+        The rollback gets a restart budget of its own.
+        """
         assert self.pending is not None
-        self.outbox.append(cmd.Rollback(self.pending.update_id))
+        result, detail = self._failure(e)
+        self.record = self.record.evolve(failure=detail, restarts=0, tested=False, boot_id="")
+        self._report(result, detail)
+        self.outbox += [cmd.CancelTimer("selftest"), cmd.Rollback(self.pending.update_id)]
+
+    def _failure(self, e: Any) -> tuple[ResultCode, str]:
+        """The result code and detail of what sent the update to ROLLING_BACK."""
+        event = e.kwargs["event"]
+        error: FotaError | None = getattr(event, "error", None)
+        if isinstance(event, ev.BootChecked):
+            return ResultCode.FAILED, f"the new image did not start: {event.detail or 'no detail'}"
+        if isinstance(event, ev.SelfTestFinished):
+            return ResultCode.FAILED, f"self-test failed: {event.detail or 'no detail'}"
+        if isinstance(event, ev.CommitFinished) and error is not None:
+            return error.result, f"commit failed: {error}"
+        if isinstance(event, ev.Restarted):
+            step = State[e.transition.source].name
+            return ResultCode.FAILED, f"restart limit {self.policy.restart_limit} reached in {step}"
+        if error is not None:
+            return error.result, str(error)
+        return ResultCode.FAILED, e.event.name
+
+    def _previous(self) -> str:
+        return f"version {self.installed.body.version}" if self.installed else "the previous image"
+
+    def rolled_back(self, e: Any) -> None:
+        """The previous image runs again: the final report says so, and why."""
+        assert self.pending is not None
+        detail = f"rolled back to {self._previous()}: {self.record.failure}"
+        self._finish(ResultCode.ROLLED_BACK, detail)
+
+    def rollback_failed(self, e: Any) -> None:
+        """The previous image could not be restored: the device needs attention."""
+        assert self.pending is not None
+        event = e.kwargs["event"]
+        why = (
+            f"restart limit {self.policy.restart_limit} reached"
+            if isinstance(event, ev.Restarted)
+            else str(getattr(event, "error", None) or "unknown")
+        )
+        self._finish(ResultCode.ROLLBACK_FAILED, f"rollback failed ({why}): {self.record.failure}")
+
+    def _finish(self, result: ResultCode, detail: str) -> None:
+        assert self.pending is not None
+        self.record = self.record.evolve(boot_id="", commit_by=None)
+        self._report(result, detail)
+        self.outbox += [
+            cmd.NotifyComplete(self.pending.update_id, result, detail),
+            cmd.CheckAnnouncement(),
+        ]
 
     def fail(self, e: Any) -> None:
         """The update failed: report why. It stays pending (to inspect) until a new one comes."""
@@ -1118,8 +1403,6 @@ class Model:
             missing = self.pending.fragment_count - bitmap_count(self.record.verified)
             result = ResultCode.INTEGRITY_FAILURE
             detail = f"download ended with {missing} fragments missing"
-        elif isinstance(event, ev.SelfTestFinished):
-            result, detail = ResultCode.FAILED, f"self-test failed: {event.detail}"
         elif e.event.name == "restarted":
             result, detail = ResultCode.FAILED, f"restart limit {self.policy.restart_limit} reached"
         elif error is not None:
@@ -1138,6 +1421,19 @@ class Model:
         """After a restart, re-issue the restored state's work (on_enter does not run for it)."""
         if self.state in ACTIVE:
             self.record = self.record.evolve(restarts=self.record.restarts + 1)
+        now = e.kwargs["now"]
+        # Fields a journal of fota 0.1 (schema 1) does not have; filled first, because the
+        # timers below count from them.
+        if self.record.provisioned_at is None:
+            # The first start ever: the quiet period begins. A migrated journal with reports
+            # sent is no new device: its quiet period is long over.
+            self.record = self.record.evolve(
+                provisioned_at=now if not self.record.report_seq else 0.0
+            )
+        if self.pending is not None and self.record.first_seen is None:
+            self.record = self.record.evolve(first_seen=now)  # seen from now on
+        if self.record.defer_until is not None and self.record.defer_since is None:
+            self.record = self.record.evolve(defer_since=now)  # counts from now on
         uid = self.update_id
         work: dict[State, cmd.Command] = {}
         if uid is not None:
@@ -1152,7 +1448,11 @@ class Model:
                 S.AWAIT_INSTALL_AUTH: cmd.AskInstallAuthorization(uid),
                 S.INSTALL_DEFERRED: cmd.StartTimer("defer", until, uid),
                 S.INSTALLING: cmd.Install(uid),
-                S.AWAIT_COMMIT: cmd.RunSelfTest(uid),
+                S.AWAIT_RESTART: (
+                    cmd.CheckBoot(uid) if self._rebooted() else cmd.RequestRestart(uid)
+                ),
+                S.AWAIT_COMMIT: cmd.Commit(uid) if self.record.tested else cmd.RunSelfTest(uid),
+                S.ROLLING_BACK: cmd.Rollback(uid),
                 S.DOWNLOAD_HELD: cmd.CheckGates(uid, "download"),
                 S.INSTALL_HELD: cmd.CheckGates(uid, "install"),
             }
@@ -1160,20 +1460,19 @@ class Model:
             if self.policy.resume == "restart":  # Config.resume: start over after a restart
                 self.record = self.record.evolve(verified=bitmap_new(self.pending.fragment_count))
             self._arm_time_budget()
-        if self.state in work:
+        asking = self.state in (S.AWAIT_DOWNLOAD_AUTH, S.AWAIT_INSTALL_AUTH)
+        # Past its deadline (the device was off when it came) an update is not asked about:
+        # the deadline timer armed below fires at once and forces it.
+        if self.state in work and not (asking and self._past_deadline(e)):
             self.outbox.append(work[self.state])
-        if self.state in (S.AWAIT_DOWNLOAD_AUTH, S.AWAIT_INSTALL_AUTH):
-            self._arm_wait_timers(e.kwargs["now"])
-        if self.record.provisioned_at is None:  # the first start ever: the quiet period begins
-            self.record = self.record.evolve(provisioned_at=e.kwargs["now"])
-        # Commit and rollback run after the journal already says IDLE / FAILED; a crash may
-        # have cut them short. Both are idempotent (the Installer contract): run them again.
-        if self.state is S.IDLE and self.installed is not None:
-            self.outbox.append(cmd.Commit(self.installed.update_id))
-        elif self.state is S.FAILED and uid is not None:
-            self.outbox.append(cmd.Rollback(uid))
+        if asking:
+            self._arm_wait_timers(now)
         if self.record.outbox:
             self.outbox.append(cmd.SendReports())
+
+    def _rebooted(self) -> bool:
+        """The device restarted since the installer asked for it (or nobody can tell)."""
+        return not self.record.boot_id or self.boot_id != self.record.boot_id
 
     def drop_report(self, e: Any) -> None:
         """The server has the report: remove it from the durable outbox."""

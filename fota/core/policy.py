@@ -19,6 +19,12 @@ DEFERRAL_LIMIT = "deferral limit"
 UNANSWERED = "unanswered"
 """Forcing rules, as reported to the server and told to the application."""
 
+SPENT = 0.001
+"""Seconds of deferral left below which the bound counts as spent. A deferral cut to the bound
+ends at ``now + (bound - so far)``; adding the timestamps back up can miss the bound by a
+rounding error, and an exact comparison would then grant a deferral of zero length again and
+again."""
+
 
 @dataclass(frozen=True, slots=True)
 class Policy:
@@ -56,6 +62,9 @@ class Policy:
             (not only the install).
         max_locks: most inhibitor locks held at once.
         max_lock_ttl: longest time to live of a lock, seconds (a crashed holder's lock expires).
+        self_test_deadline: seconds after the new image starts (after the install, or after
+            the restart it needed) within which the self-test must pass; else roll back.
+        self_test_interval: seconds between self-test attempts until it passes.
     """
 
     device_class: str
@@ -81,6 +90,8 @@ class Policy:
     gates_download: bool = False
     max_locks: int = 32
     max_lock_ttl: float = 86400.0
+    self_test_deadline: float = 300.0
+    self_test_interval: float = 10.0
 
 
 def must_ask(installed: Manifest | None) -> bool:
@@ -154,7 +165,7 @@ def force_reason(now: float, manifest: Manifest, record: Record, policy: Policy)
     if deadline is not None and now >= deadline:
         return DEADLINE
     bound = deferral_bound(manifest, policy)
-    if bound is not None and deferred_so_far(record, now) >= bound:
+    if bound is not None and deferred_so_far(record, now) >= bound - SPENT:
         return DEFERRAL_LIMIT
     return ""
 
@@ -182,6 +193,16 @@ def clamp_deferral(
 def active_locks(record: Record, now: float) -> tuple[tuple[str, float], ...]:
     """Inhibitor locks not yet expired."""
     return tuple(lock for lock in record.locks if lock[1] > now)
+
+
+def capped_locks(record: Record, now: float, max_ttl: float) -> tuple[tuple[str, float], ...]:
+    """Active locks, none expiring later than ``now + max_ttl``.
+
+    A lock's expiry is capped when it is taken; after the wall clock stepped back (an RTC
+    reset), a journaled expiry can lie further ahead than that, and a crashed holder's lock
+    must still end within ``max_ttl``.
+    """
+    return tuple((name, min(until, now + max_ttl)) for name, until in active_locks(record, now))
 
 
 def holds_apply(step: str, installed: Manifest | None, policy: Policy) -> bool:

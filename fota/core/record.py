@@ -103,6 +103,11 @@ class Record:
         provisioned_at: wall-clock time of the first start (the quiet period counts from it).
         cancelled: digest of the last manifest the server cancelled (not fetched again).
         held: what held the pending update when last reported (reported again on change).
+        boot_id: the boot during which the installer asked for a restart ("" if none asked);
+            a restart happened when the engine reports another.
+        commit_by: wall-clock deadline for the self-test to pass; past it, roll back.
+        tested: the self-test passed; the commit runs (again, after a crash).
+        failure: why the update is being rolled back (for the final report).
     """
 
     state: State = State.IDLE
@@ -129,6 +134,10 @@ class Record:
     provisioned_at: float | None = None
     cancelled: bytes | None = None
     held: tuple[str, ...] = field(default=())
+    boot_id: str = ""
+    commit_by: float | None = None
+    tested: bool = False
+    failure: str = ""
 
     def to_bytes(self) -> bytes:
         """Encode as ``[schema, body, crc32(body)]`` so a bit flip is caught on load."""
@@ -158,6 +167,10 @@ class Record:
                 self.provisioned_at,
                 self.cancelled,
                 list(self.held),
+                self.boot_id,
+                self.commit_by,
+                self.tested,
+                self.failure,
             ]
         )
         return cbor2.dumps([SCHEMA, body, zlib.crc32(body)])
@@ -179,6 +192,7 @@ class Record:
             items = cbor2.loads(body)
             if schema == 1:
                 items = [*items[:_V1_FIELDS], None, 0.0, None, "", [], None, None, []]
+                items += ["", None, False, ""]
             (
                 state,
                 pending,
@@ -204,6 +218,10 @@ class Record:
                 provisioned_at,
                 cancelled,
                 held,
+                boot_id,
+                commit_by,
+                tested,
+                failure,
             ) = items
             return cls(
                 State(state),
@@ -230,6 +248,10 @@ class Record:
                 provisioned_at,
                 cancelled,
                 tuple(held),
+                boot_id,
+                commit_by,
+                bool(tested),
+                failure,
             )
         except Exception as exc:
             raise JournalError(f"journal record: bad body ({exc})") from exc

@@ -22,3 +22,7 @@ class State(Enum):
     """Authorized (or forced), waiting for local conditions before the download starts."""
     INSTALL_HELD = 17
     """Authorized (or forced), waiting for local conditions before the install starts."""
+    AWAIT_RESTART = 18
+    """Installed; the new image runs only after a restart (reboot) of the device."""
+    ROLLING_BACK = 19
+    """The install, its boot, self-test or commit failed: the previous image is put back."""

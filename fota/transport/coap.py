@@ -322,10 +322,13 @@ class CoapTransport:
                         request.observation.cancel()
             except (aiocoap.error.Error, OSError, TransportError) as exc:
                 log.info("announcement_retry", uri=self.announce_uri, error=str(exc), delay=backoff)
-            # Back-off between re-registrations (a timer, not synchronisation); check_now()
-            # cuts it short.
-            await self._pause(backoff)
-            backoff = min(max(backoff, 0.5) * 2, 60.0)
+            # Back-off between re-registrations (a timer, not synchronisation), with jitter so
+            # that a fleet does not come back in lockstep after an outage; check_now() cuts it
+            # short. A polling (sleepy) device backs off up to its poll interval, not to the
+            # observer's minute.
+            await self._pause(poll_delay(backoff, self.poll_jitter, self._random))
+            cap = max(60.0, self.poll_interval) if self.poll_interval is not None else 60.0
+            backoff = min(max(backoff, 0.5) * 2, cap)
 
     async def _notifications(self, observation: Any) -> AsyncGenerator[Announcement | None, None]:
         """The usable notifications of one observation, and a GET's answer per check_now().

@@ -1,0 +1,195 @@
+"""Run an external command for fota: a hook, a condition, a self-test, an installer backend.
+
+Rules every command run by fota follows (docs/installers.md, "Safety"):
+
+* an argument list, never a shell string: nothing from a manifest or a bundle is ever parsed by
+  a shell (a recipe's commands run only when local configuration allows their program);
+* stdin is ``/dev/null`` and the usual "do not prompt" environment is set, so a command that
+  asks a question gets end-of-file instead of hanging the update;
+* a timeout: the command runs in a session of its own, and on timeout the whole process group
+  is killed (a shell script's children too);
+* its output is logged line by line (bounded), and the last lines are kept for error messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+NONINTERACTIVE: Mapping[str, str] = {
+    "DEBIAN_FRONTEND": "noninteractive",  # apt, dpkg: no debconf questions
+    "PIP_NO_INPUT": "1",  # pip: never prompt
+    "CI": "1",  # npm and many tools: no interactive prompts, no progress animations
+    "NPM_CONFIG_YES": "true",
+    "GIT_TERMINAL_PROMPT": "0",
+}
+"""Set for every command: each is a documented switch of the tool to never ask."""
+
+LOGGED_LINES = 1000
+"""Lines of one command's output that are logged; the rest are counted, not logged."""
+TAIL_LINES = 20
+LINE_LIMIT = 500
+DRAIN = 2.0
+"""Seconds to keep reading output after the command exited (what is left in the pipe)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """How a command ended.
+
+    Attributes:
+        code: its exit status (negative: killed by that signal).
+        tail: its last lines of output (stdout and stderr merged), for messages.
+        timed_out: it ran past its timeout and was killed.
+    """
+
+    code: int
+    tail: str
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Exit status 0."""
+        return self.code == 0 and not self.timed_out
+
+
+class CommandNotFound(OSError):
+    """The program could not be started (missing, not executable)."""
+
+
+async def run(
+    argv: Sequence[str],
+    *,
+    name: str,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> Completed:
+    """Run ``argv`` to completion (or its timeout) and return how it ended.
+
+    Args:
+        argv: the program and its arguments.
+        name: what it is, for the log (``hook before``, ``condition battery``).
+        timeout: seconds; then the process group is killed (SIGKILL).
+        env: variables added to the environment (on top of :data:`NONINTERACTIVE`).
+        cwd: the working directory.
+        on_line: called with every output line (progress parsing).
+
+    Raises:
+        CommandNotFound: the program cannot be started.
+    """
+    if not argv:
+        raise ValueError(f"{name}: empty command")
+    full_env = {**os.environ, **NONINTERACTIVE, **(env or {})}
+    # Our own pipe, not asyncio's: Process.wait() would otherwise also wait until every
+    # process holding the pipe closed it (a daemon the command started keeps it open).
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=write_fd,
+            stderr=write_fd,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,  # its own process group: a timeout kills its children too
+        )
+    except OSError as exc:
+        os.close(read_fd)
+        raise CommandNotFound(exc.errno, f"{name}: cannot run {argv[0]!r}: {exc.strerror}") from exc
+    finally:
+        os.close(write_fd)
+    log.debug("command_started", command=name, argv=list(argv), pid=proc.pid)
+    loop = asyncio.get_running_loop()
+    stream = asyncio.StreamReader(loop=loop)
+    pipe, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(stream, loop=loop),
+        os.fdopen(read_fd, "rb", buffering=0),
+    )
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    lines = 0
+
+    def line_out(raw: bytes) -> None:
+        nonlocal lines
+        line = raw.decode(errors="replace").rstrip("\r\n")[:LINE_LIMIT]
+        tail.append(line)
+        lines += 1
+        if lines <= LOGGED_LINES:
+            log.info("command_output", command=name, line=line)
+        if on_line is not None:
+            on_line(line)
+
+    async def read() -> None:
+        # Chunks, not readline(): a line longer than StreamReader's limit must not end it.
+        pending = b""
+        while chunk := await stream.read(1 << 16):
+            *complete, pending = (pending + chunk).split(b"\n")
+            for raw in complete:
+                line_out(raw)
+            if len(pending) > 1 << 20:  # a runaway line: cut it
+                line_out(pending)
+                pending = b""
+        if pending:
+            line_out(pending)
+
+    timed_out = False
+    reader = asyncio.ensure_future(read())
+    try:
+        async with asyncio.timeout(timeout):
+            await proc.wait()
+            # A child the command left running may hold the output open (a daemon it started,
+            # swupdate's forked helper): read what is buffered, then stop listening.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), DRAIN)
+    except TimeoutError:
+        timed_out = True
+        _kill_group(proc.pid)
+        await proc.wait()
+    except BaseException:  # cancelled: leave nothing running behind us
+        _kill_group(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            await asyncio.shield(proc.wait())
+        raise
+    finally:
+        if not reader.done():
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        pipe.close()
+    code = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+    if lines > LOGGED_LINES:
+        log.info("command_output_cut", command=name, lines=lines, logged=LOGGED_LINES)
+    done = Completed(code, "\n".join(tail), timed_out)
+    if timed_out:
+        log.warning("command_timed_out", command=name, timeout=timeout)
+    else:
+        log.info("command_finished", command=name, code=code)
+    return done
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def describe(name: str, done: Completed, timeout: float) -> str:
+    """A one-line account of a failed command, for an error message or a report."""
+    if done.timed_out:
+        what = f"timed out after {timeout:g} s"
+    elif done.code < 0:
+        what = f"killed by signal {-done.code}"
+    else:
+        what = f"exit status {done.code}"
+    last = done.tail.strip().splitlines()[-1:] if done.tail.strip() else []
+    return f"{name}: {what}" + (f" ({last[0]})" if last else "")

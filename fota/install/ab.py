@@ -1,0 +1,256 @@
+"""The A/B slot installer: write the inactive slot, then switch to it; roll back by switching back.
+
+Two modes, chosen by configuration:
+
+* **link**: the running image is reached through a symlink (``/opt/fw/current -> slot-a``).
+  The switch is an atomic symlink flip (a new link renamed over the old one, then a directory
+  fsync); the new image runs when its users next open it, so no restart is needed.
+* **bootloader**: a command tells the bootloader which slot to boot (``fw_setenv`` for U-Boot,
+  ``grub-editenv``), with ``{slot}`` replaced by the slot's name; another prints the slot that
+  booted. The new image runs after a restart, so :meth:`ABInstaller.install` asks for one and
+  :meth:`ABInstaller.booted` checks, after it, that the new slot is the one running (a
+  bootloader that fell back to the old slot means the new image did not start).
+
+Before writing a slot the installer saves its plan (which slot it comes from, which it writes)
+atomically in ``state_dir``: after a crash, install and rollback read the plan instead of asking
+which slot is inactive, which after the switch would be the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from fota import crashpoints, hooks
+from fota.core.manifest import Manifest
+from fota.errors import ConfigError, InstallError
+from fota.fileops import FileOps, sha256_prefix
+from fota.install.base import DONE, RESTART, Outcome, Progress
+
+log = structlog.get_logger(__name__)
+
+PLAN_NAME = "ab-plan.json"
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    update_id: str
+    source: str | None  # the slot that ran before (None: nothing did, link mode on a new device)
+    target: str
+
+
+class ABInstaller:
+    """Two slots; the inactive one is written, verified, then switched to.
+
+    Args:
+        slots: exactly two slot names and their paths (files or block devices).
+        state_dir: where the installer keeps its plan (fota's state directory).
+        link: link mode: the symlink that names the active slot.
+        switch_command: bootloader mode: argv that makes ``{slot}`` the one to boot.
+        booted_command: bootloader mode: argv that prints the name of the slot that booted.
+        commit_command: optional argv run at commit (``{slot}``: the new slot), e.g. to clear
+            a bootloader's "upgrade available" flag so it stops counting boot attempts.
+        timeout: seconds each command may take.
+
+    Raises:
+        ConfigError: not two slots, or neither (or both) of ``link`` and ``switch_command``.
+    """
+
+    def __init__(
+        self,
+        slots: Mapping[str, Path],
+        state_dir: Path,
+        *,
+        link: Path | None = None,
+        switch_command: Sequence[str] | None = None,
+        booted_command: Sequence[str] | None = None,
+        commit_command: Sequence[str] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        if len(slots) != 2:
+            raise ConfigError(f"ab installer: slots: needs exactly 2 slots, got {len(slots)}")
+        if (link is None) == (switch_command is None):
+            raise ConfigError("ab installer: set exactly one of link and switch_command")
+        if switch_command is not None and not booted_command:
+            raise ConfigError("ab installer: booted_command is needed with switch_command")
+        self.slots = {name: Path(path) for name, path in slots.items()}
+        self.link = Path(link) if link is not None else None
+        self.switch_command = list(switch_command or [])
+        self.booted_command = list(booted_command or [])
+        self.commit_command = list(commit_command or [])
+        self.timeout = timeout
+        self.plan_path = Path(state_dir) / PLAN_NAME
+        self._ops = FileOps()
+
+    # -- which slot ---------------------------------------------------------------------
+
+    def _slot_of(self, path: Path) -> str | None:
+        for name, slot in self.slots.items():
+            if slot == path or slot.resolve() == path.resolve():
+                return name
+        return None
+
+    async def _running(self) -> str | None:
+        """The slot that runs now (link mode: the link's target; else the bootloader's)."""
+        if self.link is not None:
+            try:
+                target = Path(os.readlink(self.link))
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise InstallError(f"ab installer: cannot read link {self.link}: {exc}") from exc
+            if not target.is_absolute():
+                target = self.link.parent / target
+            return self._slot_of(target)
+        done = await self._command("booted", self.booted_command, None)
+        name = done.tail.strip().splitlines()[-1].strip() if done.tail.strip() else ""
+        if name not in self.slots:
+            raise InstallError(f"ab installer: booted_command printed {name!r}, not a slot name")
+        return name
+
+    async def _command(self, what: str, argv: list[str], slot: str | None) -> hooks.Completed:
+        args = [a.replace("{slot}", slot) if slot is not None else a for a in argv]
+        try:
+            done = await hooks.run(args, name=f"ab {what}", timeout=self.timeout)
+        except hooks.CommandNotFound as exc:
+            raise InstallError(f"ab installer: {exc}") from exc
+        if not done.ok:
+            raise InstallError(
+                "ab installer: " + hooks.describe(f"{what} command", done, self.timeout)
+            )
+        return done
+
+    # -- the plan -----------------------------------------------------------------------
+
+    def _load_plan(self) -> _Plan | None:
+        try:
+            data = json.loads(self.plan_path.read_bytes())
+            return _Plan(data["update_id"], data["source"], data["target"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InstallError(f"ab installer: plan {self.plan_path} unreadable: {exc}") from exc
+
+    def _save_plan(self, plan: _Plan) -> None:
+        body = {"update_id": plan.update_id, "source": plan.source, "target": plan.target}
+        self._ops.write_atomic(self.plan_path, json.dumps(body).encode())
+
+    async def _plan_for(self, manifest: Manifest) -> _Plan:
+        plan = self._load_plan()
+        if plan is not None and plan.update_id == manifest.update_id:
+            return plan  # install runs again after a crash: the same slot, whatever runs now
+        source = await self._running()
+        names = list(self.slots)
+        target = names[0] if source is None else next(n for n in names if n != source)
+        plan = _Plan(manifest.update_id, source, target)
+        await asyncio.to_thread(self._save_plan, plan)
+        crashpoints.point("ab:planned")
+        log.info("ab_planned", source=source, target=target, update_id=manifest.update_id)
+        return plan
+
+    # -- switching ------------------------------------------------------------------------
+
+    def _flip(self, slot: str | None) -> None:
+        assert self.link is not None
+        if slot is None:
+            self._ops.unlink(self.link)
+        else:
+            tmp = self.link.with_name(f".{self.link.name}.tmp")
+            self._ops.unlink(tmp)
+            os.symlink(self.slots[slot], tmp)
+            self._ops.replace(tmp, self.link)
+        self._ops.fsync_dir(self.link.parent)
+
+    async def _switch(self, slot: str | None) -> None:
+        if self.link is not None:
+            await asyncio.to_thread(self._flip, slot)
+        else:
+            assert slot is not None  # bootloader mode always has a running slot
+            await self._command("switch", self.switch_command, slot)
+
+    # -- the contract ---------------------------------------------------------------------
+
+    def _write_slot(
+        self, candidate: Path, slot: Path, size: int, progress: Progress
+    ) -> bytes | None:
+        done = 0
+        with open(candidate, "rb") as fin, open(slot, "wb") as fout:
+            while chunk := fin.read(1 << 20):
+                fout.write(chunk)
+                done += len(chunk)
+                progress(min(99, done * 100 // max(1, size)))
+            fout.flush()
+            os.fsync(fout.fileno())
+        # Read back what the slot holds: a bad sector or a short write is caught here, before
+        # the bootloader is told to boot it.
+        return _prefix_digest(slot, size)
+
+    async def install(self, candidate: Path, manifest: Manifest, progress: Progress) -> Outcome:
+        """Write the inactive slot, check it, and switch to it."""
+        plan = await self._plan_for(manifest)
+        slot = self.slots[plan.target]
+        size, want = manifest.body.image_size, manifest.body.image_sha256
+        try:
+            # Run again after a crash past the write (the switch may have happened too): a slot
+            # that already holds the image is not written again while it may be in use.
+            written = await asyncio.to_thread(_prefix_digest, slot, size)
+            if written != want:
+                written = await asyncio.to_thread(self._write_slot, candidate, slot, size, progress)
+        except OSError as exc:
+            raise InstallError(f"ab installer: writing slot {plan.target} ({slot}): {exc}") from exc
+        if written != want:
+            raise InstallError(f"ab installer: slot {plan.target} ({slot}) reads back differently")
+        crashpoints.point("ab:slot_written")
+        await self._switch(plan.target)
+        crashpoints.point("ab:switched")
+        progress(100)
+        log.info("ab_switched", slot=plan.target, version=manifest.body.version)
+        return DONE if self.link is not None else RESTART
+
+    async def booted(self, manifest: Manifest) -> bool:
+        """Whether the slot written for ``manifest`` is the one running."""
+        plan = self._load_plan()
+        if plan is None or plan.update_id != manifest.update_id:
+            return False
+        running = await self._running()
+        log.info("ab_booted", running=running, expected=plan.target)
+        return running == plan.target
+
+    async def commit(self, manifest: Manifest) -> None:
+        """Keep the new slot: run the commit command, forget the plan."""
+        plan = self._load_plan()
+        if plan is None or plan.update_id != manifest.update_id:
+            return  # already committed
+        if self.commit_command:
+            await self._command("commit", self.commit_command, plan.target)
+        await asyncio.to_thread(self._ops.unlink, self.plan_path)
+        crashpoints.point("ab:committed")
+
+    async def rollback(self, manifest: Manifest) -> Outcome:
+        """Switch back to the slot that ran before; ask for a restart until it runs again."""
+        plan = self._load_plan()
+        if plan is None or plan.update_id != manifest.update_id:
+            return DONE  # nothing was switched for this update (or it is already undone)
+        await self._switch(plan.source)
+        crashpoints.point("ab:switched_back")
+        if self.link is None and await self._running() != plan.source:
+            return RESTART  # the new slot still runs: the old one comes back at the restart
+        await asyncio.to_thread(self._ops.unlink, self.plan_path)
+        log.info("ab_rolled_back", slot=plan.source, version=manifest.body.version)
+        return DONE
+
+
+def _prefix_digest(path: Path, size: int) -> bytes | None:
+    """SHA-256 of the first ``size`` bytes of a slot; None if it is missing or shorter."""
+    try:
+        if path.stat().st_size < size and path.is_file():
+            return None
+        return sha256_prefix(path, size)
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,1098 @@
+"""The archive installer: a signed tar bundle with a recipe (the Upswift micro-update recipe).
+
+The image is a tar archive (plain or gzip) that the engine verified against the signed
+manifest (the manifest signs its SHA-256, so every byte of the bundle is signed). It holds a
+recipe, ``fota-recipe.toml`` or ``fota-recipe.cbor``, at its top level, and payload files.
+The installer places the recipe's files atomically per target directory, runs the recipe's
+commands (only those local configuration allows) and its package steps, and can put every
+directory back exactly as it was until the update is committed.
+
+Recipe
+------
+
+TOML (``fota-recipe.toml``), or a CBOR map with the same string keys (``fota-recipe.cbor``)::
+
+    format = 1                                  # required, the only format
+    before = ["systemctl", "stop", "app"]       # optional: before the files are swapped in
+    after = ["systemctl", "start", "app"]       # optional: after files and packages
+    rollback = ["systemctl", "restart", "app"]  # optional: after the files were put back
+    timeout = 120                               # optional: seconds per hook (capped locally)
+
+    [[files]]
+    source = "payload/app.py"                   # a regular file in the bundle
+    target = "app/app.py"                       # relative to the configured root
+    mode = 0o755                                # optional (default: the member's mode & 0o777)
+
+    [[packages]]
+    manager = "pip"                             # "apt" | "pip" | "npm"
+    names = ["wheels/app_dep-1.0-py3-none-any.whl", "other-dep"]
+
+In CDDL::
+
+    recipe = {
+      format: 1,
+      ? before: command, ? after: command, ? rollback: command,
+      ? timeout: number .gt 0,
+      ? files: [* { source: tstr, target: tstr, ? mode: 0..4095 }],
+      ? packages: [* { manager: "apt" / "pip" / "npm", names: [+ tstr] }],
+    }
+    command = [+ tstr]                          ; an argument list, never a shell string
+
+Every key and type is checked; an unknown key (at the top, in a file or a package table) is
+refused with its name. Limits: at most :data:`MAX_FILES` files, :data:`MAX_MEMBERS` bundle
+members, names of at most 255 bytes per component and 4096 bytes in all. Paths (members,
+sources, targets) must be relative, without ``..``; targets must not be named twice nor be a
+directory of another target. A package name that is a member of the bundle is passed as that
+extracted file's absolute path; a name starting with ``-`` is refused (it would be an option).
+
+The bundle is unpacked by hand, member by member: absolute names, ``..``, links (symbolic or
+hard, inside or outside the bundle), device files, FIFOs and anything else that is not a
+regular file or a directory are refused with the member's name.
+
+Commands
+--------
+
+The recipe's hooks and package steps run through :func:`fota.hooks.run` (argument lists, stdin
+``/dev/null``, the "never prompt" environment, a session of their own killed as a group on
+timeout, output logged), and only when their program (``argv[0]``, compared as written) is in
+the installer's ``allowed_commands``. That is checked for every command of the recipe before
+anything changes. Package steps run offline and non-interactively::
+
+    pip:  [*pip, "install", "--no-input", "--no-index", "--find-links", BUNDLE, *names]
+    apt:  [*apt, "install", "-y", "-q", "--no-install-recommends", *names]
+    npm:  [*npm, "install", "--no-audit", "--no-fund", "--yes", *names]
+
+each with cwd = root (npm installs into ``root/node_modules``) and ``FOTA_UPDATE_ID``,
+``FOTA_BUNDLE`` in its environment.
+
+Hooks run with cwd = root and ``FOTA_STEP`` (before/after/rollback), ``FOTA_ROOT``,
+``FOTA_UPDATE_ID``, ``FOTA_VERSION`` and, for before and after, ``FOTA_BUNDLE`` (the unpacked
+bundle) in their environment. Each hook may take the recipe's ``timeout`` capped by the
+configured ``timeout``; package steps get the configured ``timeout``. Package steps cannot be
+undone by the installer: a recipe that needs that does it in its ``rollback`` hook.
+
+Atomicity
+---------
+
+The recipe's files are grouped into *units*: for a target directory that exists, the unit is
+that directory; for one that does not, its shortest missing ancestor below root (created as a
+whole); a unit inside another unit is merged into it (a file directly in root makes root
+itself the unit). For each unit D the installer builds a staged copy ``.D.fota-<update id>``
+beside it (same directory, so same filesystem): a copy of D's tree
+(``shutil.copytree(symlinks=True)``, owners kept when fota runs as root), the new files put in,
+every file and directory fsynced. Then D and its copy are exchanged with one
+``renameat2(RENAME_EXCHANGE)`` and the parent directory is fsynced: at every instant D is the
+complete old tree or the complete new one. The old tree stays at the side path until commit.
+A unit that did not exist is created by one ``rename`` of its staged copy.
+
+Units must be real directories on the filesystem of their parent: a symlink on the way from
+root to a target directory, or a unit that is a mount point, is refused before anything changes.
+Which tree a path holds is decided by its (st_dev, st_ino), recorded in the transaction: a
+rename keeps a directory's inode, so a re-run never has to trust a flag written after the fact.
+
+Without ``renameat2`` (ENOSYS, or EINVAL from a filesystem without RENAME_EXCHANGE) the
+exchange is three renames in the same directory: ``D -> .D.fota-<id>.tmp``, ``side -> D``,
+``.tmp -> side``. Recovery rule, applied to every unit before anything else on every re-run
+(install, rollback, commit): if the ``.tmp`` path exists and D is missing, the crash came
+between the first two renames, so ``.tmp`` is renamed back to D (the exchange did not happen);
+if ``.tmp`` exists and D too, it came between the last two, so ``.tmp`` is renamed to the side
+path (the exchange is finished). Either way the unit is then whole, old or new.
+
+Several units are not swapped in one step. The transaction makes the sequence atomic as seen
+once a call returns: install swaps them all (or, on any failure, swaps back those it swapped),
+rollback swaps them all back; a re-run after a crash carries on in the same direction. So when
+install or rollback has returned, every unit is new, or every unit is old.
+
+Transaction and idempotence
+---------------------------
+
+``<state_dir>/archive/transaction.json`` (written atomically, fsynced) holds, for the update
+id: the phase (``planned``, ``staged``, ``before_done``, ``swapped``, ``packages_done``,
+``installed``, ``committing``, ``failed``, ``rolling_back``), the root, every unit (its path,
+side and tmp paths, whether it was absent, the identities of its old and staged trees, whether
+it is swapped), whether hooks have started, the recipe's rollback command and timeout, and, for
+a failed install, the error. The bundle is unpacked afresh on every install run into
+``<state_dir>/archive/bundle``.
+
+* ``install`` run again: a finished install (``installed``) returns at once; a failed one
+  (``failed``, ``rolling_back``) finishes putting things back and raises the same error;
+  otherwise it continues: staging is redone from scratch until it is complete, a unit whose
+  path already holds the staged tree is never swapped again, package steps already done are
+  skipped. ``before`` runs again on a re-run unless the package steps are done (after a power
+  cut the services it stopped have started again), ``after`` runs again unless the install
+  finished: hooks may run twice and must be idempotent (stopping a stopped service is fine).
+  A transaction of *another* update (never committed nor rolled back) is finished first: a
+  commit in progress is completed, anything else is rolled back.
+* ``install`` failing (a hook exits non-zero or times out, a package step fails, a swap fails):
+  the phase becomes ``failed``, every swapped unit is swapped back, the staged copies are
+  removed, the recipe's ``rollback`` runs (if ``before`` had started), the transaction is
+  deleted and :class:`~fota.errors.InstallError` names the step and its last output line. A
+  failure before any hook (unpacking, the recipe, a refused command, staging) changes nothing.
+  The engine's rollback that follows is then a no-op.
+* ``commit``: removes the old trees, the bundle, then the transaction; run again it removes
+  what is left. A commit never fails on cleanup (it logs what it could not remove).
+* ``rollback``: swaps back every unit still swapped (by identity), removes the units that were
+  absent, the staged copies, runs the recipe's ``rollback`` hook (which may therefore run twice
+  after a crash), then deletes the transaction. With no transaction for the update it is a
+  no-op. After ``commit`` has started it refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import stat
+import tarfile
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import structlog
+
+from fota import crashpoints, hooks
+from fota.core.manifest import Manifest
+from fota.errors import InstallError
+from fota.fileops import FileOps
+from fota.install.base import DONE, Outcome, Progress
+from fota.install.spec import Context, Spec
+
+log = structlog.get_logger(__name__)
+
+RECIPE_TOML = "fota-recipe.toml"
+RECIPE_CBOR = "fota-recipe.cbor"
+RECIPE_FORMAT = 1
+MAX_FILES = 10_000
+"""Files one recipe may place."""
+MAX_MEMBERS = 20_000
+"""Members (files and directories) one bundle may hold."""
+MAX_PACKAGE_NAMES = 10_000
+MAX_ARGS = 1_000
+MAX_COMPONENT = 255
+"""Bytes per path component."""
+MAX_PATH = 4096
+MAX_RECIPE_BYTES = 1 << 20
+MANAGERS = ("apt", "pip", "npm")
+
+WORK_NAME = "archive"
+TXN_NAME = "transaction.json"
+BUNDLE_NAME = "bundle"
+
+# Phases of an install, in order; then the terminal ones.
+_ORDER = ("planned", "staged", "before_done", "swapped", "packages_done", "installed")
+_UNDOING = ("failed", "rolling_back")
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+# -- the recipe ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FileStep:
+    """One file of a recipe: bundle member ``source`` placed at ``root/target``."""
+
+    source: str
+    target: tuple[str, ...]
+    mode: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PackageStep:
+    """One package step: ``manager`` installs ``names``."""
+
+    manager: str
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """A checked recipe (see the module docstring for the format)."""
+
+    before: tuple[str, ...] | None = None
+    after: tuple[str, ...] | None = None
+    rollback: tuple[str, ...] | None = None
+    timeout: float | None = None
+    files: tuple[FileStep, ...] = ()
+    packages: tuple[PackageStep, ...] = ()
+
+
+def _bad(message: str) -> InstallError:
+    return InstallError(f"archive installer: {message}")
+
+
+def relative_parts(name: object, what: str) -> tuple[str, ...]:
+    """Split a relative path into components; refuse absolute paths, ``..`` and long names.
+
+    Empty and ``.`` components are dropped (``./a//b`` is ``a/b``).
+
+    Raises:
+        InstallError: naming ``what``.
+    """
+    if not isinstance(name, str) or not name:
+        raise _bad(f"{what}: expected a non-empty path, got {name!r}")
+    if "\0" in name:
+        raise _bad(f"{what}: {name!r} contains a NUL byte")
+    if name.startswith("/"):
+        raise _bad(f"{what}: {name!r} is an absolute path")
+    if len(os.fsencode(name)) > MAX_PATH:
+        raise _bad(f"{what}: {name[:60]!r}... is longer than {MAX_PATH} bytes")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    for part in parts:
+        if part == "..":
+            raise _bad(f"{what}: {name!r} goes up a directory (..)")
+        if len(os.fsencode(part)) > MAX_COMPONENT:
+            raise _bad(f"{what}: {name!r} has a component longer than {MAX_COMPONENT} bytes")
+    if not parts:
+        raise _bad(f"{what}: {name!r} names no file")
+    return parts
+
+
+def _check_keys(table: object, where: str, allowed: Sequence[str], required: Sequence[str]) -> Any:
+    if not isinstance(table, Mapping):
+        raise _bad(f"{where}: expected a table, got {type(table).__name__}")
+    for key in table:
+        if not isinstance(key, str):
+            raise _bad(f"{where}: keys must be strings, got {key!r}")
+        if key not in allowed:
+            raise _bad(f"{where}: unknown key {key!r}")
+    for key in required:
+        if key not in table:
+            raise _bad(f"{where}: missing key {key!r}")
+    return table
+
+
+def _command(value: object, where: str) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(a, str) and a and "\0" not in a for a in value)
+    ):
+        raise _bad(f"{where}: expected a non-empty list of strings (an argument list)")
+    if len(value) > MAX_ARGS:
+        raise _bad(f"{where}: {len(value)} arguments exceeds the limit of {MAX_ARGS}")
+    return tuple(value)
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_recipe(data: object, where: str = "recipe") -> Recipe:
+    """Check a decoded recipe (TOML or CBOR) key by key.
+
+    Raises:
+        InstallError: naming the key at fault.
+    """
+    table = _check_keys(
+        data,
+        where,
+        ("format", "before", "after", "rollback", "timeout", "files", "packages"),
+        ("format",),
+    )
+    if not _int(table["format"]) or table["format"] != RECIPE_FORMAT:
+        raise _bad(f"{where}.format: only format {RECIPE_FORMAT} is supported")
+    hooks_ = {
+        name: _command(table[name], f"{where}.{name}") if name in table else None
+        for name in ("before", "after", "rollback")
+    }
+    timeout = table.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        raise _bad(f"{where}.timeout: expected a positive number of seconds, got {timeout!r}")
+    raw_files = table.get("files", [])
+    if not isinstance(raw_files, list):
+        raise _bad(f"{where}.files: expected an array of tables")
+    if len(raw_files) > MAX_FILES:
+        raise _bad(f"{where}.files: {len(raw_files)} files exceeds the limit of {MAX_FILES}")
+    files: list[FileStep] = []
+    targets: set[tuple[str, ...]] = set()
+    for i, raw in enumerate(raw_files):
+        at = f"{where}.files[{i}]"
+        entry = _check_keys(raw, at, ("source", "target", "mode"), ("source", "target"))
+        source = "/".join(relative_parts(entry["source"], f"{at}.source"))
+        target = relative_parts(entry["target"], f"{at}.target")
+        mode = entry.get("mode")
+        if mode is not None and (not _int(mode) or not 0 <= mode <= 0o7777):
+            raise _bad(f"{at}.mode: expected permission bits 0..0o7777, got {mode!r}")
+        if target in targets:
+            raise _bad(f"{at}.target: {'/'.join(target)!r} is named twice")
+        targets.add(target)
+        files.append(FileStep(source, target, mode))
+    for target in targets:
+        for k in range(1, len(target)):
+            if target[:k] in targets:
+                raise _bad(
+                    f"{where}.files: {'/'.join(target[:k])!r} is a file and the directory "
+                    f"of {'/'.join(target)!r}"
+                )
+    raw_packages = table.get("packages", [])
+    if not isinstance(raw_packages, list):
+        raise _bad(f"{where}.packages: expected an array of tables")
+    packages: list[PackageStep] = []
+    count = 0
+    for i, raw in enumerate(raw_packages):
+        at = f"{where}.packages[{i}]"
+        entry = _check_keys(raw, at, ("manager", "names"), ("manager", "names"))
+        manager = entry["manager"]
+        if manager not in MANAGERS:
+            raise _bad(f"{at}.manager: {manager!r} is not one of {', '.join(MANAGERS)}")
+        names = _command(entry["names"], f"{at}.names")
+        for j, name in enumerate(names):
+            if name.startswith("-"):
+                raise _bad(f"{at}.names[{j}]: {name!r} looks like an option, not a package")
+        count += len(names)
+        if count > MAX_PACKAGE_NAMES:
+            raise _bad(f"{where}.packages: more than {MAX_PACKAGE_NAMES} names")
+        packages.append(PackageStep(manager, names))
+    return Recipe(
+        before=hooks_["before"],
+        after=hooks_["after"],
+        rollback=hooks_["rollback"],
+        timeout=float(timeout) if timeout is not None else None,
+        files=tuple(files),
+        packages=tuple(packages),
+    )
+
+
+# -- the bundle ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Bundle:
+    dir: Path
+    files: dict[str, int]  # member name -> permission bits from the tar header
+    recipe: Recipe
+
+
+def _refusal(member: tarfile.TarInfo) -> str | None:
+    if member.isfile() or member.isdir():
+        return None
+    if member.issym() or member.islnk():
+        target = member.linkname
+        kind = "symbolic" if member.issym() else "hard"
+        escapes = target.startswith("/") or ".." in target.split("/")
+        where = "pointing outside the bundle" if escapes else "(links are not allowed)"
+        return f"a {kind} link to {target!r} {where}"
+    if member.ischr() or member.isblk():
+        return "a device file"
+    if member.isfifo():
+        return "a FIFO"
+    return f"an unsupported member type {member.type!r}"
+
+
+def _extract(candidate: Path, dest: Path) -> dict[str, int]:
+    """Unpack ``candidate`` into ``dest`` (which must not exist), refusing unsafe members."""
+    os.makedirs(dest, 0o755)
+    try:
+        with tarfile.open(candidate, "r:*") as tar:
+            return _extract_members(tar, dest)
+    except tarfile.TarError as exc:
+        raise _bad(f"the image is not a readable tar archive: {exc}") from exc
+
+
+def _extract_members(tar: tarfile.TarFile, dest: Path) -> dict[str, int]:
+    files: dict[str, int] = {}
+    dirs: set[str] = set()
+    for count, member in enumerate(tar, 1):
+        if count > MAX_MEMBERS:
+            raise _bad(f"the bundle has more than {MAX_MEMBERS} members")
+        problem = _refusal(member)
+        if problem:
+            raise _bad(f"bundle member {member.name!r}: {problem}")
+        try:
+            parts = relative_parts(member.name, "bundle member")
+        except InstallError as exc:
+            if member.name.strip("/.") == "" and member.isdir():
+                continue  # "./", the archive's top directory
+            raise _bad(f"bundle member {member.name!r}: refused ({exc})") from None
+        name = "/".join(parts)
+        if name in files or (name in dirs and not member.isdir()):
+            raise _bad(f"bundle member {member.name!r}: appears twice")
+        for k in range(1, len(parts)):
+            sub = "/".join(parts[:k])
+            if sub in files:
+                raise _bad(f"bundle member {member.name!r}: {sub!r} is a file")
+            if sub not in dirs:
+                os.mkdir(dest.joinpath(*parts[:k]), 0o755)
+                dirs.add(sub)
+        path = dest.joinpath(*parts)
+        if member.isdir():
+            if name not in dirs:
+                os.mkdir(path, 0o755)
+                dirs.add(name)
+            continue
+        src = tar.extractfile(member)
+        assert src is not None  # a regular file
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with src, open(fd, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        files[name] = member.mode & 0o777
+    return files
+
+
+def _read_recipe(dest: Path, files: Mapping[str, int]) -> Recipe:
+    found = [name for name in (RECIPE_TOML, RECIPE_CBOR) if name in files]
+    if not found:
+        raise _bad(f"the bundle has no {RECIPE_TOML} or {RECIPE_CBOR} at its top")
+    if len(found) == 2:
+        raise _bad(f"the bundle has both {RECIPE_TOML} and {RECIPE_CBOR}")
+    path = dest / found[0]
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise _bad(f"{found[0]}: larger than {MAX_RECIPE_BYTES} bytes")
+    raw = path.read_bytes()
+    try:
+        data = tomllib.loads(raw.decode()) if found[0] == RECIPE_TOML else cbor2.loads(raw)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, cbor2.CBORDecodeError) as exc:
+        raise _bad(f"{found[0]}: cannot be read: {exc}") from exc
+    recipe = parse_recipe(data, found[0])
+    for i, f in enumerate(recipe.files):
+        if f.source not in files:
+            raise _bad(f"{found[0]}.files[{i}].source: {f.source!r} is not a file in the bundle")
+    return recipe
+
+
+# -- the transaction ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Unit:
+    path: str  # the directory swapped as a whole
+    side: str  # staged copy before the swap, old tree after it
+    tmp: str  # only during the three-rename fallback
+    absent: bool  # the directory did not exist before the install
+    old: list[int] | None  # (st_dev, st_ino) of the tree that was there
+    new: list[int] | None = None  # of the staged tree, once staged
+    swapped: bool = False  # informational; the identities decide
+
+
+@dataclass(slots=True)
+class _Txn:
+    update_id: str
+    phase: str
+    root: str
+    units: list[_Unit]
+    rollback: list[str] | None
+    hook_timeout: float
+    hooks_started: bool = False
+    error: str | None = None
+    version: int = 1
+
+    def after(self, phase: str) -> bool:
+        """Whether this install got at least to ``phase``."""
+        return self.phase in _ORDER and _ORDER.index(self.phase) >= _ORDER.index(phase)
+
+
+def _ident(path: str | Path) -> list[int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return [st.st_dev, st.st_ino]
+
+
+def _load_renameat2() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+class _NoExchange(Exception):
+    pass
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically with ``renameat2(RENAME_EXCHANGE)``.
+
+    Raises:
+        OSError: the call failed (ENOSYS or EINVAL: not supported here).
+    """
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available in this C library")
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _fsync_tree(top: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(top, topdown=False):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _keep_owners(src: Path, dst: Path) -> None:
+    """As root, give the copy the owners (and so the exact modes, xattrs) of the original."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        for name in (None, *dirnames, *filenames):
+            s = os.path.join(dirpath, name) if name else dirpath
+            d = os.path.join(dst, os.path.relpath(s, src))
+            st = os.lstat(s)
+            os.lchown(d, st.st_uid, st.st_gid)
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            os.chmod(d, stat.S_IMODE(st.st_mode))  # chown clears set-id bits
+            with contextlib.suppress(OSError):  # chown clears file capabilities too
+                for attr in os.listxattr(s, follow_symlinks=False):
+                    value = os.getxattr(s, attr, follow_symlinks=False)
+                    os.setxattr(d, attr, value, follow_symlinks=False)
+
+
+def _check_no_mounts(top: Path) -> None:
+    dev = os.lstat(top).st_dev
+    for dirpath, dirnames, _filenames in os.walk(top):
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if os.lstat(path).st_dev != dev:
+                raise _bad(f"{path} is a mount point inside a target directory")
+
+
+def _place(src: Path, dst: Path, mode: int) -> None:
+    """Write ``src`` as the new file ``dst`` (no symlink followed), fsynced."""
+    owner: tuple[int, int] | None = None
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(dst)
+        if stat.S_ISDIR(st.st_mode):
+            raise _bad(f"{dst} is a directory; a file of the recipe cannot replace it")
+        owner = (st.st_uid, st.st_gid)
+        os.unlink(dst)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with open(fd, "wb") as out, open(src, "rb") as fin:
+        shutil.copyfileobj(fin, out, 1 << 20)
+        out.flush()
+        if owner is not None and os.geteuid() == 0:
+            os.fchown(out.fileno(), *owner)  # a replaced file keeps its owner
+        os.fchmod(out.fileno(), mode)
+        os.fsync(out.fileno())
+
+
+def _member_path(bundle: _Bundle, name: str) -> str | None:
+    """The extracted file's absolute path if ``name`` is a file of the bundle."""
+    try:
+        key = "/".join(relative_parts(name, "package name"))
+    except InstallError:
+        return None
+    return str(bundle.dir / key) if key in bundle.files else None
+
+
+def _mkdir(path: Path) -> None:
+    os.mkdir(path)
+    os.chmod(path, 0o755)  # whatever fota's umask: new directories are 0755
+
+
+def _remove_tree(path: str | Path) -> None:
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.lexists(path):
+        shutil.rmtree(path)
+
+
+# -- the installer ------------------------------------------------------------------------
+
+
+class ArchiveInstaller:
+    """Install a tar bundle by its recipe: files swapped in per directory, hooks, packages.
+
+    Args:
+        root: the directory recipe targets are relative to (must exist).
+        state_dir: fota's state directory (the installer works in ``state_dir/archive``).
+        allowed_commands: programs (``argv[0]`` as written: a name or an absolute path) the
+            recipe's hooks and the package managers it uses may run.
+        pip, apt, npm: the package managers' argument lists.
+        timeout: seconds a command may take (a recipe's ``timeout`` is capped by it).
+        where: the settings table's name, for messages (``installers.app``).
+        use_exchange: swap with ``renameat2(RENAME_EXCHANGE)``; False forces the three-rename
+            fallback (for tests and for filesystems known not to support it).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        state_dir: Path,
+        *,
+        allowed_commands: Sequence[str] = (),
+        pip: Sequence[str] = ("pip",),
+        apt: Sequence[str] = ("apt-get",),
+        npm: Sequence[str] = ("npm",),
+        timeout: float = 30.0,
+        where: str = "installers.archive",
+        use_exchange: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.allowed = frozenset(allowed_commands)
+        self.managers = {"pip": list(pip), "apt": list(apt), "npm": list(npm)}
+        self.timeout = timeout
+        self.where = where
+        self.use_exchange = use_exchange
+        self.work = Path(state_dir) / WORK_NAME
+        self.txn_path = self.work / TXN_NAME
+        self.bundle_dir = self.work / BUNDLE_NAME
+        self._ops = FileOps()
+
+    # -- transaction file ---------------------------------------------------------------
+
+    def _load(self) -> _Txn | None:
+        try:
+            data = json.loads(self.txn_path.read_bytes())
+            units = [_Unit(**u) for u in data.pop("units")]
+            return _Txn(units=units, **data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise _bad(f"transaction {self.txn_path} unreadable: {exc}") from exc
+
+    def _save(self, txn: _Txn) -> None:
+        self._ops.write_atomic(self.txn_path, json.dumps(asdict(txn), indent=1).encode())
+
+    def _drop(self) -> None:
+        _remove_tree(self.bundle_dir)
+        self._ops.unlink(self.txn_path)
+        self._ops.fsync_dir(self.work)
+
+    # -- checks -------------------------------------------------------------------------
+
+    def _check_allowed(self, argv: Sequence[str], what: str) -> None:
+        if argv[0] not in self.allowed:
+            raise _bad(
+                f"{what}: command {argv[0]!r} is not allowed by {self.where}.allowed_commands"
+            )
+
+    def _check_recipe(self, recipe: Recipe) -> None:
+        for name in ("before", "after", "rollback"):
+            argv = getattr(recipe, name)
+            if argv is not None:
+                self._check_allowed(argv, f"recipe {name}")
+        for i, pkg in enumerate(recipe.packages):
+            self._check_allowed(self.managers[pkg.manager], f"recipe packages[{i}] ({pkg.manager})")
+
+    def _unpack(self, candidate: Path) -> _Bundle:
+        self.work.mkdir(parents=True, exist_ok=True)
+        _remove_tree(self.bundle_dir)  # unpacked afresh on every run: nothing half-written
+        try:
+            files = _extract(candidate, self.bundle_dir)
+            recipe = _read_recipe(self.bundle_dir, files)
+        except OSError as exc:
+            raise _bad(f"unpacking the bundle: {exc}") from exc
+        return _Bundle(self.bundle_dir, files, recipe)
+
+    # -- planning and staging -----------------------------------------------------------
+
+    def _plan(self, manifest: Manifest, recipe: Recipe) -> _Txn:
+        root = Path(os.path.realpath(self.root))
+        if not root.is_dir():
+            raise _bad(f"root {self.root} is not a directory")
+        chosen: set[tuple[str, ...]] = set()
+        for f in recipe.files:
+            where = f.target[:-1]
+            unit = where
+            for k in range(1, len(where) + 1):
+                path = root.joinpath(*where[:k])
+                if os.path.islink(path):
+                    raise _bad(f"target directory {path} is a symbolic link")
+                if not os.path.lexists(path):
+                    unit = where[:k]  # the shortest missing ancestor is created as a whole
+                    break
+                if not path.is_dir():
+                    raise _bad(f"target directory {path} exists and is not a directory")
+            chosen.add(unit)
+        units: list[_Unit] = []
+        for unit in sorted(chosen, key=lambda u: (len(u), u)):
+            if any(unit[: len(other)] == other for other in chosen if len(other) < len(unit)):
+                continue  # inside another unit: staged with it
+            path = root.joinpath(*unit)
+            if path.parent == path:
+                raise _bad(f"root {root} has no parent directory to stage beside")
+            ident = _ident(path)
+            if ident is not None and os.lstat(path.parent).st_dev != ident[0]:
+                raise _bad(f"target directory {path} is a mount point; target files below it")
+            side = path.with_name(f".{path.name}.fota-{manifest.update_id}")
+            tmp = side.with_name(side.name + ".tmp")
+            for p in (side, tmp):
+                if os.path.lexists(p):
+                    raise _bad(f"{p} exists and is not fota's: remove it")
+            units.append(_Unit(str(path), str(side), str(tmp), ident is None, ident))
+        txn = _Txn(
+            update_id=manifest.update_id,
+            phase="planned",
+            root=str(root),
+            units=units,
+            rollback=list(recipe.rollback) if recipe.rollback else None,
+            hook_timeout=self._hook_timeout(recipe),
+        )
+        self._save(txn)
+        log.info("archive_planned", units=[u.path for u in units], update_id=txn.update_id)
+        return txn
+
+    def _hook_timeout(self, recipe: Recipe) -> float:
+        return min(recipe.timeout, self.timeout) if recipe.timeout else self.timeout
+
+    def _stage(self, txn: _Txn, bundle: _Bundle) -> None:
+        root = Path(txn.root)
+        placed = 0
+        for unit in txn.units:
+            path, side = Path(unit.path), Path(unit.side)
+            _remove_tree(side)  # an earlier run's unfinished copy
+            if unit.absent:
+                if os.path.lexists(path):
+                    raise _bad(f"{path} appeared while the update was staged")
+                _mkdir(side)
+            else:
+                if _ident(path) != unit.old:
+                    raise _bad(f"{path} changed while the update was staged")
+                _check_no_mounts(path)
+                shutil.copytree(path, side, symlinks=True)
+                if os.geteuid() == 0:
+                    _keep_owners(path, side)
+            prefix = Path(unit.path).relative_to(root).parts
+            for f in bundle.recipe.files:
+                if f.target[: len(prefix)] != prefix:
+                    continue
+                placed += 1
+                rel = f.target[len(prefix) :]
+                here = side
+                for part in rel[:-1]:
+                    here = here / part
+                    if os.path.islink(here):
+                        raise _bad(f"target {'/'.join(f.target)!r}: {part!r} is a symbolic link")
+                    if not os.path.lexists(here):
+                        _mkdir(here)
+                    elif not here.is_dir():
+                        raise _bad(f"target {'/'.join(f.target)!r}: {part!r} is not a directory")
+                mode = f.mode if f.mode is not None else bundle.files[f.source]
+                _place(bundle.dir / f.source, here / rel[-1], mode)
+            _fsync_tree(side)
+            self._ops.fsync_dir(side.parent)
+            unit.new = _ident(side)
+        if placed != len(bundle.recipe.files):
+            raise _bad("the recipe's targets do not match the planned directories")
+
+    # -- swapping -----------------------------------------------------------------------
+
+    def _settle(self, unit: _Unit) -> bool:
+        """Finish an interrupted three-rename exchange; return whether the unit is swapped."""
+        path, side, tmp = Path(unit.path), Path(unit.side), Path(unit.tmp)
+        if os.path.lexists(tmp):
+            if not os.path.lexists(path):
+                os.rename(tmp, path)  # between the first two renames: the exchange did not happen
+            elif not os.path.lexists(side):
+                os.rename(tmp, side)  # between the last two: the exchange is finished
+            else:
+                raise _bad(f"{tmp}: left over beside {path} and {side}")
+            self._ops.fsync_dir(path.parent)
+        ident = _ident(path)
+        if ident is None and unit.absent:
+            return False
+        if ident is not None and ident == unit.new:
+            return True
+        if ident is not None and ident == unit.old:
+            return False
+        raise _bad(f"{path} is neither the old nor the new tree (changed outside fota?)")
+
+    def _exchange(self, unit: _Unit) -> None:
+        path, side, tmp = Path(unit.path), Path(unit.side), Path(unit.tmp)
+        if self.use_exchange:
+            try:
+                exchange(path, side)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSYS, errno.EINVAL):
+                    raise
+                log.warning("archive_no_exchange", path=str(path), error=str(exc))
+                self.use_exchange = False
+        os.rename(path, tmp)
+        os.rename(side, path)
+        os.rename(tmp, side)
+
+    def _swap(self, unit: _Unit, forward: bool) -> None:
+        path, side = Path(unit.path), Path(unit.side)
+        if unit.absent and forward:
+            os.rename(side, path)
+        elif unit.absent:
+            if os.path.lexists(side):
+                raise _bad(f"{side} exists; cannot move {path} back out of the way")
+            os.rename(path, side)  # then removed with the staged copies
+        else:
+            self._exchange(unit)
+        self._ops.fsync_dir(path.parent)
+        unit.swapped = forward
+        log.info("archive_swapped", path=str(path), new=forward)
+
+    def _swap_all(self, txn: _Txn) -> None:
+        for i, unit in enumerate(txn.units):
+            if self._settle(unit):
+                continue  # swapped by an earlier run: never twice
+            if _ident(unit.side) != unit.new:
+                raise _bad(f"the staged copy {unit.side} is missing")
+            self._swap(unit, forward=True)
+            self._save(txn)
+            if i == 0 and len(txn.units) > 1:
+                crashpoints.point("archive:swapped_one")
+
+    def _restore_all(self, txn: _Txn) -> None:
+        restored = 0
+        for unit in reversed(txn.units):
+            if not self._settle(unit):
+                continue
+            self._swap(unit, forward=False)
+            self._save(txn)
+            restored += 1
+            if restored == 1 and len(txn.units) > 1:
+                crashpoints.point("archive:restored_one")
+        for unit in txn.units:  # the staged copies (and the new trees of absent units)
+            if os.path.lexists(unit.side):
+                _remove_tree(unit.side)
+                self._ops.fsync_dir(Path(unit.side).parent)
+
+    # -- commands -----------------------------------------------------------------------
+
+    async def _run(
+        self, argv: Sequence[str], step: str, timeout: float, env: Mapping[str, str], cwd: Path
+    ) -> None:
+        try:
+            done = await hooks.run(argv, name=f"archive {step}", timeout=timeout, env=env, cwd=cwd)
+        except hooks.CommandNotFound as exc:
+            raise _bad(f"{step} failed: {exc}") from exc
+        if not done.ok:
+            raise _bad(hooks.describe(f"{step} failed", done, timeout))
+
+    def _env(self, txn: _Txn, manifest: Manifest, step: str) -> dict[str, str]:
+        env = {
+            "FOTA_STEP": step,
+            "FOTA_ROOT": txn.root,
+            "FOTA_UPDATE_ID": txn.update_id,
+            "FOTA_VERSION": manifest.body.version,
+        }
+        if step != "rollback":
+            env["FOTA_BUNDLE"] = str(self.bundle_dir)
+        return env
+
+    async def _hook(self, txn: _Txn, manifest: Manifest, step: str, argv: Sequence[str]) -> None:
+        env = self._env(txn, manifest, step)
+        await self._run(argv, f"{step} hook", txn.hook_timeout, env, Path(txn.root))
+
+    async def _packages(self, txn: _Txn, bundle: _Bundle) -> None:
+        for pkg in bundle.recipe.packages:
+            names = [_member_path(bundle, n) or n for n in pkg.names]
+            base = self.managers[pkg.manager]
+            if pkg.manager == "pip":
+                offline = ["--no-input", "--no-index", "--find-links", str(bundle.dir)]
+                argv = [*base, "install", *offline, *names]
+            elif pkg.manager == "apt":
+                argv = [*base, "install", "-y", "-q", "--no-install-recommends", *names]
+            else:
+                argv = [*base, "install", "--no-audit", "--no-fund", "--yes", *names]
+            env = {"FOTA_UPDATE_ID": txn.update_id, "FOTA_BUNDLE": str(bundle.dir)}
+            await self._run(argv, f"{pkg.manager} step", self.timeout, env, Path(txn.root))
+
+    # -- undo -----------------------------------------------------------------------------
+
+    async def _undo(self, txn: _Txn, manifest: Manifest | None) -> str | None:
+        """Put every unit back, run the recipe's rollback; return that hook's failure, if any."""
+        if txn.phase not in _UNDOING:
+            txn.phase = "rolling_back"
+            await asyncio.to_thread(self._save, txn)
+        try:
+            await asyncio.to_thread(self._restore_all, txn)
+        except OSError as exc:
+            raise _bad(f"putting the previous files back: {exc}") from exc
+        problem = None
+        if txn.hooks_started and txn.rollback:
+            try:
+                self._check_allowed(txn.rollback, "recipe rollback")
+                env = {
+                    "FOTA_STEP": "rollback",
+                    "FOTA_ROOT": txn.root,
+                    "FOTA_UPDATE_ID": txn.update_id,
+                    "FOTA_VERSION": manifest.body.version if manifest else "",
+                }
+                await self._run(
+                    txn.rollback, "rollback hook", txn.hook_timeout, env, Path(txn.root)
+                )
+            except InstallError as exc:
+                problem = str(exc).removeprefix("archive installer: ")
+                log.error("archive_rollback_hook_failed", error=problem)
+        crashpoints.point("archive:rolled_back")
+        await asyncio.to_thread(self._drop)
+        log.info("archive_rolled_back", update_id=txn.update_id)
+        return problem
+
+    async def _fail(self, txn: _Txn, manifest: Manifest, message: str) -> InstallError:
+        if txn.phase not in _UNDOING:
+            txn.phase, txn.error = "failed", message
+            await asyncio.to_thread(self._save, txn)
+        log.error("archive_install_failed", error=message, update_id=txn.update_id)
+        problem = await self._undo(txn, manifest)
+        text = f"{message}; the previous files are back"
+        if problem:
+            text += f", but the recipe's rollback failed: {problem}"
+        return InstallError(text)
+
+    async def _finish_stale(self, txn: _Txn) -> None:
+        log.warning("archive_stale_transaction", update_id=txn.update_id, phase=txn.phase)
+        if txn.phase == "committing":
+            await self._commit(txn)
+        else:
+            await self._undo(txn, None)
+
+    # -- the contract -------------------------------------------------------------------
+
+    async def install(self, candidate: Path, manifest: Manifest, progress: Progress) -> Outcome:
+        """Unpack, stage, run ``before``, swap every directory, packages, ``after``."""
+        txn = await asyncio.to_thread(self._load)
+        if txn is not None and txn.update_id != manifest.update_id:
+            await self._finish_stale(txn)
+            txn = None
+        if txn is not None and txn.phase in ("installed", "committing"):
+            progress(100)
+            return DONE  # finished by an earlier run
+        if txn is not None and txn.phase in _UNDOING:
+            raise await self._fail(txn, manifest, txn.error or "archive installer: rolled back")
+        try:
+            bundle = await asyncio.to_thread(self._unpack, candidate)
+            self._check_recipe(bundle.recipe)
+        except Exception as exc:
+            if txn is not None:  # an earlier run changed things: undo them
+                raise await self._fail(txn, manifest, str(exc)) from exc
+            await asyncio.to_thread(_remove_tree, self.bundle_dir)
+            raise
+        progress(10)
+        if txn is None:
+            txn = await asyncio.to_thread(self._plan, manifest, bundle.recipe)
+        try:
+            await self._forward(txn, manifest, bundle, progress)
+        except asyncio.CancelledError:
+            raise  # the transaction stays: the next run carries on
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, InstallError) else f"archive installer: {exc}"
+            raise await self._fail(txn, manifest, message) from exc
+        await asyncio.to_thread(_remove_tree, self.bundle_dir)
+        progress(100)
+        log.info("archive_installed", update_id=txn.update_id, version=manifest.body.version)
+        return DONE
+
+    async def _forward(
+        self, txn: _Txn, manifest: Manifest, bundle: _Bundle, progress: Progress
+    ) -> None:
+        recipe = bundle.recipe
+        if not txn.after("staged"):
+            await asyncio.to_thread(self._stage, txn, bundle)
+            txn.phase = "staged"
+            await asyncio.to_thread(self._save, txn)
+            crashpoints.point("archive:staged")
+        progress(30)
+        if not txn.after("packages_done"):
+            if not txn.hooks_started:
+                txn.hooks_started = True
+                await asyncio.to_thread(self._save, txn)
+            if recipe.before:
+                await self._hook(txn, manifest, "before", recipe.before)
+            if txn.phase == "staged":
+                txn.phase = "before_done"
+                await asyncio.to_thread(self._save, txn)
+            crashpoints.point("archive:before_done")
+        progress(45)
+        if not txn.after("swapped"):
+            await asyncio.to_thread(self._swap_all, txn)
+            txn.phase = "swapped"
+            await asyncio.to_thread(self._save, txn)
+            crashpoints.point("archive:swapped")
+        progress(65)
+        if not txn.after("packages_done"):
+            await self._packages(txn, bundle)
+            txn.phase = "packages_done"
+            await asyncio.to_thread(self._save, txn)
+            crashpoints.point("archive:packages_done")
+        progress(85)
+        if recipe.after:
+            await self._hook(txn, manifest, "after", recipe.after)
+        txn.phase = "installed"
+        await asyncio.to_thread(self._save, txn)
+        crashpoints.point("archive:after_done")
+
+    async def booted(self, manifest: Manifest) -> bool:
+        """The files are in place as soon as they are installed (no restart is asked for)."""
+        return True
+
+    def _commit_files(self, txn: _Txn) -> None:
+        for unit in txn.units:
+            try:
+                self._settle(unit)  # a fallback exchange cut short by a crash
+                _remove_tree(unit.side)
+                self._ops.fsync_dir(Path(unit.side).parent)
+            except (OSError, InstallError) as exc:
+                log.warning("archive_cleanup_failed", path=unit.side, error=str(exc))
+
+    async def _commit(self, txn: _Txn) -> None:
+        if txn.phase != "committing":
+            txn.phase = "committing"
+            await asyncio.to_thread(self._save, txn)
+        await asyncio.to_thread(self._commit_files, txn)
+        crashpoints.point("archive:committed")
+        await asyncio.to_thread(self._drop)
+        log.info("archive_committed", update_id=txn.update_id)
+
+    async def commit(self, manifest: Manifest) -> None:
+        """Keep the new files: remove the old trees and the transaction."""
+        txn = await asyncio.to_thread(self._load)
+        if txn is None or txn.update_id != manifest.update_id:
+            return  # already committed
+        if txn.phase not in ("installed", "committing"):
+            raise _bad(f"commit: the install of {txn.update_id} did not finish ({txn.phase})")
+        await self._commit(txn)
+
+    async def rollback(self, manifest: Manifest) -> Outcome:
+        """Put every directory back as it was, run the recipe's rollback hook."""
+        txn = await asyncio.to_thread(self._load)
+        if txn is None or txn.update_id != manifest.update_id:
+            return DONE  # nothing was changed for this update, or it is already undone
+        if txn.phase == "committing":
+            raise _bad(f"rollback: update {txn.update_id} is already being committed")
+        problem = await self._undo(txn, manifest)
+        if problem:
+            raise _bad(f"the previous files are back, but the recipe's rollback failed: {problem}")
+        return DONE
+
+
+def from_spec(spec: Spec, context: Context) -> ArchiveInstaller:
+    """Make an archive installer from its settings table (``kind = "archive"``).
+
+    Keys: ``root`` (absolute directory), ``allowed_commands`` (list), ``pip``, ``apt``, ``npm``
+    (argument lists), ``timeout`` (seconds, default ``context.timeout``).
+    """
+    return ArchiveInstaller(
+        spec.path("root"),
+        context.state_dir,
+        allowed_commands=spec.strings("allowed_commands", []),
+        pip=spec.argv("pip", ["pip"]),
+        apt=spec.argv("apt", ["apt-get"]),
+        npm=spec.argv("npm", ["npm"]),
+        timeout=spec.number("timeout", context.timeout),
+        where=spec.where,
+    )

@@ -1,0 +1,506 @@
+"""The SWUpdate adapter: install a signed ``.swu`` with ``swupdate -i``; keep what it overwrites.
+
+The candidate is an SWUpdate image (a cpio archive: ``sw-description`` first, its CMS
+signature ``sw-description.sig`` second, then the images) that fota verified against its own
+signed manifest; SWUpdate then checks the CMS signature against ``-k``, the hardware
+compatibility against ``-H`` and every image's sha256, and runs the handlers.
+
+Two ways to use it:
+
+* **single copy** (``restart = false``, the default): the image is in place when ``swupdate``
+  returns. So that such an install can still be rolled back, fota copies the files that the
+  ``.swu`` overwrites (the ``backup`` setting: absolute paths of regular files) aside before
+  ``swupdate -i`` runs and puts them back atomically on rollback, as
+  :class:`fota.install.file.FileInstaller` does (a file that did not exist is removed again).
+* **dual copy** (``restart = true``): the ``.swu`` writes the other copy and switches the
+  bootloader (an SWUpdate ``bootenv`` section or ``-B uboot``); the new image runs after a
+  restart. ``booted_command`` (required then) exits 0 iff the new image runs;
+  ``rollback_command`` switches back, ``commit_command`` confirms (``fw_setenv ustate 0``).
+  Each command gets ``FOTA_UPDATE_ID``, ``FOTA_VERSION`` and ``FOTA_COMPONENT``; each must be
+  idempotent (set a state, never toggle one): it may run again after a crash.
+
+Contract with the tool (SWUpdate 2022.12, the Debian 12 build; docs/installers.md)
+---------------------------------------------------------------------------------
+
+``[*swupdate, "-i", <candidate>, *args]`` through :func:`fota.hooks.run`, with ``TMPDIR`` set
+to a fresh private directory for every run (under ``tmpdir``, default the system's temporary
+directory, removed afterwards). ``swupdate -i`` extracts every image to ``$TMPDIR`` (it needs
+free space for the image) and creates its IPC sockets ``$TMPDIR/sockinstctrl`` and
+``$TMPDIR/swupdateprog`` there: two runs sharing a TMPDIR corrupt each other's images (``HASH
+mismatch``), and a run with the default ``/tmp`` removes a running swupdate daemon's socket.
+A socket path has at most 107 bytes, so ``tmpdir`` must be short.
+
+The Debian build enforces signed images and checks hardware compatibility: ``args`` must hold
+``-k <CA certificate PEM>`` (a certificate, not a bare public key; or ``-f <cfg>`` with a
+``public-key-file``) and ``-H <board>:<revision>`` (or ``/etc/hwrevision`` must exist).
+
+Exit status and output (stdout and stderr merged):
+
+* 0: installed.
+* 1 with a ``SWUPDATE successful`` line and no ``[ERROR]`` line: installed too. About 5-12 % of
+  successful runs exit 1: at exit swupdate signals its forked ``chunks_downloader`` child,
+  which exits 1, and swupdate's SIGCHLD handler exits with that status. A warning is logged.
+  (The opposite, a failed run with status 0, was never seen.)
+* anything else: :class:`InstallError` naming the first ``[ERROR] : SWUPDATE failed [n] ERROR
+  : <message>`` (``HASH mismatch : ...``, ``Signature verification failed``, ``Authentication
+  of all signatures failed``, ``SW not compatible with hardware``) and the last one (``Image
+  invalid or corrupted. Not installing ...``), or the last line if there is none (``Error:
+  SWUpdate is built for signed images, provide a public key file.``). The final ``SWUpdate
+  *failed* !`` line is sometimes missing (not flushed before exit): it is not relied on.
+* the timeout: the process group is killed (a leftover child once held the output open in
+  about 1 of 250 runs); if swupdate itself had already exited, its status is judged as above.
+
+Progress: ``swupdate -i`` prints no percentages at any log level (they are published only on
+the ``$TMPDIR/swupdateprog`` socket, for ``swupdate-progress``/``swupdate-ipc monitor``), so
+fota reports ``progress(100)`` when it returns; the ``[INFO]`` lines are logged, not parsed.
+Crash point ``swupdate:installed`` comes right after a successful run.
+
+What is journaled where
+-----------------------
+
+``<state_dir>/swupdate/state.json`` (atomic writes): the update id, the backup paths as they
+were when the install started and whether ``swupdate`` finished. ``<state_dir>/swupdate/backup/``
+holds ``<n>`` (a durable copy of the n-th path, with its mode and owner) or ``<n>.absent`` (it
+did not exist). Both are removed by commit and by a finished rollback.
+
+Idempotence
+-----------
+
+* ``install``: the state file is written before anything else; a backup that exists is never
+  made again (it is the true previous file, whatever a crashed run left in place). After a
+  finished run ``swupdate`` does not run again: :data:`DONE` (single copy), :data:`RESTART` or,
+  if ``booted_command`` says the new image already runs, :data:`DONE`. A run that did not
+  finish runs again (single copy: writing the same files again is harmless; dual copy: unless
+  the new image already runs, in which case it finished).
+* ``booted``: single copy: true. Dual copy: ``booted_command``.
+* ``commit``: ``commit_command`` (again, until the state file is gone), then the backups go.
+* ``rollback``: restores every backup (again: the same bytes), runs ``rollback_command``; then
+  :data:`RESTART` if ``restart`` is set and ``booted_command`` says the new image still runs
+  (the state stays, the next call after the restart finishes; without a ``rollback_command``
+  nothing would switch back, so that is an :class:`InstallError`), else the backups and the
+  state go and it is :data:`DONE` (also with ``restart`` set when the previous copy runs: no
+  restart yet, or the bootloader fell back). No state for this update: nothing was changed,
+  :data:`DONE`.
+
+What does not work here (Debian 12, no bootloader)
+--------------------------------------------------
+
+``-B uboot`` without ``/etc/fw_env.config`` writes the files and then fails (``Configuration
+file /etc/fw_env.config wrong or corrupted`` / ``Cannot persistently store INSTALLED update
+state.``, status 1; ``-m -M`` avoid it); ``-B grub`` fails without ``/boot/grub/grubenv``. The
+default bootloader interface is ``none``: no ``ustate`` is written. ``installed-directly = true;``
+writes a file *before* its hash is checked (a bad image overwrites the target): avoid it, or
+list the file in ``backup``. ``rawfile`` creates files with mode 0600 and does not create
+missing directories (``create-destination`` does not help in 2022.12).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import structlog
+
+from fota import crashpoints, hooks
+from fota.core.manifest import Manifest
+from fota.errors import ConfigError, InstallError
+from fota.fileops import FileOps
+from fota.install.base import DONE, RESTART, Outcome, Progress, copy_durable
+from fota.install.spec import Context, Spec
+
+log = structlog.get_logger(__name__)
+
+STATE_DIR = "swupdate"
+STATE_NAME = "state.json"
+BACKUP_DIR = "backup"
+SOCKET_LIMIT = 107
+"""Longest unix socket path (``sun_path`` is 108 bytes with its terminating zero)."""
+MAX_LINES = 20000
+
+_ERROR = re.compile(r"^\[ERROR\]\s*:\s*(?:SWUPDATE failed \[\d+\]\s*)?(?:ERROR\s*:\s*)?(.*)$")
+_SUCCESS = re.compile(r"SWUPDATE successful|SWUpdate was successful")
+_GENERIC = ("SWUpdate *failed* !", "Image invalid or corrupted. Not installing ...")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """How a ``swupdate -i`` run ended, judged from its status and its output.
+
+    Attributes:
+        ok: the image is installed.
+        quirk: ok, though the status said otherwise (status 1 after success, a leftover child).
+        message: why it failed (empty when ok).
+    """
+
+    ok: bool
+    quirk: bool = False
+    message: str = ""
+
+
+def error_text(line: str) -> str | None:
+    """The message of an ``[ERROR] : SWUPDATE failed [n] ERROR : <message>`` line, or None."""
+    m = _ERROR.match(line.strip())
+    return m.group(1).strip() if m is not None else None
+
+
+def classify(code: int, lines: Sequence[str], *, timed_out: bool = False) -> Verdict:
+    """Judge a ``swupdate -i`` run by its exit status and its (merged) output lines."""
+    errors = [text for line in lines if (text := error_text(line))]
+    success = any(_SUCCESS.search(line) for line in lines)
+    if code == 0:
+        return Verdict(True, quirk=timed_out)
+    if code == 1 and success and not errors:
+        return Verdict(True, quirk=True)
+    if timed_out and code < 0:
+        return Verdict(False, message="timed out")
+    status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+    if errors:
+        specific = [e for e in errors if e not in _GENERIC]
+        first = (specific or errors)[0]
+        last = next((e for e in reversed(errors) if e != first and e != _GENERIC[0]), None)
+        return Verdict(False, message=f"{status}: {first}" + (f" ({last})" if last else ""))
+    tail = [line.strip() for line in lines if line.strip()]
+    return Verdict(False, message=status + (f": {tail[-1]}" if tail else ""))
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    update_id: str
+    paths: tuple[str, ...]
+    installed: bool = False
+
+
+class SwupdateInstaller:
+    """Install ``.swu`` images with ``swupdate -i``; roll back by restoring the backed-up files.
+
+    Args:
+        state_dir: fota's state directory; the installer keeps ``swupdate/`` in it.
+        swupdate: the program and its first arguments.
+        args: arguments after ``-i <candidate>`` (``-k``, ``-H``, ``-f``, ...).
+        restart: the new image runs only after a restart (dual copy).
+        booted_command: with ``restart``: exits 0 iff the new image runs (1: it does not).
+        commit_command: run at commit.
+        rollback_command: run at rollback, after the backups are restored.
+        backup: absolute paths of the files the image overwrites, restored on rollback.
+        timeout: seconds each command may take.
+        tmpdir: where each run's private ``TMPDIR`` is made (short: sockets live there).
+
+    Raises:
+        ConfigError: an empty command, ``restart`` without ``booted_command``, a relative or
+            repeated backup path, a ``tmpdir`` too long for a socket path.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        swupdate: Sequence[str] = ("swupdate",),
+        args: Sequence[str] = (),
+        restart: bool = False,
+        booted_command: Sequence[str] | None = None,
+        commit_command: Sequence[str] | None = None,
+        rollback_command: Sequence[str] | None = None,
+        backup: Sequence[Path | str] = (),
+        timeout: float = 600.0,
+        tmpdir: Path | None = None,
+    ) -> None:
+        if not swupdate:
+            raise ConfigError("swupdate installer: swupdate: must not be empty")
+        if restart and not booted_command:
+            raise ConfigError("swupdate installer: booted_command is needed with restart = true")
+        paths = [Path(p) for p in backup]
+        for p in paths:
+            if not p.is_absolute():
+                raise ConfigError(f"swupdate installer: backup: {str(p)!r} is not absolute")
+        if len({os.path.normpath(p) for p in paths}) != len(paths):
+            raise ConfigError("swupdate installer: backup: a path is named twice")
+        self.swupdate = list(swupdate)
+        self.args = list(args)
+        self.restart = restart
+        self.booted_command = list(booted_command or [])
+        self.commit_command = list(commit_command or [])
+        self.rollback_command = list(rollback_command or [])
+        self.backup = tuple(str(p) for p in paths)
+        self.timeout = timeout
+        self.tmpdir = Path(tmpdir) if tmpdir is not None else Path(tempfile.gettempdir())
+        # mkdtemp's name (fota-swu- + 8) and the longest socket name, "sockinstctrl"
+        if len(str(self.tmpdir / "fota-swu-XXXXXXXX" / "sockinstctrl")) > SOCKET_LIMIT:
+            raise ConfigError(
+                f"swupdate installer: tmpdir: {str(self.tmpdir)!r} is too long for swupdate's "
+                f"IPC socket paths (at most {SOCKET_LIMIT} bytes)"
+            )
+        self.dir = Path(state_dir) / STATE_DIR
+        self.state_path = self.dir / STATE_NAME
+        self.backup_dir = self.dir / BACKUP_DIR
+        self._ops = FileOps()
+
+    # -- the state file and the backups -------------------------------------------------------
+
+    def _load(self) -> _Record | None:
+        try:
+            data = json.loads(self.state_path.read_bytes())
+            return _Record(data["update_id"], tuple(data["paths"]), bool(data["installed"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InstallError(
+                f"swupdate installer: state {self.state_path} unreadable: {exc}"
+            ) from exc
+
+    def _save(self, record: _Record) -> None:
+        body = {
+            "update_id": record.update_id,
+            "paths": list(record.paths),
+            "installed": record.installed,
+        }
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._ops.write_atomic(self.state_path, json.dumps(body).encode())
+
+    def _mine(self, manifest: Manifest) -> _Record | None:
+        record = self._load()
+        return record if record is not None and record.update_id == manifest.update_id else None
+
+    def _begin(self, record: _Record) -> None:
+        """Drop what an abandoned update left, then journal this one (before any backup)."""
+        if self.backup_dir.exists():
+            log.warning("swupdate_stale_backup_dropped", path=str(self.backup_dir))
+            shutil.rmtree(self.backup_dir)
+        self._save(record)
+
+    def _back_up(self, record: _Record) -> None:
+        self.backup_dir.mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(record.paths):
+            path = Path(name)
+            copy, absent = self.backup_dir / str(i), self.backup_dir / f"{i}.absent"
+            if copy.exists() or absent.exists():
+                continue  # made by an earlier run: that is the true previous file
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                self._ops.write_atomic(absent, b"")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise InstallError(f"swupdate installer: backup: {path} is not a regular file")
+            tmp = self.backup_dir / f".{i}.tmp"
+            copy_durable(path, tmp, stat.S_IMODE(st.st_mode))
+            _chown(tmp, st)
+            self._ops.replace(tmp, copy)
+            self._ops.fsync_dir(self.backup_dir)
+        log.info("swupdate_backed_up", paths=list(record.paths))
+
+    def _restore(self, record: _Record) -> None:
+        for i, name in enumerate(record.paths):
+            path = Path(name)
+            copy, absent = self.backup_dir / str(i), self.backup_dir / f"{i}.absent"
+            if copy.exists():
+                st = copy.stat()
+                tmp = path.with_name(f".{path.name}.fota-restore")
+                copy_durable(copy, tmp, stat.S_IMODE(st.st_mode))
+                _chown(tmp, st)
+                self._ops.replace(tmp, path)
+                self._ops.fsync_dir(path.parent)
+            elif absent.exists():
+                self._ops.unlink(path)  # it did not exist before the install
+                if path.parent.is_dir():
+                    self._ops.fsync_dir(path.parent)
+            # neither: no backup was made, so swupdate never ran for this update
+        log.info("swupdate_restored", paths=list(record.paths))
+
+    def _forget(self) -> None:
+        """Drop the backups, then the state file (in that order: a crash leaves the state)."""
+        if self.backup_dir.exists():
+            shutil.rmtree(self.backup_dir)
+            self._ops.fsync_dir(self.dir)
+        self._ops.unlink(self.state_path)
+        if self.dir.exists():
+            self._ops.fsync_dir(self.dir)
+
+    # -- commands -------------------------------------------------------------------------
+
+    @staticmethod
+    def _env(manifest: Manifest) -> dict[str, str]:
+        return {
+            "FOTA_UPDATE_ID": manifest.update_id,
+            "FOTA_VERSION": manifest.body.version,
+            "FOTA_COMPONENT": manifest.body.component.name.lower(),
+        }
+
+    async def _command(self, what: str, argv: list[str], manifest: Manifest) -> hooks.Completed:
+        try:
+            return await hooks.run(
+                argv, name=f"swupdate {what}", timeout=self.timeout, env=self._env(manifest)
+            )
+        except hooks.CommandNotFound as exc:
+            raise InstallError(f"swupdate installer: {exc}") from exc
+
+    async def _checked(self, what: str, argv: list[str], manifest: Manifest) -> None:
+        done = await self._command(what, argv, manifest)
+        if not done.ok:
+            raise InstallError(
+                "swupdate installer: " + hooks.describe(f"{what} command", done, self.timeout)
+            )
+
+    async def _new_runs(self, manifest: Manifest) -> bool:
+        """``booted_command``: 0 = the new image runs, 1 = it does not."""
+        done = await self._command("booted", self.booted_command, manifest)
+        if done.timed_out or done.code not in (0, 1):
+            raise InstallError(
+                "swupdate installer: " + hooks.describe("booted command", done, self.timeout)
+            )
+        return done.code == 0
+
+    async def _swupdate(self, candidate: Path) -> None:
+        tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="fota-swu-", dir=self.tmpdir))
+        lines: list[str] = []
+
+        def collect(line: str) -> None:
+            if len(lines) < MAX_LINES:
+                lines.append(line)
+
+        argv = [*self.swupdate, "-i", str(candidate), *self.args]
+        try:
+            done = await hooks.run(
+                argv,
+                name="swupdate",
+                timeout=self.timeout,
+                env={"TMPDIR": str(tmp)},
+                on_line=collect,
+            )
+        except hooks.CommandNotFound as exc:
+            raise InstallError(f"swupdate installer: {exc}") from exc
+        finally:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+        verdict = classify(done.code, lines, timed_out=done.timed_out)
+        if not verdict.ok:
+            message = verdict.message
+            if done.timed_out:
+                message = f"timed out after {self.timeout:g} s" + (
+                    f" ({message})" if message != "timed out" else ""
+                )
+            raise InstallError(f"swupdate installer: swupdate -i: {message}")
+        if verdict.quirk:
+            log.warning(
+                "swupdate_status_ignored",
+                code=done.code,
+                timed_out=done.timed_out,
+                why="the output says SWUPDATE successful and has no [ERROR] line",
+            )
+
+    # -- the contract ---------------------------------------------------------------------
+
+    async def install(self, candidate: Path, manifest: Manifest, progress: Progress) -> Outcome:
+        """Back up the files the image overwrites, then run ``swupdate -i``."""
+        record = self._mine(manifest)
+        if record is not None and record.installed:
+            log.info("swupdate_already_installed", update_id=record.update_id)
+            progress(100)
+            if self.restart and not await self._new_runs(manifest):
+                return RESTART
+            return DONE
+        if record is not None and self.restart and await self._new_runs(manifest):
+            # swupdate finished before the crash and the device restarted into the new copy.
+            await asyncio.to_thread(self._save, replace(record, installed=True))
+            progress(100)
+            return DONE
+        try:
+            if record is None:
+                record = _Record(manifest.update_id, self.backup)
+                await asyncio.to_thread(self._begin, record)
+            await asyncio.to_thread(self._back_up, record)
+        except OSError as exc:
+            raise InstallError(f"swupdate installer: backup: {exc}") from exc
+
+        await self._swupdate(candidate)
+        crashpoints.point("swupdate:installed")
+        try:
+            await asyncio.to_thread(self._save, replace(record, installed=True))
+        except OSError as exc:
+            raise InstallError(f"swupdate installer: {self.state_path}: {exc}") from exc
+        progress(100)
+        log.info("swupdate_installed", version=manifest.body.version, restart=self.restart)
+        return RESTART if self.restart else DONE
+
+    async def booted(self, manifest: Manifest) -> bool:
+        """Single copy: the image is in place. Dual copy: ``booted_command``."""
+        if not self.restart:
+            return True
+        if self._mine(manifest) is None:
+            return False
+        return await self._new_runs(manifest)
+
+    async def commit(self, manifest: Manifest) -> None:
+        """Run ``commit_command``; drop the backups."""
+        if self._mine(manifest) is None:
+            return  # already committed
+        if self.commit_command:
+            await self._checked("commit", self.commit_command, manifest)
+        try:
+            await asyncio.to_thread(self._forget)
+        except OSError as exc:
+            raise InstallError(f"swupdate installer: commit: {exc}") from exc
+        log.info("swupdate_committed", version=manifest.body.version)
+
+    async def rollback(self, manifest: Manifest) -> Outcome:
+        """Restore the backed-up files; run ``rollback_command``; restart if the new image runs."""
+        record = self._mine(manifest)
+        if record is None:
+            return DONE  # nothing was changed for this update (or it is undone)
+        try:
+            await asyncio.to_thread(self._restore, record)
+        except OSError as exc:
+            raise InstallError(f"swupdate installer: rollback: {exc}") from exc
+        if self.rollback_command:
+            await self._checked("rollback", self.rollback_command, manifest)
+        if self.restart and await self._new_runs(manifest):
+            if not self.rollback_command:
+                raise InstallError(
+                    "swupdate installer: rollback: the new image runs and no rollback_command "
+                    "is configured to switch back to the previous one"
+                )
+            log.info("swupdate_rolling_back", version=manifest.body.version)
+            return RESTART  # the previous copy comes back at the restart
+        try:
+            await asyncio.to_thread(self._forget)
+        except OSError as exc:
+            raise InstallError(f"swupdate installer: rollback: {exc}") from exc
+        log.info("swupdate_rolled_back", version=manifest.body.version)
+        return DONE
+
+
+def _chown(path: Path, st: os.stat_result) -> None:
+    # Not root: the file keeps our owner (the mode is kept in any case).
+    with contextlib.suppress(PermissionError):
+        os.chown(path, st.st_uid, st.st_gid)
+
+
+def from_spec(spec: Spec, context: Context) -> SwupdateInstaller:
+    """Build from ``kind = "swupdate"`` (see the module's docstring for the keys)."""
+    where = spec.where
+    backup = spec.strings("backup", [])
+    for path in backup:
+        if not Path(path).is_absolute():
+            raise ConfigError(f"{where}.backup: expected absolute paths, got {path!r}")
+    try:
+        return SwupdateInstaller(
+            context.state_dir,
+            swupdate=spec.argv("swupdate", ["swupdate"]),
+            args=spec.strings("args", []),
+            restart=spec.flag("restart", False),
+            booted_command=spec.argv("booted_command", None),
+            commit_command=spec.argv("commit_command", None),
+            rollback_command=spec.argv("rollback_command", None),
+            backup=backup,
+            timeout=spec.number("timeout", 600.0),
+            tmpdir=spec.path("tmpdir", None),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc

@@ -1,0 +1,109 @@
+"""Helpers for installer tests: signed manifests for local images, and a simulated bootloader.
+
+The bootloader is two small shell scripts on disk, as a U-Boot environment would be driven by
+``fw_setenv`` / ``fw_printenv``: ``setenv SLOT`` writes the slot to boot next, ``booted``
+prints the slot that booted. A test "reboots" the device with :meth:`Bootloader.reboot`: the
+next slot becomes the booted one (or, for a failed boot, the bootloader falls back), and the
+boot id file gets a new id, as ``/proc/sys/kernel/random/boot_id`` would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fota.core import manifest as mf
+from fota.core.manifest import Component, Manifest, ManifestBody, TrustStore
+
+KEY = ed25519.Ed25519PrivateKey.generate()
+KID = mf.kid_for(KEY.public_key())
+TRUST = TrustStore({KID: KEY.public_key()})
+FRAGMENT = 64 * 1024
+
+
+def manifest_for(
+    image: bytes,
+    version: str,
+    *,
+    sequence: int = 2,
+    component: Component = Component.FIRMWARE,
+    device_class: str = "test-gw",
+) -> Manifest:
+    """A verified manifest describing ``image`` (signed with this module's key)."""
+    count = max(1, -(-len(image) // FRAGMENT))
+    body = ManifestBody(
+        sequence=sequence,
+        component=component,
+        version=version,
+        device_class=device_class,
+        image_size=len(image),
+        image_sha256=hashlib.sha256(image).digest(),
+        image_uri=f"../img/{version}",
+        fragment_size=FRAGMENT,
+        fragment_sha256=tuple(
+            hashlib.sha256(image[i * FRAGMENT : (i + 1) * FRAGMENT]).digest() for i in range(count)
+        ),
+    )
+    return mf.verify(mf.sign(body, KEY, KID), TRUST)
+
+
+def write_script(path: Path, body: str) -> Path:
+    """An executable POSIX shell script."""
+    path.write_text("#!/bin/sh\nset -e\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+class Bootloader:
+    """A simulated A/B bootloader environment under ``root``.
+
+    Files: ``next`` (the slot to boot), ``booted`` (the slot that booted), ``boot_id`` (changes
+    at every reboot) and ``calls`` (every setenv, one per line).
+    """
+
+    def __init__(self, root: Path, booted: str = "a") -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        (root / "next").write_text(booted)
+        (root / "booted").write_text(booted)
+        self.boot_id_path = root / "boot_id"
+        self.boot_id_path.write_text(str(uuid.uuid4()))
+        self.setenv = write_script(
+            root / "fw_setenv",
+            f'echo "$1" >> {root}/calls\nprintf %s "$1" > {root}/next.tmp\n'
+            f"mv {root}/next.tmp {root}/next\n",
+        )
+        self.printenv = write_script(root / "fw_printenv", f"cat {root}/booted\n")
+
+    @property
+    def next(self) -> str:
+        """The slot the bootloader boots next."""
+        return (self.root / "next").read_text()
+
+    @property
+    def booted(self) -> str:
+        """The slot that booted."""
+        return (self.root / "booted").read_text()
+
+    @property
+    def calls(self) -> list[str]:
+        """Every slot name ``setenv`` was called with."""
+        path = self.root / "calls"
+        return path.read_text().split() if path.exists() else []
+
+    def reboot(self, *, boots: bool = True) -> None:
+        """Restart the device: boot ``next`` (or fall back to the booted slot)."""
+        if boots:
+            (self.root / "booted").write_text(self.next)
+        self.boot_id_path.write_text(str(uuid.uuid4()))
+
+    def switch_command(self) -> list[str]:
+        """``switch_command`` for :class:`~fota.install.ab.ABInstaller`."""
+        return [str(self.setenv), "{slot}"]
+
+    def booted_command(self) -> list[str]:
+        """``booted_command`` for :class:`~fota.install.ab.ABInstaller`."""
+        return [str(self.printenv)]

@@ -1,0 +1,209 @@
+"""Real SWUpdate images for tests: CMS-signed ``.swu`` files with one ``rawfile`` image.
+
+As /tmp/tools/swupdate/build.sh does: a CA and a signer it certifies (EKU emailProtection,
+swupdate's default ``--cert-purpose``), ``sw-description`` with ``hardware-compatibility``
+(the Debian build checks it; ``-H testboard:1.0``), signed with ``openssl cms -sign ... -outform
+DER``, packed with ``cpio -o -H crc`` with ``sw-description`` first and its signature second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fota import crashpoints
+from fota.core.manifest import Manifest
+
+PROGRAMS = {"swupdate": "swupdate", "openssl": "openssl", "cpio": "cpio"}
+BOARD = "testboard:1.0"
+
+
+def require_tools() -> None:
+    """Fail (never skip) when a tool the SWUpdate tests need is missing, naming its package."""
+    missing = [f"{p} (Debian package {pkg})" for p, pkg in PROGRAMS.items() if not shutil.which(p)]
+    if missing:
+        pytest.fail(
+            "the SWUpdate tests need the real tools: missing "
+            + ", ".join(missing)
+            + "; apt-get install swupdate openssl cpio",
+            pytrace=False,
+        )
+
+
+def run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+    """Run a setup command; fail the test with its output if it fails."""
+    done = subprocess.run(argv, capture_output=True, timeout=120, **kw)
+    if done.returncode != 0:
+        pytest.fail(f"{argv}: exit {done.returncode}\n{done.stdout!r}\n{done.stderr!r}")
+    return done
+
+
+@dataclass(frozen=True)
+class Keys:
+    ca_cert: Path
+    signer_cert: Path
+    signer_key: Path
+    other_cert: Path
+    other_key: Path
+
+    def args(self) -> list[str]:
+        """``args`` for the installer: trust the CA, claim the board."""
+        return ["-k", str(self.ca_cert), "-H", BOARD]
+
+
+def openssl(words: str, **paths: Path) -> None:
+    """``openssl`` with ``words`` split at spaces; ``@name`` stands for the path ``name``."""
+    run(["openssl", *(str(paths[w[1:]]) if w.startswith("@") else w for w in words.split())])
+
+
+def make_keys(root: Path) -> Keys:
+    """A CA, a signer certified by it, and an unrelated self-signed certificate."""
+    root.mkdir(parents=True, exist_ok=True)
+    k = Keys(root / "ca.cert.pem", root / "signer.cert.pem", root / "signer.key.pem",
+             root / "other.cert.pem", root / "other.key.pem")  # fmt: skip
+    ca_key, csr, ext = root / "ca.key.pem", root / "signer.csr", root / "signer.ext"
+    openssl(
+        "req -x509 -newkey rsa:2048 -nodes -keyout @key -out @cert -days 3650 -subj /CN=test-ca "
+        "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
+        key=ca_key,
+        cert=k.ca_cert,
+    )
+    openssl(
+        "req -newkey rsa:2048 -nodes -keyout @key -out @csr -subj /CN=swu-signer",
+        key=k.signer_key,
+        csr=csr,
+    )
+    ext.write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=emailProtection\n"
+    )
+    openssl(
+        "x509 -req -in @csr -CA @ca -CAkey @cakey -CAcreateserial -out @cert -days 3650 "
+        "-extfile @ext",
+        csr=csr,
+        ca=k.ca_cert,
+        cakey=ca_key,
+        cert=k.signer_cert,
+        ext=ext,
+    )
+    openssl(
+        "req -x509 -newkey rsa:2048 -nodes -keyout @key -out @cert -days 3650 -subj /CN=other",
+        key=k.other_key,
+        cert=k.other_cert,
+    )
+    return k
+
+
+def sw_description(target: Path, sha256: str, version: str) -> str:
+    return f"""software =
+{{
+	version = "{version}";
+	description = "test";
+	hardware-compatibility = [ "1.0" ];
+	images: (
+		{{
+			filename = "app.bin";
+			path = "{target}";
+			type = "rawfile";
+			sha256 = "{sha256}";
+		}}
+	);
+}}
+"""
+
+
+def make_swu(
+    out: Path,
+    keys: Keys,
+    payload: bytes,
+    target: Path,
+    *,
+    version: str = "1.0",
+    sha256: str | None = None,
+    signed: bool = True,
+    untrusted: bool = False,
+    tamper: bool = False,
+) -> Path:
+    """A ``.swu`` whose rawfile image ``app.bin`` (``payload``) goes to ``target``.
+
+    Args:
+        sha256: the digest written in sw-description (default: the payload's).
+        signed: add ``sw-description.sig``.
+        untrusted: sign with the certificate the CA did not issue.
+        tamper: change sw-description after signing it.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        d = Path(tmp)
+        (d / "app.bin").write_bytes(payload)
+        desc = d / "sw-description"
+        desc.write_text(
+            sw_description(target, sha256 or hashlib.sha256(payload).hexdigest(), version)
+        )
+        members = ["sw-description", "app.bin"]
+        if signed:
+            cert, key = (
+                (keys.other_cert, keys.other_key)
+                if untrusted
+                else (keys.signer_cert, keys.signer_key)
+            )
+            openssl(
+                "cms -sign -in @desc -out @sig -signer @cert -inkey @key -outform DER "
+                "-nosmimecap -binary",
+                desc=desc,
+                sig=d / "sw-description.sig",
+                cert=cert,
+                key=key,
+            )
+            members.insert(1, "sw-description.sig")
+        if tamper:
+            desc.write_text(desc.read_text().replace('"test"', '"tampered"'))
+        archive = run(
+            ["cpio", "-o", "-H", "crc", "--quiet"],
+            cwd=d,
+            input="".join(f"{m}\n" for m in members).encode(),
+        ).stdout
+    out.write_bytes(archive)
+    return out
+
+
+CHILD = """
+import asyncio, json, pickle, sys
+from pathlib import Path
+from fota.install import Context, build
+table, state_dir, candidate, manifest = sys.argv[1:5]
+inst = build("installers.crash", json.loads(table), Context(Path(state_dir), 30.0))
+m = pickle.loads(Path(manifest).read_bytes())
+asyncio.run(inst.install(Path(candidate), m, lambda percent: None))
+"""
+
+
+def install_until_crash(
+    table: dict[str, Any], state_dir: Path, candidate: Path, manifest: Manifest, point: str
+) -> None:
+    """Run ``install`` in a child process with ``FOTA_CRASH_AT=point``; check it died there."""
+    pickled = state_dir.parent / "manifest.pickle"
+    pickled.write_bytes(pickle.dumps(manifest))
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(table), str(state_dir), str(candidate),
+         str(pickled)],
+        capture_output=True, text=True, timeout=120, cwd=root, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(root), crashpoints.ENV: point},
+    )  # fmt: skip
+    if done.returncode != -signal.SIGKILL:
+        pytest.fail(
+            f"install did not die at {point}: {done.returncode}\n{done.stdout}{done.stderr}"
+        )
