@@ -76,6 +76,9 @@ device or a stepped clock must not make a deferral or a deadline late by more th
 
 _STOP = object()
 JOURNAL_RETRY = 5.0
+RESTART_RETRY = 30.0
+RESTART_RETRY_CAP = 600.0
+"""Pauses between runs of a restart command that failed (doubling, capped)."""
 """Seconds before an event whose journal write failed is handled again."""
 
 
@@ -103,6 +106,9 @@ async def _run_check(
     except hooks.CommandNotFound as exc:
         log.warning("command_missing", command=name, error=str(exc))
         return False, str(exc)
+    except Exception as exc:  # the check must end with an answer, or the update waits forever
+        log.error("command_crashed", command=name, error=repr(exc))
+        return False, f"{name}: {exc!r}"
     return done.ok, "" if done.ok else hooks.describe(name, done, timeout)
 
 
@@ -425,7 +431,10 @@ class Engine:
                     future.set_exception(JournalError(f"journal write failed: {exc}"))
                 elif not self._closing:
                     # The fact still holds (a finished download, a fired timer); dropping it
-                    # would strand the update. Offer it again once the disk may have room.
+                    # would strand the update. Offer it again once the disk may have room
+                    # (a timer's firing stays current until a newer timer of its name).
+                    if isinstance(event, ev.TimerFired) and event.name not in self._fired:
+                        self._fired[event.name] = event
                     asyncio.get_running_loop().call_later(JOURNAL_RETRY, self.post, event)
                 return
             _crash_after_save(before[1], model.record)
@@ -778,6 +787,11 @@ class Engine:
         self.post(ev.SelfTestFinished(update_id, ok, detail))
 
     async def _request_restart(self, update_id: str) -> None:
+        """Run ``Config.restart_command`` until the device restarts (which ends this task).
+
+        A command that fails is run again, with a growing pause: the update cannot go on
+        until the restart, and the reboot that kills fota is what ends the loop.
+        """
         manifest = self._pending(update_id)
         argv = self.config.restart_command
         if not argv:
@@ -785,12 +799,17 @@ class Engine:
                 "restart_required", update_id=update_id, why="no restart_command configured"
             )
             return
-        log.info("restarting_device", argv=argv, update_id=update_id)
-        ok, detail = await _run_check(
-            "restart", argv, self.config.hook_timeout, _manifest_env(manifest)
-        )
-        if not ok:
-            log.error("restart_failed", detail=detail, update_id=update_id)
+        pause = RESTART_RETRY
+        while True:
+            log.info("restarting_device", argv=argv, update_id=update_id)
+            ok, detail = await _run_check(
+                "restart", argv, self.config.hook_timeout, _manifest_env(manifest)
+            )
+            if ok:  # the device is going down; if it does not, the next start asks again
+                return
+            log.error("restart_failed", detail=detail, update_id=update_id, retry_in=pause)
+            await asyncio.sleep(pause)  # a back-off timer between attempts
+            pause = min(pause * 2, RESTART_RETRY_CAP)
 
     async def _check_boot(self, update_id: str) -> None:
         manifest = self._pending(update_id)

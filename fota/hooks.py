@@ -105,9 +105,14 @@ async def run(
             cwd=cwd,
             start_new_session=True,  # its own process group: a timeout kills its children too
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument or variable
         os.close(read_fd)
-        raise CommandNotFound(exc.errno, f"{name}: cannot run {argv[0]!r}: {exc.strerror}") from exc
+        errno = exc.errno if isinstance(exc, OSError) else 22
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise CommandNotFound(errno, f"{name}: cannot run {argv[0]!r}: {why}") from exc
+    except BaseException:
+        os.close(read_fd)
+        raise
     finally:
         os.close(write_fd)
     log.debug("command_started", command=name, argv=list(argv), pid=proc.pid)
@@ -146,21 +151,23 @@ async def run(
     timed_out = False
     reader = asyncio.ensure_future(read())
     try:
-        async with asyncio.timeout(timeout):
+        try:
+            async with asyncio.timeout(timeout):
+                await proc.wait()
+        except TimeoutError:
+            timed_out = True
+            _kill_group(proc.pid)
             await proc.wait()
-            # A child the command left running may hold the output open (a daemon it started,
-            # swupdate's forked helper): read what is buffered, then stop listening.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(reader), DRAIN)
-    except TimeoutError:
-        timed_out = True
-        _kill_group(proc.pid)
-        await proc.wait()
-    except BaseException:  # cancelled: leave nothing running behind us
-        _kill_group(proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            await asyncio.shield(proc.wait())
-        raise
+        except BaseException:  # cancelled: leave nothing running behind us
+            _kill_group(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                await asyncio.shield(proc.wait())
+            raise
+        # Outside the timeout: a command that exited in time succeeded, whatever follows. A
+        # child it left running may hold the output open (a daemon it started, swupdate's
+        # forked helper): read what is buffered, then stop listening.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), DRAIN)
     finally:
         if not reader.done():
             reader.cancel()

@@ -363,11 +363,13 @@ class CoreMachine(RuleBasedStateMachine):
         if pending is not None and state in CANCELLABLE:
             floor = max(floor, pending.body.sequence)
         refuse = sequence is None or sequence <= floor
-        same = pending is not None and digest == self.m.record.pending
+        rec = self.m.record
+        known = digest in {rec.pending, rec.refused, rec.installed}
+        before = rec
         if self.fire(ev.ManifestFetched(raw, "coap://s/m", digest)).accepted:
-            if same:  # the pending update's manifest again: nothing changes
+            if known:  # pending, refused (or rejected) or running: nothing changes at all
                 assert self.m.state is state and self.m.pending is pending
-                assert self.m.record.refused != digest
+                assert self.m.record == before
             elif refuse:  # remembered; a failed update stays pending
                 assert self.m.state is state
                 assert self.m.record.refused == digest
@@ -635,7 +637,11 @@ class CoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def restarts_within_limit(self) -> None:
-        if self.model is not None:
+        # Past the limit only while a commit that started is finished (it may already have
+        # dropped what a rollback needs).
+        if self.model is not None and not (
+            self.model.state is S.AWAIT_COMMIT and self.model.record.tested
+        ):
             assert self.model.record.restarts <= POLICY.restart_limit
 
     @invariant()

@@ -3913,6 +3913,18 @@ CASES: tuple[Case, ...] = (
         start={"commit_by": None},
         after={"failure": "self-test failed: no detail"},
     ),
+    Case(
+        "self-test/failed-clock-stepped-back",
+        S.AWAIT_COMMIT,
+        ev.SelfTestFinished(U, False, "no network"),
+        S.ROLLING_BACK,
+        # The wall clock went back to before the self-test began (no RTC, no time sync on
+        # the new image): counted as past the deadline, or the attempts would never end.
+        (C.SendReports(), C.CancelTimer("selftest"), C.Rollback(U)),
+        ((S.ROLLING_BACK, R.FAILED),),
+        start={"commit_by": NOW + 301.0},  # begun 1 s from now: NOW is before it
+        after={"failure": "self-test failed: no network"},
+    ),
     drop("self-test/stale", S.AWAIT_COMMIT, ev.SelfTestFinished(STALE, True)),
     Case(
         "timer/await-commit/selftest",
@@ -4417,12 +4429,23 @@ CASES: tuple[Case, ...] = (
         S.ROLLING_BACK,
         (C.SendReports(), C.CancelTimer("selftest"), C.Rollback(U)),
         ((S.ROLLING_BACK, R.FAILED),),
-        start={"restarts": 5, "tested": True},
+        start={"restarts": 5},
         after={
             "restarts": 0,
             "tested": False,
             "failure": "restart limit 2 reached in AWAIT_COMMIT",
         },
+    ),
+    Case(
+        "restarted/await-commit/limit-while-committing",
+        S.AWAIT_COMMIT,
+        ev.Restarted(),
+        S.AWAIT_COMMIT,
+        # The self-test passed: the commit may have dropped what a rollback needs, so it is
+        # finished, however many restarts it took.
+        (C.Commit(U), C.SendReports()),
+        start={"restarts": 5, "tested": True},
+        after={"restarts": 6, "tested": True},
     ),
     Case(
         "restarted/rolling-back/limit",

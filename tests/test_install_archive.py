@@ -531,6 +531,14 @@ BAD_RECIPES: list[tuple[dict[str, Any], str]] = [
         {"packages": [{"manager": "pip", "names": ["--index-url=http://x"]}]},
         "looks like an option",
     ),
+    (
+        {"packages": [{"manager": "pip", "names": ["evil @ https://example.org/e.tar.gz"]}]},
+        "names a download",
+    ),
+    (
+        {"packages": [{"manager": "npm", "names": ["git+https://example.org/x"]}]},
+        "names a download",
+    ),
     ({"packages": {"manager": "pip"}}, "packages: expected an array of tables"),
     ({"files": [{"source": "payload/main.py", "target": "app/x"}] * 10_001}, "limit of 10000"),
 ]
@@ -768,7 +776,10 @@ async def test_apt_and_npm_steps_run_noninteractively(setup: Setup) -> None:
         "stdin=eof",
         f"cwd={root}",
         "argv0=npm",
-        *(f"arg={a}" for a in ["install", "--no-audit", "--no-fund", "--yes", "left-pad"]),
+        *(
+            f"arg={a}"
+            for a in ["install", "--no-audit", "--no-fund", "--yes", "--ignore-scripts", "left-pad"]
+        ),
         f"arg={bundle}/npm/pkg.tgz",
         "DEBIAN_FRONTEND=noninteractive",
         "CI=1",

@@ -6,7 +6,9 @@ second time to show it is idempotent (the engine re-runs the journaled step afte
 
 from __future__ import annotations
 
+import asyncio
 import os
+import select
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,18 @@ def proc_gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def ends_within(pid: int, seconds: float) -> bool:
+    """Wait (on a pidfd, not a sleep) until the process ends: SIGKILL is delivered async."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return proc_gone(pid) or bool(select.select([fd], [], [], seconds)[0])
+    finally:
+        os.close(fd)
+
+
 async def test_a_hanging_command_is_killed_with_its_children_at_the_timeout(
     tmp_path: Path,
 ) -> None:
@@ -58,8 +72,35 @@ async def test_a_hanging_command_is_killed_with_its_children_at_the_timeout(
     argv = ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"]
     done = await hooks.run(argv, name="hook hang", timeout=0.5)
     assert done.timed_out and not done.ok
-    assert proc_gone(int(pidfile.read_text()))
+    assert ends_within(int(pidfile.read_text()), 10)
     assert "timed out after 0.5 s" in hooks.describe("hook hang", done, 0.5)
+
+
+async def test_a_cancelled_command_is_killed_with_its_children(tmp_path: Path) -> None:
+    """fota stopping (SIGTERM) cancels a running hook: nothing of it is left behind."""
+    pidfile = tmp_path / "child.pid"
+    argv = ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; echo ready; wait"]
+    ready = asyncio.Event()
+    task = asyncio.create_task(
+        hooks.run(argv, name="long hook", timeout=60, on_line=lambda _: ready.set())
+    )
+    await asyncio.wait_for(ready.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ends_within(int(pidfile.read_text()), 10)
+
+
+async def test_a_command_that_exits_just_before_its_timeout_succeeds_though_a_child_holds_output(
+    tmp_path: Path,
+) -> None:
+    pidfile = tmp_path / "daemon.pid"
+    argv = ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; sleep 0.5"]
+    done = await hooks.run(argv, name="late exit", timeout=1.0)
+    try:
+        assert done.ok and not done.timed_out
+    finally:
+        os.kill(int(pidfile.read_text()), 9)
 
 
 async def test_a_command_that_prompts_reads_end_of_file_and_does_not_hang(tmp_path: Path) -> None:
@@ -119,9 +160,9 @@ async def test_file_rollback_of_a_first_install_removes_the_new_file(tmp_path: P
     inst = FileInstaller(target)
     m = manifest_for(NEW, "1.0")
     await inst.install(candidate(tmp_path), m, Progress())
-    assert target.read_bytes() == NEW and inst.absent.exists()
+    assert target.read_bytes() == NEW and inst.state_path.exists()
     await inst.rollback(m)
-    assert not target.exists() and not inst.absent.exists()
+    assert not target.exists() and not inst.state_path.exists()
     await inst.rollback(m)
     assert not target.exists()
 
@@ -389,7 +430,7 @@ def ctx(tmp_path: Path) -> Context:
             {"kind": "file", "target": "relative/fw.bin"},
             r"installers.x.target: expected an absolute",
         ),
-        ({"kind": "file", "target": "/fw.bin", "mode": 1}, r"installers.x: unknown key 'mode'"),
+        ({"kind": "file", "target": "/fw.bin", "owner": 1}, r"installers.x: unknown key 'owner'"),
         (
             {"kind": "command", "command": "flash.sh --all"},
             r"installers.x.command: expected a non-empty list",
@@ -450,3 +491,99 @@ async def test_a_child_left_holding_the_output_open_does_not_hold_the_command(
         assert not proc_gone(int(pidfile.read_text()))  # a started daemon is left running
     finally:
         os.kill(int(pidfile.read_text()), 9)
+
+
+async def test_ab_a_booted_command_that_prints_the_next_slot_is_caught_at_install(
+    tmp_path: Path,
+) -> None:
+    """fw_printenv of the boot variable says what boots next, not what booted."""
+    boot = Bootloader(tmp_path / "boot")
+    next_slot = write_script(tmp_path / "next-slot", f"cat {boot.root}/next\n")
+    slots = {"a": tmp_path / "slot-a", "b": tmp_path / "slot-b"}
+    slots["a"].write_bytes(OLD)
+    state = tmp_path / "state"
+    state.mkdir()
+    inst = ABInstaller(
+        slots, state, switch_command=boot.switch_command(), booted_command=[str(next_slot)]
+    )
+    m = manifest_for(NEW, "2.0")
+    with pytest.raises(InstallError, match="must print the slot that booted"):
+        await inst.install(candidate(tmp_path), m, Progress())
+    assert await inst.rollback(m) == DONE
+    assert boot.next == "a"
+
+
+async def test_ab_install_run_again_on_the_booted_new_slot_does_not_write_it(
+    tmp_path: Path,
+) -> None:
+    """A power cut after the switch: the device booted the new slot, the journal says INSTALLING."""
+    boot = Bootloader(tmp_path / "boot")
+    inst, slots = boot_ab(tmp_path, boot)
+    m = manifest_for(NEW, "2.0")
+    assert await inst.install(candidate(tmp_path), m, Progress()) == RESTART
+    boot.reboot()
+    with open(slots["b"], "r+b") as f:  # mounted read-write, its file system changed a block
+        f.write(b"superblock")
+    assert await inst.install(candidate(tmp_path), m, Progress()) == DONE
+    assert slots["b"].read_bytes().startswith(b"superblock")
+    assert boot.calls == ["b"]
+
+
+async def test_ab_a_link_that_names_no_slot_is_never_taken_away(tmp_path: Path) -> None:
+    inst, link, _ = link_ab(tmp_path)
+    elsewhere = tmp_path / "hand-installed"
+    elsewhere.write_bytes(OLD)
+    link.symlink_to(elsewhere)
+    m = manifest_for(NEW, "2.0")
+    with pytest.raises(InstallError, match="names no slot"):
+        await inst.install(candidate(tmp_path), m, Progress())
+    assert await inst.rollback(m) == DONE  # nothing was planned: nothing to undo
+    assert os.readlink(link) == str(elsewhere)
+
+
+async def test_file_install_keeps_the_mode_of_the_file_it_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "app"
+    target.write_bytes(OLD)
+    target.chmod(0o750)
+    inst = FileInstaller(target)
+    m = manifest_for(NEW, "2.0")
+    await inst.install(candidate(tmp_path), m, Progress())
+    assert target.stat().st_mode & 0o7777 == 0o750
+    await inst.rollback(m)
+    assert target.read_bytes() == OLD and target.stat().st_mode & 0o7777 == 0o750
+
+
+async def test_file_rollback_after_the_commit_started_fails_instead_of_claiming_the_old_file(
+    tmp_path: Path,
+) -> None:
+    """The commit removed the copy, then failed: the old file cannot come back."""
+    target = tmp_path / "fw.bin"
+    target.write_bytes(OLD)
+    inst = FileInstaller(target)
+    m = manifest_for(NEW, "2.0")
+    await inst.install(candidate(tmp_path), m, Progress())
+    real = inst._ops.fsync_dir
+
+    def failing(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    inst._ops.fsync_dir = failing  # type: ignore[method-assign]
+    with pytest.raises(InstallError, match="commit"):
+        await inst.commit(m)
+    inst._ops.fsync_dir = real  # type: ignore[method-assign]
+    with pytest.raises(InstallError, match=r"the commit of \w+ already started"):
+        await inst.rollback(m)
+    assert target.read_bytes() == NEW
+
+
+async def test_file_leftovers_of_an_earlier_update_are_not_used_by_the_next(tmp_path: Path) -> None:
+    """1.5 ended without its rollback (restart limit): 2.0's rollback goes back to what ran."""
+    target = tmp_path / "fw.bin"
+    target.write_bytes(OLD)
+    inst = FileInstaller(target)
+    middle = b"1.5 " * 100
+    await inst.install(candidate(tmp_path, middle), manifest_for(middle, "1.5"), Progress())
+    m2 = manifest_for(NEW, "2.0", sequence=3)
+    await inst.install(candidate(tmp_path), m2, Progress())
+    await inst.rollback(m2)
+    assert target.read_bytes() == middle

@@ -481,6 +481,18 @@ def test_not_a_record_raises_journal_error(tmp_path: Path, data: bytes) -> None:
         load_bytes(tmp_path / "state", data)
 
 
+@pytest.mark.parametrize(("schema", "fields"), [(1, 16), (2, 16), (2, 24), (2, 27)])
+def test_a_record_written_before_fields_were_appended_loads_with_their_defaults(
+    schema: int, fields: int
+) -> None:
+    """fota 0.1 wrote 16 fields (schema 1); fields are only ever appended since."""
+    record = Record(state=State.DOWNLOADING, pending=b"p" * 32, attempts=2, report_seq=5)
+    full = cbor2.loads(cbor2.loads(record.to_bytes())[1])
+    body = cbor2.dumps(full[:fields])
+    loaded = Record.from_bytes(cbor2.dumps([schema, body, zlib.crc32(body)]))
+    assert loaded == record
+
+
 def test_huge_schema_number_raises_journal_error() -> None:
     body = Record().to_bytes()
     with pytest.raises(JournalError):

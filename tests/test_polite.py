@@ -1040,3 +1040,36 @@ async def test_the_quiet_period_does_not_hold_the_first_install_of_an_empty_devi
         v2 = publish(server, "2.0")  # but the next one is held
         await client.wait_for(held_by("quiet period"), BOUND)
         await wait_report(server, held_report(server, v2.update_id, "held: quiet period"))
+
+
+# -- a fired timer whose journal write fails -------------------------------------------------
+
+
+async def test_a_deferral_timer_that_fires_while_the_disk_is_full_is_offered_again(
+    tmp_path: Path, server: UpdateServer, signing: Signing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fota.engine
+
+    monkeypatch.setattr(fota.engine, "JOURNAL_RETRY", 0.05)
+    clock = ManualClock(START)
+    handler = Recorder(install=[Decision.defer(at(clock, 60), "busy")])
+    config = make_config(tmp_path, server, signing)
+    async with Client(config, handler=handler, clock=clock) as client:
+        await provision(client, server)
+        publish(server, "2.0")
+        await client.wait_for(in_state(State.INSTALL_DEFERRED), BOUND)
+        journal = client.engine.journal
+        real_save = journal.save
+        failures: list[int] = []
+
+        def save(*args: Any, **kwargs: Any) -> None:
+            if not failures:
+                failures.append(1)
+                raise OSError(28, "No space left on device")
+            real_save(*args, **kwargs)
+
+        monkeypatch.setattr(journal, "save", save)
+        clock.advance(61)  # the deferral ends: asked again, once the journal takes it
+        await client.wait_for(lambda s: s.state is not State.INSTALL_DEFERRED, BOUND)
+    assert failures == [1]
+    assert [step for step, _ in handler.calls if step == "install"] == ["install", "install"]

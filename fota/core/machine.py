@@ -428,11 +428,14 @@ TRANSITIONS: tuple[Transition, ...] = (
         after=("rollback_failed",),
     ),
     # -- Restart: break a reboot loop, else re-issue the restored state's work explicitly. ---
+    # Once the self-test passed, the commit may already have dropped what a rollback needs:
+    # a restart then finishes the commit, however many restarts it took.
     T(
         "restarted",
         (S.INSTALLING, S.AWAIT_RESTART, S.AWAIT_COMMIT),
         S.ROLLING_BACK,
         ("restart_limit_reached",),
+        unless=("is_tested",),
         after=("roll_back",),
     ),
     T(
@@ -859,9 +862,15 @@ class Model:
         return bool(e.kwargs["event"].restart)
 
     def before_commit_deadline(self, e: Any) -> bool:
-        """There is time left for another self-test attempt."""
+        """There is time left for another self-test attempt.
+
+        A wall clock that stepped back to before the self-test began (a device without an
+        RTC, whose new image broke time synchronisation) counts as past the deadline: the
+        attempts must not go on forever.
+        """
         by = self.record.commit_by
-        return by is not None and e.kwargs["now"] < by
+        now = e.kwargs["now"]
+        return by is not None and by - self.policy.self_test_deadline <= now < by
 
     def is_self_test_timer(self, e: Any) -> bool:
         """The timer that fired is the next self-test attempt's."""

@@ -321,6 +321,10 @@ def _text(body: dict[Any, Any], key: int, limit: int) -> str:
     value: str = _field(body, key, str)
     if not 1 <= len(value.encode()) <= limit:  # the CDDL .size counts UTF-8 bytes
         raise ManifestError("malformed", _FIELD_NAMES[key], f"length must be 1..{limit} bytes")
+    if not value.isprintable():
+        # A version or class ends up in logs, reports and the environment of hooks (where a
+        # NUL byte cannot go): no control characters.
+        raise ManifestError("malformed", _FIELD_NAMES[key], "must not contain control characters")
     return value
 
 

@@ -18,7 +18,10 @@ from fota.errors import JournalError, ResultCode
 
 SCHEMA = 2
 _V1_FIELDS = 16
-"""Schema 1 (fota 0.1) had the first 16 fields; the later ones take their defaults."""
+"""Schema 1 (fota 0.1) had the first 16 fields."""
+_APPENDED: tuple[Any, ...] = (None, 0.0, None, "", [], None, None, [], "", None, False, "")
+"""Encoded defaults of the fields after the first 16, in order. Fields are only ever appended:
+a record written by an earlier version lacks some of these, and they take their defaults."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +194,9 @@ class Record:
         try:
             items = cbor2.loads(body)
             if schema == 1:
-                items = [*items[:_V1_FIELDS], None, 0.0, None, "", [], None, None, []]
-                items += ["", None, False, ""]
+                items = items[:_V1_FIELDS]
+            if _V1_FIELDS <= len(items) < _V1_FIELDS + len(_APPENDED):
+                items = [*items, *_APPENDED[len(items) - _V1_FIELDS :]]
             (
                 state,
                 pending,

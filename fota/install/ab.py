@@ -107,7 +107,10 @@ class ABInstaller:
                 raise InstallError(f"ab installer: cannot read link {self.link}: {exc}") from exc
             if not target.is_absolute():
                 target = self.link.parent / target
-            return self._slot_of(target)
+            slot = self._slot_of(target)
+            if slot is None:  # never take it away: nothing could be put back
+                raise InstallError(f"ab installer: link {self.link} -> {target} names no slot")
+            return slot
         done = await self._command("booted", self.booted_command, None)
         name = done.tail.strip().splitlines()[-1].strip() if done.tail.strip() else ""
         if name not in self.slots:
@@ -194,6 +197,13 @@ class ABInstaller:
     async def install(self, candidate: Path, manifest: Manifest, progress: Progress) -> Outcome:
         """Write the inactive slot, check it, and switch to it."""
         plan = await self._plan_for(manifest)
+        if await self._running() == plan.target:
+            # Run again after a power cut past the switch, and the device booted the new slot
+            # (or, link mode, the link names it): it is in use and must not be written again
+            # (a mounted file system changes its bytes, so its hash says nothing).
+            progress(100)
+            log.info("ab_already_running", slot=plan.target, version=manifest.body.version)
+            return DONE
         slot = self.slots[plan.target]
         size, want = manifest.body.image_size, manifest.body.image_sha256
         try:
@@ -209,6 +219,13 @@ class ABInstaller:
         crashpoints.point("ab:slot_written")
         await self._switch(plan.target)
         crashpoints.point("ab:switched")
+        if self.link is None and await self._running() == plan.target:
+            # No restart happened, yet booted_command names the new slot: it reports the slot
+            # to boot next, not the one that booted, and every later check would be wrong.
+            raise InstallError(
+                "ab installer: booted_command names the new slot before any restart: it must "
+                "print the slot that booted (e.g. from /proc/cmdline), not the one to boot next"
+            )
         progress(100)
         log.info("ab_switched", slot=plan.target, version=manifest.body.version)
         return DONE if self.link is not None else RESTART

@@ -58,9 +58,10 @@ timeout, output logged), and only when their program (``argv[0]``, compared as w
 the installer's ``allowed_commands``. That is checked for every command of the recipe before
 anything changes. Package steps run offline and non-interactively::
 
-    pip:  [*pip, "install", "--no-input", "--no-index", "--find-links", BUNDLE, *names]
+    pip:  [*pip, "install", "--no-input", "--no-index", "--find-links", BUNDLE,
+           "--only-binary=:all:", *names]
     apt:  [*apt, "install", "-y", "-q", "--no-install-recommends", *names]
-    npm:  [*npm, "install", "--no-audit", "--no-fund", "--yes", *names]
+    npm:  [*npm, "install", "--no-audit", "--no-fund", "--yes", "--ignore-scripts", *names]
 
 each with cwd = root (npm installs into ``root/node_modules``) and ``FOTA_UPDATE_ID``,
 ``FOTA_BUNDLE`` in its environment.
@@ -87,8 +88,10 @@ A unit that did not exist is created by one ``rename`` of its staged copy.
 
 Units must be real directories on the filesystem of their parent: a symlink on the way from
 root to a target directory, or a unit that is a mount point, is refused before anything changes.
-Which tree a path holds is decided by its (st_dev, st_ino), recorded in the transaction: a
-rename keeps a directory's inode, so a re-run never has to trust a flag written after the fact.
+Which tree a path holds is decided by its inode number, recorded in the transaction: a rename
+keeps a directory's inode, so a re-run never has to trust a flag written after the fact. Both
+trees are on one filesystem; the device number is not compared, because it is not stable
+across a reboot (btrfs and overlayfs hand out anonymous ones, block devices get renumbered).
 
 Without ``renameat2`` (ENOSYS, or EINVAL from a filesystem without RENAME_EXCHANGE) the
 exchange is three renames in the same directory: ``D -> .D.fota-<id>.tmp``, ``side -> D``,
@@ -350,6 +353,10 @@ def parse_recipe(data: object, where: str = "recipe") -> Recipe:
         for j, name in enumerate(names):
             if name.startswith("-"):
                 raise _bad(f"{at}.names[{j}]: {name!r} looks like an option, not a package")
+            if "://" in name or "@" in name:
+                # pip fetches "name @ https://..." despite --no-index; npm fetches URLs and
+                # scoped git specs: a package step installs only what the bundle brings.
+                raise _bad(f"{at}.names[{j}]: {name!r} names a download, not a package")
         count += len(names)
         if count > MAX_PACKAGE_NAMES:
             raise _bad(f"{where}.packages: more than {MAX_PACKAGE_NAMES} names")
@@ -470,7 +477,7 @@ class _Unit:
     side: str  # staged copy before the swap, old tree after it
     tmp: str  # only during the three-rename fallback
     absent: bool  # the directory did not exist before the install
-    old: list[int] | None  # (st_dev, st_ino) of the tree that was there
+    old: list[int] | None  # [st_ino] of the tree that was there
     new: list[int] | None = None  # of the staged tree, once staged
     swapped: bool = False  # informational; the identities decide
 
@@ -497,7 +504,7 @@ def _ident(path: str | Path) -> list[int] | None:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
-    return [st.st_dev, st.st_ino]
+    return [st.st_ino]
 
 
 def _load_renameat2() -> Any:
@@ -730,7 +737,7 @@ class ArchiveInstaller:
             if path.parent == path:
                 raise _bad(f"root {root} has no parent directory to stage beside")
             ident = _ident(path)
-            if ident is not None and os.lstat(path.parent).st_dev != ident[0]:
+            if ident is not None and os.lstat(path).st_dev != os.lstat(path.parent).st_dev:
                 raise _bad(f"target directory {path} is a mount point; target files below it")
             side = path.with_name(f".{path.name}.fota-{manifest.update_id}")
             tmp = side.with_name(side.name + ".tmp")
@@ -903,11 +910,14 @@ class ArchiveInstaller:
             base = self.managers[pkg.manager]
             if pkg.manager == "pip":
                 offline = ["--no-input", "--no-index", "--find-links", str(bundle.dir)]
-                argv = [*base, "install", *offline, *names]
+                # Wheels only: an sdist would run its setup.py, code no command check covers.
+                argv = [*base, "install", *offline, "--only-binary=:all:", *names]
             elif pkg.manager == "apt":
                 argv = [*base, "install", "-y", "-q", "--no-install-recommends", *names]
             else:
-                argv = [*base, "install", "--no-audit", "--no-fund", "--yes", *names]
+                # No lifecycle scripts: they are shell strings from the bundle.
+                quiet = ["--no-audit", "--no-fund", "--yes", "--ignore-scripts"]
+                argv = [*base, "install", *quiet, *names]
             env = {"FOTA_UPDATE_ID": txn.update_id, "FOTA_BUNDLE": str(bundle.dir)}
             await self._run(argv, f"{pkg.manager} step", self.timeout, env, Path(txn.root))
 
