@@ -10,11 +10,21 @@ boot id file gets a new id, as ``/proc/sys/kernel/random/boot_id`` would.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fota import crashpoints
 from fota.core import manifest as mf
 from fota.core.manifest import Component, Manifest, ManifestBody, TrustStore
 
@@ -48,6 +58,67 @@ def manifest_for(
         ),
     )
     return mf.verify(mf.sign(body, KEY, KID), TRUST)
+
+
+class Progress:
+    """An installer's progress callback that records what it was told."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+
+    def __call__(self, percent: int) -> None:
+        self.values.append(percent)
+
+
+def proc_gone(pid: int) -> bool:
+    """The process is gone or a zombie (its parent, init in a container, may never reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def ends_within(pid: int, seconds: float) -> bool:
+    """Wait (on a pidfd, not a sleep) until the process ends: SIGKILL is delivered async."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return proc_gone(pid) or bool(select.select([fd], [], [], seconds)[0])
+    finally:
+        os.close(fd)
+
+
+CHILD = """
+import asyncio, json, pickle, sys
+from pathlib import Path
+from fota.install import Context, build
+table, state_dir, candidate, manifest = sys.argv[1:5]
+inst = build("installers.crash", json.loads(table), Context(Path(state_dir), 30.0))
+m = pickle.loads(Path(manifest).read_bytes())
+asyncio.run(inst.install(Path(candidate), m, lambda percent: None))
+"""
+
+
+def install_until_crash(
+    table: dict[str, Any], state_dir: Path, candidate: Path, manifest: Manifest, point: str
+) -> None:
+    """Run ``install`` in a child process with ``FOTA_CRASH_AT=point``; check it died there."""
+    pickled = state_dir.parent / "manifest.pickle"
+    pickled.write_bytes(pickle.dumps(manifest))
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(table), str(state_dir), str(candidate),
+         str(pickled)],
+        capture_output=True, text=True, timeout=120, cwd=root, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(root), crashpoints.ENV: point},
+    )  # fmt: skip
+    if done.returncode != -signal.SIGKILL:
+        pytest.fail(
+            f"install did not die at {point}: {done.returncode}\n{done.stdout}{done.stderr}"
+        )
 
 
 def write_script(path: Path, body: str) -> Path:

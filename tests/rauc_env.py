@@ -17,21 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from fota import crashpoints
-from fota.core.manifest import Manifest
 
 COMPATIBLE = "test-board"
 
@@ -347,33 +341,3 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-CHILD = """
-import asyncio, json, pickle, sys
-from pathlib import Path
-from fota.install import Context, build
-table, state_dir, candidate, manifest = sys.argv[1:5]
-inst = build("installers.crash", json.loads(table), Context(Path(state_dir), 30.0))
-m = pickle.loads(Path(manifest).read_bytes())
-asyncio.run(inst.install(Path(candidate), m, lambda percent: None))
-"""
-
-
-def install_until_crash(
-    table: dict[str, Any], state_dir: Path, candidate: Path, manifest: Manifest, point: str
-) -> None:
-    """Run ``install`` in a child process with ``FOTA_CRASH_AT=point``; check it died there."""
-    pickled = state_dir.parent / "manifest.pickle"
-    pickled.write_bytes(pickle.dumps(manifest))
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(table), str(state_dir), str(candidate),
-         str(pickled)],
-        capture_output=True, text=True, timeout=120, cwd=root, stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(root), crashpoints.ENV: point},
-    )  # fmt: skip
-    if done.returncode != -signal.SIGKILL:
-        pytest.fail(
-            f"install did not die at {point}: {done.returncode}\n{done.stdout}{done.stderr}"
-        )

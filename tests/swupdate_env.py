@@ -9,22 +9,14 @@ DER``, packed with ``cpio -o -H crc`` with ``sw-description`` first and its sign
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import pickle
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from fota import crashpoints
-from fota.core.manifest import Manifest
 
 PROGRAMS = {"swupdate": "swupdate", "openssl": "openssl", "cpio": "cpio"}
 BOARD = "testboard:1.0"
@@ -177,33 +169,3 @@ def make_swu(
         ).stdout
     out.write_bytes(archive)
     return out
-
-
-CHILD = """
-import asyncio, json, pickle, sys
-from pathlib import Path
-from fota.install import Context, build
-table, state_dir, candidate, manifest = sys.argv[1:5]
-inst = build("installers.crash", json.loads(table), Context(Path(state_dir), 30.0))
-m = pickle.loads(Path(manifest).read_bytes())
-asyncio.run(inst.install(Path(candidate), m, lambda percent: None))
-"""
-
-
-def install_until_crash(
-    table: dict[str, Any], state_dir: Path, candidate: Path, manifest: Manifest, point: str
-) -> None:
-    """Run ``install`` in a child process with ``FOTA_CRASH_AT=point``; check it died there."""
-    pickled = state_dir.parent / "manifest.pickle"
-    pickled.write_bytes(pickle.dumps(manifest))
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(table), str(state_dir), str(candidate),
-         str(pickled)],
-        capture_output=True, text=True, timeout=120, cwd=root, stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(root), crashpoints.ENV: point},
-    )  # fmt: skip
-    if done.returncode != -signal.SIGKILL:
-        pytest.fail(
-            f"install did not die at {point}: {done.returncode}\n{done.stdout}{done.stderr}"
-        )

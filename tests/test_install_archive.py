@@ -15,13 +15,11 @@ import io
 import json
 import os
 import re
-import select
 import signal
 import stat
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from fota.core.manifest import Component, Manifest, ManifestBody, TrustStore
 from fota.errors import ConfigError, InstallError
 from fota.install import Context, build
 from fota.install.archive import RECIPE_CBOR, RECIPE_TOML, ArchiveInstaller, parse_recipe
+from tests.installing import ends_within
 
 KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 KID = b"archive-test-key"
@@ -370,19 +369,6 @@ def session_members(sid: int) -> list[int]:
     return found
 
 
-def exits_within(pid: int, timeout: float) -> bool:
-    """Wait (on a pidfd, not a sleep) until ``pid`` has exited."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        readable, _, _ = select.select([fd], [], [], timeout)
-        return bool(readable)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize(("recipe_timeout", "config_timeout"), [(1, 30), (60, 1)])
 async def test_hanging_hook_is_killed_with_its_children(
     setup: Setup, recipe_timeout: int, config_timeout: int
@@ -396,13 +382,11 @@ async def test_hanging_hook_is_killed_with_its_children(
     )
     candidate = setup.bundle("u1.tar", rec)
     m = make_manifest(candidate, 1)
-    started = time.monotonic()
     with pytest.raises(InstallError, match=r"after hook failed: timed out after 1 s"):
         await inst.install(candidate, m, lambda p: None)
-    assert time.monotonic() - started < 30
     setup.unchanged()
     sid = int(pidfile.read_text())  # the hook's shell leads a session of its own
-    leftovers = [pid for pid in session_members(sid) if not exits_within(pid, 10)]
+    leftovers = [pid for pid in session_members(sid) if not ends_within(pid, 10)]
     assert leftovers == []
     assert session_members(sid) == []
 
@@ -412,10 +396,9 @@ async def test_prompting_hook_reads_eof_and_fails_fast(setup: Setup) -> None:
     rec = recipe(files=U1_FILES, before=["sh", "-c", 'read answer; test "$answer" = yes'])
     candidate = setup.bundle("u1.tar", rec)
     m = make_manifest(candidate, 1)
-    started = time.monotonic()
+    # "exit status 1", not "timed out after 120 s": it read end-of-file and gave up.
     with pytest.raises(InstallError, match=r"before hook failed: exit status 1"):
         await inst.install(candidate, m, lambda p: None)
-    assert time.monotonic() - started < 20
     setup.unchanged()
 
 

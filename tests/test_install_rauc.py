@@ -19,11 +19,10 @@ import pytest
 from fota.errors import InstallError
 from fota.install import DONE, RESTART, Context, build
 from fota.install.rauc import RaucInstaller, last_error, parse_progress, parse_status
-from tests.installing import manifest_for, write_script
+from tests.installing import Progress, install_until_crash, manifest_for, write_script
 from tests.rauc_env import (
     Keys,
     RaucSystem,
-    install_until_crash,
     make_bundle,
     make_keys,
     require_tools,
@@ -92,14 +91,6 @@ def candidate(tmp_path: Path, bundle: Path) -> Path:
     path = tmp_path / "candidate"
     path.write_bytes(bundle.read_bytes())
     return path
-
-
-class Progress:
-    def __init__(self) -> None:
-        self.values: list[int] = []
-
-    def __call__(self, percent: int) -> None:
-        self.values.append(percent)
 
 
 def state(inst: RaucInstaller) -> dict[str, object] | None:

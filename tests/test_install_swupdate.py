@@ -21,8 +21,8 @@ import pytest
 from fota.errors import ConfigError, InstallError
 from fota.install import DONE, RESTART, Context, build
 from fota.install.swupdate import SwupdateInstaller, classify, error_text
-from tests.installing import manifest_for, write_script
-from tests.swupdate_env import Keys, install_until_crash, make_keys, make_swu, require_tools
+from tests.installing import Progress, install_until_crash, manifest_for, write_script
+from tests.swupdate_env import Keys, make_keys, make_swu, require_tools
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,14 +50,6 @@ def installer(tmp_path: Path, keys: Keys, tgt: Path, **kw: object) -> SwupdateIn
     inst = build("installers.firmware", table, Context(tmp_path / "state", 30.0))
     assert isinstance(inst, SwupdateInstaller)
     return inst
-
-
-class Progress:
-    def __init__(self) -> None:
-        self.values: list[int] = []
-
-    def __call__(self, percent: int) -> None:
-        self.values.append(percent)
 
 
 def test_the_swupdate_tools_are_installed() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,14 @@ from fota.errors import ConfigError, InstallError
 from fota.install import DONE, RESTART, ByComponent, Context, FileInstaller, build, from_config
 from fota.install.ab import PLAN_NAME, ABInstaller
 from fota.install.command import CommandInstaller, parse_progress
-from tests.installing import Bootloader, manifest_for, write_script
+from tests.installing import (
+    Bootloader,
+    Progress,
+    ends_within,
+    manifest_for,
+    proc_gone,
+    write_script,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,36 +39,7 @@ def candidate(tmp_path: Path, data: bytes = NEW) -> Path:
     return path
 
 
-class Progress:
-    def __init__(self) -> None:
-        self.values: list[int] = []
-
-    def __call__(self, percent: int) -> None:
-        self.values.append(percent)
-
-
 # -- the command runner ------------------------------------------------------------------------
-
-
-def proc_gone(pid: int) -> bool:
-    """The process is gone or a zombie (its parent, init in a container, may never reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def ends_within(pid: int, seconds: float) -> bool:
-    """Wait (on a pidfd, not a sleep) until the process ends: SIGKILL is delivered async."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return proc_gone(pid) or bool(select.select([fd], [], [], seconds)[0])
-    finally:
-        os.close(fd)
 
 
 async def test_a_hanging_command_is_killed_with_its_children_at_the_timeout(
