@@ -233,7 +233,7 @@ class SwupdateInstaller:
         self.timeout = timeout
         self.tmpdir = Path(tmpdir) if tmpdir is not None else Path(tempfile.gettempdir())
         # mkdtemp's name (fota-swu- + 8) and the longest socket name, "sockinstctrl"
-        if len(str(self.tmpdir / "fota-swu-XXXXXXXX" / "sockinstctrl")) > SOCKET_LIMIT:
+        if len(str(self.tmpdir / ("fota-swu-" + "n" * 8) / "sockinstctrl")) > SOCKET_LIMIT:
             raise ConfigError(
                 f"swupdate installer: tmpdir: {str(self.tmpdir)!r} is too long for swupdate's "
                 f"IPC socket paths (at most {SOCKET_LIMIT} bytes)"
