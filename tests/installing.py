@@ -18,8 +18,9 @@ import signal
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -119,6 +120,73 @@ def install_until_crash(
         pytest.fail(
             f"install did not die at {point}: {done.returncode}\n{done.stdout}{done.stderr}"
         )
+
+
+@dataclass(frozen=True)
+class SigningKeys:
+    """A CA, a signer it certifies (EKU emailProtection: what RAUC and SWUpdate accept for
+    CMS), and an unrelated self-signed "rogue" signer. PEM files."""
+
+    ca_cert: Path
+    signer_cert: Path
+    signer_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+
+
+K = TypeVar("K", bound=SigningKeys)
+
+
+def setup_run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+    """Run a setup command; fail the test with its output if it fails."""
+    done = subprocess.run(argv, capture_output=True, timeout=120, **kw)
+    if done.returncode != 0:
+        pytest.fail(f"{argv}: exit {done.returncode}\n{done.stdout!r}\n{done.stderr!r}")
+    return done
+
+
+def openssl(words: str, **paths: Path) -> None:
+    """``openssl`` with ``words`` split at spaces; ``@name`` stands for the path ``name``."""
+    setup_run(["openssl", *(str(paths[w[1:]]) if w.startswith("@") else w for w in words.split())])
+
+
+def make_signing_keys(root: Path, cls: type[K]) -> K:
+    """Make the key set of :class:`SigningKeys` (or a subclass) under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    k = cls(root / "ca.cert.pem", root / "signer.cert.pem", root / "signer.key.pem",
+            root / "rogue.cert.pem", root / "rogue.key.pem")  # fmt: skip
+    ca_key, csr, ext = root / "ca.key.pem", root / "signer.csr", root / "signer.ext"
+    openssl(
+        "req -x509 -newkey rsa:2048 -nodes -keyout @key -out @cert -days 3650 -subj /CN=test-ca "
+        "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
+        key=ca_key,
+        cert=k.ca_cert,
+    )
+    openssl(
+        "req -newkey rsa:2048 -nodes -keyout @key -out @csr -subj /CN=test-signer",
+        key=k.signer_key,
+        csr=csr,
+    )
+    ext.write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=emailProtection\nsubjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+    )
+    openssl(
+        "x509 -req -in @csr -CA @ca -CAkey @cakey -CAcreateserial -out @cert -days 3650 "
+        "-extfile @ext",
+        csr=csr,
+        ca=k.ca_cert,
+        cakey=ca_key,
+        cert=k.signer_cert,
+        ext=ext,
+    )
+    openssl(
+        "req -x509 -newkey rsa:2048 -nodes -keyout @key -out @cert -days 3650 -subj /CN=rogue",
+        key=k.rogue_key,
+        cert=k.rogue_cert,
+    )
+    return k
 
 
 def write_script(path: Path, body: str) -> Path:

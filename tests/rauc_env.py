@@ -21,11 +21,12 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.installing import SigningKeys, make_signing_keys, setup_run
 
 COMPATIBLE = "test-board"
 
@@ -56,65 +57,12 @@ def require_tools() -> None:
         )
 
 
-def run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-    """Run a setup command; fail the test with its output if it fails."""
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, **kw)
-    if done.returncode != 0:
-        pytest.fail(f"{argv}: exit {done.returncode}\n{done.stdout}\n{done.stderr}")
-    return done
-
-
-@dataclass(frozen=True)
-class Keys:
-    ca_cert: Path
-    dev_cert: Path
-    dev_key: Path
-    rogue_cert: Path
-    rogue_key: Path
-
-
-def openssl(words: str, **paths: Path) -> None:
-    """``openssl`` with ``words`` split at spaces; ``@name`` stands for the path ``name``."""
-    run(["openssl", *(str(paths[w[1:]]) if w.startswith("@") else w for w in words.split())])
+Keys = SigningKeys
 
 
 def make_keys(root: Path) -> Keys:
-    """A CA, a signer it certifies (EKU emailProtection) and an untrusted self-signed signer."""
-    root.mkdir(parents=True, exist_ok=True)
-    k = Keys(root / "ca.cert.pem", root / "dev.cert.pem", root / "dev.key.pem",
-             root / "rogue.cert.pem", root / "rogue.key.pem")  # fmt: skip
-    ca_key, csr, ext = root / "ca.key.pem", root / "dev.csr", root / "dev.ext"
-    openssl(
-        "req -x509 -newkey rsa:2048 -nodes -keyout @key -out @cert -days 3650 "
-        "-subj /O=Test/CN=rauc-test-ca",
-        key=ca_key,
-        cert=k.ca_cert,
-    )
-    openssl(
-        "req -newkey rsa:2048 -nodes -keyout @key -out @csr -subj /O=Test/CN=rauc-dev-signer",
-        key=k.dev_key,
-        csr=csr,
-    )
-    ext.write_text(
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=emailProtection\nsubjectKeyIdentifier=hash\n"
-        "authorityKeyIdentifier=keyid,issuer\n"
-    )
-    openssl(
-        "x509 -req -in @csr -CA @ca -CAkey @cakey -CAcreateserial -out @cert -days 3650 "
-        "-extfile @ext",
-        csr=csr,
-        ca=k.ca_cert,
-        cakey=ca_key,
-        cert=k.dev_cert,
-        ext=ext,
-    )
-    openssl(
-        "req -x509 -newkey rsa:2048 -nodes -keyout @key -out @cert -days 365 -subj /CN=rogue",
-        key=k.rogue_key,
-        cert=k.rogue_cert,
-    )
-    return k
+    """The RAUC keyring and signers (see :class:`tests.installing.SigningKeys`)."""
+    return make_signing_keys(root, SigningKeys)
 
 
 def make_bundle(
@@ -139,8 +87,8 @@ def make_bundle(
         "[image.rootfs]\nfilename=rootfs.img\n"
     )
     out = root / f"{name}.raucb"
-    cert, key = (keys.rogue_cert, keys.rogue_key) if rogue else (keys.dev_cert, keys.dev_key)
-    run(["rauc", "bundle", f"--cert={cert}", f"--key={key}", str(content), str(out)])
+    cert, key = (keys.rogue_cert, keys.rogue_key) if rogue else (keys.signer_cert, keys.signer_key)
+    setup_run(["rauc", "bundle", f"--cert={cert}", f"--key={key}", str(content), str(out)])
     shutil.rmtree(content)
     return out
 

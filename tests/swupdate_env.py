@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from tests.installing import SigningKeys, make_signing_keys, openssl, setup_run
 
 PROGRAMS = {"swupdate": "swupdate", "openssl": "openssl", "cpio": "cpio"}
 BOARD = "testboard:1.0"
@@ -34,68 +34,18 @@ def require_tools() -> None:
         )
 
 
-def run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
-    """Run a setup command; fail the test with its output if it fails."""
-    done = subprocess.run(argv, capture_output=True, timeout=120, **kw)
-    if done.returncode != 0:
-        pytest.fail(f"{argv}: exit {done.returncode}\n{done.stdout!r}\n{done.stderr!r}")
-    return done
-
-
 @dataclass(frozen=True)
-class Keys:
-    ca_cert: Path
-    signer_cert: Path
-    signer_key: Path
-    other_cert: Path
-    other_key: Path
+class Keys(SigningKeys):
+    """The SWUpdate trust anchor and signers."""
 
     def args(self) -> list[str]:
         """``args`` for the installer: trust the CA, claim the board."""
         return ["-k", str(self.ca_cert), "-H", BOARD]
 
 
-def openssl(words: str, **paths: Path) -> None:
-    """``openssl`` with ``words`` split at spaces; ``@name`` stands for the path ``name``."""
-    run(["openssl", *(str(paths[w[1:]]) if w.startswith("@") else w for w in words.split())])
-
-
 def make_keys(root: Path) -> Keys:
-    """A CA, a signer certified by it, and an unrelated self-signed certificate."""
-    root.mkdir(parents=True, exist_ok=True)
-    k = Keys(root / "ca.cert.pem", root / "signer.cert.pem", root / "signer.key.pem",
-             root / "other.cert.pem", root / "other.key.pem")  # fmt: skip
-    ca_key, csr, ext = root / "ca.key.pem", root / "signer.csr", root / "signer.ext"
-    openssl(
-        "req -x509 -newkey rsa:2048 -nodes -keyout @key -out @cert -days 3650 -subj /CN=test-ca "
-        "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
-        key=ca_key,
-        cert=k.ca_cert,
-    )
-    openssl(
-        "req -newkey rsa:2048 -nodes -keyout @key -out @csr -subj /CN=swu-signer",
-        key=k.signer_key,
-        csr=csr,
-    )
-    ext.write_text(
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=emailProtection\n"
-    )
-    openssl(
-        "x509 -req -in @csr -CA @ca -CAkey @cakey -CAcreateserial -out @cert -days 3650 "
-        "-extfile @ext",
-        csr=csr,
-        ca=k.ca_cert,
-        cakey=ca_key,
-        cert=k.signer_cert,
-        ext=ext,
-    )
-    openssl(
-        "req -x509 -newkey rsa:2048 -nodes -keyout @key -out @cert -days 3650 -subj /CN=other",
-        key=k.other_key,
-        cert=k.other_cert,
-    )
-    return k
+    """The SWUpdate keys (see :class:`tests.installing.SigningKeys`)."""
+    return make_signing_keys(root, Keys)
 
 
 def sw_description(target: Path, sha256: str, version: str) -> str:
@@ -147,7 +97,7 @@ def make_swu(
         members = ["sw-description", "app.bin"]
         if signed:
             cert, key = (
-                (keys.other_cert, keys.other_key)
+                (keys.rogue_cert, keys.rogue_key)
                 if untrusted
                 else (keys.signer_cert, keys.signer_key)
             )
@@ -162,7 +112,7 @@ def make_swu(
             members.insert(1, "sw-description.sig")
         if tamper:
             desc.write_text(desc.read_text().replace('"test"', '"tampered"'))
-        archive = run(
+        archive = setup_run(
             ["cpio", "-o", "-H", "crc", "--quiet"],
             cwd=d,
             input="".join(f"{m}\n" for m in members).encode(),
