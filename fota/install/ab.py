@@ -19,7 +19,6 @@ which slot is inactive, which after the switch would be the old one.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from fota import crashpoints, hooks
 from fota.core.manifest import Manifest
 from fota.errors import ConfigError, InstallError
 from fota.fileops import FileOps, sha256_prefix
-from fota.install.base import DONE, RESTART, Outcome, Progress
+from fota.install.base import DONE, RESTART, Outcome, Progress, load_state, save_state
 
 log = structlog.get_logger(__name__)
 
@@ -132,17 +131,7 @@ class ABInstaller:
     # -- the plan -----------------------------------------------------------------------
 
     def _load_plan(self) -> _Plan | None:
-        try:
-            data = json.loads(self.plan_path.read_bytes())
-            return _Plan(data["update_id"], data["source"], data["target"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InstallError(f"ab installer: plan {self.plan_path} unreadable: {exc}") from exc
-
-    def _save_plan(self, plan: _Plan) -> None:
-        body = {"update_id": plan.update_id, "source": plan.source, "target": plan.target}
-        self._ops.write_atomic(self.plan_path, json.dumps(body).encode())
+        return load_state(self.plan_path, "ab installer", lambda d: _Plan(**d))
 
     async def _plan_for(self, manifest: Manifest) -> _Plan:
         plan = self._load_plan()
@@ -152,7 +141,7 @@ class ABInstaller:
         names = list(self.slots)
         target = names[0] if source is None else next(n for n in names if n != source)
         plan = _Plan(manifest.update_id, source, target)
-        await asyncio.to_thread(self._save_plan, plan)
+        await asyncio.to_thread(save_state, self.plan_path, plan)
         crashpoints.point("ab:planned")
         log.info("ab_planned", source=source, target=target, update_id=manifest.update_id)
         return plan

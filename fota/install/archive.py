@@ -146,14 +146,13 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import shutil
 import stat
 import tarfile
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +163,7 @@ from fota import crashpoints, hooks
 from fota.core.manifest import Manifest
 from fota.errors import InstallError
 from fota.fileops import FileOps
-from fota.install.base import DONE, Outcome, Progress
+from fota.install.base import DONE, Outcome, Progress, load_state, save_state
 from fota.install.spec import Context, Spec
 
 log = structlog.get_logger(__name__)
@@ -666,17 +665,14 @@ class ArchiveInstaller:
     # -- transaction file ---------------------------------------------------------------
 
     def _load(self) -> _Txn | None:
-        try:
-            data = json.loads(self.txn_path.read_bytes())
+        def make(data: dict[str, Any]) -> _Txn:
             units = [_Unit(**u) for u in data.pop("units")]
             return _Txn(units=units, **data)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise _bad(f"transaction {self.txn_path} unreadable: {exc}") from exc
+
+        return load_state(self.txn_path, "archive installer", make)
 
     def _save(self, txn: _Txn) -> None:
-        self._ops.write_atomic(self.txn_path, json.dumps(asdict(txn), indent=1).encode())
+        save_state(self.txn_path, txn)
 
     def _drop(self) -> None:
         _remove_tree(self.bundle_dir)

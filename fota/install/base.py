@@ -18,14 +18,18 @@ durable files of its own, written atomically before the step that depends on the
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from fota.core.manifest import Manifest
+from fota.errors import InstallError
+from fota.fileops import FileOps
 
 Progress = Callable[[int], None]
 """Called by an installer with its progress in percent (0-100); from any thread."""
@@ -88,3 +92,31 @@ def copy_durable(src: Path, dst: Path, mode: int | None = None) -> None:
         if mode is not None:
             os.fchmod(fout.fileno(), mode)
         os.fsync(fout.fileno())
+
+
+T = TypeVar("T")
+
+
+def load_state(path: Path, who: str, make: Callable[[dict[str, Any]], T]) -> T | None:
+    """An installer's state file (JSON, written by :func:`save_state`); None if there is none.
+
+    Raises:
+        InstallError: the file is damaged (the installer cannot tell what it did).
+    """
+    try:
+        return make(json.loads(path.read_bytes()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InstallError(f"{who}: state {path} unreadable: {exc}") from exc
+
+
+def save_state(path: Path, state: Any, *, make_dir: bool = False) -> None:
+    """Write a dataclass as an installer's state file, atomically.
+
+    ``make_dir``: create its directory first (an installer's own directory under the state
+    directory; never the directory of a target, whose absence is an error).
+    """
+    if make_dir:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    FileOps().write_atomic(path, json.dumps(dataclasses.asdict(state)).encode())

@@ -16,9 +16,8 @@ install: the file in place is then the one to keep.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -27,7 +26,7 @@ from fota import crashpoints
 from fota.core.manifest import Manifest
 from fota.errors import InstallError
 from fota.fileops import FileOps
-from fota.install.base import DONE, Outcome, Progress, copy_durable
+from fota.install.base import DONE, Outcome, Progress, copy_durable, load_state, save_state
 
 log = structlog.get_logger(__name__)
 
@@ -60,15 +59,7 @@ class FileInstaller:
     # -- state ----------------------------------------------------------------------------
 
     def _load(self) -> _State | None:
-        try:
-            return _State(**json.loads(self.state_path.read_bytes()))
-        except FileNotFoundError:
-            return None
-        except (ValueError, TypeError) as exc:
-            raise InstallError(f"file installer: {self.state_path} unreadable: {exc}") from exc
-
-    def _save(self, state: _State) -> None:
-        self._ops.write_atomic(self.state_path, json.dumps(asdict(state)).encode())
+        return load_state(self.state_path, "file installer", lambda d: _State(**d))
 
     def _copy_atomic(self, src: Path, dst: Path, mode: int, point: str | None = None) -> None:
         tmp = dst.with_name(f".{dst.name}.tmp")
@@ -97,7 +88,7 @@ class FileInstaller:
             absent = not self.target.exists()
             if not absent:
                 self._copy_atomic(self.target, self.previous, self._mode_of(self.target))
-            self._save(_State(update_id, absent))
+            save_state(self.state_path, _State(update_id, absent))
             crashpoints.point("file:previous_saved")
         self._copy_atomic(candidate, self.target, self._mode_of(self.target), "file:temp_written")
         crashpoints.point("file:replaced")
@@ -120,7 +111,7 @@ class FileInstaller:
         state = self._load()
         if state is None or state.update_id != update_id:
             return  # already committed
-        self._save(_State(update_id, state.absent, committed=True))
+        save_state(self.state_path, _State(update_id, state.absent, committed=True))
         self._ops.unlink(self.previous)
         self._ops.fsync_dir(self.target.parent)
         self._ops.unlink(self.state_path)

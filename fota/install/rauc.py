@@ -99,7 +99,7 @@ from fota import crashpoints, hooks
 from fota.core.manifest import Manifest
 from fota.errors import ConfigError, InstallError
 from fota.fileops import FileOps
-from fota.install.base import DONE, RESTART, Outcome, Progress
+from fota.install.base import DONE, RESTART, Outcome, Progress, load_state, save_state
 from fota.install.spec import Context, Spec
 
 log = structlog.get_logger(__name__)
@@ -309,34 +309,10 @@ class RaucInstaller:
     # -- the state file -------------------------------------------------------------------
 
     def _load(self) -> _Record | None:
-        try:
-            data = json.loads(self.state_path.read_bytes())
-            return _Record(
-                data["update_id"],
-                data["version"],
-                data["source"],
-                data["source_boot"],
-                data.get("target"),
-                data.get("target_boot"),
-            )
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InstallError(
-                f"rauc installer: state {self.state_path} unreadable: {exc}"
-            ) from exc
+        return load_state(self.state_path, "rauc installer", lambda d: _Record(**d))
 
     def _save(self, record: _Record) -> None:
-        body = {
-            "update_id": record.update_id,
-            "version": record.version,
-            "source": record.source,
-            "source_boot": record.source_boot,
-            "target": record.target,
-            "target_boot": record.target_boot,
-        }
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._ops.write_atomic(self.state_path, json.dumps(body).encode())
+        save_state(self.state_path, record, make_dir=True)
 
     def _forget(self) -> None:
         self._ops.unlink(self.state_path)

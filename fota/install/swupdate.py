@@ -98,7 +98,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -114,7 +113,15 @@ from fota import crashpoints, hooks
 from fota.core.manifest import Manifest
 from fota.errors import ConfigError, InstallError
 from fota.fileops import FileOps
-from fota.install.base import DONE, RESTART, Outcome, Progress, copy_durable
+from fota.install.base import (
+    DONE,
+    RESTART,
+    Outcome,
+    Progress,
+    copy_durable,
+    load_state,
+    save_state,
+)
 from fota.install.spec import Context, Spec
 
 log = structlog.get_logger(__name__)
@@ -246,24 +253,14 @@ class SwupdateInstaller:
     # -- the state file and the backups -------------------------------------------------------
 
     def _load(self) -> _Record | None:
-        try:
-            data = json.loads(self.state_path.read_bytes())
-            return _Record(data["update_id"], tuple(data["paths"]), bool(data["installed"]))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InstallError(
-                f"swupdate installer: state {self.state_path} unreadable: {exc}"
-            ) from exc
+        return load_state(
+            self.state_path,
+            "swupdate installer",
+            lambda d: _Record(d["update_id"], tuple(d["paths"]), bool(d["installed"])),
+        )
 
     def _save(self, record: _Record) -> None:
-        body = {
-            "update_id": record.update_id,
-            "paths": list(record.paths),
-            "installed": record.installed,
-        }
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._ops.write_atomic(self.state_path, json.dumps(body).encode())
+        save_state(self.state_path, record, make_dir=True)
 
     def _mine(self, manifest: Manifest) -> _Record | None:
         record = self._load()
