@@ -14,11 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fota.client import Client, Status
+    from fota.command_handler import CommandHandler
     from fota.config import Config
+    from fota.control import ControlClient
     from fota.core.manifest import Component, Manifest, ManifestBody, Severity, TrustStore
     from fota.core.states import State
     from fota.errors import (
         ConfigError,
+        ControlError,
         FotaError,
         ImageChanged,
         InstallError,
@@ -47,11 +50,15 @@ if TYPE_CHECKING:
     from fota.install.command import CommandInstaller
     from fota.install.rauc import RaucInstaller
     from fota.install.swupdate import SwupdateInstaller
+    from fota.notices import Notice
 
 _WHERE = {
     "Client": "fota.client",
     "Status": "fota.client",
     "Config": "fota.config",
+    "CommandHandler": "fota.command_handler",
+    "ControlClient": "fota.control",
+    "Notice": "fota.notices",
     "Component": "fota.core.manifest",
     "Manifest": "fota.core.manifest",
     "ManifestBody": "fota.core.manifest",
@@ -78,6 +85,7 @@ _WHERE = {
         name: "fota.errors"
         for name in (
             "ConfigError",
+            "ControlError",
             "FotaError",
             "ImageChanged",
             "InstallError",
@@ -101,10 +109,13 @@ __all__ = [
     "BaseHandler",
     "ByComponent",
     "Client",
+    "CommandHandler",
     "CommandInstaller",
     "Component",
     "Config",
     "ConfigError",
+    "ControlClient",
+    "ControlError",
     "Decision",
     "DecisionKind",
     "FileInstaller",
@@ -118,6 +129,7 @@ __all__ = [
     "Manifest",
     "ManifestBody",
     "ManifestError",
+    "Notice",
     "Outcome",
     "PermanentServerError",
     "PolicyError",

@@ -1,7 +1,11 @@
 """The ``fota`` command: manifests, a client process, the test server, and the demo.
 
 fota manifest keygen | create | inspect
-fota run      a client process for one device
+fota daemon   the client as a service: TOML config, control socket, systemd
+fota config check
+fota status | watch | authorize | reject | defer | resume | check | inhibit | release
+              talk to a running daemon over its control socket
+fota run      a client process for one device (flags instead of a config file)
 fota server   the CoAP test update server
 fota demo     a server and a client on loopback doing a polite update
 """
@@ -25,6 +29,7 @@ from fota.logs import configure
 if TYPE_CHECKING:
     from fota.config import Config
     from fota.handler import UpdateHandler
+    from fota.settings import Settings
 
 # Each command imports what it needs, so `fota fetch` starts without the state machine,
 # aiocoap and cryptography (start-up time and memory are part of what it is measured on).
@@ -155,6 +160,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     handler: UpdateHandler | None = AutoAuthorize() if args.auto_authorize else None
     return asyncio.run(_run_client(config, handler))
+
+
+# -- fota daemon, fota config check ----------------------------------------------------
+
+
+def _load_settings(path: str) -> Settings:
+    from fota.settings import load_settings
+
+    return load_settings(Path(path))
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    """``fota daemon``."""
+    from fota.daemon import serve
+    from fota.systemd import Notifier
+
+    # The configuration is read and checked before anything starts: a bad file fails at
+    # once with the key's name, and systemd sees the unit fail instead of a restart loop
+    # of half-started daemons.
+    settings = _load_settings(args.config)
+    configure(args.log_level or settings.log.level, format=args.log_format or settings.log.format)
+    return asyncio.run(serve(settings, notifier=Notifier.from_env()))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """``fota config check``."""
+    from fota.settings import describe
+
+    settings = _load_settings(args.config)
+    width = max((len(k) for k, _ in describe(settings)), default=0)
+    for key, value in describe(settings):
+        print(f"{key:<{width}}  {value}")
+    print(f"{args.config}: OK")
+    return 0
 
 
 # -- fota fetch -------------------------------------------------------------------------
@@ -289,6 +328,24 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--trust", action="append", help="public key PEM (repeatable)")
     ins.set_defaults(func=cmd_inspect)
 
+    dm = sub.add_parser("daemon", help="run the client as a service (systemd Type=notify)")
+    dm.add_argument("--config", default="/etc/fota/fota.toml", help="the TOML configuration")
+    dm.add_argument(
+        "--log-format", choices=["auto", "json", "console"], help="default: [log] format"
+    )
+    dm.set_defaults(func=cmd_daemon)
+
+    cf = sub.add_parser("config", help="configuration files").add_subparsers(
+        dest="config_command", required=True
+    )
+    ck = cf.add_parser("check", help="read and check a daemon configuration, then exit")
+    ck.add_argument("--config", default="/etc/fota/fota.toml")
+    ck.set_defaults(func=cmd_config_check)
+
+    from fota.cli_control import add_parsers
+
+    add_parsers(sub)
+
     run = sub.add_parser("run", help="run a client for one device until SIGTERM")
     run.add_argument("--server", required=True, help="coap://host:port")
     run.add_argument("--state-dir", required=True)
@@ -340,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fota`` console script."""
     args = build_parser().parse_args(argv)
-    if args.command != "demo":
-        configure(args.log_level or "info")
+    if args.command not in ("demo", "daemon"):
+        # The daemon configures logging from its file; the demo tells its story on stdout.
+        configure(args.log_level or ("warning" if getattr(args, "quiet_logs", False) else "info"))
     try:
         code: int = args.func(args)
     except FotaError as exc:

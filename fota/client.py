@@ -18,6 +18,7 @@ from fota.errors import ConfigError, InvalidTransition, PolicyError
 from fota.handler import UpdateHandler
 from fota.install import Context, FileInstaller, Installer, from_config
 from fota.journal import FileOps, Journal
+from fota.notices import Listener
 from fota.transport import Transport
 from fota.transport.coap import CoapTransport
 
@@ -275,6 +276,18 @@ class Client:
         within the grace period.
         """
         self.engine.set_handler(handler)
+
+    def listen(self, listener: Listener) -> Callable[[], None]:
+        """Hear every :class:`~fota.notices.Notice` (state changes, progress, completion...).
+
+        Unlike the handler, a listener never answers and its presence changes nothing: the
+        daemon forwards notices to control-socket subscribers this way. ``listener`` runs in
+        the engine's task and must return at once (put the notice in a queue).
+
+        Returns:
+            The call that stops listening.
+        """
+        return self.engine.add_listener(listener)
 
     def check_now(self) -> None:
         """The application just woke up: look for an update and at due timers now.

@@ -264,43 +264,38 @@ def _by_severity(table: dict[str, float | None]) -> tuple[float | None, float | 
     return (table.get("optional"), table.get("mandatory"), table.get("critical"))
 
 
-INSTALL_KEYS: dict[str, type | tuple[type, ...]] = {
-    "installers": dict,
-    "self_test_command": list,
-    "self_test_deadline": (int, float),
-    "self_test_interval": (int, float),
-    "restart_command": list,
-    "boot_id_path": str,
-    "hook_timeout": (int, float),
-    "factory_manifest": str,
-    "restart_limit": int,
-}
-"""The settings ``fota run --install-config FILE`` reads (the daemon's TOML grows from it)."""
+INSTALL_KEYS: tuple[str, ...] = (
+    "installers",
+    "self_test_command",
+    "self_test_deadline",
+    "self_test_interval",
+    "restart_command",
+    "boot_id_path",
+    "hook_timeout",
+    "factory_manifest",
+    "restart_limit",
+)
+"""The settings ``fota run --install-config FILE`` reads (a subset of the daemon's TOML keys).
+
+Their types are ``Config``'s own: :func:`fota.settings.parse_config_keys` reads them from the
+type hints, as for the daemon's file."""
 
 
 def load_install_settings(path: Path) -> dict[str, Any]:
     """Read the install settings from a TOML file, as ``Config`` keyword arguments.
 
+    Paths are kept as written (relative ones are relative to the working directory).
+
     Raises:
         ConfigError: the file cannot be read or parsed, or a key is unknown or of the wrong
-            type (the message names the file and the key).
+            type (the message names the file, the line and the key).
     """
-    import tomllib
+    from fota.settings import parse_config_keys
 
     try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        expected = INSTALL_KEYS.get(key)
-        if expected is None:
-            raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(INSTALL_KEYS)})")
-        if isinstance(value, bool) or not isinstance(value, expected):
-            kind = expected.__name__ if isinstance(expected, type) else "a number"
-            raise ConfigError(f"{path}: {key}: expected {kind}, got {value!r}")
-        out[key] = Path(str(value)) if key in ("boot_id_path", "factory_manifest") else value
-    return out
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason})") from exc
+    return parse_config_keys(text, path=Path(path), keys=INSTALL_KEYS, resolve_paths=False)

@@ -61,6 +61,7 @@ from fota.fileops import sha256_prefix
 from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo, UpdateReason
 from fota.install import Installer
 from fota.journal import Journal
+from fota.notices import Listener, Notice
 from fota.transport import Transport
 
 log = structlog.get_logger(__name__)
@@ -218,6 +219,7 @@ class Engine:
         self.handled = 0
         """Events handled so far (tests stop the engine after a given number)."""
         self.model: Model | None = None
+        self._listeners: list[Listener] = []
         self._current: UpdateInfo | None = None
         self._previous: UpdateInfo | None = None
         self.downloader = Downloader(
@@ -316,6 +318,73 @@ class Engine:
         self.handler = handler
         if self._runner is not None:
             self.post(ev.HandlerChanged(handler is not None))
+
+    @property
+    def alive(self) -> bool:
+        """The engine's task runs (False before start, after aclose, or if it died)."""
+        return self._runner is not None and not self._runner.done()
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Hear every :class:`~fota.notices.Notice` from now on; returns the call that stops it."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return remove
+
+    def _tell(self, kind: str, update_id: str | None, **fields: Any) -> None:
+        notice = Notice(kind, self.clock(), update_id, fields)
+        for listener in list(self._listeners):
+            try:
+                listener(notice)
+            except Exception:  # a listener's bug must not stop the engine
+                log.exception("listener_failed", notice=kind)
+
+    def _tell_changes(self, before: tuple[State, Record], ok: bool) -> None:
+        """The notices one handled event gives: state, new update, authorization, deferral."""
+        model = self.model
+        assert model is not None
+        state, rec, uid = model.state, model.record, model.update_id
+        version = model.pending.body.version if model.pending else None
+        if ok and state is not before[0]:
+            self._tell("state", uid, state=state.name, previous=before[0].name, version=version)
+            if state in (State.AWAIT_DOWNLOAD_AUTH, State.AWAIT_INSTALL_AUTH):
+                info = self._info()
+                self._tell(
+                    "authorization_needed",
+                    uid,
+                    step="download" if state is State.AWAIT_DOWNLOAD_AUTH else "install",
+                    version=info.version,
+                    polite=info.polite,
+                    deferred=info.deferred,
+                    deferral_limit=info.deferral_limit,
+                    deadline=info.deadline.timestamp() if info.deadline else None,
+                )
+        if state in (State.DOWNLOAD_DEFERRED, State.INSTALL_DEFERRED) and (
+            state is not before[0] or rec.defer_until != before[1].defer_until
+        ):
+            self._tell(
+                "deferred",
+                uid,
+                step="download" if state is State.DOWNLOAD_DEFERRED else "install",
+                until=rec.defer_until,
+                reason=rec.defer_reason,
+            )
+        if rec.held != before[1].held:
+            self._tell("held", uid, held=list(rec.held))
+
+    def _bind_log_context(self) -> None:
+        # Every line the runner logs from here on, and every child task it spawns (they copy
+        # the context when created), says which update, version and state it belongs to.
+        model = self.model
+        assert model is not None
+        structlog.contextvars.bind_contextvars(
+            update_id=model.update_id,
+            version=model.pending.body.version if model.pending else None,
+            state=model.state.name,
+        )
 
     def timers(self) -> dict[str, float]:
         """The timers armed now: name -> wall-clock instant (for status displays and tests)."""
@@ -449,6 +518,21 @@ class Engine:
             # Kept for on_complete, which runs after the record has forgotten the update (the
             # previous one too: a superseded update is told after its successor took over).
             self._previous, self._current = self._current, self._info()
+            info = self._current
+            self._tell(
+                "update_available",
+                info.update_id,
+                version=info.version,
+                installed_version=info.installed_version,
+                reason=info.reason.value,
+                component=info.component.name.lower(),
+                severity=info.severity.name.lower(),
+                polite=info.polite,
+                image_size=info.image_size,
+                deadline=info.deadline.timestamp() if info.deadline else None,
+            )
+        self._tell_changes(before, ok)
+        self._bind_log_context()
         if ok and model.state is not before[0]:
             log.info(
                 "state_changed", old=before[0].name, new=model.state.name, update_id=model.update_id
@@ -543,6 +627,7 @@ class Engine:
                 if self.handler is not None:
                     self._spawn(None, self._inform(uid, step))
             case cmd.NotifyForced(update_id=uid, step=step, reason=reason):
+                self._tell("forced", uid, step=step, reason=reason)
                 if self.handler is not None:
                     self._spawn(None, self._notify_forced(step, reason))
             case cmd.SendReports():
@@ -550,11 +635,20 @@ class Engine:
                 if task is None or task.done():
                     self._spawn("reports", self._deliver_reports())
             case cmd.NotifyProgress(done=done, total=total):
+                self._tell("progress", model.update_id, done=done, total=total)
                 if self.handler is not None:
                     self._spawn(None, self.handler.on_progress(self._info(), done, total))
             case cmd.NotifyComplete(update_id=uid, result=result, detail=detail):
                 info = next(
                     (i for i in (self._current, self._previous) if i and i.update_id == uid), None
+                )
+                self._tell(
+                    "completed" if result is ResultCode.SUCCESS else "failed",
+                    uid,
+                    version=info.version if info else None,
+                    result=result.name,
+                    result_code=int(result),
+                    detail=detail,
                 )
                 if self.handler is not None and info is not None:
                     self._spawn(None, self._notify_complete(info, result, detail))
@@ -758,6 +852,7 @@ class Engine:
             if percent // 10 > last // 10:  # every 10 %: an installer may call this per MiB
                 last = percent
                 log.info("install_progress", percent=percent, update_id=manifest.update_id)
+                self._tell("install_progress", manifest.update_id, percent=percent)
                 if self.handler is not None:
                     self._spawn(None, self.handler.on_install_progress(self._info(), percent))
 

@@ -135,3 +135,18 @@ class InvalidTransition(FotaError):
 
 class ConfigError(FotaError):
     """A setting is missing or out of range; the message names the setting."""
+
+
+class ControlError(FotaError):
+    """The daemon refused a control request, or the control connection failed.
+
+    Attributes:
+        code: the protocol's error code (``bad_request``, ``invalid_state``, ...; see
+            docs/control.md), or ``unreachable`` / ``closed`` for the connection itself.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = code in ("busy", "journal", "unreachable")
+        self.request_id: int | str | None = None

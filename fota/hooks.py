@@ -116,6 +116,7 @@ async def run(
     finally:
         os.close(write_fd)
     log.debug("command_started", command=name, argv=list(argv), pid=proc.pid)
+    _running.add(proc.pid)
     loop = asyncio.get_running_loop()
     stream = asyncio.StreamReader(loop=loop)
     pipe, _ = await loop.connect_read_pipe(
@@ -169,6 +170,7 @@ async def run(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(reader), DRAIN)
     finally:
+        _running.discard(proc.pid)
         if not reader.done():
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -183,6 +185,22 @@ async def run(
     else:
         log.info("command_finished", command=name, code=code)
     return done
+
+
+_running: set[int] = set()
+"""Process groups (their leaders' pids) of the commands running now."""
+
+
+def kill_all() -> int:
+    """SIGKILL the process group of every command running now; returns how many.
+
+    For an exit that cannot wait (the daemon's forced exit): a command left running would go
+    on changing the device while the next start runs the same step again.
+    """
+    pids = list(_running)
+    for pid in pids:
+        _kill_group(pid)
+    return len(pids)
 
 
 def _kill_group(pid: int) -> None:
