@@ -15,7 +15,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from fota.control import ControlClient, default_socket
+from fota.control import ControlClient, ControlError, default_socket
 
 
 async def run(socket: Path, busy: Path, defer: float, once: bool) -> int:
@@ -29,13 +29,17 @@ async def run(socket: Path, busy: Path, defer: float, once: bool) -> int:
             kind, uid = event["event"], event["update_id"]
             if kind == "authorization_needed":
                 step, version = event["step"], event["version"]
-                if await asyncio.to_thread(busy.exists):
-                    until = await fota.defer(seconds=defer, reason="busy", update_id=uid)
-                    said = "not granted, it proceeds" if until is None else f"{defer:g} s"
-                    print(f"app: busy, {step} of {version} deferred: {said}", flush=True)
-                else:
-                    await fota.authorize(uid)
-                    print(f"app: {step} of {version} authorized", flush=True)
+                try:
+                    if await asyncio.to_thread(busy.exists):
+                        until = await fota.defer(seconds=defer, reason="busy", update_id=uid)
+                        said = "not granted, it proceeds" if until is None else f"{defer:g} s"
+                        print(f"app: busy, {step} of {version} deferred: {said}", flush=True)
+                    else:
+                        await fota.authorize(uid)
+                        print(f"app: {step} of {version} authorized", flush=True)
+                except ControlError as exc:
+                    # Someone else answered first (another application, `fota authorize`).
+                    print(f"app: {step} of {version}: {exc.code}: {exc}", flush=True)
             elif kind == "forced":
                 print(f"app: {event['step']} forced by {event['reason']}", flush=True)
             elif kind in ("completed", "failed"):

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import structlog
+
 from fota.errors import FotaError
 from fota.logs import configure
 
@@ -181,7 +183,16 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     # of half-started daemons.
     settings = _load_settings(args.config)
     configure(args.log_level or settings.log.level, format=args.log_format or settings.log.format)
-    return asyncio.run(serve(settings, notifier=Notifier.from_env()))
+    try:
+        return asyncio.run(serve(settings, notifier=Notifier.from_env()))
+    except FotaError as exc:
+        # Logged as one line in the configured format (a JSON log stays JSON); exit 2 so
+        # systemd's RestartPreventExitStatus=2 does not loop on a setting that is wrong.
+        structlog.get_logger("fota.daemon").error("daemon_failed", error=str(exc))
+        return 2
+    except Exception:
+        structlog.get_logger("fota.daemon").exception("daemon_crashed")
+        return 1
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

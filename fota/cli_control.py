@@ -59,9 +59,14 @@ TIMEOUT = 30.0
 """Seconds to wait for each answer; a daemon that takes longer counts as unreachable."""
 
 RETRY = 10.0
-"""Seconds between attempts to renew an inhibitor lock while the daemon cannot be reached."""
+"""Longest wait, seconds, between attempts to renew an inhibitor lock after one failed."""
+
+MIN_RETRY = 0.25
+"""Shortest wait, seconds, between attempts to renew a lock that is about to expire."""
 
 _CONNECTION_CODES = ("unreachable", "closed")
+_GONE_CODES = (*_CONNECTION_CODES, "busy")
+"""Failures after which a connection is useless (``busy``: the daemon refused and closed it)."""
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -661,55 +666,68 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 class _Lock:
-    """An inhibitor lock held for a command: renewed every ttl/3, released at the end.
+    """An inhibitor lock held for a command: renewed before it expires, released at the end.
 
-    A daemon that goes away meanwhile (a restart) is reconnected to at the next renewal,
-    which takes the lock again; until then the lock lives out its time to live.
+    Renewals are scheduled from the lock's expiry as this process sees it (on the event
+    loop's monotonic clock, from when the request that last took it was sent): the next
+    one when a third of the time to live has passed; after a failure, again within half the
+    time left (at most :data:`RETRY`, at least :data:`MIN_RETRY`; at the ttl/3 pace once it
+    has expired). A daemon that goes away meanwhile (a restart) or refuses the connection
+    (``busy``) is reconnected to at the next attempt, which takes the lock again; until
+    then the lock lives out its time to live.
     """
 
     def __init__(self, path: Path, name: str, ttl: float) -> None:
         self.path, self.name, self.ttl = path, name, ttl
         self.client: ControlClient | None = None
-        self.expires = 0.0
+        self.expires = 0.0  # the daemon's answer (its clock, epoch seconds): for messages
+        self.taken = 0.0  # the loop's clock when the request that last took it was sent
         self.ok = True
 
     async def take(self) -> None:
         """Take the lock (the first time: failures propagate, the command does not run)."""
-        if self.client is None:
-            self.client = ControlClient(self.path, timeout=min(TIMEOUT, self.ttl / 3))
-        self.expires = await self.client.inhibit(self.name, self.ttl)
+        client = await self._client(min(TIMEOUT, self.ttl / 3))
+        sent = asyncio.get_running_loop().time()
+        self.expires = await client.inhibit(self.name, self.ttl)
+        self.taken = sent
+
+    def delay(self, now: float) -> float:
+        """Seconds from ``now`` (the loop's clock) until the next attempt to renew."""
+        if self.ok:
+            return max(0.0, self.taken + self.ttl / 3 - now)
+        left = self.taken + self.ttl - now
+        if left <= 0:
+            return min(self.ttl / 3, RETRY)  # expired: nothing left to save, no hurry
+        return min(RETRY, max(left / 2, MIN_RETRY))
 
     async def keep(self) -> None:
         """Renew until cancelled, saying once when renewing fails and once when it works."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.ttl / 3 if self.ok else min(self.ttl / 3, RETRY))
+            await asyncio.sleep(self.delay(loop.time()))
             try:
                 await self.take()
-            except ControlError as exc:
-                await self._drop(exc)
+            except Exception as exc:  # any failure: retry, never give up
+                if not isinstance(exc, ControlError) or self._gone(exc):
+                    await self.close()
                 if self.ok:
                     self.ok = False
-                    print(
+                    _say(
                         f"fota: cannot renew lock {self.name}: {exc}; it expires at"
-                        f" {iso(self.expires)}; retrying",
-                        file=sys.stderr,
+                        f" {iso(self.expires)}; retrying"
                     )
             else:
                 if not self.ok:
                     self.ok = True
-                    print(f"fota: lock {self.name} renewed again", file=sys.stderr)
+                    _say(f"fota: lock {self.name} renewed again")
 
     async def release(self) -> None:
         """Release it; on failure, say when it expires by itself."""
         try:
-            if self.client is None:
-                self.client = ControlClient(self.path, timeout=TIMEOUT)
-            await self.client.release(self.name)
+            client = await self._client(TIMEOUT)
+            await client.release(self.name)
         except ControlError as exc:
-            print(
-                f"fota: lock {self.name} not released ({exc}); it expires at {iso(self.expires)}",
-                file=sys.stderr,
-            )
+            _say(f"fota: lock {self.name} not released ({exc}); it expires at {iso(self.expires)}")
         finally:
             await self.close()
 
@@ -719,11 +737,31 @@ class _Lock:
             await self.client.aclose()
             self.client = None
 
-    async def _drop(self, exc: ControlError) -> None:
-        # A connection that failed stays failed: the next attempt opens a new one. After a
-        # refusal the connection is fine and is kept.
-        if exc.code in _CONNECTION_CODES:
+    async def _client(self, timeout: float) -> ControlClient:
+        # A connection that ended (the daemon restarted, or refused it) stays failed: the
+        # next request goes over a new one instead of failing on the old one.
+        if self.client is not None and self._ended(self.client):
             await self.close()
+        if self.client is None:
+            self.client = ControlClient(self.path, timeout=timeout)
+        return self.client
+
+    def _gone(self, exc: ControlError) -> bool:
+        # After a refusal (a bad ttl, too many locks) the connection is fine and is kept.
+        return exc.code in _GONE_CODES or (self.client is not None and self._ended(self.client))
+
+    @staticmethod
+    def _ended(client: ControlClient) -> bool:
+        # ControlClient keeps the error that ended its connection (the daemon closed it, or
+        # answered busy or too_large to no request and closed it) and raises it for every
+        # later request without reconnecting.
+        return client._closed is not None
+
+
+def _say(text: str) -> None:
+    """A line on stderr; one that cannot be written (a closed pipe) is not an error."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr)
 
 
 async def _hold_while(lock: _Lock, argv: list[str]) -> int:
@@ -736,13 +774,15 @@ async def _hold_while(lock: _Lock, argv: list[str]) -> int:
     def forward(sig: int) -> None:
         # Like systemd-inhibit, fota only wraps the command: the command decides what a
         # signal means, and fota releases the lock once it has ended. Before the command
-        # runs, a signal stops fota itself (without running the command).
+        # runs, a signal stops fota itself (without running the command). The command is
+        # in a session (and process group) of its own, so a terminal's Ctrl-C reaches it
+        # only through here: once, to its whole group (a shell and what it runs).
         if child is None:
             early.append(sig)
             taking.cancel()
         elif child.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(sig)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, sig)
 
     # Installed before the lock is taken: from then on no signal may leave it behind.
     for signum in _FORWARDED:
@@ -762,7 +802,10 @@ async def _hold_while(lock: _Lock, argv: list[str]) -> int:
         keeper = asyncio.create_task(lock.keep(), name="fota-inhibit-renew")
         try:
             try:
-                child = await asyncio.create_subprocess_exec(*argv)
+                # A new session rather than only a process group: a group that is not the
+                # terminal's foreground one is stopped (SIGTTIN) when it reads the terminal,
+                # while a command without a controlling terminal still reads its stdin.
+                child = await asyncio.create_subprocess_exec(*argv, start_new_session=True)
             except OSError as exc:
                 print(f"fota: cannot run {argv[0]}: {exc.strerror or exc}", file=sys.stderr)
                 return 127 if isinstance(exc, FileNotFoundError) else 126
@@ -772,8 +815,12 @@ async def _hold_while(lock: _Lock, argv: list[str]) -> int:
             return 128 - code if code < 0 else code
         finally:
             keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await keeper
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # the lock is released whatever it was
+                _say(f"fota: renewing lock {lock.name} stopped: {exc!r}")
             await lock.release()
     finally:
         for signum in _FORWARDED:

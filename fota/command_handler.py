@@ -6,12 +6,14 @@ state scripts do (docs/callbacks.md, "The hook-command handler"):
 * ``0``: authorize;
 * ``21``: defer (Mender's "retry later"), until ``now + defer`` or the time the command printed
   as a ``FOTA_DEFER_UNTIL=`` line;
-* any other exit status: reject, with the reason the command printed as a ``FOTA_REASON=``
-  line, or "authorization command exited N".
+* any other exit status from 1 to 125: reject, with the reason the command printed as a
+  ``FOTA_REASON=`` line, or "authorization command exited N".
 
 A command that cannot run, times out or is killed by a signal is a broken script, not an
-answer: the update is deferred by ``retry`` seconds and asked again (the core bounds deferral by
-the update's severity and deadline, so a broken script cannot hold an update forever).
+answer, and so are the shell's 126 (not executable), 127 (not found) and 128 + N (a child
+killed by signal N): the update is deferred by ``retry`` seconds and asked again (the core
+bounds deferral by the update's severity and deadline, so a broken script cannot hold an
+update forever).
 
 Every command runs through :func:`fota.hooks.run`: an argument list, stdin ``/dev/null``, the
 process group killed on timeout.
@@ -36,6 +38,8 @@ log = structlog.get_logger(__name__)
 
 DEFER_EXIT = 21
 """The exit status that means "ask again later" (Mender's ``21``, retry later)."""
+BROKEN_EXITS = frozenset({126, 127})
+"""Exit statuses a shell gives for a program it could not run: a broken script, not a no."""
 
 DEFER_UNTIL_KEY = "FOTA_DEFER_UNTIL="
 REASON_KEY = "FOTA_REASON="
@@ -199,6 +203,10 @@ class CommandHandler(BaseHandler):
             return Decision.authorize()
         if done.code == DEFER_EXIT:
             return Decision.defer(self._defer_until(step, update, answer), answer.reason)
+        if done.code in BROKEN_EXITS or done.code >= 128:
+            # The shell's "not executable" / "not found", or a child killed by signal N
+            # (128 + N): the script broke; rejecting would drop the update for good.
+            return self._failed(step, update, f"exit status {done.code} (the script failed)")
         return Decision.reject(answer.reason or f"authorization command exited {done.code}")
 
     def _now(self) -> datetime:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
@@ -14,6 +15,9 @@ from fota.core.windows import Window, parse_windows
 from fota.errors import ConfigError
 
 SEVERITIES = ("optional", "mandatory", "critical")
+
+MAX_RETRANSMIT_LIMIT = 20
+"""Largest ``max_retransmit``: past it one exchange would keep retrying for weeks."""
 
 
 def _default_max_deferral() -> dict[str, float | None]:
@@ -50,6 +54,10 @@ def local_zone(name: str | None) -> tzinfo:
 class Config:
     """Every client setting.
 
+    Every number must be finite (``nan`` and ``inf`` are refused); durations in seconds are
+    positive unless said otherwise. A bad value raises :class:`~fota.errors.ConfigError`
+    naming the setting.
+
     Attributes:
         server: base URI of the update server, ``coap://host:port``.
         device_id: this device's id (names its announcement and report resources).
@@ -65,12 +73,12 @@ class Config:
         fsync_every: fsync the candidate every this many verified fragments (and at the end);
             a fragment is journaled only after the fsync that covers it.
         ack_timeout: CoAP ACK_TIMEOUT in seconds (RFC 7252: 2.0).
-        max_retransmit: CoAP MAX_RETRANSMIT (RFC 7252: 4).
-        max_image_size: largest image accepted, bytes.
+        max_retransmit: CoAP MAX_RETRANSMIT (RFC 7252: 4), 0..20.
+        max_image_size: largest image accepted, bytes, at least 1.
         progress_step: ``on_progress`` about every this many percent.
         max_attempts: failed download attempts before the update fails.
         retry_base: first retry delay, seconds (doubles per attempt).
-        retry_cap: longest retry delay, seconds.
+        retry_cap: longest retry delay, seconds, at least ``retry_base``.
         retry_jitter: retry delays are spread randomly by this fraction either way (0..1).
         restart_limit: restarts during one update's active steps before it fails.
         max_download_bytes: data budget per update (bytes received, across attempts and
@@ -87,9 +95,10 @@ class Config:
             forced past every wait (like a manifest ``deadline``); None: none.
         unanswered: what a polite update does while no handler is registered: ``wait``
             (default: it is not installed by itself) or ``proceed`` after ``unanswered_grace``.
-        unanswered_grace: seconds from when the update is first seen; see ``unanswered``.
+        unanswered_grace: seconds from when the update is first seen; see ``unanswered``;
+            0 or more.
         quiet_period: seconds after the first start (provisioning) during which updates are
-            held, unless forced by a deadline.
+            held, unless forced by a deadline; 0 or more.
         maintenance_windows: weekly windows in local time, e.g. ``"Mon-Fri 02:00-04:00"``;
             outside them installs are held (the deadline still forces). Empty: any time.
         timezone: IANA zone of the windows; None: the system's zone.
@@ -185,10 +194,31 @@ class Config:
             raise ConfigError(f"restart_limit: {self.restart_limit} must be at least 1")
         if self.max_attempts < 1:
             raise ConfigError("max_attempts: must be at least 1")
-        if self.ack_timeout <= 0:
-            raise ConfigError("ack_timeout: must be positive")
         if not 0 <= self.poll_jitter < 1:
             raise ConfigError(f"poll_jitter: {self.poll_jitter} must be in 0..1")
+        for name in (
+            "ack_timeout",
+            "observe_refresh",
+            "retry_base",
+            "report_retry_cap",
+            "max_lock_ttl",
+            "condition_recheck",
+            "hook_timeout",
+            "self_test_deadline",
+            "self_test_interval",
+        ):
+            _positive(name, getattr(self, name))
+        for name in ("poll_interval", "max_download_time"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if _finite("retry_cap", self.retry_cap) < self.retry_base:
+            raise ConfigError(
+                f"retry_cap: {self.retry_cap} must be at least retry_base ({self.retry_base})"
+            )
+        _integer_in("max_retransmit", self.max_retransmit, 0, MAX_RETRANSMIT_LIMIT)
+        _integer_in("max_image_size", self.max_image_size, 1)
+        if self.max_download_bytes is not None:
+            _integer_in("max_download_bytes", self.max_download_bytes, 1)
         for name, table in (
             ("max_deferral", self.max_deferral),
             ("deadline_after", self.deadline_after),
@@ -197,16 +227,12 @@ class Config:
             if unknown:
                 raise ConfigError(f"{name}: unknown severity {sorted(unknown)}, use {SEVERITIES}")
             for severity, value in table.items():
-                if value is not None and value < 0:
-                    raise ConfigError(f"{name}.{severity}: {value} must not be negative")
+                if value is not None:
+                    _not_negative(f"{name}.{severity}", value)
         if self.unanswered not in ("wait", "proceed"):
             raise ConfigError(f"unanswered: {self.unanswered!r} is not one of wait, proceed")
-        for name in ("unanswered_grace", "quiet_period", "max_lock_ttl"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must not be negative")
-        for name in ("condition_recheck", "hook_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be positive")
+        for name in ("unanswered_grace", "quiet_period"):
+            _not_negative(name, getattr(self, name))
         if self.max_locks < 1:
             raise ConfigError("max_locks: must be at least 1")
         for name, argv in self.condition_commands.items():
@@ -218,9 +244,6 @@ class Config:
         self._zone = local_zone(self.timezone)
         if self.factory_manifest is not None:
             self.factory_manifest = Path(self.factory_manifest)
-        for name in ("self_test_deadline", "self_test_interval"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be positive")
         for name in ("self_test_command", "restart_command"):
             argv = getattr(self, name)
             if argv is not None and (not argv or not all(isinstance(a, str) and a for a in argv)):
@@ -257,6 +280,34 @@ class Config:
             self_test_deadline=self.self_test_deadline,
             self_test_interval=self.self_test_interval,
         )
+
+
+def _finite(name: str, value: object) -> float:
+    """``value`` if it is a finite number (an int or a float, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name}: {value!r} must be a number")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: {value} must be a finite number")
+    return value
+
+
+def _positive(name: str, value: object) -> None:
+    if _finite(name, value) <= 0:
+        raise ConfigError(f"{name}: {value} must be positive")
+
+
+def _not_negative(name: str, value: object) -> None:
+    if _finite(name, value) < 0:
+        raise ConfigError(f"{name}: {value} must not be negative")
+
+
+def _integer_in(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: {value!r} must be an integer")
+    if high is not None and not low <= value <= high:
+        raise ConfigError(f"{name}: {value} must be in {low}..{high}")
+    if value < low:
+        raise ConfigError(f"{name}: {value} must be at least {low}")
 
 
 def _by_severity(table: dict[str, float | None]) -> tuple[float | None, float | None, float | None]:

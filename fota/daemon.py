@@ -29,6 +29,9 @@ from fota.systemd import Notifier, watchdog_loop
 
 log = structlog.get_logger(__name__)
 
+STALL_MIN = 10.0
+"""Shortest time one event may take before the watchdog counts the engine as wedged."""
+
 FORCED_EXIT = 130
 """Exit status after a second SIGINT (128 + SIGINT, as a shell reports it)."""
 
@@ -84,6 +87,23 @@ class _Signals:
         self.stop.set()
 
 
+_INSTALLER_RUNS = (State.INSTALLING, State.ROLLING_BACK)
+
+
+async def _let_installer_finish(client: Client, notifier: Notifier) -> None:
+    """Wait while an installer runs: a download pauses at once, an install does not.
+
+    An installer stopped half-way leaves a rollback to do (or an unfinished one). systemd's
+    TimeoutStopSec bounds the wait; a second SIGINT ends it now (installs are crash-safe,
+    docs/installers.md).
+    """
+    if client.state not in _INSTALLER_RUNS:
+        return
+    log.info("stop_waits_for_install", update_id=client.status().update_id)
+    notifier.status(f"Stopping once {status_line(client.status())} ends (SIGINT again: stop now)")
+    await client.wait_for(lambda s: s.state not in _INSTALLER_RUNS)
+
+
 async def serve(settings: Settings, *, notifier: Notifier | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit status.
 
@@ -132,20 +152,15 @@ async def serve(settings: Settings, *, notifier: Notifier | None = None) -> int:
             control=str(settings.control.socket) if control else None,
             authorization=settings.authorization.mode,
         )
+        # A blocked event loop stops the pings by itself; an engine stuck in one event or
+        # dead stops them through this check. Either way systemd restarts the daemon.
+        stall = max(notifier.watchdog_interval or 0.0, STALL_MIN)
         watchdog = asyncio.create_task(
-            watchdog_loop(notifier, lambda: client.engine.alive), name="fota-watchdog"
+            watchdog_loop(notifier, lambda: client.engine.healthy(stall)), name="fota-watchdog"
         )
         await signals.stop.wait()
         notifier.stopping(f"Stopping ({signals.reason}): {status_line(client.status())}")
-        if client.state is State.INSTALLING:
-            # A download pauses at once, but an installer stopped half-way leaves a rollback
-            # to do: let it finish. systemd's TimeoutStopSec bounds the wait; a second SIGINT
-            # ends it now (the install is crash-safe, docs/installers.md).
-            log.info("stop_waits_for_install", update_id=client.status().update_id)
-            notifier.status(
-                f"Stopping once {status_line(client.status())} ends (SIGINT again: stop now)"
-            )
-            await client.wait_for(lambda s: s.state is not State.INSTALLING)
+        await _let_installer_finish(client, notifier)
     finally:
         if watchdog is not None:
             watchdog.cancel()
@@ -153,6 +168,8 @@ async def serve(settings: Settings, *, notifier: Notifier | None = None) -> int:
                 await watchdog
         if control is not None:
             await control.aclose()
+            if signals.stop.is_set():
+                await _let_installer_finish(client, notifier)  # one began meanwhile
         await client.aclose()
         remove_signals()
     log.info(

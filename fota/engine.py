@@ -219,6 +219,7 @@ class Engine:
         self.handled = 0
         """Events handled so far (tests stop the engine after a given number)."""
         self.model: Model | None = None
+        self._handling_since: float | None = None
         self._listeners: list[Listener] = []
         self._current: UpdateInfo | None = None
         self._previous: UpdateInfo | None = None
@@ -324,6 +325,15 @@ class Engine:
         """The engine's task runs (False before start, after aclose, or if it died)."""
         return self._runner is not None and not self._runner.done()
 
+    def healthy(self, stall: float) -> bool:
+        """Alive, and not stuck in one event for ``stall`` seconds (the daemon's watchdog).
+
+        Handling an event takes milliseconds (a transition and a journal write); one that
+        takes longer is a wedged engine, which systemd should restart.
+        """
+        since = self._handling_since
+        return self.alive and (since is None or time.monotonic() - since < stall)
+
     def add_listener(self, listener: Listener) -> Callable[[], None]:
         """Hear every :class:`~fota.notices.Notice` from now on; returns the call that stops it."""
         self._listeners.append(listener)
@@ -350,18 +360,9 @@ class Engine:
         version = model.pending.body.version if model.pending else None
         if ok and state is not before[0]:
             self._tell("state", uid, state=state.name, previous=before[0].name, version=version)
-            if state in (State.AWAIT_DOWNLOAD_AUTH, State.AWAIT_INSTALL_AUTH):
-                info = self._info()
-                self._tell(
-                    "authorization_needed",
-                    uid,
-                    step="download" if state is State.AWAIT_DOWNLOAD_AUTH else "install",
-                    version=info.version,
-                    polite=info.polite,
-                    deferred=info.deferred,
-                    deferral_limit=info.deferral_limit,
-                    deadline=info.deadline.timestamp() if info.deadline else None,
-                )
+            notice = self.authorization_notice()
+            if notice is not None:
+                self._tell(notice.kind, notice.update_id, **notice.fields)
         if state in (State.DOWNLOAD_DEFERRED, State.INSTALL_DEFERRED) and (
             state is not before[0] or rec.defer_until != before[1].defer_until
         ):
@@ -374,6 +375,33 @@ class Engine:
             )
         if rec.held != before[1].held:
             self._tell("held", uid, held=list(rec.held))
+
+    def authorization_notice(self) -> Notice | None:
+        """The ``authorization_needed`` notice when an answer is awaited now, else None.
+
+        Told when the client starts waiting; the control socket also sends it to a
+        connection that subscribes while the client waits (the application missed the first).
+        """
+        model = self.model
+        if model is None or model.state not in (
+            State.AWAIT_DOWNLOAD_AUTH,
+            State.AWAIT_INSTALL_AUTH,
+        ):
+            return None
+        info = self._info()
+        return Notice(
+            "authorization_needed",
+            self.clock(),
+            info.update_id,
+            {
+                "step": "download" if model.state is State.AWAIT_DOWNLOAD_AUTH else "install",
+                "version": info.version,
+                "polite": info.polite,
+                "deferred": info.deferred,
+                "deferral_limit": info.deferral_limit,
+                "deadline": info.deadline.timestamp() if info.deadline else None,
+            },
+        )
 
     def _bind_log_context(self) -> None:
         # Every line the runner logs from here on, and every child task it spawns (they copy
@@ -444,12 +472,14 @@ class Engine:
             event, future = await self._inbox.get()
             if event is _STOP:
                 return
+            self._handling_since = time.monotonic()
             try:
                 await self._handle(event, future)
             except Exception as exc:  # the engine must survive a bug in one event
                 log.exception("event_crashed", fact=type(event).__name__)
                 if future is not None and not future.done():
                     future.set_exception(exc)
+            self._handling_since = None
             self.handled += 1
             async with self._changed:
                 self._changed.notify_all()

@@ -117,6 +117,19 @@ async def run(
         os.close(write_fd)
     log.debug("command_started", command=name, argv=list(argv), pid=proc.pid)
     _running.add(proc.pid)
+    try:
+        return await _supervise(proc, read_fd, name, timeout, on_line)
+    finally:
+        _running.discard(proc.pid)
+
+
+async def _supervise(
+    proc: asyncio.subprocess.Process,
+    read_fd: int,
+    name: str,
+    timeout: float,
+    on_line: Callable[[str], None] | None,
+) -> Completed:
     loop = asyncio.get_running_loop()
     stream = asyncio.StreamReader(loop=loop)
     pipe, _ = await loop.connect_read_pipe(
@@ -155,6 +168,7 @@ async def run(
         try:
             async with asyncio.timeout(timeout):
                 await proc.wait()
+            _running.discard(proc.pid)  # reaped: its pid may be reused from now on
         except TimeoutError:
             timed_out = True
             _kill_group(proc.pid)
@@ -170,7 +184,6 @@ async def run(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(reader), DRAIN)
     finally:
-        _running.discard(proc.pid)
         if not reader.done():
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -116,6 +116,9 @@ def configure(level: str = "info", format: str = "auto", *, json: bool | None = 
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    # Python's warnings (a DeprecationWarning from a dependency) as log lines too, not bare
+    # text in the middle of a JSON log.
+    logging.captureWarnings(True)
     threshold = logging.getLevelNamesMapping()[name.upper()]
     root.setLevel(threshold)
     # aiocoap logs every message at DEBUG and transitions every callback at INFO: keep them at

@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import grp
 import json
+import math
 import os
 import re
 import tomllib
@@ -45,6 +46,10 @@ AUTHORIZATION_MODES = ("control", "command", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 MAX_MESSAGE_RANGE = (256, 16 * 1024 * 1024)
+MAX_CLIENTS_RANGE = (1, 4096)
+GID_RANGE = (0, 2**32 - 2)
+"""A gid the socket can be given: ``2**32 - 1`` is ``(gid_t) -1``, which ``chown`` reads as
+"leave the group unchanged"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +61,11 @@ class ControlSettings:
         mode: its file mode; in TOML an octal string (``"0660"``) or an integer
             (``0o660``), at most ``0o777``.
         group: the gid the socket is given; in TOML a group name (resolved when the file is
-            read) or a gid. None: the daemon's own group.
-        max_clients: most connections at once, at least 1.
+            read) or a gid, 0..4294967294. None: the daemon's own group.
+        max_clients: most connections at once, 1..4096.
         max_message: longest control message line, bytes, 256..16 MiB.
-        enabled: False: no control socket.
+        enabled: False: no control socket (then the authorization ``mode`` must not be
+            ``control``: nobody could answer).
     """
 
     socket: Path = Path("/run/fota/control.sock")
@@ -79,9 +85,10 @@ class AuthorizationSettings:
             command), ``command`` (``command`` is run, docs/callbacks.md) or ``auto``
             (every update is authorized at once).
         command: the authorization command's argument list; required with ``command``.
-        timeout: seconds one run of ``command`` may take, > 0.
-        defer: seconds an exit status 21 ("retry later") defers, > 0.
-        retry: seconds before asking again after ``command`` could not run or timed out, > 0.
+        timeout: seconds one run of ``command`` may take; positive and finite.
+        defer: seconds an exit status 21 ("retry later") defers; positive and finite.
+        retry: seconds before asking again after ``command`` could not run or timed out;
+            positive and finite.
         event_command: optional argument list run when an update completes or is forced.
     """
 
@@ -179,10 +186,21 @@ def parse_settings(text: str, *, path: Path | None = None) -> Settings:
     kwargs, trust_keys = _config_kwargs(source, table, known_extra=SECTIONS, full=True)
     config = _make_config(source, kwargs, defaulted_id="device_id" not in table)
     _check_installers(source, config)
+    control = _control(source, sections["control"])
+    authorization = _authorization(source, sections["authorization"])
+    if not control.enabled and authorization.mode == "control":
+        written = "mode" in sections["authorization"]
+        raise source.error(
+            ("control", "enabled"),
+            'false, but authorization.mode is "control"'
+            + ("" if written else " (the default)")
+            + ": nobody could answer a polite update; enable the control socket or set"
+            ' authorization.mode to "command" or "auto"',
+        )
     return Settings(
         config=config,
-        control=_control(source, sections["control"]),
-        authorization=_authorization(source, sections["authorization"]),
+        control=control,
+        authorization=authorization,
         log=_log(source, sections["log"]),
         path=path,
         trust_keys=trust_keys,
@@ -566,6 +584,7 @@ def _convert(source: _Source, key: _Key, value: Any, hint: Any, known: Iterable[
     """
     origin, args = get_origin(hint), get_args(hint)
     if hint is Any:
+        _refuse_non_finite(source, key, value)
         return value
     if origin in (Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
@@ -586,7 +605,12 @@ def _convert(source: _Source, key: _Key, value: Any, hint: Any, known: Iterable[
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise source.bad(key, "a number", value)
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            raise source.error(key, f"{_show(value)} is too large for a number") from None
+        _refuse_non_finite(source, key, number)
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise source.bad(key, "a string", value)
@@ -612,6 +636,22 @@ def _convert(source: _Source, key: _Key, value: Any, hint: Any, known: Iterable[
             out[name] = _convert(source, (*key, name), item, args[1])
         return out
     raise TypeError(f"{_dotted(key)}: no TOML mapping for {hint}")  # pragma: no cover
+
+
+def _refuse_non_finite(source: _Source, key: _Key, value: Any) -> None:
+    """TOML's ``nan`` and ``inf`` are floats, but no setting has a use for them.
+
+    Also inside lists and tables passed on as they are (``installers``), so that nothing
+    downstream sees one.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise source.error(key, f"{_show(value)} is not a finite number")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _refuse_non_finite(source, (*key, name), item)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_non_finite(source, (*key, i), item)
 
 
 def _of(item: Any) -> str:
@@ -774,8 +814,9 @@ def _control(source: _Source, table: dict[str, Any]) -> ControlSettings:
         values["mode"] = _file_mode(source, values["mode"])
     if "group" in values:
         values["group"] = _group(source, values["group"])
-    if "max_clients" in values and values["max_clients"] < 1:
-        raise source.bad(("control", "max_clients"), "at least 1", values["max_clients"])
+    low, high = MAX_CLIENTS_RANGE
+    if "max_clients" in values and not low <= values["max_clients"] <= high:
+        raise source.bad(("control", "max_clients"), f"{low}..{high}", values["max_clients"])
     low, high = MAX_MESSAGE_RANGE
     if "max_message" in values and not low <= values["max_message"] <= high:
         raise source.bad(
@@ -803,9 +844,10 @@ def _file_mode(source: _Source, value: Any) -> int:
 def _group(source: _Source, value: Any) -> int:
     """``control.group``: a group name, resolved to its gid now, or a gid."""
     key = ("control", "group")
+    low, high = GID_RANGE
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise source.bad(key, "a group name or a gid (>= 0)", value)
+        if not low <= value <= high:
+            raise source.bad(key, f"a group name or a gid ({low}..{high})", value)
         return value
     if not isinstance(value, str) or not value:
         raise source.bad(key, "a group name or a gid", value)
@@ -840,8 +882,9 @@ def _authorization(source: _Source, table: dict[str, Any]) -> AuthorizationSetti
             ("authorization", "command"),
             'missing: required with mode = "command" (an argument list)',
         )
+    # As fota.command_handler's _positive, so that the daemon accepts what the check accepted.
     for name in ("timeout", "defer", "retry"):
-        if name in values and values[name] <= 0:
+        if name in values and not (math.isfinite(values[name]) and values[name] > 0):
             raise source.bad(("authorization", name), "a positive number", values[name])
     return AuthorizationSettings(**values)
 

@@ -9,27 +9,35 @@ Every wait is on an event, a process's output or its exit, each with a timeout.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
-import shutil
 import signal
+import subprocess
 import sys
-import tempfile
-import types
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fota import Client, State
-from fota.cli_control import parse_duration, parse_when, relative, span, status_rows
-from fota.control import ControlClient
+from fota import State
+from fota.cli_control import (
+    MIN_RETRY,
+    RETRY,
+    _hold_while,
+    _Lock,
+    parse_duration,
+    parse_when,
+    relative,
+    span,
+    status_rows,
+)
 from fota.control.server import ControlServer, status_dict
-from fota.handler import BaseHandler
-from fota.testing import ManualClock, UpdateServer
-from tests.conftest import DEVICE_CLASS, Signing, make_config
+from fota.testing import UpdateServer
+from tests.conftest import Signing
+from tests.control_rig import Rig, running_rig, short_dir
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -41,61 +49,16 @@ LABELS = [label for label, _ in status_rows({"state": "IDLE"})]
 
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
-    # Short: sun_path holds 108 bytes, and pytest's tmp_path is long.
-    path = Path(tempfile.mkdtemp(prefix="fcli-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-class Rig:
-    def __init__(
-        self, client: Client, control: ControlServer, server: UpdateServer, clock: ManualClock
-    ) -> None:
-        self.client, self.control, self.server, self.clock = client, control, server, clock
-
-    @property
-    def sock(self) -> str:
-        return str(self.control.path)
-
-    def publish(self, version: str, size: int = 8 * KiB) -> str:
-        return self.server.publish(os.urandom(size), version, device_class=DEVICE_CLASS).update_id
-
-    async def provisioned(self) -> None:
-        """1.0 installed (a first install does not ask), every report delivered."""
-        self.publish("1.0")
-        await self.client.wait_for(
-            lambda s: s.installed_version == "1.0" and s.state is State.IDLE, BOUND
-        )
-
-    async def offered(self, version: str = "2.0", size: int = 8 * KiB) -> str:
-        """After :meth:`provisioned`: ``version`` published and waiting for authorization."""
-        uid = self.publish(version, size)
-        await self.client.wait_for(
-            lambda s: s.update_id == uid and s.state is State.AWAIT_DOWNLOAD_AUTH, BOUND
-        )
-        return uid
-
-    def connect(self) -> ControlClient:
-        return ControlClient(self.control.path, timeout=BOUND)
+    with short_dir("fcli-") as path:
+        yield path
 
 
 @pytest.fixture
 async def rig(
     tmp_path: Path, server: UpdateServer, signing: Signing, sockdir: Path
 ) -> AsyncIterator[Rig]:
-    clock = ManualClock()
-    client = Client(make_config(tmp_path, server, signing), clock=clock)
-
-    def on_answerers(count: int) -> None:
-        client.set_handler(BaseHandler() if count else None)
-
-    control = ControlServer(client, sockdir / "ctl.sock", on_answerers=on_answerers)
-    async with client:
-        await control.start()
-        try:
-            yield Rig(client, control, server, clock)
-        finally:
-            await control.aclose()
+    async with running_rig(tmp_path, server, signing, sockdir) as r:
+        yield r
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -113,6 +76,13 @@ class Done:
 
 
 async def start(*argv: str, **extra: str) -> asyncio.subprocess.Process:
+    return await launch(argv, extra)
+
+
+async def launch(
+    argv: Sequence[str], extra: dict[str, str], *, session: bool = False
+) -> asyncio.subprocess.Process:
+    """``python -m fota ARGV``; with ``session``, in a session (and process group) of its own."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -122,6 +92,7 @@ async def start(*argv: str, **extra: str) -> asyncio.subprocess.Process:
         stderr=asyncio.subprocess.PIPE,
         cwd=ROOT,
         env=env(**extra),
+        start_new_session=session,
     )
 
 
@@ -221,30 +192,34 @@ async def test_no_daemon_exits_3_naming_the_socket(sockdir: Path) -> None:
     assert not marker.exists()
 
 
-def test_config_names_the_socket(
-    monkeypatch: pytest.MonkeyPatch, sockdir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from fota.cli import main
-    from fota.errors import ConfigError
+def test_config_names_the_socket(tmp_path: Path, sockdir: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    # fota.settings is another module's: a stand-in with its one function used here.
-    settings = types.ModuleType("fota.settings")
+    from fota.keys import save_keypair
+
+    pem = save_keypair(ed25519.Ed25519PrivateKey.generate(), tmp_path / "k.key")
     missing = sockdir / "from-config.sock"
-    seen: list[Path] = []
+    base = (
+        'server = "coap://127.0.0.1:61616"\ndevice_class = "gw"\nstate_dir = "state"\n'
+        f'trust = ["{pem}"]\ntarget = "fw.bin"\n[control]\n'
+    )
+    good, bad = tmp_path / "fota.toml", tmp_path / "bad.toml"
+    good.write_text(base + f'socket = "{missing}"\n')
+    bad.write_text(base + "socket = 7\n")
 
-    def load_settings(path: Path) -> Any:
-        seen.append(path)
-        if path.name == "bad.toml":
-            raise ConfigError(f"{path}:3: control.socket: expected a string, got 7")
-        return types.SimpleNamespace(control=types.SimpleNamespace(socket=missing))
+    def fota(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fota", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
-    settings.load_settings = load_settings  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fota.settings", settings)
-    assert main(["status", "--config", "/etc/fota/fota.toml"]) == 3
-    assert seen == [Path("/etc/fota/fota.toml")]
-    assert str(missing) in capsys.readouterr().err
-    assert main(["check", "--config", "/etc/fota/bad.toml"]) == 2
-    assert "bad.toml:3: control.socket" in capsys.readouterr().err
+    out = fota("status", "--config", str(good))
+    assert out.returncode == 3 and str(missing) in out.stderr, out.stderr
+    out = fota("check", "--config", str(bad))
+    assert out.returncode == 2 and f"{bad}:7: control.socket" in out.stderr, out.stderr
 
 
 # -- fota status -------------------------------------------------------------------------------
@@ -419,8 +394,10 @@ def parent_of(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
-async def holder(rig: Rig, sockdir: Path, name: str) -> tuple[asyncio.subprocess.Process, int, int]:
-    """``fota inhibit NAME -- sh ...`` whose child waits for a line on a FIFO.
+async def holder(
+    rig: Rig, sockdir: Path, name: str, ttl: str = "1h"
+) -> tuple[asyncio.subprocess.Process, int, int]:
+    """``fota inhibit NAME --ttl TTL -- sh ...`` whose child waits for a line on a FIFO.
 
     Returns the process, its child's pid and the FIFO (held open for reading and writing
     here, so neither side's open blocks: the child's ``read`` waits for a line).
@@ -430,7 +407,7 @@ async def holder(rig: Rig, sockdir: Path, name: str) -> tuple[asyncio.subprocess
     fd = os.open(fifo, os.O_RDWR)
     script = f'echo $$ > {pidfile}; echo started; read x < {fifo}; exit "$x"'
     proc = await start(
-        "inhibit", name, "--ttl", "1h", "--socket", rig.sock, "--", "sh", "-c", script
+        "inhibit", name, "--ttl", ttl, "--socket", rig.sock, "--", "sh", "-c", script
     )
     assert await line(proc) == "started\n"  # the child's stdout is ours: it is running
     return proc, int(pidfile.read_text()), fd
@@ -441,6 +418,9 @@ async def test_inhibit_holds_the_lock_while_the_command_runs(rig: Rig, sockdir: 
     proc, child, fd = await holder(rig, sockdir, "backup")
     try:
         assert parent_of(child) == proc.pid  # run as a child, not exec'd or detached
+        # In a session and process group of its own: a terminal's signals reach it only
+        # through fota (which forwards them), not twice.
+        assert os.getsid(child) == os.getpgid(child) == child != os.getpgid(proc.pid)
         status = await status_json(rig)
         assert [lock["name"] for lock in status["locks"]] == ["backup"]
         assert status["locks"][0]["expires"] == rig.clock() + 3600
@@ -458,11 +438,11 @@ async def test_sigterm_is_forwarded_and_the_lock_released(rig: Rig, sockdir: Pat
     proc, child, fd = await holder(rig, sockdir, "recording")
     try:
         assert [name for name, _ in rig.client.status().locks] == ["recording"]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # to fota alone: the child only gets it forwarded
         done = await exited(proc)
     finally:
         os.close(fd)
-    assert done.rc == 128 + signal.SIGTERM, done
+    assert done.rc == 128 + signal.SIGTERM, done  # what ended the child: the forwarded one
     assert rig.client.status().locks == ()
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
@@ -476,3 +456,106 @@ async def test_inhibit_for_a_time_then_release(rig: Rig) -> None:
     assert rig.client.status().locks == ()
     done = await fota("inhibit", "backup", "--ttl", "30d", "--socket", rig.sock)
     assert done.rc == 1 and done.err.startswith("fota: refused: ") and "max_lock_ttl" in done.err
+
+
+COUNT_SIGINTS = """
+import signal, sys
+seen = []
+signal.signal(signal.SIGINT, lambda *_: (seen.append(1), print("SIGINT", flush=True)))
+print("started", flush=True)
+with open(sys.argv[1]) as fifo:
+    fifo.readline()
+sys.exit(len(seen))
+"""
+
+
+async def test_ctrl_c_at_a_terminal_reaches_the_command_once(rig: Rig, sockdir: Path) -> None:
+    fifo = sockdir / "ctrl-c.fifo"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDWR)
+    argv = [sys.executable, "-c", COUNT_SIGINTS, str(fifo)]
+    # fota in a process group of its own, as a shell runs a job at a terminal.
+    command = ["inhibit", "ctrl-c", "--ttl", "1h", "--socket", rig.sock, "--", *argv]
+    proc = await launch(command, {}, session=True)
+    try:
+        assert await line(proc) == "started\n"
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the terminal's foreground group
+        assert await line(proc) == "SIGINT\n"
+        os.write(fd, b"\n")
+        done = await exited(proc)
+    finally:
+        os.close(fd)
+    assert done.rc == 1, done  # the child counted one SIGINT: fota's
+    assert done.out == "" and done.err == ""
+    assert rig.client.status().locks == ()
+
+
+class Refusing(ControlServer):
+    """A ControlServer that reports each connection it answers ``busy`` (all, at max_clients 0)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refused: asyncio.Queue[None] = asyncio.Queue()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.max_clients:
+            self.refused.put_nowait(None)
+        await super()._serve(reader, writer)
+
+
+async def test_the_lock_is_renewed_across_a_daemon_restart(rig: Rig, sockdir: Path) -> None:
+    proc, _, fd = await holder(rig, sockdir, "backup", ttl="3")  # renewed every second
+    restarted = Refusing(rig.client, rig.control.path, max_clients=0)
+    try:
+        assert rig.client.status().locks == (("backup", rig.clock() + 3),)
+        await rig.control.aclose()
+        rig.clock.advance(1)  # from now on, a renewal moves the expiry forward
+        await restarted.start()
+        # Busy, then busy again: after a busy answer the next renewal is a new connection.
+        for _ in range(2):
+            await asyncio.wait_for(restarted.refused.get(), BOUND)
+        assert rig.client.status().locks == (("backup", rig.clock() + 2),)
+        restarted.max_clients = 64
+        renewed = await rig.client.wait_for(
+            lambda s: s.locks == (("backup", rig.clock() + 3),), BOUND
+        )
+        assert renewed.locks[0][1] == rig.clock() + 3
+        assert proc.returncode is None  # before the command ended
+        os.write(fd, b"0\n")
+        done = await exited(proc)
+    finally:
+        os.close(fd)
+        await restarted.aclose()
+    assert done.rc == 0, done
+    assert done.err.count("fota: cannot renew lock backup: ") == 1, done.err
+    assert done.err.endswith("fota: lock backup renewed again\n"), done.err
+    assert rig.client.status().locks == ()
+
+
+async def test_a_renewal_task_that_dies_still_releases_the_lock(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def dies(self: _Lock) -> None:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(_Lock, "keep", dies)
+    lock = _Lock(rig.control.path, "backup", 3600)
+    code = await _hold_while(lock, [sys.executable, "-c", "raise SystemExit(5)"])
+    assert code == 5  # the command's status, not the renewal's error
+    assert rig.client.status().locks == ()
+    err = capsys.readouterr().err
+    assert err.count("fota: renewing lock backup stopped: BrokenPipeError") == 1, err
+
+
+def test_renewals_are_scheduled_from_the_expiry() -> None:
+    lock = _Lock(Path("/nonexistent.sock"), "backup", 90)
+    lock.taken = 1000.0  # expires at 1090
+    assert (lock.delay(1000), lock.delay(1020), lock.delay(1040)) == (30, 10, 0)
+    lock.ok = False  # a renewal failed: again within half the time left, at most RETRY
+    assert lock.delay(1030) == RETRY
+    assert lock.delay(1080) == 5
+    assert lock.delay(1089.9) == MIN_RETRY  # about to expire: soon, but not in a tight loop
+    assert lock.delay(1095) == RETRY  # expired: at the ttl/3 pace, at most RETRY
+    short = _Lock(Path("/nonexistent.sock"), "backup", 3)
+    short.ok = False
+    assert (short.delay(1.0), short.delay(2.0), short.delay(4.0)) == (1.0, 0.5, 1.0)

@@ -154,7 +154,7 @@ async def test_another_exit_status_rejects_with_the_printed_reason(tmp_path: Pat
     assert await h.on_download_authorization(INFO) == Decision.reject("busy")
 
 
-@pytest.mark.parametrize("code", [1, 3, 20, 22, 255])
+@pytest.mark.parametrize("code", [1, 3, 20, 22, 125])
 async def test_another_exit_status_without_a_reason_names_the_status(
     tmp_path: Path, code: int
 ) -> None:
@@ -207,6 +207,24 @@ async def test_a_command_killed_by_a_signal_defers_by_retry(tmp_path: Path) -> N
     h = handler(script(tmp_path, "echo FOTA_REASON=never; kill -9 $$"), retry=120)
     decision, _ = await failed(h)
     assert decision.reason == "authorization command failed: killed by signal 9"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ("exec /nonexistent/authorize", 127),  # the shell: not found
+        ("exit 126", 126),  # the shell: not executable
+        ("sh -c 'kill -9 $$'", 137),  # a child killed by SIGKILL, as the shell reports it
+        ("exit 255", 255),
+    ],
+)
+async def test_a_shell_reporting_a_broken_script_defers_by_retry(
+    tmp_path: Path, body: str, code: int
+) -> None:
+    decision, _ = await failed(handler(script(tmp_path, body), retry=120))
+    assert decision.reason == (
+        f"authorization command failed: exit status {code} (the script failed)"
+    )
 
 
 # -- the environment ---------------------------------------------------------------------

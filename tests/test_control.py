@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,12 @@ from typing import Any
 import pytest
 
 from fota import Client, ResultCode, State
-from fota.control import ControlClient, ControlError
+from fota.control import ControlError
 from fota.control import protocol as proto
 from fota.control.server import ControlServer
-from fota.handler import BaseHandler
-from fota.testing import ManualClock, UpdateServer
-from tests.conftest import DEVICE_CLASS, Signing, make_config
+from fota.testing import UpdateServer
+from tests.conftest import Signing, make_config
+from tests.control_rig import Rig, running_rig, short_dir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,58 +36,18 @@ KiB = 1024
 
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
-    # Short and world-traversable: sun_path holds 108 bytes, and pytest's tmp_path is both
-    # long and mode 0700 (an unprivileged peer could not even reach the socket's name).
-    path = Path(tempfile.mkdtemp(prefix="fctl-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-class Rig:
-    def __init__(self, client: Client, control: ControlServer, server: UpdateServer) -> None:
-        self.client, self.control, self.server = client, control, server
-
-    def publish(self, version: str, size: int = 8 * KiB, **kw: Any) -> str:
-        return self.server.publish(
-            os.urandom(size), version, device_class=DEVICE_CLASS, **kw
-        ).update_id
-
-    async def provisioned(self) -> None:
-        """1.0 installed (a first install does not ask), every report delivered."""
-        self.publish("1.0")
-        await self.client.wait_for(
-            lambda s: s.installed_version == "1.0" and s.state is State.IDLE, BOUND
-        )
-
-    def connect(self) -> ControlClient:
-        return ControlClient(self.control.path, timeout=BOUND)
+    with short_dir("fctl-") as path:
+        yield path
 
 
 @pytest.fixture
 async def rig(
     tmp_path: Path, server: UpdateServer, signing: Signing, sockdir: Path
 ) -> AsyncIterator[Rig]:
-    clock = ManualClock()
-    client = Client(make_config(tmp_path, server, signing), clock=clock)
-    answerers: list[int] = []
-
-    def on_answerers(count: int) -> None:
-        answerers.append(count)
-        client.set_handler(BaseHandler() if count else None)
-
-    control = ControlServer(
-        client, sockdir / "ctl.sock", max_clients=60, max_message=4096, on_answerers=on_answerers
-    )
-    async with client:
-        await control.start()
-        r = Rig(client, control, server)
-        r.clock = clock  # type: ignore[attr-defined]
-        r.answerers = answerers  # type: ignore[attr-defined]
-        try:
-            yield r
-        finally:
-            await control.aclose()
+    async with running_rig(
+        tmp_path, server, signing, sockdir, max_clients=60, max_message=4096
+    ) as r:
+        yield r
 
 
 def python_client(sock: Path, body: str) -> list[str]:
@@ -212,7 +171,7 @@ async def test_another_process_defers_then_resumes(rig: Rig) -> None:
             'print(json.dumps(await fota.defer(seconds=3600, reason="shift change")))',
         )
         until = json.loads(out)
-        assert until == pytest.approx(rig.clock() + 3600)  # type: ignore[attr-defined]
+        assert until == pytest.approx(rig.clock() + 3600)
         deferred = await watcher.wait_event("deferred", timeout=BOUND)
         assert deferred["update_id"] == uid and deferred["reason"] == "shift change"
         assert deferred["step"] == "download" and deferred["until"] == until
@@ -223,14 +182,37 @@ async def test_another_process_defers_then_resumes(rig: Rig) -> None:
 
 
 async def test_answering_subscribers_count_as_the_handler(rig: Rig) -> None:
+    await rig.provisioned()
     async with rig.connect() as a, rig.connect() as b:
         await a.subscribe(answers=True)
         await b.subscribe(answers=True)
         await a.subscribe(answers=False)
-    await rig.client.wait_for(lambda s: True, BOUND)
-    # 1, 2, back to 1, then b left: 0 (the engine's unanswered rules apply again).
-    assert rig.answerers == [1, 2, 1, 0]  # type: ignore[attr-defined]
+        assert rig.answerers == [1, 2, 1]
+        assert rig.client.engine.handler is not None
+    changed = rig.answerers_changed
+    while len(rig.answerers) < 4:
+        changed.clear()
+        await asyncio.wait_for(changed.wait(), BOUND)  # the server sees b leave
+    # ...then b left: 0 (the engine's unanswered rules apply again).
+    assert rig.answerers == [1, 2, 1, 0]
     assert rig.client.engine.handler is None
+
+
+async def test_a_late_subscriber_hears_the_authorization_it_missed(rig: Rig) -> None:
+    await rig.provisioned()
+    uid = rig.publish("2.0")
+    await rig.client.wait_for(lambda s: s.state is State.AWAIT_DOWNLOAD_AUTH, BOUND)
+    for answers in (False, True):
+        async with rig.connect() as app:
+            status = await app.subscribe(answers=answers)
+            assert status["awaiting"] == "download"
+            ask = await app.wait_event("authorization_needed", timeout=BOUND)
+            assert (ask["update_id"], ask["step"], ask["version"]) == (uid, "download", "2.0")
+    async with rig.connect() as app:  # not to those that did not ask for it
+        await app.subscribe(["progress"])
+        await app.authorize(uid)
+        event = await app.next_event(BOUND)
+        assert event["event"] == "progress"
 
 
 # -- inhibitor locks from other processes ----------------------------------------------------
@@ -268,7 +250,7 @@ async def test_two_lock_holders_and_one_that_dies(rig: Rig) -> None:
         status = await app.status()
         assert status["state"] == "INSTALL_HELD"
         assert [lock["name"] for lock in status["locks"]] == ["recording"]
-        rig.clock.advance(121)  # type: ignore[attr-defined]
+        rig.clock.advance(121)
         done = await app.wait_event(("completed", "failed"), timeout=BOUND)
     assert done["result"] == "SUCCESS"
 
@@ -316,6 +298,16 @@ async def test_malformed_oversized_and_partial_messages(rig: Rig) -> None:
     answer = json.loads(await asyncio.wait_for(reader.readline(), BOUND))
     assert answer["id"] == 9 and answer["result"]["protocol"] == proto.PROTOCOL
     writer.close()
+    # Valid JSON nested deeper than the parser goes; an id of 0 is still echoed.
+    got = await raw_exchange(path, b"[" * 4000 + b"\n" + b'{"id":0,"op":"resume"}\n')
+    assert [m["error"]["code"] for m in got] == ["bad_json", "invalid_state"]
+    assert "nested too deeply" in got[0]["error"]["message"] and got[1]["id"] == 0
+    got = await raw_exchange(path, b'{"id":0,"op":"defer","for":1e20}\n')
+    assert got[0]["id"] == 0 and got[0]["error"]["code"] == "bad_request"
+    # A burst of requests far beyond the queue limit is answered, in order, not dropped.
+    burst = b"".join(b'{"id":%d,"op":"hello"}\n' % i for i in range(3000))
+    got = await raw_exchange(path, burst)
+    assert [m["id"] for m in got] == list(range(3000))
     # Raw bytes that are no text at all.
     got = await raw_exchange(path, os.urandom(300).replace(b"\n", b"") + b"\n")
     assert got[0]["error"]["code"] == "bad_json"
@@ -452,6 +444,9 @@ async def test_messages_match_the_documented_cddl(rig: Rig) -> None:
     messages += await lines_until(lambda m: m.get("event") == "authorization_needed")
     writer.write(b'{"id":2,"op":"defer","for":60,"reason":"r"}\n{"id":3,"op":"status"}\n')
     messages += await lines_until(lambda m: m.get("id") == 3)
+    await rig.control.aclose()  # subscribers hear "stopping", then the daemon hangs up
+    messages += await lines_until(lambda m: m.get("event") == "stopping")
+    assert await reader.read() == b""
     writer.close()
 
     answer, event, status = (control_schema(r) for r in ("answer", "event", "status"))
@@ -463,7 +458,14 @@ async def test_messages_match_the_documented_cddl(rig: Rig) -> None:
     assert len(statuses) == 2 and statuses[1]["deferred_step"] == "download"
     for s in statuses:
         status.validate_cbor(cbor2.dumps(s))
-    assert {"state", "update_available", "authorization_needed", "deferred", "completed"} <= kinds
+    assert {
+        "state",
+        "update_available",
+        "authorization_needed",
+        "deferred",
+        "completed",
+        "stopping",
+    } <= kinds
     # The schema is not vacuous: a status missing a field or with a wrong state fails.
     broken = {**statuses[0], "state": "NAPPING"}
     import pycddl
@@ -472,3 +474,61 @@ async def test_messages_match_the_documented_cddl(rig: Rig) -> None:
         status.validate_cbor(cbor2.dumps(broken))
     with pytest.raises(pycddl.ValidationError):
         answer.validate_cbor(cbor2.dumps({"id": 1, "ok": "yes"}))
+
+
+async def test_engine_health_for_the_watchdog(rig: Rig) -> None:
+    engine = rig.client.engine
+    assert engine.healthy(10.0)
+    # An event stuck in the machine (a wedged transition) makes it unhealthy; alive alone
+    # is not enough.
+    model = engine.model
+    assert model is not None
+    entered, release = asyncio.Event(), asyncio.Event()
+    real = model.trigger
+
+    async def stuck(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await release.wait()
+        return await real(*args, **kwargs)
+
+    model.trigger = stuck
+    rig.client.check_now()
+    rig.publish("1.0")
+    await asyncio.wait_for(entered.wait(), BOUND)
+    assert engine.alive and engine.healthy(10.0)
+    assert not engine.healthy(0.0)
+    model.trigger = real
+    release.set()
+    await rig.client.wait_for(lambda s: s.installed_version == "1.0", BOUND)
+    assert engine.healthy(10.0)
+
+
+async def test_a_subscriber_that_stops_reading_cannot_hold_up_the_stop(rig: Rig) -> None:
+    _reader, writer = await asyncio.open_unix_connection(str(rig.control.path))
+    # Never read: requests whose answers fill the socket buffers and then the queue.
+    writer.write(b'{"op":"subscribe"}\n' + b'{"op":"status"}\n' * 5000)
+    await writer.drain()
+    async with rig.connect() as other:
+        await other.hello()  # the others are served meanwhile
+    await asyncio.wait_for(rig.control.aclose(), BOUND)
+    assert rig.control.connections == 0
+    writer.close()
+
+
+async def test_a_deadline_forces_the_update_and_subscribers_are_told(rig: Rig) -> None:
+    await rig.provisioned()
+    async with rig.connect() as app:
+        await app.subscribe(["authorization_needed", "forced", "completed", "failed"])
+        deadline = int(rig.clock()) + 600
+        uid = rig.publish("2.0", deadline=deadline)
+        ask = await app.wait_event("authorization_needed", timeout=BOUND)
+        assert ask["deadline"] == deadline and ask["step"] == "download"
+        rig.clock.advance(601)  # nobody answered: the deadline decides
+        forced = await app.wait_event("forced", timeout=BOUND)
+        assert (forced["update_id"], forced["step"], forced["reason"]) == (
+            uid,
+            "download",
+            "deadline",
+        )
+        done = await app.wait_event(("completed", "failed"), timeout=BOUND)
+    assert done["event"] == "completed" and done["version"] == "2.0"

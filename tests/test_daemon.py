@@ -285,7 +285,8 @@ async def test_sigterm_mid_download_exits_0_and_a_restart_completes(daemon: Daem
 async def test_stop_lets_an_install_finish_and_a_second_sigint_forces(daemon: Daemon) -> None:
     fifo = daemon.dir / "go"
     os.mkfifo(fifo)
-    started = daemon.dir / "started"
+    started = daemon.dir / "started"  # the script says it runs; open() waits for the reader
+    os.mkfifo(started)
     script = daemon.dir / "flash.sh"
     script.write_text(
         "#!/bin/sh\n"
@@ -300,6 +301,7 @@ async def test_stop_lets_an_install_finish_and_a_second_sigint_forces(daemon: Da
         await c.subscribe(["state"])
         publish(daemon.server, "1.0")
         await c.wait_event("state", lambda e: e["state"] == "INSTALLING", timeout=BOUND)
+    assert await asyncio.wait_for(asyncio.to_thread(started.read_text), BOUND) == "started\n"
     daemon.send(signal.SIGTERM)
     await daemon.notify.wait("STOPPING", "1")
     await daemon.notify.wait("STATUS", "Stopping once Installing 1.0 ends")
@@ -315,6 +317,7 @@ async def test_stop_lets_an_install_finish_and_a_second_sigint_forces(daemon: Da
         status = await c.subscribe(["state", "completed"])
         if status["state"] != "INSTALLING":
             await c.wait_event("state", lambda e: e["state"] == "INSTALLING", timeout=BOUND)
+        assert await asyncio.wait_for(asyncio.to_thread(started.read_text), BOUND) == "started\n"
         daemon.send(signal.SIGTERM)
         await daemon.notify.wait("STATUS", "Stopping once")
         # A FIFO's open waits for its reader (the installer script): off the event loop.

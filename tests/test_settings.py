@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import math
 import os
 import re
 import tomllib
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fota import keys
-from fota.config import load_install_settings
+from fota.config import Config, load_install_settings
 from fota.core.manifest import kid_for
 from fota.errors import ConfigError
 from fota.settings import (
@@ -238,7 +239,8 @@ def test_defaults_and_the_minimal_file(tmp_path: Path, pub: Path) -> None:
 
 
 def test_control_disabled_is_described(tmp_path: Path, pub: Path) -> None:
-    settings = load_settings(write(tmp_path, BASE + "[control]\nenabled = false\n"))
+    body = '[control]\nenabled = false\n[authorization]\nmode = "auto"\n'
+    settings = load_settings(write(tmp_path, BASE + body))
     assert settings.control.enabled is False
     assert ("control", "disabled") in describe(settings)
 
@@ -337,7 +339,17 @@ def test_server_as_an_integer(tmp_path: Path, pub: Path) -> None:
         (
             "[control]\nmax_clients = 0\n",
             "max_clients",
-            "control.max_clients: expected at least 1, got 0",
+            "control.max_clients: expected 1..4096, got 0",
+        ),
+        (
+            "[control]\nmax_clients = 4097\n",
+            "max_clients",
+            "control.max_clients: expected 1..4096, got 4097",
+        ),
+        (
+            "[control]\nmax_message = 16777217\n",
+            "max_message",
+            "control.max_message: expected 256..16777216 (bytes), got 16777217",
         ),
         (
             "[control]\nmax_message = 100\n",
@@ -794,3 +806,241 @@ def test_describe_settings_built_in_code(tmp_path: Path, pub: Path) -> None:
     assert ("trust", "1 key(s)") in lines
     assert ("control.mode", "0000") in lines
     assert ("authorization.mode", "auto") in lines
+
+
+# -- nan, inf and the ranges of Config's numbers ---------------------------------------------
+
+
+@pytest.mark.parametrize("written", ["nan", "+nan", "-nan", "inf", "+inf", "-inf"])
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ("hook_timeout = {}\n", "hook_timeout"),
+        ("poll_interval = {}\n", "poll_interval"),
+        ("retry_jitter = {}\n", "retry_jitter"),
+        ("\n[max_deferral]\ncritical = {}\n", "max_deferral.critical"),
+        ("deadline_after = {{ mandatory = {} }}\n", "deadline_after.mandatory"),
+        ("\n[authorization]\ntimeout = {}\n", "authorization.timeout"),
+        ("\n[authorization]\ndefer = {}\n", "authorization.defer"),
+        ("\n[authorization]\nretry = {}\n", "authorization.retry"),
+    ],
+)
+def test_nan_and_inf_are_refused(
+    tmp_path: Path, pub: Path, body: str, key: str, written: str
+) -> None:
+    message, text = fails(tmp_path, body.format(written))
+    shown = written.lstrip("+") if "nan" not in written else "nan"
+    assert message == at(tmp_path, text, written) + f"{key}: {shown} is not a finite number"
+
+
+def test_nan_is_refused_inside_installer_tables(tmp_path: Path, pub: Path) -> None:
+    body = '[installers.firmware]\nkind = "file"\ntarget = "/fw.bin"\nlimits = [1, nan]\n'
+    message, text = fails(tmp_path, body)
+    assert message == at(tmp_path, text, "limits") + (
+        "installers.firmware.limits[1]: nan is not a finite number"
+    )
+
+
+def test_an_integer_too_large_for_a_float(tmp_path: Path, pub: Path) -> None:
+    huge = "1" + "0" * 400
+    message, text = fails(tmp_path, f"hook_timeout = {huge}\n")
+    assert message.startswith(at(tmp_path, text, "hook_timeout") + "hook_timeout: 1000")
+    assert message.endswith("... is too large for a number")
+
+
+@pytest.mark.parametrize(
+    ("body", "marker", "expected"),
+    [
+        ("poll_interval = 0\n", "poll_interval", "poll_interval: 0.0 must be positive"),
+        ("observe_refresh = -1\n", "observe_refresh", "observe_refresh: -1.0 must be positive"),
+        ("retry_base = 0\n", "retry_base", "retry_base: 0.0 must be positive"),
+        (
+            "retry_base = 10\nretry_cap = 5\n",
+            "retry_cap",
+            "retry_cap: 5.0 must be at least retry_base (10.0)",
+        ),
+        ("max_image_size = 0\n", "max_image_size", "max_image_size: 0 must be at least 1"),
+        ("max_retransmit = -1\n", "max_retransmit", "max_retransmit: -1 must be in 0..20"),
+        ("max_retransmit = 21\n", "max_retransmit", "max_retransmit: 21 must be in 0..20"),
+        (
+            "max_download_bytes = 0\n",
+            "max_download_bytes",
+            "max_download_bytes: 0 must be at least 1",
+        ),
+        (
+            "max_download_time = 0\n",
+            "max_download_time",
+            "max_download_time: 0.0 must be positive",
+        ),
+        ("report_retry_cap = 0\n", "report_retry_cap", "report_retry_cap: 0.0 must be positive"),
+        ("max_lock_ttl = 0\n", "max_lock_ttl", "max_lock_ttl: 0.0 must be positive"),
+        ("ack_timeout = 0\n", "ack_timeout", "ack_timeout: 0.0 must be positive"),
+        ("hook_timeout = 0\n", "hook_timeout", "hook_timeout: 0.0 must be positive"),
+        (
+            "unanswered_grace = -1\n",
+            "unanswered_grace",
+            "unanswered_grace: -1.0 must not be negative",
+        ),
+        ("quiet_period = -5\n", "quiet_period", "quiet_period: -5.0 must not be negative"),
+        (
+            "self_test_deadline = 0\n",
+            "self_test_deadline",
+            "self_test_deadline: 0.0 must be positive",
+        ),
+    ],
+)
+def test_config_ranges_get_the_line(
+    tmp_path: Path, pub: Path, body: str, marker: str, expected: str
+) -> None:
+    message, text = fails(tmp_path, body)
+    assert message == at(tmp_path, text, marker) + expected
+
+
+def test_the_bounds_themselves_are_accepted(tmp_path: Path, pub: Path) -> None:
+    body = (
+        "retry_base = 5\nretry_cap = 5\nmax_retransmit = 0\nmax_image_size = 1\n"
+        "max_download_bytes = 1\nunanswered_grace = 0\nquiet_period = 0\n"
+        "[max_deferral]\ncritical = 0\n"
+        "[control]\nmax_clients = 4096\ngroup = 4294967294\n"
+    )
+    settings = load_settings(write(tmp_path, BASE + body))
+    assert (settings.config.retry_base, settings.config.retry_cap) == (5.0, 5.0)
+    assert settings.config.max_retransmit == 0
+    assert settings.control.max_clients == 4096
+    assert settings.control.group == 2**32 - 2
+    settings = load_settings(write(tmp_path, BASE + "max_retransmit = 20\n[control]\ngroup = 0\n"))
+    assert settings.config.max_retransmit == 20
+    assert settings.control.group == 0
+
+
+@pytest.mark.parametrize("gid", ["-1", "4294967295", "4294967296"])
+def test_a_gid_out_of_range(tmp_path: Path, pub: Path, gid: str) -> None:
+    # 4294967295 is (gid_t) -1: chown would leave the group unchanged, silently.
+    message, text = fails(tmp_path, f"[control]\ngroup = {gid}\n")
+    assert message == at(tmp_path, text, "group") + (
+        f"control.group: expected a group name or a gid (0..4294967294), got {gid}"
+    )
+
+
+def test_authorization_numbers_are_what_the_command_handler_accepts(
+    tmp_path: Path, pub: Path
+) -> None:
+    from fota.command_handler import CommandHandler
+
+    body = '[authorization]\nmode = "command"\ncommand = ["/bin/true"]\ntimeout = -1\n'
+    message, text = fails(tmp_path, body)
+    assert message == at(tmp_path, text, "timeout") + (
+        "authorization.timeout: expected a positive number, got -1.0"
+    )
+    body = '[authorization]\nmode = "command"\ncommand = ["/bin/true"]\n'
+    body += "timeout = 0.001\ndefer = 1e9\nretry = 1\n"
+    auth = load_settings(write(tmp_path, BASE + body)).authorization
+    handler = CommandHandler(  # what the daemon builds from them: it must not refuse them
+        auth.command, timeout=auth.timeout, defer=auth.defer, retry=auth.retry
+    )
+    assert (handler.timeout, handler.defer, handler.retry) == (0.001, 1e9, 1.0)
+
+
+def test_control_disabled_needs_another_authorization_mode(tmp_path: Path, pub: Path) -> None:
+    tail = (
+        ": nobody could answer a polite update; enable the control socket or set "
+        'authorization.mode to "command" or "auto"'
+    )
+    message, text = fails(tmp_path, "[control]\nenabled = false\n")
+    assert message == at(tmp_path, text, "enabled") + (
+        'control.enabled: false, but authorization.mode is "control" (the default)' + tail
+    )
+    message, text = fails(
+        tmp_path, '[authorization]\nmode = "control"\n\n[control]\nenabled = false\n'
+    )
+    assert message == at(tmp_path, text, "enabled") + (
+        'control.enabled: false, but authorization.mode is "control"' + tail
+    )
+    for mode in ('"auto"', '"command"\ncommand = ["/bin/ask"]'):
+        body = f"[control]\nenabled = false\n[authorization]\nmode = {mode}\n"
+        assert load_settings(write(tmp_path, BASE + body)).control.enabled is False
+
+
+# -- Config built in-process: the same checks ------------------------------------------------
+
+
+def direct(tmp_path: Path, **kw: object) -> Config:
+    return Config(server="coap://h", device_id="d", device_class="c", state_dir=tmp_path, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        ({"hook_timeout": math.nan}, "hook_timeout: nan must be a finite number"),
+        ({"hook_timeout": math.inf}, "hook_timeout: inf must be a finite number"),
+        ({"ack_timeout": math.inf}, "ack_timeout: inf must be a finite number"),
+        ({"condition_recheck": math.nan}, "condition_recheck: nan must be a finite number"),
+        ({"poll_interval": 0.0}, "poll_interval: 0.0 must be positive"),
+        ({"poll_interval": math.inf}, "poll_interval: inf must be a finite number"),
+        ({"observe_refresh": 0}, "observe_refresh: 0 must be positive"),
+        ({"observe_refresh": math.nan}, "observe_refresh: nan must be a finite number"),
+        ({"retry_base": -1.0}, "retry_base: -1.0 must be positive"),
+        ({"retry_base": math.nan}, "retry_base: nan must be a finite number"),
+        ({"retry_cap": 0.5}, "retry_cap: 0.5 must be at least retry_base (1.0)"),
+        ({"retry_cap": math.inf}, "retry_cap: inf must be a finite number"),
+        ({"retry_cap": math.nan}, "retry_cap: nan must be a finite number"),
+        ({"max_image_size": 0}, "max_image_size: 0 must be at least 1"),
+        ({"max_image_size": 1.5}, "max_image_size: 1.5 must be an integer"),
+        ({"max_retransmit": -1}, "max_retransmit: -1 must be in 0..20"),
+        ({"max_retransmit": 21}, "max_retransmit: 21 must be in 0..20"),
+        ({"max_retransmit": True}, "max_retransmit: True must be an integer"),
+        ({"max_download_bytes": 0}, "max_download_bytes: 0 must be at least 1"),
+        ({"max_download_time": 0.0}, "max_download_time: 0.0 must be positive"),
+        ({"max_download_time": math.inf}, "max_download_time: inf must be a finite number"),
+        ({"report_retry_cap": 0.0}, "report_retry_cap: 0.0 must be positive"),
+        ({"report_retry_cap": math.nan}, "report_retry_cap: nan must be a finite number"),
+        ({"max_lock_ttl": 0.0}, "max_lock_ttl: 0.0 must be positive"),
+        ({"max_lock_ttl": math.inf}, "max_lock_ttl: inf must be a finite number"),
+        ({"unanswered_grace": math.nan}, "unanswered_grace: nan must be a finite number"),
+        ({"unanswered_grace": -1.0}, "unanswered_grace: -1.0 must not be negative"),
+        ({"quiet_period": math.inf}, "quiet_period: inf must be a finite number"),
+        ({"quiet_period": "1"}, "quiet_period: '1' must be a number"),
+        (
+            {"max_deferral": {"critical": math.inf}},
+            "max_deferral.critical: inf must be a finite number",
+        ),
+        (
+            {"max_deferral": {"mandatory": math.nan}},
+            "max_deferral.mandatory: nan must be a finite number",
+        ),
+        ({"max_deferral": {"critical": -1.0}}, "max_deferral.critical: -1.0 must not be negative"),
+        (
+            {"deadline_after": {"optional": -math.inf}},
+            "deadline_after.optional: -inf must be a finite number",
+        ),
+        ({"self_test_deadline": math.inf}, "self_test_deadline: inf must be a finite number"),
+        ({"self_test_interval": math.nan}, "self_test_interval: nan must be a finite number"),
+        ({"self_test_interval": 0.0}, "self_test_interval: 0.0 must be positive"),
+    ],
+)
+def test_config_built_directly_refuses_bad_numbers(
+    tmp_path: Path, kw: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        direct(tmp_path, **kw)
+    assert str(info.value) == expected
+
+
+def test_config_built_directly_accepts_the_bounds(tmp_path: Path) -> None:
+    config = direct(
+        tmp_path,
+        poll_interval=0.5,
+        retry_base=2.0,
+        retry_cap=2.0,
+        max_retransmit=20,
+        max_image_size=1,
+        max_download_bytes=1,
+        max_download_time=0.1,
+        unanswered_grace=0,
+        quiet_period=0.0,
+        max_deferral={"optional": 0.0, "critical": None},
+        deadline_after={"critical": 0},
+    )
+    assert (config.retry_base, config.retry_cap, config.max_retransmit) == (2.0, 2.0, 20)
+    assert direct(tmp_path, max_retransmit=0).max_retransmit == 0
+    assert direct(tmp_path).policy().max_lock_ttl == 86400.0  # the defaults pass

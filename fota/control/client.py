@@ -62,6 +62,7 @@ class ControlClient:
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._next_id = 0
+        self._abandoned: set[int] = set()  # ids whose request timed out: late answers ignored
         self._closed: ControlError | None = None
 
     # -- connection -------------------------------------------------------------------
@@ -134,8 +135,11 @@ class ControlClient:
                 rid = message.get("id")
                 future = self._waiting.pop(rid, None) if isinstance(rid, int) else None
                 if future is None:
-                    # An answer to no request of ours: the daemon refused the connection
-                    # (busy) or a line we sent (too large); it may close after this.
+                    if rid is not None:
+                        self._abandoned.discard(rid)  # a late answer: its caller gave up
+                        continue
+                    # An answer to no request: the daemon refused the connection (busy) or
+                    # a line it could not read (too large); it closes after this.
                     if not message.get("ok", True):
                         error = message.get("error") or {}
                         self._closed = ControlError(
@@ -178,10 +182,11 @@ class ControlClient:
             self._writer.write(proto.encode(message))
             await self._writer.drain()
             reply = await asyncio.wait_for(future, self.timeout)
+        except TimeoutError:  # before OSError: TimeoutError is one
+            self._abandoned.add(rid)
+            raise ControlError("closed", f"no answer to {op} within {self.timeout:g} s") from None
         except (OSError, ConnectionError) as exc:
             raise ControlError("closed", f"{self.path}: {exc}") from None
-        except TimeoutError:
-            raise ControlError("closed", f"no answer to {op} within {self.timeout:g} s") from None
         finally:
             self._waiting.pop(rid, None)
         if not reply.get("ok"):

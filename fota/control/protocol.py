@@ -21,6 +21,14 @@ from typing import Any
 from fota.errors import ControlError
 from fota.notices import KINDS
 
+EVENTS = (*KINDS, "stopping")
+"""Every event a connection may subscribe to: the client's notices and the daemon's own."""
+
+LONGEST = 10 * 366 * 86400.0
+"""Longest duration (``for``, ``ttl``) accepted, seconds: ten years is "forever" enough."""
+
+LATEST = 253402300799.0
+"""Latest instant accepted (9999-12-31T23:59:59Z): later ones have no datetime."""
 PROTOCOL = 1
 """Version of this protocol, sent by ``hello``; bumped only for incompatible changes."""
 
@@ -73,8 +81,10 @@ def _number(name: str) -> Callable[[Any], float]:
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ControlError("bad_request", f"{name}: expected a number, got {_show(value)}")
-        if not math.isfinite(value) or value <= 0:
-            raise ControlError("bad_request", f"{name}: {value} must be a positive number")
+        if not math.isfinite(value) or not 0 < value <= LONGEST:
+            raise ControlError(
+                "bad_request", f"{name}: {value} must be a positive number up to {LONGEST:g}"
+            )
         return float(value)
 
     return check
@@ -85,8 +95,8 @@ def _instant(value: Any) -> float:
     if isinstance(value, bool):
         raise ControlError("bad_request", "until: expected ISO 8601 or epoch seconds, got a bool")
     if isinstance(value, int | float):
-        if not math.isfinite(value) or value <= 0:
-            raise ControlError("bad_request", f"until: {value} is not an instant")
+        if not math.isfinite(value) or not 0 < value <= LATEST:
+            raise ControlError("bad_request", f"until: {value} is not an instant up to {LATEST:g}")
         return float(value)
     if not isinstance(value, str) or len(value) > 64:
         raise ControlError(
@@ -98,7 +108,10 @@ def _instant(value: Any) -> float:
         raise ControlError("bad_request", f"until: {value!r} is not ISO 8601") from None
     if when.tzinfo is None:
         raise ControlError("bad_request", f"until: {value!r} has no time zone (add Z for UTC)")
-    return when.timestamp()
+    try:
+        return when.timestamp()
+    except (OverflowError, ValueError):  # year 1 or 9999 shifted out of range by its zone
+        raise ControlError("bad_request", f"until: {value!r} is out of range") from None
 
 
 def _bool(name: str) -> Callable[[Any], bool]:
@@ -160,6 +173,8 @@ def parse_request(line: bytes) -> Request:
         message = json.loads(line)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ControlError("bad_json", f"not JSON: {exc}") from None
+    except RecursionError:  # [[[[...: valid JSON nested deeper than Python's stack
+        raise ControlError("bad_json", "not JSON this server reads: nested too deeply") from None
     if not isinstance(message, dict):
         raise ControlError("bad_json", f"expected a JSON object, got {type(message).__name__}")
     rid = message.pop("id", None)

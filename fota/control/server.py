@@ -35,13 +35,17 @@ from fota.errors import (
     JournalError,
     PolicyError,
 )
-from fota.notices import KINDS, Notice
+from fota.notices import Notice
 
 log = structlog.get_logger(__name__)
 
 QUEUE_LIMIT = 1024
-"""Messages waiting to be written to one connection; a client that stops reading events
-beyond this is disconnected rather than let the daemon's memory grow."""
+"""Messages waiting to be written to one connection. Past it, the connection's next request
+waits (a client that sends a burst is slowed down, not dropped), and an event drops the
+connection: a subscriber that stopped reading must not make the daemon's memory grow."""
+
+CLOSE_GRACE = 2.0
+"""Seconds a closing connection gets to flush what is queued before it is aborted."""
 
 _AWAITING = {State.AWAIT_DOWNLOAD_AUTH: "download", State.AWAIT_INSTALL_AUTH: "install"}
 _DEFERRED = {State.DOWNLOAD_DEFERRED: "download", State.INSTALL_DEFERRED: "install"}
@@ -139,22 +143,32 @@ class _Connection:
         except (OSError, AttributeError, struct.error):
             self.pid = self.uid = self.gid = -1
         self.dropped = False
+        self.room = asyncio.Event()
+        self.room.set()
 
-    def send(self, line: bytes) -> None:
+    def send(self, line: bytes, *, event: bool = False) -> None:
         if self.dropped:
             return
-        if self.out.qsize() >= QUEUE_LIMIT:
-            # It stopped reading: drop it (its answers would be lost anyway), keep the rest.
+        if event and self.out.qsize() >= QUEUE_LIMIT:
+            # It stopped reading while events pile up: drop it, keep the others going.
             log.warning("control_client_too_slow", pid=self.pid, uid=self.uid)
-            self.dropped = True
-            self.writer.transport.abort()
-            self.out.put_nowait(None)
+            self.abort()
             return
         self.out.put_nowait(line)
+        if self.out.qsize() >= QUEUE_LIMIT:
+            self.room.clear()
+
+    def abort(self) -> None:
+        """Hang up now, unsent data and all (a peer that does not read cannot be waited for)."""
+        self.dropped = True
+        self.writer.transport.abort()
+        self.out.put_nowait(None)
 
     async def write_loop(self) -> None:
         while True:
             line = await self.out.get()
+            if self.out.qsize() < QUEUE_LIMIT:
+                self.room.set()
             if line is None:
                 # Closing our side ends the read loop too (it sees end of input).
                 self.writer.close()
@@ -268,20 +282,31 @@ class ControlServer:
         raise ConfigError(f"control.socket: {self.path} is in use by another process")
 
     async def aclose(self) -> None:
-        """Stop listening, tell subscribers, close every connection, remove the socket."""
+        """Stop listening, tell subscribers, close every connection, remove the socket.
+
+        Bounded: a connection that does not take its last messages within
+        :data:`CLOSE_GRACE` is aborted.
+        """
+        # Leaving connections are not applications going away: the handler stays as it is.
+        self.on_answerers = None
         if self._unlisten is not None:
             self._unlisten()
             self._unlisten = None
         if self._server is not None:
             self._server.close()
             self._server = None
+        stopping = proto.encode(
+            {"event": "stopping", "at": self.client.engine.clock(), "update_id": None}
+        )
         for conn in list(self._connections):
-            if conn.events:
-                conn.send(proto.encode({"event": "stopping", "at": time.time()}))
+            if "stopping" in conn.events:
+                conn.send(stopping)
             conn.out.put_nowait(None)
         tasks = list(self._tasks)
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=2.0)
+            _, pending = await asyncio.wait(tasks, timeout=CLOSE_GRACE)
+            for conn in list(self._connections):
+                conn.abort()
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -321,8 +346,17 @@ class ControlServer:
                 await self._read_loop(conn, reader)
             finally:
                 conn.out.put_nowait(None)
-                with contextlib.suppress(OSError, ConnectionError):
-                    await writing
+                try:
+                    await asyncio.wait_for(asyncio.shield(writing), CLOSE_GRACE)
+                except (OSError, ConnectionError):
+                    pass
+                except BaseException:
+                    # It does not read what is left (or we are cancelled): hang up.
+                    conn.abort()
+                    writing.cancel()
+                    with contextlib.suppress(BaseException):
+                        await writing
+                    raise
         except (OSError, ConnectionError) as exc:
             log.debug("control_connection_lost", pid=conn.pid, error=str(exc))
         finally:
@@ -331,13 +365,15 @@ class ControlServer:
             if was_answering:
                 self._answerers_changed()
             writer.close()
-            with contextlib.suppress(OSError, ConnectionError):
-                await writer.wait_closed()
+            with contextlib.suppress(OSError, ConnectionError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), CLOSE_GRACE)
             self._tasks.discard(task)
             log.debug("control_disconnected", pid=conn.pid, uid=conn.uid)
 
     async def _read_loop(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
         while not conn.dropped:
+            # Backpressure: a client that sends faster than it reads its answers waits here.
+            await conn.room.wait()
             try:
                 line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError:
@@ -369,9 +405,14 @@ class ControlServer:
                 rid = request.id
                 result = await self._dispatch(conn, request)
             except ControlError as exc:
-                conn.send(proto.failure(rid or exc.request_id, exc.code, str(exc)))
+                rid = rid if rid is not None else exc.request_id
+                conn.send(proto.failure(rid, exc.code, str(exc)))
                 continue
-            conn.send(proto.answer(rid, result))
+            try:
+                conn.send(proto.answer(rid, result))
+            except (TypeError, ValueError):  # a result JSON cannot carry (NaN): our bug
+                log.exception("control_answer_unencodable", op=request.op)
+                conn.send(proto.failure(rid, "internal", f"{request.op}: unencodable result"))
 
     # -- requests -----------------------------------------------------------------------
 
@@ -408,11 +449,17 @@ class ControlServer:
             case "status":
                 return status_dict(client.status())
             case "subscribe":
-                conn.events = frozenset(args.get("events", KINDS))
+                conn.events = frozenset(args.get("events", proto.EVENTS))
                 answers = bool(args.get("answers", False))
                 if answers != conn.answers:
                     conn.answers = answers
                     self._answerers_changed()
+                waiting = client.engine.authorization_notice()
+                if waiting is not None and "authorization_needed" in conn.events:
+                    # It connected after the client began to wait: tell it now (right after
+                    # this answer, which is queued first), or it would never hear of it.
+                    line = proto.encode(waiting.as_dict())
+                    asyncio.get_running_loop().call_soon(conn.send, line)
                 return status_dict(client.status())
             case "unsubscribe":
                 conn.events = frozenset()
@@ -466,7 +513,7 @@ class ControlServer:
         for conn in list(self._connections):
             if notice.kind in conn.events:
                 line = line or proto.encode(notice.as_dict())
-                conn.send(line)
+                conn.send(line, event=True)
 
     def _answerers_changed(self) -> None:
         if self.on_answerers is not None:
