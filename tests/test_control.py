@@ -532,3 +532,17 @@ async def test_a_deadline_forces_the_update_and_subscribers_are_told(rig: Rig) -
         )
         done = await app.wait_event(("completed", "failed"), timeout=BOUND)
     assert done["event"] == "completed" and done["version"] == "2.0"
+
+
+async def test_a_flooding_client_that_resets_frees_its_slot(rig: Rig) -> None:
+    _reader, writer = await asyncio.open_unix_connection(str(rig.control.path))
+    # Never read: the answers fill the socket, the server's queue fills, it stops reading.
+    writer.write(b'{"op":"status"}\n' * 20000)
+    # Bounded: the server stops reading once its queue for us is full (backpressure).
+    await asyncio.wait_for(rig.control.backlogged.wait(), BOUND)
+    writer.transport.abort()  # a reset, not a close
+    # The server's task for that connection ends by itself (no stop needed).
+    await asyncio.wait_for(asyncio.gather(*rig.control._tasks), BOUND)
+    assert rig.control.connections == 0
+    async with rig.connect() as c:
+        assert (await c.hello())["protocol"] == proto.PROTOCOL

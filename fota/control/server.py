@@ -157,6 +157,7 @@ class _Connection:
         self.out.put_nowait(line)
         if self.out.qsize() >= QUEUE_LIMIT:
             self.room.clear()
+            self.server.backlogged.set()
 
     def abort(self) -> None:
         """Hang up now, unsent data and all (a peer that does not read cannot be waited for)."""
@@ -165,16 +166,22 @@ class _Connection:
         self.out.put_nowait(None)
 
     async def write_loop(self) -> None:
-        while True:
-            line = await self.out.get()
-            if self.out.qsize() < QUEUE_LIMIT:
-                self.room.set()
-            if line is None:
-                # Closing our side ends the read loop too (it sees end of input).
-                self.writer.close()
-                return
-            self.writer.write(line)
-            await self.writer.drain()
+        try:
+            while True:
+                line = await self.out.get()
+                if self.out.qsize() < QUEUE_LIMIT:
+                    self.room.set()
+                if line is None:
+                    # Closing our side ends the read loop too (it sees end of input).
+                    self.writer.close()
+                    return
+                self.writer.write(line)
+                await self.writer.drain()
+        finally:
+            # However it ended (a reset peer makes drain() raise): a read loop waiting for
+            # room must not wait for ever, holding the connection's slot.
+            self.dropped = True
+            self.room.set()
 
 
 class ControlServer:
@@ -216,6 +223,8 @@ class ControlServer:
         self._inode: int | None = None
         self._unlisten: Callable[[], None] | None = None
         self.started = time.time()
+        self.backlogged = asyncio.Event()
+        """Set when a connection's queue first filled up (its requests now wait)."""
 
     # -- lifecycle ----------------------------------------------------------------------
 
