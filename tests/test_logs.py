@@ -48,7 +48,7 @@ async def runner():
     log.info("idle_line")
     structlog.contextvars.bind_contextvars(update_id="u-1", version="1.5.0", state="DOWNLOADING")
     log.info("fragment_stored", offset=4096)
-    logging.getLogger("coap").warning("peer %s misbehaves", "[::1]:5683")
+    logging.getLogger("coap").warning("peer %s misbehaves", "[::1]:61616")
     logging.getLogger("transitions.core").warning("transition rejected")
     logging.getLogger("coap").info("coap info is quieter")
     logging.getLogger("transitions.core").info("transitions info is quieter")
@@ -102,7 +102,7 @@ def test_json_lines_when_stderr_is_a_pipe(args: tuple[str, str]) -> None:
 
     bound = {"update_id": "u-1", "version": "1.5.0", "state": "DOWNLOADING"}
     ours = events["fragment_stored"]
-    coap = events["peer [::1]:5683 misbehaves"]
+    coap = events["peer [::1]:61616 misbehaves"]
     transitions = events["transition rejected"]
     assert ours == {**bound, "offset": 4096, "event": "fragment_stored", "level": "info",
                     "logger": "fota.engine", "timestamp": ours["timestamp"]}  # fmt: skip
@@ -158,7 +158,7 @@ def test_console_format_is_not_json() -> None:
     for line in lines:
         with pytest.raises(json.JSONDecodeError):
             json.loads(line)
-    coap = next(line for line in lines if "peer [::1]:5683 misbehaves" in line)
+    coap = next(line for line in lines if "peer [::1]:61616 misbehaves" in line)
     assert "update_id=u-1" in coap and "coap" in coap
     # The console renderer prints the traceback as text of its own.
     assert "ZeroDivisionError" in out.stderr
