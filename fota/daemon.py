@@ -122,7 +122,8 @@ async def serve(settings: Settings, *, notifier: Notifier | None = None) -> int:
         if settings.control.enabled:
             # In control mode an application that subscribes with answers: true is the
             # handler: while none is connected, Config.unanswered decides (by default a
-            # polite update waits), and one connecting is asked at once.
+            # polite update waits); one that connects while an answer is awaited hears
+            # authorization_needed at once.
             answering = settings.authorization.mode == "control"
 
             def on_answerers(count: int) -> None:
@@ -162,14 +163,14 @@ async def serve(settings: Settings, *, notifier: Notifier | None = None) -> int:
         notifier.stopping(f"Stopping ({signals.reason}): {status_line(client.status())}")
         await _let_installer_finish(client, notifier)
     finally:
-        if watchdog is not None:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
         if control is not None:
             await control.aclose()
             if signals.stop.is_set():
                 await _let_installer_finish(client, notifier)  # one began meanwhile
+        if watchdog is not None:  # pinging through every wait above, as the engine runs
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
         await client.aclose()
         remove_signals()
     log.info(
