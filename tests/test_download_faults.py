@@ -16,6 +16,7 @@ import hashlib
 import random
 import shutil
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -344,51 +345,109 @@ async def libcoap_server(log: Path) -> AsyncIterator[str]:
         await proc.wait()
 
 
+@asynccontextmanager
+async def aiocoap_fileserver(root: Path, log: Path) -> AsyncIterator[str]:
+    """Run aiocoap's ``aiocoap-fileserver`` (a separate program) on ``root``; yield its URI."""
+    # Installed with aiocoap, next to this interpreter (a venv's bin is not always on PATH).
+    beside = Path(sys.executable).parent / "aiocoap-fileserver"
+    binary = str(beside) if beside.exists() else shutil.which("aiocoap-fileserver")
+    assert binary, "aiocoap-fileserver is missing (it ships with aiocoap)"
+    port = free_udp_port()
+    uri = f"coap://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            binary, "--bind", f"127.0.0.1:{port}", str(root), stdout=out, stderr=out
+        )
+    try:
+        for _ in range(20):  # bounded: each try waits at most 1 s for an answer
+            assert proc.returncode is None, f"aiocoap-fileserver exited: {log.read_text()}"
+            code, body = await coap_client("-m", "get", f"{uri}/", wait=1)
+            if code == 0 and b"img" in body:
+                break
+        else:
+            raise AssertionError(f"aiocoap-fileserver on {uri} never answered: {log.read_text()}")
+        yield uri
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def download_verified(
+    base: str,
+    image_uri: str,
+    file: Path,
+    block_size: int,
+    fragment: int,
+    tmp: Path,
+    signing: Signing,
+) -> None:
+    """fota's downloader fetches ``image_uri`` block-wise and verifies every fragment."""
+    image = file.read_bytes()
+    body = ManifestBody(
+        sequence=1,
+        component=Component.FIRMWARE,
+        version="1.0",
+        device_class=DEVICE_CLASS,
+        image_size=len(image),
+        image_sha256=hashlib.sha256(image).digest(),
+        image_uri=image_uri,
+        fragment_size=fragment,
+        fragment_sha256=fragment_digests(file, fragment),
+        polite=False,
+        severity=Severity.OPTIONAL,
+    )
+    manifest = mf.verify(mf.sign(body, signing.key, signing.kid), signing.trust)
+    events: list[ev.Event] = []
+    candidate = tmp / "candidate"
+    transport = CoapTransport(base, "dev-interop", ack_timeout=0.2)
+    try:
+        downloader = Downloader(
+            transport.block_fetcher,
+            FileOps(),
+            candidate,
+            events.append,
+            block_size=block_size,
+            window=8,
+        )
+        await downloader.run(manifest, body.image_uri, bitmap_new(manifest.fragment_count))
+    finally:
+        await transport.aclose()
+    assert isinstance(events[-1], ev.DownloadFinished), events[-1]
+    verified = sorted(e.index for e in events if isinstance(e, ev.FragmentVerified))
+    assert verified == list(range(manifest.fragment_count))
+    assert sha(candidate) == body.image_sha256
+
+
+# Block size -> (image size, fragment size): 16-byte blocks take 1024 requests per 16 KiB.
+SIZES = {16: (48 * KiB, 16 * KiB), 256: (512 * KiB, 64 * KiB), 1024: (MiB, 64 * KiB)}
+
+
 @pytest.mark.interop
-@pytest.mark.parametrize("block_size", [256, 1024])
+@pytest.mark.parametrize("block_size", [16, 256, 1024])
 async def test_downloader_fetches_from_libcoap_server(
     block_size: int, tmp_path: Path, signing: Signing
 ) -> None:
-    image = image_of(MiB if block_size == 1024 else 512 * KiB, block_size)
+    size, fragment = SIZES[block_size]
     file = tmp_path / "image.bin"
-    file.write_bytes(image)
+    file.write_bytes(image_of(size, block_size))
     async with libcoap_server(tmp_path / "coap-server.log") as base:
         code, out = await coap_client("-m", "put", "-b", "1024", "-f", str(file), f"{base}/img")
         assert code == 0, out.decode(errors="replace")
         _, links = await coap_client("-m", "get", f"{base}/.well-known/core")
         assert b"</img>" in links, links.decode(errors="replace")  # the PUT created it
+        await download_verified(base, f"{base}/img", file, block_size, fragment, tmp_path, signing)
 
-        fragment = 64 * KiB
-        body = ManifestBody(
-            sequence=1,
-            component=Component.FIRMWARE,
-            version="1.0",
-            device_class=DEVICE_CLASS,
-            image_size=len(image),
-            image_sha256=hashlib.sha256(image).digest(),
-            image_uri=f"{base}/img",
-            fragment_size=fragment,
-            fragment_sha256=fragment_digests(file, fragment),
-            polite=False,
-            severity=Severity.OPTIONAL,
-        )
-        manifest = mf.verify(mf.sign(body, signing.key, signing.kid), signing.trust)
-        events: list[ev.Event] = []
-        candidate = tmp_path / "candidate"
-        transport = CoapTransport(base, "dev-libcoap", ack_timeout=0.2)
-        try:
-            downloader = Downloader(
-                transport.block_fetcher,
-                FileOps(),
-                candidate,
-                events.append,
-                block_size=block_size,
-                window=8,
-            )
-            await downloader.run(manifest, body.image_uri, bitmap_new(manifest.fragment_count))
-        finally:
-            await transport.aclose()
-    assert isinstance(events[-1], ev.DownloadFinished), events[-1]
-    verified = sorted(e.index for e in events if isinstance(e, ev.FragmentVerified))
-    assert verified == list(range(manifest.fragment_count))
-    assert sha(candidate) == body.image_sha256
+
+@pytest.mark.interop
+@pytest.mark.parametrize("block_size", [16, 256, 1024])
+async def test_downloader_fetches_from_aiocoap_fileserver(
+    block_size: int, tmp_path: Path, signing: Signing
+) -> None:
+    size, fragment = SIZES[block_size]
+    root = tmp_path / "served"
+    root.mkdir()
+    file = root / "img"
+    file.write_bytes(image_of(size, block_size + 1))
+    async with aiocoap_fileserver(root, tmp_path / "fileserver.log") as base:
+        await download_verified(base, f"{base}/img", file, block_size, fragment, tmp_path, signing)
