@@ -18,7 +18,7 @@ import shutil
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -320,24 +320,26 @@ async def coap_client(*args: str, wait: int = 5) -> tuple[int, bytes]:
 
 
 @asynccontextmanager
-async def libcoap_server(log: Path) -> AsyncIterator[str]:
-    """Run ``coap-server-notls`` on a free port; yield its base URI once it answers."""
-    binary = libcoap("coap-server-notls")
-    port = free_udp_port()  # it cannot report an ephemeral port: pick a free one first
+async def peer_server(
+    name: str, argv: Callable[[int], list[str]], probe: str, expect: bytes, log: Path
+) -> AsyncIterator[str]:
+    """Run a CoAP server we did not write on a free port; yield its URI once it answers.
+
+    ``argv(port)`` starts it; it is up when a GET of ``probe`` returns a body with ``expect``
+    (coap-client-notls exits 0 even when nothing answered: the body tells).
+    """
+    port = free_udp_port()  # neither peer can report an ephemeral port: pick a free one first
     uri = f"coap://127.0.0.1:{port}"
     with open(log, "wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            binary, "-A", "127.0.0.1", "-p", str(port), "-d", "10", stdout=out, stderr=out
-        )
+        proc = await asyncio.create_subprocess_exec(*argv(port), stdout=out, stderr=out)
     try:
-        # coap-client-notls exits 0 even when nothing answered: the body tells.
         for _ in range(20):  # bounded: each try waits at most 1 s for an answer
-            assert proc.returncode is None, f"coap-server-notls exited: {log.read_text()}"
-            code, body = await coap_client("-m", "get", f"{uri}/.well-known/core", wait=1)
-            if code == 0 and b"</" in body:
+            assert proc.returncode is None, f"{name} exited: {log.read_text()}"
+            code, body = await coap_client("-m", "get", f"{uri}{probe}", wait=1)
+            if code == 0 and expect in body:
                 break
         else:
-            raise AssertionError(f"coap-server-notls on {uri} never answered: {log.read_text()}")
+            raise AssertionError(f"{name} on {uri} never answered: {log.read_text()}")
         yield uri
     finally:
         if proc.returncode is None:
@@ -345,32 +347,31 @@ async def libcoap_server(log: Path) -> AsyncIterator[str]:
         await proc.wait()
 
 
-@asynccontextmanager
-async def aiocoap_fileserver(root: Path, log: Path) -> AsyncIterator[str]:
-    """Run aiocoap's ``aiocoap-fileserver`` (a separate program) on ``root``; yield its URI."""
+def libcoap_server(log: Path) -> AbstractAsyncContextManager[str]:
+    """``coap-server-notls`` with dynamic resources (a PUT creates one)."""
+    binary = libcoap("coap-server-notls")
+    return peer_server(
+        "coap-server-notls",
+        lambda port: [binary, "-A", "127.0.0.1", "-p", str(port), "-d", "10"],
+        "/.well-known/core",
+        b"</",
+        log,
+    )
+
+
+def aiocoap_fileserver(root: Path, log: Path) -> AbstractAsyncContextManager[str]:
+    """aiocoap's ``aiocoap-fileserver`` (a separate program) serving ``root``."""
     # Installed with aiocoap, next to this interpreter (a venv's bin is not always on PATH).
     beside = Path(sys.executable).parent / "aiocoap-fileserver"
     binary = str(beside) if beside.exists() else shutil.which("aiocoap-fileserver")
     assert binary, "aiocoap-fileserver is missing (it ships with aiocoap)"
-    port = free_udp_port()
-    uri = f"coap://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            binary, "--bind", f"127.0.0.1:{port}", str(root), stdout=out, stderr=out
-        )
-    try:
-        for _ in range(20):  # bounded: each try waits at most 1 s for an answer
-            assert proc.returncode is None, f"aiocoap-fileserver exited: {log.read_text()}"
-            code, body = await coap_client("-m", "get", f"{uri}/", wait=1)
-            if code == 0 and b"img" in body:
-                break
-        else:
-            raise AssertionError(f"aiocoap-fileserver on {uri} never answered: {log.read_text()}")
-        yield uri
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+    return peer_server(
+        "aiocoap-fileserver",
+        lambda port: [binary, "--bind", f"127.0.0.1:{port}", str(root)],
+        "/",
+        b"img",
+        log,
+    )
 
 
 async def download_verified(
