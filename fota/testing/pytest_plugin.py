@@ -103,7 +103,7 @@ class Reports:
         """Wait until the server has a report of ``update`` with ``result``."""
         uid = update.update_id if isinstance(update, Published) else update
         raw = await self.server.wait_for_report(
-            lambda r: r.get(5) == uid and r[4] == result, timeout
+            lambda r: r.get(5) == uid and r[4] == result, timeout, device=self.device
         )
         return Report.of(raw)
 

@@ -312,6 +312,41 @@ class RequestLog:
     in_flight: int | None = None
 
 
+@dataclass
+class DeviceSeen:
+    """What the server knows about one device (for ``fota server``'s live view and tests).
+
+    A device is known from its first announcement request or report. Image requests carry no
+    device id (they come from the downloader's own socket), so progress is what the device
+    reported (key 7, bytes verified), not what the server sent.
+
+    Attributes:
+        device: the device id (the path under ``/fota/ann/`` and ``/fota/report/``).
+        address: ``host:port`` of its last announcement request or report.
+        first_seen: ``time.time()`` of its first request.
+        last_seen: ``time.time()`` of its last request.
+        observing: its announcement observations currently registered.
+        reports: reports received from it (duplicates left out).
+        state: the state code of its last report (None: none yet).
+        result: the result code of its last report.
+        update_id: the update id of its last report that named one.
+        verified: bytes verified, from its last report that said so.
+        detail: the detail text of its last report.
+    """
+
+    device: str
+    address: str
+    first_seen: float
+    last_seen: float
+    observing: int = 0
+    reports: int = 0
+    state: int | None = None
+    result: int | None = None
+    update_id: str | None = None
+    verified: int | None = None
+    detail: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class Published:
     """What :meth:`UpdateServer.publish` made."""
@@ -441,7 +476,14 @@ class _Announcements(aiocoap.resource.ObservableResource, aiocoap.resource.PathC
         device = "/".join(request.opt.uri_path)
         watchers = self.by_device.setdefault(device, set())
         watchers.add(serverobservation)
-        serverobservation.accept(lambda: watchers.discard(serverobservation))
+
+        def gone() -> None:
+            watchers.discard(serverobservation)
+            self.server._observers_changed(device, len(watchers))
+
+        serverobservation.accept(gone)
+        self.server._seen_device(device, request)  # aiocoap calls this before render_get
+        self.server._observers_changed(device, len(watchers))
 
     def notify(self, devices: Iterable[str]) -> None:
         targets = set(devices)
@@ -453,6 +495,7 @@ class _Announcements(aiocoap.resource.ObservableResource, aiocoap.resource.PathC
     async def render_get(self, request: Any) -> Any:
         device = "/".join(request.opt.uri_path)
         self.server._log("GET", f"/fota/ann/{device}", None, None)
+        self.server._seen_device(device, request)
         ann = self.server.announcements.get(device) or self.server.announcements.get(ALL_DEVICES)
         body: dict[int, Any] = {1: 0} if ann is None else ann
         return aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(body), content_format=CF_CBOR)
@@ -474,6 +517,7 @@ class _Reports(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type
                 raise ValueError("not a report map")
         except Exception:
             return aiocoap.Message(code=Code.BAD_REQUEST)
+        self.server._seen_device(device, request)
         self.server._record_report(device, report)
         return aiocoap.Message(code=Code.CHANGED)
 
@@ -526,6 +570,12 @@ class UpdateServer:
         self._reports_by_device: dict[str, list[dict[int, Any]]] = {}
         self.duplicate_reports = 0
         self._seen: set[tuple[str, int]] = set()
+        self.devices: dict[str, DeviceSeen] = {}
+        """Every device that asked for its announcement or reported, by device id."""
+        self.device_hook: Callable[[DeviceSeen], None] | None = None
+        """Called with a device's record whenever it changes (a live view redraws on it)."""
+        self.published: list[Published] = []
+        """Every manifest :meth:`publish` announced, oldest first."""
         self._changed = asyncio.Condition()
         self._ctx: Any = None
         self._sequence = 0
@@ -694,6 +744,7 @@ class UpdateServer:
         """Sign a manifest for ``image`` and announce it (see :meth:`make_manifest` for options)."""
         published = self.make_manifest(image, version, **kwargs)
         self.announce_raw(published.raw, published.sequence, devices)
+        self.published.append(published)
         return published
 
     # -- records --------------------------------------------------------------------------
@@ -736,6 +787,29 @@ class UpdateServer:
         """
         return [r.in_flight for r in self.requests if r.in_flight is not None]
 
+    def _seen_device(self, device: str, request: Any) -> DeviceSeen:
+        now = time.time()
+        try:
+            address = str(request.remote.hostinfo)
+        except Exception:  # a remote without host info (not UDP): still the same device
+            address = "?"
+        seen = self.devices.get(device)
+        if seen is None:
+            seen = self.devices[device] = DeviceSeen(device, address, now, now)
+        else:
+            seen.address, seen.last_seen = address, now
+        return seen
+
+    def _device_changed(self, seen: DeviceSeen) -> None:
+        if self.device_hook is not None:
+            self.device_hook(seen)
+
+    def _observers_changed(self, device: str, count: int) -> None:
+        seen = self.devices.get(device)
+        if seen is not None:
+            seen.observing = count
+            self._device_changed(seen)
+
     def _record_report(self, device: str, report: dict[int, Any]) -> None:
         key = (device, report[2])
         if key in self._seen:
@@ -744,6 +818,17 @@ class UpdateServer:
         self._seen.add(key)
         self.reports.append(report)
         self._reports_by_device.setdefault(device, []).append(report)
+        seen = self.devices.get(device)
+        if seen is not None:
+            seen.reports += 1
+            seen.state, seen.result = report.get(3), report.get(4)
+            detail = report.get(8)
+            seen.detail = detail if isinstance(detail, str) else ""
+            if isinstance(report.get(5), str):
+                seen.update_id = report[5]
+            if isinstance(report.get(7), int):
+                seen.verified = report[7]
+            self._device_changed(seen)
         asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
@@ -760,12 +845,23 @@ class UpdateServer:
         return [r for r in self.requests if r.path == path]
 
     async def wait_for_report(
-        self, predicate: Callable[[dict[int, Any]], bool], timeout: float = 30.0
+        self,
+        predicate: Callable[[dict[int, Any]], bool],
+        timeout: float = 30.0,
+        *,
+        device: str | None = None,
     ) -> dict[int, Any]:
-        """Wait until a report matching ``predicate`` has arrived; return it."""
+        """Wait until a report matching ``predicate`` has arrived; return it.
+
+        Args:
+            predicate: tests one report (the CBOR map of ``docs/protocol.md``).
+            timeout: seconds before ``TimeoutError``.
+            device: only reports posted to this device's resource (None: any device).
+        """
 
         def found() -> dict[int, Any] | None:
-            return next((r for r in self.reports if predicate(r)), None)
+            pool = self.reports if device is None else self._reports_by_device.get(device, ())
+            return next((r for r in pool if predicate(r)), None)
 
         async def _wait() -> dict[int, Any]:
             async with self._changed:

@@ -1,0 +1,34 @@
+"""The test server's record of the devices it has seen (what ``fota server`` shows live)."""
+
+from __future__ import annotations
+
+from fota import AutoAuthorize, ResultCode, State
+from fota.testing import DeviceSeen, UpdateServer
+from fota.testing.pytest_plugin import Reports
+
+
+async def test_server_records_each_device_it_has_seen(
+    fota_server: UpdateServer, fota_publish, fota_client, fota_reports: Reports
+) -> None:
+    changes: list[DeviceSeen] = []
+    fota_server.device_hook = lambda seen: changes.append(
+        DeviceSeen(**{f: getattr(seen, f) for f in seen.__dataclass_fields__})
+    )
+    v1 = fota_publish("1.0", size=8 * 1024)
+    await fota_client(handler=AutoAuthorize())
+    await fota_client("dev2", handler=AutoAuthorize())
+    await fota_reports.wait_for(v1, ResultCode.SUCCESS)
+    await Reports(fota_server, "dev2").wait_for(v1, ResultCode.SUCCESS)
+
+    assert set(fota_server.devices) == {"dev1", "dev2"}
+    one = fota_server.devices["dev1"]
+    assert one.observing == 1  # its announcement observation is registered
+    assert one.address.startswith("127.0.0.1:")
+    assert one.reports == len(fota_reports.of())
+    assert (State(one.state), ResultCode(one.result)) == (State.IDLE, ResultCode.SUCCESS)
+    assert one.update_id == v1.update_id and one.verified == 8 * 1024
+    assert one.first_seen <= one.last_seen
+    # The hook saw the observation first, then every report's state, in order.
+    mine = [c for c in changes if c.device == "dev1"]
+    assert mine[0].observing == 1 and mine[0].state is None
+    assert [c.reports for c in mine if c.reports] == list(range(1, one.reports + 1))
