@@ -786,10 +786,12 @@ class Engine:
                 await asyncio.sleep(min(policy.retry_cap, policy.retry_base * 2 ** (attempt - 1)))
                 continue
             if len(raw) <= MAX_MANIFEST_BYTES and hashlib.sha256(raw).digest() != digest:
-                # Not the announced manifest (changed or corrupted in between): wait for the
-                # next announcement rather than judge bytes nobody announced.
-                log.warning("manifest_digest_mismatch", uri=uri)
-                return
+                # Not the announced manifest: corrupted on the way (fetch again, like a lost
+                # block), or changed on the server (then the attempts run out and the next
+                # announcement brings the new digest). Bytes nobody announced are never judged.
+                log.warning("manifest_digest_mismatch", uri=uri, attempt=attempt)
+                await asyncio.sleep(min(policy.retry_cap, policy.retry_base * 2 ** (attempt - 1)))
+                continue
             self.post(ev.ManifestFetched(raw, uri, digest))
             return
 

@@ -97,5 +97,46 @@ async def test_expects_a_rollback(fota_publish, fota_client, fota_reports):
 def test_the_fixtures_are_listed(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--fixtures", "-p", "no:cacheprovider")
     text = result.stdout.str()
-    for name in ("fota_server", "fota_signing", "fota_publish", "fota_client", "fota_reports"):
+    for name in (
+        "fota_server",
+        "fota_signing",
+        "fota_publish",
+        "fota_client",
+        "fota_reports",
+        "fota_faults",
+        "fota_seed",
+    ):
         assert name in text, name
+
+
+SEEDED = """
+from fota import AutoAuthorize, ResultCode
+
+
+async def test_lossy_link(fota_seed, fota_faults, fota_publish, fota_client, fota_reports):
+    print("SEED", fota_seed)
+    fota_faults.lose(20).duplicate(30).reorder(30)
+    v1 = fota_publish("1.0", size=64 * 1024)
+    await fota_client(handler=AutoAuthorize(), max_attempts=10)
+    await fota_reports.wait_for(v1, ResultCode.SUCCESS)
+    assert fota_faults.seed == fota_seed
+    assert False, "failing on purpose, to see the seed in the report"
+"""
+
+
+def test_faults_are_seeded_and_a_failure_names_the_seed(pytester: pytest.Pytester) -> None:
+    pytester.makeini(INI.format(mode="auto"))
+    pytester.makepyfile(test_seeded=SEEDED)
+    first = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", "-s")
+    first.assert_outcomes(failed=1)
+    seeds = [line.split()[1] for line in first.outlines if line.startswith("SEED ")]
+    assert len(seeds) == 1
+    seed = seeds[0]
+    first.stdout.fnmatch_lines([f"*fault plan seed {seed}: repeat with --fota-seed {seed}*"])
+    # The default seed comes from the test id: the same on the next run.
+    again = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", "-s")
+    assert [line for line in again.outlines if line.startswith("SEED ")] == [f"SEED {seed}"]
+    # --fota-seed sets it.
+    chosen = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", "-s", "--fota-seed", "7")
+    assert [line for line in chosen.outlines if line.startswith("SEED ")] == ["SEED 7"]
+    chosen.stdout.fnmatch_lines(["*repeat with --fota-seed 7*"])

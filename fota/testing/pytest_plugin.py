@@ -13,8 +13,11 @@ journal files in ``tmp_path``.
 
 Fixtures:
     fota_signing: an Ed25519 signing key, its key id, a trust store and the public key's PEM.
-    fota_server: a started :class:`~fota.testing.UpdateServer` (its ``faults`` plan is
-        settable at run time).
+    fota_seed: the seed of the server's fault plan: ``--fota-seed N``, else one derived
+        from the test's id (stable from run to run); a failing test's report names it.
+    fota_server: a started :class:`~fota.testing.UpdateServer`.
+    fota_faults: the server's :class:`~fota.testing.FaultPlan`, seeded with ``fota_seed``;
+        set faults before the client starts or while it runs.
     fota_publish: ``publish(version, image=None, *, size=..., **manifest_options)``.
     fota_config: ``config(device="dev1", **Config_settings)``: a Config wired to the server,
         with test timing (short ACK timeout and retry delays).
@@ -27,7 +30,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +46,7 @@ from fota.core.states import State
 from fota.errors import ResultCode
 from fota.handler import UpdateHandler
 from fota.keys import save_keypair
-from fota.testing.server import Published, UpdateServer
+from fota.testing.server import FaultPlan, Published, UpdateServer
 
 DEVICE_CLASS = "test-gw"
 """The device class of every fixture unless a test asks for another."""
@@ -141,6 +145,46 @@ class Reports:
         )
 
 
+SEED_KEY = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--fota-seed``: repeat a run's faults exactly."""
+    parser.getgroup("fota").addoption(
+        "--fota-seed",
+        type=int,
+        default=None,
+        help="seed of every fota_server's fault plan (default: derived from the test id)",
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Name the fault seed in a failing test's report, so the run can be repeated."""
+    report = yield
+    seed = item.stash.get(SEED_KEY, None)
+    if report.failed and seed is not None:
+        report.sections.append(("fota", f"fault plan seed {seed}: repeat with --fota-seed {seed}"))
+    return report
+
+
+@pytest.fixture
+def fota_seed(request: pytest.FixtureRequest) -> int:
+    """The fault plan's seed: ``--fota-seed``, else a stable number from the test's id."""
+    given = request.config.getoption("--fota-seed", None)
+    seed = int(given) if given is not None else zlib.crc32(request.node.nodeid.encode())
+    request.node.stash[SEED_KEY] = seed
+    return seed
+
+
+@pytest.fixture
+def fota_faults(fota_server: UpdateServer) -> FaultPlan:
+    """The running server's fault plan (``fota_server.faults``), for faults set by a test."""
+    return fota_server.faults
+
+
 @pytest.fixture
 def fota_device_class() -> str:
     """The device class fixtures use; override it in a conftest for your devices."""
@@ -204,9 +248,16 @@ if importlib.util.find_spec("pytest_asyncio") is not None:
     import pytest_asyncio
 
     @pytest_asyncio.fixture
-    async def fota_server(tmp_path: Path, fota_signing: Signing) -> AsyncIterator[UpdateServer]:
-        """A started update server on ``127.0.0.1:0``."""
-        async with UpdateServer(tmp_path / "fota-server", fota_signing.key, fota_signing.kid) as s:
+    async def fota_server(
+        tmp_path: Path, fota_signing: Signing, fota_seed: int
+    ) -> AsyncIterator[UpdateServer]:
+        """A started update server on ``127.0.0.1:0``, its fault plan seeded with fota_seed."""
+        async with UpdateServer(
+            tmp_path / "fota-server",
+            fota_signing.key,
+            fota_signing.kid,
+            faults=FaultPlan(seed=fota_seed),
+        ) as s:
             yield s
 
     @pytest_asyncio.fixture

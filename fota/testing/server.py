@@ -9,10 +9,13 @@ default: the OS picks one, see :attr:`UpdateServer.port`):
 * announcements per device (or for every device) are observable, and may withdraw (cancel) a
   manifest;
 * every request and every status report is recorded for tests to assert on;
-* a seeded :class:`FaultPlan` injects faults into image requests: corrupt blocks, request
-  loss, response delay (fixed + jitter, or answers one at a time), a smaller block size or
-  another ETag from some request on, 5.03 with Max-Age, 4.04; image requests in flight
-  (received, not yet answered) are counted, so a test can check the client's window.
+* a seeded :class:`FaultPlan` injects faults into image requests: corrupt or truncated
+  blocks, request loss, response delay (fixed + jitter, or answers one at a time), duplicated
+  and reordered responses (on the wire: the datagram is sent twice, or held back until the
+  next one has left), a smaller block size or another ETag from some request on, 5.03 with
+  Max-Age, 4.04, and a cancel or a superseding manifest announced part-way through a
+  download; image requests in flight (received, not yet answered) are counted, so a test can
+  check the client's window.
 """
 
 from __future__ import annotations
@@ -75,6 +78,13 @@ class Reaction:
         not_found: answer 4.04 Not Found.
         max_block_size: serve at most this block size.
         etag: serve this ETag instead of the image's own.
+        duplicate: send the response datagram twice.
+        fresh_mid: the copy gets another message ID (a server that answered twice, rather
+            than a network that duplicated one datagram; RFC 7252 §4.5 deduplication by
+            message ID does not catch it).
+        reorder: hold the response datagram back until the next one has been sent.
+        actions: announcements to make before answering (see :meth:`FaultPlan.cancel_after`
+            and :meth:`FaultPlan.supersede_after`).
     """
 
     faults: tuple[str, ...] = ()
@@ -85,6 +95,26 @@ class Reaction:
     not_found: bool = False
     max_block_size: int | None = None
     etag: bytes | None = None
+    duplicate: bool = False
+    fresh_mid: bool = False
+    reorder: bool = False
+    actions: tuple[Action, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """An announcement the fault plan makes part-way through a download.
+
+    Attributes:
+        at: the image request number (see :attr:`FaultPlan.seen`) it is due at.
+        kind: ``"cancel"``: withdraw the manifest of the image being requested;
+            ``"supersede"``: announce ``published``.
+        published: the superseding manifest (from :meth:`UpdateServer.make_manifest`).
+    """
+
+    at: int
+    kind: str
+    published: Published | None = None
 
 
 @dataclass
@@ -101,6 +131,7 @@ class FaultPlan:
         seed: seeds the random choices, so a failing run can be repeated.
         corrupt_blocks: block number (in the request's block size) -> how many times to flip a
             byte in that block's payload before serving it intact.
+        corrupt_manifest_blocks: the same for manifest blocks.
         loss_percent: share of image requests dropped without an answer, 0..100.
         delay_fixed: seconds every answer to an image request is held back.
         delay_jitter: up to this many more seconds (uniform, seeded), per request.
@@ -113,11 +144,22 @@ class FaultPlan:
         busy_left: the next this many image requests are answered 5.03 Service Unavailable.
         busy_max_age: the Max-Age (seconds) of those 5.03 answers.
         missing_images: hex digests of images answered 4.04 Not Found (the file stays).
+        truncate_blocks: image block number -> how many times to serve it cut short (its
+            Block2 option unchanged: a non-final block with fewer bytes than its size, or a
+            final block that ends before Size2).
+        truncate_manifest_blocks: the same for manifest blocks.
+        truncate_keep: bytes a truncated block keeps (None: a seeded random share).
+        duplicate_percent: share of image responses sent twice, 0..100.
+        duplicate_fresh_mid: whether the copy gets a new message ID.
+        reorder_percent: share of image responses held back until the next one left, 0..100.
+        reorder_hold: the longest a held response waits for a next one (then it goes alone).
+        actions: announcements still due (cancel, supersede), in order.
         seen: image requests seen so far (numbers them from 0, in arrival order).
     """
 
     seed: int = 0
     corrupt_blocks: dict[int, int] = field(default_factory=dict)
+    corrupt_manifest_blocks: dict[int, int] = field(default_factory=dict)
     loss_percent: float = 0.0
     delay_fixed: float = 0.0
     delay_jitter: float = 0.0
@@ -129,6 +171,14 @@ class FaultPlan:
     busy_left: int = 0
     busy_max_age: int = 1
     missing_images: set[str] = field(default_factory=set)
+    truncate_blocks: dict[int, int] = field(default_factory=dict)
+    truncate_manifest_blocks: dict[int, int] = field(default_factory=dict)
+    truncate_keep: int | None = None
+    duplicate_percent: float = 0.0
+    duplicate_fresh_mid: bool = False
+    reorder_percent: float = 0.0
+    reorder_hold: float = 0.05
+    actions: list[Action] = field(default_factory=list)
     seen: int = 0
 
     def __post_init__(self) -> None:
@@ -136,9 +186,16 @@ class FaultPlan:
 
     # -- setting faults up (each returns the plan, so calls chain) ------------------------
 
-    def corrupt(self, block: int, times: int = 1) -> FaultPlan:
-        """Corrupt block ``block`` the next ``times`` times it is served."""
-        self.corrupt_blocks[block] = self.corrupt_blocks.get(block, 0) + times
+    def corrupt(self, block: int, times: int = 1, *, manifest: bool = False) -> FaultPlan:
+        """Corrupt block ``block`` the next ``times`` times it is served.
+
+        Args:
+            block: the block number, in the block size the request asks for.
+            times: how many answers carry a flipped byte.
+            manifest: corrupt the manifest's block instead of the image's.
+        """
+        table = self.corrupt_manifest_blocks if manifest else self.corrupt_blocks
+        table[block] = table.get(block, 0) + times
         return self
 
     def corrupt_random(self, count: int, blocks: int) -> FaultPlan:
@@ -235,6 +292,93 @@ class FaultPlan:
         self.missing_images.add(sha256.hex())
         return self
 
+    def truncate(
+        self, block: int, times: int = 1, *, keep: int | None = None, manifest: bool = False
+    ) -> FaultPlan:
+        """Serve block ``block`` cut short the next ``times`` times (then intact).
+
+        The response keeps its Block2 option (number, size, More flag) and Size2, so a
+        client sees a block with fewer bytes than it says: a truncated datagram, or a server
+        bug. RFC 7959 §2.2: every block but the last carries exactly the block size.
+
+        Args:
+            block: the block number, in the block size the request asks for.
+            times: how many answers are truncated.
+            keep: bytes kept (cut to at most the payload less one); None: a seeded random
+                number of bytes, at least 1 and less than the payload.
+            manifest: truncate the manifest's block instead of the image's.
+
+        Raises:
+            ValueError: ``times`` below 1 or ``keep`` negative.
+        """
+        if times < 1 or (keep is not None and keep < 0):
+            raise ValueError(f"truncate times {times} must be >= 1 and keep {keep} >= 0")
+        table = self.truncate_manifest_blocks if manifest else self.truncate_blocks
+        table[block] = table.get(block, 0) + times
+        self.truncate_keep = keep
+        return self
+
+    def duplicate(self, percent: float = 100.0, *, fresh_mid: bool = False) -> FaultPlan:
+        """Send ``percent`` % of image responses twice (seeded).
+
+        Args:
+            percent: share of responses duplicated, 0..100.
+            fresh_mid: give the copy a new message ID (a server answering twice) instead of
+                the same one (a network duplicating a datagram).
+
+        Raises:
+            ValueError: ``percent`` is outside 0..100.
+        """
+        if not 0 <= percent <= 100:
+            raise ValueError(f"duplicate percent {percent} must be in 0..100")
+        self.duplicate_percent, self.duplicate_fresh_mid = percent, fresh_mid
+        return self
+
+    def reorder(self, percent: float = 50.0, *, hold: float = 0.05) -> FaultPlan:
+        """Hold ``percent`` % of image responses back until the next response has left.
+
+        The held datagram then follows the one that overtook it, so the client gets
+        answers out of request order. With nothing else to send it goes alone after
+        ``hold`` seconds (merely late).
+
+        Raises:
+            ValueError: ``percent`` outside 0..100, or a ``hold`` that is not positive.
+        """
+        if not 0 <= percent <= 100 or hold <= 0:
+            raise ValueError(f"reorder percent {percent} must be in 0..100 and hold {hold} > 0")
+        self.reorder_percent, self.reorder_hold = percent, hold
+        return self
+
+    def cancel_after(self, requests: int) -> FaultPlan:
+        """Withdraw the manifest being downloaded once ``requests`` more image requests came.
+
+        The server announces a cancel (``{1: seq, 4: digest}``) for the manifest of the
+        image asked for, to every device it was announced to, before it answers that request.
+
+        Raises:
+            ValueError: a negative count.
+        """
+        return self._schedule(requests, "cancel", None)
+
+    def supersede_after(self, requests: int, published: Published) -> FaultPlan:
+        """Announce ``published`` once ``requests`` more image requests came.
+
+        ``published`` comes from :meth:`UpdateServer.make_manifest`; it is announced to every
+        device before the server answers that request, so it supersedes the download under
+        way.
+
+        Raises:
+            ValueError: a negative count.
+        """
+        return self._schedule(requests, "supersede", published)
+
+    def _schedule(self, requests: int, kind: str, published: Published | None) -> FaultPlan:
+        if requests < 0:
+            raise ValueError(f"{kind} after {requests} requests: the count must not be negative")
+        self.actions.append(Action(self.seen + requests, kind, published))
+        self.actions.sort(key=lambda a: a.at)
+        return self
+
     # -- used by the server ---------------------------------------------------------------
 
     def react(self, name: str) -> Reaction:
@@ -245,9 +389,12 @@ class FaultPlan:
         """
         number = self.seen
         self.seen += 1
+        due = tuple(a for a in self.actions if a.at <= number)
+        if due:
+            self.actions = [a for a in self.actions if a.at > number]
         if self.loss_percent and self._random.random() * 100 < self.loss_percent:
-            return Reaction(faults=("lost",), drop=True)
-        faults: list[str] = []
+            return Reaction(faults=("lost",), drop=True, actions=due)
+        faults = ["cancelled" if a.kind == "cancel" else "superseded" for a in due]
         turn = self.throttle_interval
         if turn:
             faults.append("throttled")
@@ -257,12 +404,26 @@ class FaultPlan:
         if delay:
             faults.append("delayed")
         if name in self.missing_images:
-            return Reaction((*faults, "missing"), turn=turn, delay=delay, not_found=True)
+            return Reaction(
+                (*faults, "missing"), turn=turn, delay=delay, not_found=True, actions=due
+            )
         if self.busy_left > 0:
             self.busy_left -= 1
             return Reaction(
-                (*faults, "busy"), turn=turn, delay=delay, busy_max_age=self.busy_max_age
+                (*faults, "busy"),
+                turn=turn,
+                delay=delay,
+                busy_max_age=self.busy_max_age,
+                actions=due,
             )
+        duplicate = bool(
+            self.duplicate_percent and self._random.random() * 100 < self.duplicate_percent
+        )
+        if duplicate:
+            faults.append("duplicated")
+        reorder = bool(self.reorder_percent and self._random.random() * 100 < self.reorder_percent)
+        if reorder:
+            faults.append("reordered")
         max_block_size = None
         if self.shrink_from is not None and number >= self.shrink_from:
             faults.append("shrunk")
@@ -272,17 +433,37 @@ class FaultPlan:
             faults.append("etag")
             etag = self.etag
         return Reaction(
-            tuple(faults), turn=turn, delay=delay, max_block_size=max_block_size, etag=etag
+            tuple(faults),
+            turn=turn,
+            delay=delay,
+            max_block_size=max_block_size,
+            etag=etag,
+            duplicate=duplicate,
+            fresh_mid=duplicate and self.duplicate_fresh_mid,
+            reorder=reorder,
+            actions=due,
         )
 
-    def apply(self, block: int, payload: bytes) -> bytes:
-        """Return the payload to serve for ``block`` (corrupted while the plan says so)."""
-        left = self.corrupt_blocks.get(block, 0)
+    def apply(self, block: int, payload: bytes, *, manifest: bool = False) -> tuple[bytes, str]:
+        """The payload to serve for ``block``, and the fault applied to it ("" for none).
+
+        A block is truncated or corrupted (one byte flipped) while the plan says so.
+        """
+        table = self.truncate_manifest_blocks if manifest else self.truncate_blocks
+        cut = table.get(block, 0)
+        if cut and len(payload) > 1:
+            table[block] = cut - 1
+            keep = self.truncate_keep
+            if keep is None:
+                keep = self._random.randrange(1, len(payload))
+            return payload[: min(keep, len(payload) - 1)], "truncated"
+        table = self.corrupt_manifest_blocks if manifest else self.corrupt_blocks
+        left = table.get(block, 0)
         if not left or not payload:
-            return payload
-        self.corrupt_blocks[block] = left - 1
+            return payload, ""
+        table[block] = left - 1
         i = self._random.randrange(len(payload))
-        return payload[:i] + bytes([payload[i] ^ 0xFF]) + payload[i + 1 :]
+        return payload[:i] + bytes([payload[i] ^ 0xFF]) + payload[i + 1 :], "corrupt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,10 +582,13 @@ class _Sliced(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type:
         offset = block2.start if block2 else 0
         where = f"/fota/{self.kind}/{name}"
         if self.kind != "img":
-            self.server._log("GET", where, offset, 1 << (szx + 4), asked=asked)
-            response, _ = self._slice(name, block2 is not None, offset, szx)
+            response, fault = self._slice(name, block2 is not None, offset, szx)
+            faults: tuple[str, ...] = (fault,) if fault else ()
+            self.server._log("GET", where, offset, 1 << (szx + 4), asked=asked, faults=faults)
             return response
         reaction = self.server.faults.react(name)
+        for action in reaction.actions:
+            self.server._act(action, name)
         if reaction.max_block_size is not None:
             szx = min(szx, reaction.max_block_size.bit_length() - 5)
         size = 1 << (szx + 4)
@@ -419,9 +603,12 @@ class _Sliced(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type:
         elif reaction.busy_max_age is not None:
             response = aiocoap.Message(code=Code.SERVICE_UNAVAILABLE, max_age=reaction.busy_max_age)
         else:
-            response, corrupted = self._slice(name, block2 is not None, offset, szx, reaction.etag)
-            if corrupted:
-                faults = (*faults, "corrupt")
+            response, fault = self._slice(name, block2 is not None, offset, szx, reaction.etag)
+            if fault:
+                faults = (*faults, fault)
+        if reaction.duplicate or reaction.reorder:
+            # The wire layer finds the response by its token (the request's) as it leaves.
+            self.server._wire_faults[bytes(request.token)] = reaction
         self.server._image_arrived(where, offset, size, asked, faults)
         try:
             # The faults themselves: a slow link, a slow server.
@@ -436,8 +623,8 @@ class _Sliced(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type:
 
     def _slice(
         self, name: str, blockwise: bool, offset: int, szx: int, etag: bytes | None = None
-    ) -> tuple[Any, bool]:
-        """The response for a slice of a file, and whether the fault plan corrupted it."""
+    ) -> tuple[Any, str]:
+        """The response for a slice of a file, and the fault the plan applied to it."""
         size = 1 << (szx + 4)
         try:
             # A small positioned read per block; a thread hop would cost more than it saves.
@@ -446,14 +633,13 @@ class _Sliced(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type:
                 f.seek(offset)
                 payload = f.read(size)
         except FileNotFoundError:
-            return aiocoap.Message(code=Code.NOT_FOUND), False
+            return aiocoap.Message(code=Code.NOT_FOUND), ""
         if offset and offset >= total:
-            return aiocoap.Message(code=Code.BAD_OPTION), False
+            return aiocoap.Message(code=Code.BAD_OPTION), ""
         more = offset + len(payload) < total
-        corrupted = False
-        if self.kind == "img":
-            served = self.server.faults.apply(offset // size, payload)
-            corrupted, payload = served is not payload, served
+        payload, fault = self.server.faults.apply(
+            offset // size, payload, manifest=self.kind != "img"
+        )
         response = aiocoap.Message(
             code=Code.CONTENT, payload=payload, content_format=self.content_format
         )
@@ -461,7 +647,58 @@ class _Sliced(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type:
             response.opt.block2 = BlockOption.BlockwiseTuple(offset // size, more, szx)
             response.opt.size2 = total
             response.opt.etag = etag if etag is not None else bytes.fromhex(name)[:8]
-        return response, corrupted
+        return response, fault
+
+
+class _Wire:
+    """The server socket's sending side, with the plan's duplicates and reordering.
+
+    Wraps the datagram transport of aiocoap's UDP interface (everything but ``sendmsg`` is
+    passed through), so these faults happen where they happen in a network: after aiocoap
+    encoded the response. A response is found by its token, which the resource registered
+    in :attr:`UpdateServer._wire_faults` while answering the request.
+    """
+
+    def __init__(self, inner: Any, server: UpdateServer) -> None:
+        self._inner = inner
+        self._server = server
+        self._held: tuple[bytes, Any, int, Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def sendmsg(self, data: bytes, ancdata: Any, flags: int, address: Any) -> None:
+        reaction = None
+        if len(data) >= 4:
+            token = bytes(data[4 : 4 + (data[0] & 0x0F)])
+            reaction = self._server._wire_faults.pop(token, None)
+        if reaction is not None and reaction.reorder and self._held is None:
+            self._held = (data, ancdata, flags, address)
+            self._timer = asyncio.get_running_loop().call_later(
+                self._server.faults.reorder_hold, self._release, False
+            )
+            return
+        self._inner.sendmsg(data, ancdata, flags, address)
+        if reaction is not None and reaction.duplicate:
+            copy = data
+            if reaction.fresh_mid:
+                mid = (int.from_bytes(data[2:4], "big") + 0x8000) & 0xFFFF
+                copy = data[:2] + mid.to_bytes(2, "big") + data[4:]
+            self._inner.sendmsg(copy, ancdata, flags, address)
+            self._server.duplicated += 1
+        self._release(True)
+
+    def _release(self, overtaken: bool) -> None:
+        """Send the held datagram: after the one that overtook it, or alone when time is up."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held = self._held, None
+        if held is not None:
+            self._inner.sendmsg(*held)
+            if overtaken:
+                self._server.reordered += 1
 
 
 class _Announcements(aiocoap.resource.ObservableResource, aiocoap.resource.PathCapable):  # type: ignore[misc]
@@ -565,6 +802,12 @@ class UpdateServer:
         self.max_in_flight = 0
         """The most image requests that were ever in flight at once."""
         self._turn = asyncio.Lock()  # FIFO: throttled answers leave one at a time, in order
+        self._wire_faults: dict[bytes, Reaction] = {}
+        self.duplicated = 0
+        """Image responses the fault plan sent twice."""
+        self.reordered = 0
+        """Image responses the fault plan held back and sent after a later one."""
+        self._manifests_of: dict[str, list[bytes]] = {}  # image hex digest -> manifest digests
         self.reports: list[dict[int, Any]] = []
         """Every report received, in arrival order, duplicates left out."""
         self._reports_by_device: dict[str, list[dict[int, Any]]] = {}
@@ -598,6 +841,9 @@ class UpdateServer:
             site, bind=(self.host, self.port), transports=["udp6"]
         )
         self.port = bound_port(self._ctx)
+        for interface in self._ctx.request_interfaces:
+            messages = interface.token_interface.message_interface
+            messages.transport = _Wire(messages.transport, self)
         log.info("update_server_started", uri=self.uri)
 
     async def stop(self) -> None:
@@ -688,6 +934,7 @@ class UpdateServer:
         )
         raw = mf.sign(body, key or self.key, kid or self.kid)
         digest = hashlib.sha256(raw).digest()
+        self._manifests_of.setdefault(sha.hex(), []).append(digest)
         return Published(raw, digest, mf.update_id_of(digest), sequence, sha, path)
 
     def announce_raw(
@@ -746,6 +993,19 @@ class UpdateServer:
         self.announce_raw(published.raw, published.sequence, devices)
         self.published.append(published)
         return published
+
+    def _act(self, action: Action, image: str) -> None:
+        """Make an announcement the fault plan scheduled, while image ``image`` is requested."""
+        if action.kind == "supersede":
+            assert action.published is not None
+            published = action.published
+            self.announce_raw(published.raw, published.sequence)
+            self.published.append(published)
+            return
+        digests = set(self._manifests_of.get(image, ()))
+        devices = [d for d, ann in self.announcements.items() if ann.get(2) in digests]
+        for digest in {self.announcements[d][2] for d in devices}:
+            self.cancel(digest, [d for d in devices if self.announcements[d].get(2) == digest])
 
     # -- records --------------------------------------------------------------------------
 

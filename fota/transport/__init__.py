@@ -51,6 +51,26 @@ class Block:
     etag: bytes | None = None
 
 
+def truncated(payload: bytes, more: bool, start: int, size: int, size2: int | None) -> bool:
+    """Whether a Block2 payload is not as long as its own options say.
+
+    RFC 7959 §2.2: a block with the More flag carries exactly the block size; the last block
+    ends the resource, so it must reach Size2 when the server sent one. A payload that breaks
+    either was cut short (or the server is broken): it must be asked for again, never taken as
+    a smaller block size or the image's end.
+
+    Args:
+        payload: the response's payload.
+        more: the Block2 More flag.
+        start: the block's byte offset (number times size).
+        size: the block size from the Block2 SZX.
+        size2: the Size2 option, if any.
+    """
+    if more:
+        return len(payload) != size
+    return size2 is not None and start + len(payload) < size2
+
+
 class BlockFetcher(Protocol):
     """Fetches byte ranges of one resource, block by block, in any order."""
 

@@ -29,7 +29,7 @@ from aiocoap.optiontypes import BlockOption
 
 from fota.core.uri import resolve
 from fota.errors import ImageChanged, PermanentServerError, TransportError
-from fota.transport import Announcement, Block, BlockFetcher
+from fota.transport import Announcement, Block, BlockFetcher, truncated
 from fota.transport.tcp import TcpFetcher
 from fota.transport.window import WindowFetcher
 
@@ -174,7 +174,8 @@ class CoapTransport:
         """Fetch the block at byte ``offset``.
 
         Raises:
-            TransportError: timeout, reset or 5.xx (retryable).
+            TransportError: timeout, reset, 5.xx, or a block shorter than its options say
+                (retryable).
             PermanentServerError: 4.04 and the like.
             ImageChanged: 4.08.
         """
@@ -187,6 +188,16 @@ class CoapTransport:
         if block2 is None:
             # A server that ignores Block2 sends the whole resource at once.
             return Block(0, response.payload, False, len(response.payload), response.opt.etag)
+        if truncated(
+            response.payload, bool(block2.more), block2.start, block2.size, response.opt.size2
+        ):
+            # Retryable: a cut datagram is gone on the next try; a server that always does
+            # it runs out of attempts.
+            raise TransportError(
+                f"{uri}: block {block2.block_number} has {len(response.payload)} bytes; "
+                f"its Block2 says {block2.size}"
+                + ("" if block2.more else f" and Size2 {response.opt.size2}")
+            )
         return Block(
             offset=block2.start,
             data=response.payload,

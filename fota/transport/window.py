@@ -16,6 +16,10 @@ Theory of operation:
   transfer fails with a retryable :class:`~fota.errors.TransportError`.
 * A server may answer with a smaller block (RFC 7959 §2.4): the rest of the range is asked
   again at that size, and so is everything after it.
+* A block shorter than its Block2 option says (``fota.transport.truncated``) is not taken:
+  the request stays in flight and its timeout asks again.
+* Duplicated and late answers are matched by token to nothing in flight and dropped, and
+  answers in any order are fine: each carries its own offset.
 * 5.03 with Max-Age pauses sending for Max-Age seconds (the server asked for it); other 5.xx are
   retried like a loss; 4.04 / 4.03 / 4.00 / 4.15 stop the transfer (PermanentServerError);
   4.08 raises ImageChanged.
@@ -36,7 +40,7 @@ from urllib.parse import unquote, urlsplit
 import structlog
 
 from fota.errors import ImageChanged, PermanentServerError, TransportError
-from fota.transport import Block, wire
+from fota.transport import Block, truncated, wire
 
 log = structlog.get_logger(__name__)
 
@@ -125,6 +129,7 @@ class WindowFetcher:
         self._stop = threading.Event()
         self.sent = 0
         self.retransmits = 0
+        self.truncated = 0
 
     @classmethod
     def for_uri(cls, uri: str, **options: Any) -> WindowFetcher:
@@ -294,14 +299,28 @@ class WindowFetcher:
             # Other errors (5.xx): leave it in flight; the timeout sends it again.
             log.info("block_error_response", uri=self.uri, code=wire.code_text(code), offset=offset)
             return None
-        del self._flight[offset]
         if response.block2 is None:
+            del self._flight[offset]
             return Block(0, response.payload, False, len(response.payload), response.etag)
         num, more, szx = response.block2
         got = 1 << (szx + 4)
         start = num * got
         if start != offset:
             raise TransportError(f"{self.uri}: asked for byte {offset}, got block at {start}")
+        if truncated(response.payload, more, start, got, response.size2):
+            # A block shorter than it says (RFC 7959 §2.2: only the last may be short, and it
+            # ends at Size2): a cut datagram or a server bug. Leave it in flight, so the
+            # timeout asks again and max_tries bounds a server that always does it.
+            self.truncated += 1
+            log.info(
+                "block_truncated",
+                uri=self.uri,
+                offset=offset,
+                got=len(response.payload),
+                block_size=got,
+            )
+            return None
+        del self._flight[offset]
         if got < size:
             # The server chose a smaller block: follow it from here on.
             if got < self.block_size:
