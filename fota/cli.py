@@ -31,6 +31,7 @@ from fota.logs import configure
 if TYPE_CHECKING:
     from fota.config import Config
     from fota.handler import UpdateHandler
+    from fota.server_view import Publisher, View
     from fota.settings import Settings
 
 # Each command imports what it needs, so `fota fetch` starts without the state machine,
@@ -248,29 +249,92 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    import contextlib
+
     from fota import keys
     from fota.core import manifest as mf
-    from fota.testing.server import UpdateServer
+    from fota.errors import ConfigError
+    from fota.server_view import ImageDirectory, Publisher, Served, choose_mode, make_view
+    from fota.testing.server import ALL_DEVICES, UpdateServer
 
+    if args.watch and not args.images:
+        raise ConfigError("--watch: needs --images DIR (the directory to watch)")
+    directory = found = None
+    if args.images:
+        directory = ImageDirectory(
+            Path(args.images),
+            device_class=args.device_class,
+            polite=not args.impolite,
+            watching=args.watch,
+        )
+        # A bad directory or fota-images.toml stops here, before anything is bound or signed.
+        found = directory.scan()
+        if not found and not args.watch:
+            raise ConfigError(
+                f"{directory.path}: no images (files named NAME-VERSION.EXT, like gw-2.1.0.bin)"
+            )
     key = keys.load_private(Path(args.key))
     kid = mf.kid_for(key.public_key())
+    mode = choose_mode(json_lines=args.json, plain=args.plain, terminal=sys.stdout.isatty())
     async with UpdateServer(Path(args.root), key, kid, host=args.host, port=args.port) as server:
-        for spec in args.publish or []:
-            path, _, version = spec.partition("=")
-            published = server.publish(
-                Path(path),
-                version or "1.0",
-                device_class=args.device_class,
-                polite=not args.impolite,
-            )
-            print(json.dumps({"published": path, "update_id": published.update_id}), flush=True)
-        print(json.dumps({"uri": server.uri}), flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        with make_view(mode, server.devices) as view:
+            server.device_hook = view.changed
+            for spec in args.publish or []:
+                path, _, version = spec.partition("=")
+                published = server.publish(
+                    Path(path),
+                    version or "1.0",
+                    device_class=args.device_class,
+                    polite=not args.impolite,
+                )
+                view.add(Served.of(published, Path(path), version or "1.0", (ALL_DEVICES,)))
+                view.line({"published": path, "update_id": published.update_id})
+            publisher = None
+            if directory is not None and found is not None:
+                publisher = Publisher(server, directory)
+                for served in publisher.publish_all(found):
+                    view.add(served)
+                    view.line(served.line())
+            # Scripts and tests wait for this line: the socket is bound and serving.
+            view.line({"uri": server.uri})
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            watcher = None
+            if args.watch and publisher is not None:
+                watcher = asyncio.create_task(_watch(publisher, view, args.watch_interval))
+            try:
+                await stop.wait()
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watcher
     return 0
+
+
+async def _watch(publisher: Publisher, view: View, interval: float) -> None:
+    """``fota server --watch``: look at the images directory every ``interval`` seconds."""
+    while True:
+        await asyncio.sleep(interval)
+        served, problem = await publisher.poll()
+        for image in served:
+            view.add(image)
+            view.line(image.line())
+        if problem is not None:
+            view.problem(problem)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (``--watch-interval``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -386,14 +450,41 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--restart", action="store_true", help="ignore a previous partial fetch")
     fe.set_defaults(func=cmd_fetch)
 
-    srv = sub.add_parser("server", help="run the CoAP test update server")
+    srv = sub.add_parser(
+        "server",
+        help="run the CoAP test update server (for manual testing; docs/cli.md)",
+        description="Serve images to devices, and show the devices and their states live.",
+    )
     srv.add_argument("--root", required=True, help="directory for images and manifests")
     srv.add_argument("--key", required=True, help="signing key PEM")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=5683)
-    srv.add_argument("--device-class", default="gateway")
-    srv.add_argument("--publish", action="append", metavar="IMAGE=VERSION")
-    srv.add_argument("--impolite", action="store_true")
+    srv.add_argument("--port", type=int, default=5683, help="UDP port; 0: the OS picks one")
+    srv.add_argument("--device-class", default="gateway", help="of images that name none")
+    images = srv.add_mutually_exclusive_group()
+    images.add_argument(
+        "--publish", action="append", metavar="IMAGE=VERSION", help="publish one image (repeatable)"
+    )
+    images.add_argument(
+        "--images",
+        metavar="DIR",
+        help="publish every image of DIR (NAME-VERSION.EXT; options in DIR/fota-images.toml)",
+    )
+    srv.add_argument(
+        "--watch", action="store_true", help="with --images: publish new and changed files"
+    )
+    srv.add_argument(
+        "--watch-interval",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often --watch looks at DIR (default 1)",
+    )
+    srv.add_argument("--impolite", action="store_true", help="images that do not say are impolite")
+    view = srv.add_mutually_exclusive_group()
+    view.add_argument("--json", action="store_true", help="one JSON object per device change")
+    view.add_argument(
+        "--plain", action="store_true", help="one line per device change, even on a terminal"
+    )
     srv.set_defaults(func=cmd_server)
 
     demo = sub.add_parser("demo", help="a server and a client on loopback doing a polite update")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fota import AutoAuthorize, ResultCode, State
 from fota.testing import DeviceSeen, UpdateServer
 from fota.testing.pytest_plugin import Reports
@@ -32,3 +34,18 @@ async def test_server_records_each_device_it_has_seen(
     mine = [c for c in changes if c.device == "dev1"]
     assert mine[0].observing == 1 and mine[0].state is None
     assert [c.reports for c in mine if c.reports] == list(range(1, one.reports + 1))
+
+
+async def test_a_polling_device_is_told_at_its_first_request(
+    fota_server: UpdateServer, fota_client
+) -> None:
+    first = asyncio.get_running_loop().create_future()
+
+    def hook(seen: DeviceSeen) -> None:
+        if not first.done():
+            first.set_result((seen.device, seen.observing, seen.reports))
+
+    fota_server.device_hook = hook
+    await fota_client("sleepy", poll_interval=3600.0)  # nothing announced: it never reports
+    assert await asyncio.wait_for(first, 10) == ("sleepy", 0, 0)
+    assert fota_server.devices["sleepy"].observing == 0

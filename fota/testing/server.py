@@ -719,7 +719,8 @@ class _Announcements(aiocoap.resource.ObservableResource, aiocoap.resource.PathC
             self.server._observers_changed(device, len(watchers))
 
         serverobservation.accept(gone)
-        self.server._seen_device(device, request)  # aiocoap calls this before render_get
+        # aiocoap calls this before render_get; the change is told once, with the count.
+        self.server._seen_device(device, request, tell=False)
         self.server._observers_changed(device, len(watchers))
 
     def notify(self, devices: Iterable[str]) -> None:
@@ -1047,7 +1048,7 @@ class UpdateServer:
         """
         return [r.in_flight for r in self.requests if r.in_flight is not None]
 
-    def _seen_device(self, device: str, request: Any) -> DeviceSeen:
+    def _seen_device(self, device: str, request: Any, *, tell: bool = True) -> DeviceSeen:
         now = time.time()
         try:
             address = str(request.remote.hostinfo)
@@ -1056,6 +1057,8 @@ class UpdateServer:
         seen = self.devices.get(device)
         if seen is None:
             seen = self.devices[device] = DeviceSeen(device, address, now, now)
+            if tell:  # a polling device shows up before its first report
+                self._device_changed(seen)
         else:
             seen.address, seen.last_seen = address, now
         return seen
