@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from fota.errors import FotaError
+from fota.errors import ConfigError, FotaError
 from fota.logs import configure
 
 if TYPE_CHECKING:
@@ -219,18 +219,32 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     if args.restart:
         remove_leftovers(out)
     expected = bytes.fromhex(args.sha256) if args.sha256 else None
+    if args.attempts < 1:
+        raise ConfigError(f"--attempts: {args.attempts} must be at least 1")
     started = time.perf_counter()
-    result = asyncio.run(
-        fetch(
-            args.uri,
-            out,
-            sha256=expected,
-            window=args.window,
-            block_size=args.block_size,
-            ack_timeout=args.ack_timeout,
-            fsync_every=args.fsync_every,
-        )
-    )
+    for attempt in range(1, args.attempts + 1):
+        try:
+            result = asyncio.run(
+                fetch(
+                    args.uri,
+                    out,
+                    sha256=expected,
+                    window=args.window,
+                    block_size=args.block_size,
+                    ack_timeout=args.ack_timeout,
+                    fsync_every=args.fsync_every,
+                    oscore=Path(args.oscore) if args.oscore else None,
+                    retransmission=args.retransmission,
+                    congestion=args.congestion,
+                    min_rto=args.min_rto,
+                )
+            )
+            break
+        except FotaError as exc:
+            # Like the client's attempts: the next one resumes from the verified fragments.
+            if not exc.retryable or attempt == args.attempts:
+                raise
+            print(f"fota fetch: attempt {attempt}: {exc}; resuming", file=sys.stderr)
     print(
         json.dumps(
             {
@@ -276,7 +290,16 @@ async def _serve(args: argparse.Namespace) -> int:
     key = keys.load_private(Path(args.key))
     kid = mf.kid_for(key.public_key())
     mode = choose_mode(json_lines=args.json, plain=args.plain, terminal=sys.stdout.isatty())
-    async with UpdateServer(Path(args.root), key, kid, host=args.host, port=args.port) as server:
+    secured = bool(args.oscore)
+    async with UpdateServer(
+        Path(args.root), key, kid, host=args.host, port=args.port, oscore=secured
+    ) as server:
+        for spec in args.oscore or []:
+            device, _, folder = spec.partition("=")
+            if not device or not folder:
+                raise ConfigError(f"--oscore: {spec!r}: expected DEVICE=DIR")
+            # The device's half of a fresh context pair: give it to the device (Config.oscore).
+            server.provision_oscore(device, Path(folder))
         with make_view(mode, server.devices) as view:
             server.device_hook = view.changed
             for spec in args.publish or []:
@@ -340,6 +363,16 @@ def _seconds(text: str) -> float:
 def cmd_server(args: argparse.Namespace) -> int:
     """``fota server``."""
     return asyncio.run(_serve(args))
+
+
+# -- fota fleet -------------------------------------------------------------------------
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """``fota fleet``: ``fota.testing.fleet``'s command (imported only when used)."""
+    from fota.testing.fleet import main as fleet_main
+
+    return fleet_main(args.rest, prog="fota fleet")
 
 
 # -- fota demo --------------------------------------------------------------------------
@@ -448,6 +481,26 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--ack-timeout", type=float, default=2.0)
     fe.add_argument("--fsync-every", type=int, default=1, help="fragments (64 KiB) per fsync")
     fe.add_argument("--restart", action="store_true", help="ignore a previous partial fetch")
+    fe.add_argument("--oscore", metavar="DIR", help="OSCORE security context (fota[oscore])")
+    fe.add_argument(
+        "--retransmission",
+        choices=["cocoa", "rfc7252"],
+        default="cocoa",
+        help="timeout: adaptive (CoCoA) or RFC 7252's fixed one",
+    )
+    fe.add_argument(
+        "--congestion",
+        choices=["aimd", "fixed"],
+        default="aimd",
+        help="window: adapts to losses (AIMD) or stays at --window",
+    )
+    fe.add_argument("--min-rto", type=float, default=0.2, help="CoCoA's lowest timeout, s")
+    fe.add_argument(
+        "--attempts",
+        type=int,
+        default=5,
+        help="transfers tried, each resuming the last (a retryable error ends one)",
+    )
     fe.set_defaults(func=cmd_fetch)
 
     srv = sub.add_parser(
@@ -480,12 +533,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often --watch looks at DIR (default 1)",
     )
     srv.add_argument("--impolite", action="store_true", help="images that do not say are impolite")
+    srv.add_argument(
+        "--oscore",
+        action="append",
+        metavar="DEVICE=DIR",
+        help="serve OSCORE only; write DEVICE's security context to DIR (repeatable)",
+    )
     view = srv.add_mutually_exclusive_group()
     view.add_argument("--json", action="store_true", help="one JSON object per device change")
     view.add_argument(
         "--plain", action="store_true", help="one line per device change, even on a terminal"
     )
     srv.set_defaults(func=cmd_server)
+
+    fleet = sub.add_parser(
+        "fleet",
+        help="simulate N devices with random polite decisions against one test server",
+        add_help=False,  # the fleet module's own parser gives --help, with its options
+    )
+    fleet.add_argument("rest", nargs=argparse.REMAINDER)
+    fleet.set_defaults(func=cmd_fleet)
 
     demo = sub.add_parser("demo", help="a server and a client on loopback doing a polite update")
     demo.add_argument("--dir", help="work directory (default: a new temporary one)")
@@ -498,8 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fota`` console script."""
-    args = build_parser().parse_args(argv)
-    if args.command not in ("demo", "daemon"):
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if "fleet" in raw:
+        # Everything after "fleet" is the fleet module's, its --help included; argparse
+        # would take options it knows for its own. Only --log-level may come before.
+        at = raw.index("fleet")
+        before = raw[:at]
+        if not before or (len(before) == 2 and before[0] == "--log-level"):
+            return cmd_fleet(argparse.Namespace(rest=raw[at + 1 :]))
+    args = build_parser().parse_args(raw)
+    if args.command not in ("demo", "daemon", "fleet"):
         # The daemon configures logging from its file; the demo tells its story on stdout.
         configure(args.log_level or ("warning" if getattr(args, "quiet_logs", False) else "info"))
     try:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 
 from fota.config import Config
@@ -120,6 +121,9 @@ class Client:
         conditions: local conditions by name (async callables returning True when an update
             may proceed: on mains power, battery above 30 %, not on a metered link). They are
             checked before a held install (and download, with ``Config.gates_download``).
+        free_space: bytes free in the file system holding a path; None: ``os.statvfs``
+            (``f_bavail``). A download is not started when the image would not leave
+            ``Config.min_free_space`` free.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class Client:
         clock: Callable[[], float] = time.time,
         file_ops: FileOps | None = None,
         conditions: Mapping[str, Condition] | None = None,
+        free_space: Callable[[Path], int] | None = None,
     ) -> None:
         if installer is None:
             installer = installer_for(config)
@@ -145,6 +150,10 @@ class Client:
             poll_interval=config.poll_interval,
             observe_refresh=config.observe_refresh,
             poll_jitter=config.poll_jitter,
+            oscore=config.oscore,
+            retransmission=config.retransmission,
+            congestion=config.congestion,
+            min_rto=config.min_rto,
         )
         self.config = config
         self.engine = Engine(
@@ -156,6 +165,7 @@ class Client:
             clock=clock,
             self_test=self_test,
             conditions=conditions,
+            free_space=free_space,
         )
         self._clock = clock
 

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fota.core.manifest import TrustStore
 from fota.core.policy import Policy
+from fota.core.uri import SCHEMES, origin
 from fota.core.windows import Window, parse_windows
 from fota.errors import ConfigError
 
@@ -64,6 +66,10 @@ class Config:
         device_class: manifests for another class are refused.
         state_dir: journal, manifests and candidate live here.
         trust: manifest verification keys by key id.
+        trust_roots: root keys, which sign keysets (signed key updates: rotation and
+            revocation without re-flashing, ``docs/security.md``) and nothing else; empty:
+            keysets are refused.
+        revoked_keys: key ids (hex) no longer trusted, for manifests or keysets.
         target: the file the file installer replaces (when no installer is given).
         poll_interval: poll the announcement every this many seconds instead of observing.
         observe_refresh: re-register an observation silent this long (a restarted server
@@ -74,7 +80,21 @@ class Config:
             a fragment is journaled only after the fsync that covers it.
         ack_timeout: CoAP ACK_TIMEOUT in seconds (RFC 7252: 2.0).
         max_retransmit: CoAP MAX_RETRANSMIT (RFC 7252: 4), 0..20.
+        retransmission: the image download's retransmission timeout: ``cocoa`` (adaptive,
+            from measured round trips: draft-ietf-core-cocoa) or ``rfc7252`` (``ack_timeout``
+            times 1 to 1.5, doubling per try). Either way at most ``max_retransmit``
+            retransmissions per request.
+        congestion: the image download's window: ``aimd`` (grows while answers come back,
+            halved on a loss, never above ``window``) or ``fixed`` (``window`` in flight).
+        min_rto: CoCoA's lower bound on the retransmission timeout, seconds (0.01..60).
         max_image_size: largest image accepted, bytes, at least 1.
+        allowed_origins: servers besides ``server`` that manifests, keysets and images may
+            be fetched from (``coap://mirror.example`` or with a port); a manifest whose
+            image is elsewhere is refused (``INVALID_URI``), and an announced location
+            elsewhere is ignored.
+        min_free_space: bytes that must stay free in the state directory's file system after
+            the image is downloaded; a download that would leave less is not started
+            (``NOT_ENOUGH_SPACE``, result 2).
         progress_step: ``on_progress`` about every this many percent.
         max_attempts: failed download attempts before the update fails.
         retry_base: first retry delay, seconds (doubles per attempt).
@@ -110,6 +130,11 @@ class Config:
         max_lock_ttl: longest inhibitor lock time to live, seconds.
         factory_manifest: the signed manifest of the image the device was provisioned with;
             read at the first start so that its ``polite`` flag governs the first update.
+        oscore: directory of the OSCORE security context shared with the update server
+            (aiocoap's format, ``docs/security.md``; needs ``fota[oscore]``). Every request
+            is then protected end to end, nothing goes in plaintext, and the image is fetched
+            through aiocoap (``window`` requests at a time). The directory must be writable:
+            the context's sequence numbers are kept there.
         installers: installer settings by component (``firmware``, ``application``,
             ``other``, or ``default``), each a table with a ``kind`` (docs/installers.md);
             empty: a file installer for ``target``.
@@ -129,6 +154,8 @@ class Config:
     device_class: str
     state_dir: Path
     trust: TrustStore = field(default_factory=TrustStore)
+    trust_roots: TrustStore = field(default_factory=TrustStore)
+    revoked_keys: list[str] = field(default_factory=list)
     target: Path | None = None
     poll_interval: float | None = None
     observe_refresh: float = 300.0
@@ -137,7 +164,12 @@ class Config:
     fsync_every: int = 1
     ack_timeout: float = 2.0
     max_retransmit: int = 4
+    retransmission: str = "cocoa"
+    congestion: str = "aimd"
+    min_rto: float = 0.2
     max_image_size: int = 1 << 30
+    min_free_space: int = 0
+    allowed_origins: list[str] = field(default_factory=list)
     progress_step: int = 5
     max_attempts: int = 5
     retry_base: float = 1.0
@@ -163,6 +195,7 @@ class Config:
     max_locks: int = 32
     max_lock_ttl: float = 86400.0
     factory_manifest: Path | None = None
+    oscore: Path | None = None
     installers: dict[str, dict[str, Any]] = field(default_factory=dict)
     self_test_command: list[str] | None = None
     self_test_deadline: float = 300.0
@@ -217,6 +250,7 @@ class Config:
             )
         _integer_in("max_retransmit", self.max_retransmit, 0, MAX_RETRANSMIT_LIMIT)
         _integer_in("max_image_size", self.max_image_size, 1)
+        _integer_in("min_free_space", self.min_free_space, 0)
         if self.max_download_bytes is not None:
             _integer_in("max_download_bytes", self.max_download_bytes, 1)
         for name, table in (
@@ -229,6 +263,14 @@ class Config:
             for severity, value in table.items():
                 if value is not None:
                     _not_negative(f"{name}.{severity}", value)
+        if self.retransmission not in ("cocoa", "rfc7252"):
+            raise ConfigError(
+                f"retransmission: {self.retransmission!r} is not one of cocoa, rfc7252"
+            )
+        if self.congestion not in ("aimd", "fixed"):
+            raise ConfigError(f"congestion: {self.congestion!r} is not one of aimd, fixed")
+        if not 0.01 <= _finite("min_rto", self.min_rto) <= 60:
+            raise ConfigError(f"min_rto: {self.min_rto} must be in 0.01..60 seconds")
         if self.unanswered not in ("wait", "proceed"):
             raise ConfigError(f"unanswered: {self.unanswered!r} is not one of wait, proceed")
         for name in ("unanswered_grace", "quiet_period"):
@@ -244,12 +286,35 @@ class Config:
         self._zone = local_zone(self.timezone)
         if self.factory_manifest is not None:
             self.factory_manifest = Path(self.factory_manifest)
+        if self.oscore is not None:
+            self.oscore = Path(self.oscore)
+        for i, uri in enumerate(self.allowed_origins):
+            parts = urlsplit(uri) if isinstance(uri, str) else None
+            if parts is None or parts.scheme not in SCHEMES or not parts.hostname:
+                raise ConfigError(
+                    f"allowed_origins[{i}]: {uri!r} is not a coap:// or coap+tcp:// origin"
+                )
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ConfigError(f"allowed_origins[{i}]: {uri!r} has a path; give the origin")
+        for i, kid in enumerate(self.revoked_keys):
+            try:
+                raw = bytes.fromhex(kid) if isinstance(kid, str) else b""
+            except ValueError:
+                raw = b""
+            if not 1 <= len(raw) <= 64:
+                raise ConfigError(
+                    f"revoked_keys[{i}]: {kid!r} is not a key id (hex, 1 to 64 bytes)"
+                )
         for name in ("self_test_command", "restart_command"):
             argv = getattr(self, name)
             if argv is not None and (not argv or not all(isinstance(a, str) and a for a in argv)):
                 raise ConfigError(f"{name}: must be a non-empty list of arguments")
         if self.boot_id_path is not None:
             self.boot_id_path = Path(self.boot_id_path)
+
+    def origins(self) -> tuple[str, ...]:
+        """The server's origin and ``allowed_origins``, as the core compares them."""
+        return tuple(dict.fromkeys(origin(u) for u in (self.server, *self.allowed_origins)))
 
     def policy(self) -> Policy:
         """The core's view of these settings."""
@@ -279,6 +344,7 @@ class Config:
             max_lock_ttl=self.max_lock_ttl,
             self_test_deadline=self.self_test_deadline,
             self_test_interval=self.self_test_interval,
+            origins=self.origins(),
         )
 
 

@@ -30,7 +30,15 @@ import structlog
 
 from fota.core import events as ev
 from fota.core.record import bitmap_get
-from fota.errors import FotaError, ImageChanged, IntegrityError, StorageError
+from fota.core.text import show
+from fota.errors import (
+    DataBudgetExceeded,
+    FotaError,
+    ImageChanged,
+    IntegrityError,
+    NotEnoughSpace,
+    StorageError,
+)
 from fota.fileops import FileOps
 from fota.transport import Block, BlockFetcher
 
@@ -109,8 +117,11 @@ class _Assembly:
         fetcher: BlockFetcher,
         wanted: list[int],
         fsync_every: int,
+        budget: tuple[int, int] | None = None,
     ) -> None:
         self.m = layout
+        self.budget = budget
+        self.total = 0  # bytes received in this run (duplicates and corrupt blocks too)
         self.fd = fd
         self.ops = ops
         self.emit = emit
@@ -137,8 +148,9 @@ class _Assembly:
 
     def on_block(self, block: Block) -> None:
         if block.size2 is not None and block.size2 != self.size:
+            # show(): a fetcher that does not bound Size2 could hand over a 5000-digit one.
             raise ImageChanged(
-                f"Size2 {block.size2} differs from the manifest's image_size {self.size}"
+                f"Size2 {show(block.size2)} differs from the manifest's image_size {self.size}"
             )
         if block.etag is not None and block.etag != self.etag:
             if self.etag is not None:
@@ -149,6 +161,13 @@ class _Assembly:
             raise StorageError(f"candidate fsync failed: {self.sync_error}")
         offset, data = block.offset, block.data
         self.received += len(data)
+        self.total += len(data)
+        if self.budget is not None and self.budget[0] + self.total > self.budget[1]:
+            # Stop asking now; the window fetcher would go on while the verified fragments'
+            # events are still on their way to the core.
+            raise DataBudgetExceeded(
+                f"{self.budget[0] + self.total} bytes received, over the budget of {self.budget[1]}"
+            )
         if offset >= self.size:
             return
         data = data[: self.size - offset]
@@ -241,6 +260,16 @@ class _Assembly:
             self.executor.shutdown(wait=True)
 
 
+def available_bytes(path: Path) -> int:
+    """Bytes an unprivileged process may still write in the file system holding ``path``.
+
+    ``f_bavail``, not ``f_bfree``: the blocks reserved for root are not ours to fill, even
+    when fota runs as root (the system needs them when the disk is full).
+    """
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 class Downloader:
     """Fetches the missing fragments of one update into the candidate file.
 
@@ -252,6 +281,9 @@ class Downloader:
         block_size: CoAP block size asked for (the server may answer smaller).
         window: most block requests in flight.
         fsync_every: fsync the candidate every this many fragments (and at the end).
+        free_space: bytes free for an unprivileged writer in the file system holding a path
+            (injectable: tests, or a device whose storage needs its own probe).
+        reserve: bytes that must stay free after the image (logs, the journal, the OS).
     """
 
     def __init__(
@@ -264,7 +296,11 @@ class Downloader:
         block_size: int = 1024,
         window: int = 8,
         fsync_every: int = 1,
+        free_space: Callable[[Path], int] | None = None,
+        reserve: int = 0,
     ) -> None:
+        self.free_space = free_space or available_bytes
+        self.reserve = reserve
         self.fetchers = fetchers
         self.ops = ops
         self.candidate = candidate
@@ -274,16 +310,39 @@ class Downloader:
         self.fsync_every = fsync_every
         self.unreported = 0
 
-    async def run(self, manifest: Manifest, image_uri: str, verified: bytes) -> None:
-        """Download until every fragment is verified; report the outcome as an event."""
-        await self.fetch(Layout.of(manifest), image_uri, verified)
+    async def run(
+        self,
+        manifest: Manifest,
+        image_uri: str,
+        verified: bytes,
+        *,
+        budget: tuple[int, int] | None = None,
+    ) -> None:
+        """Download until every fragment is verified; report the outcome as an event.
 
-    async def fetch(self, layout: Layout, image_uri: str, verified: bytes) -> None:
+        Args:
+            manifest: the update's manifest.
+            image_uri: the resolved image URI.
+            verified: the bitmap of fragments already verified.
+            budget: ``(bytes received before this run, the data budget)``: the run stops
+                itself once it is over (DATA_BUDGET_EXCEEDED), rather than leave the check to
+                the core, which hears of bytes only per verified fragment, later.
+        """
+        await self.fetch(Layout.of(manifest), image_uri, verified, budget=budget)
+
+    async def fetch(
+        self,
+        layout: Layout,
+        image_uri: str,
+        verified: bytes,
+        *,
+        budget: tuple[int, int] | None = None,
+    ) -> None:
         """Download ``layout``'s missing fragments; report the outcome as an event."""
         uid = layout.update_id
         self.unreported = 0
         try:
-            await self._run(layout, image_uri, verified)
+            await self._run(layout, image_uri, verified, budget)
         except asyncio.CancelledError:
             raise
         except FotaError as exc:
@@ -295,7 +354,25 @@ class Downloader:
         else:
             self.emit(ev.DownloadFinished(uid, self.unreported))
 
-    async def _run(self, layout: Layout, image_uri: str, verified: bytes) -> None:
+    def _check_space(self, layout: Layout, todo: list[int]) -> None:
+        """Refuse to start a download the file system cannot hold.
+
+        The candidate is sparse: only the fragments still to come take new space.
+        """
+        needed = sum(layout.span(i)[1] for i in todo)
+        try:
+            free = self.free_space(self.candidate.parent)
+        except OSError as exc:
+            raise StorageError(f"free space of {self.candidate.parent}: {exc}") from exc
+        if free - self.reserve < needed:
+            raise NotEnoughSpace(
+                f"image needs {needed} more bytes; {free} free in {self.candidate.parent}, "
+                f"{self.reserve} of them reserved (min_free_space)"
+            )
+
+    async def _run(
+        self, layout: Layout, image_uri: str, verified: bytes, budget: tuple[int, int] | None
+    ) -> None:
         uid = layout.update_id
         fd = self.ops.open(self.candidate, os.O_RDWR | os.O_CREAT)
         try:
@@ -309,8 +386,11 @@ class Downloader:
             log.debug("download_started", update_id=uid, fragments=len(todo), uri=image_uri)
             if not todo:
                 return
+            self._check_space(layout, todo)
             fetcher = self.fetchers(image_uri, window=self.window, block_size=self.block_size)
-            assembly = _Assembly(layout, fd, self.ops, self.emit, fetcher, todo, self.fsync_every)
+            assembly = _Assembly(
+                layout, fd, self.ops, self.emit, fetcher, todo, self.fsync_every, budget
+            )
             try:
                 await fetcher.run(assembly.plan(), assembly.on_block)
             finally:

@@ -39,12 +39,14 @@ from fota.config import Config
 from fota.core import commands as cmd
 from fota.core import events as ev
 from fota.core import policy as pol
+from fota.core.keyset import MAX_KEYSET_BYTES
 from fota.core.machine import LEGAL, Model, machine_kwargs
 from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest, accept
 from fota.core.policy import must_ask
 from fota.core.record import Record
 from fota.core.states import State
-from fota.core.uri import resolve
+from fota.core.text import show
+from fota.core.uri import allowed, resolve
 from fota.download import Downloader
 from fota.errors import (
     ConfigError,
@@ -62,7 +64,8 @@ from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo, Upda
 from fota.install import Installer
 from fota.journal import Journal
 from fota.notices import Listener, Notice
-from fota.transport import Transport
+from fota.transport import Announcement, Transport
+from fota.trust import Trust
 
 log = structlog.get_logger(__name__)
 
@@ -193,6 +196,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         self_test: SelfTest | None = None,
         conditions: Mapping[str, Condition] | None = None,
+        free_space: Callable[[Path], int] | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -223,6 +227,13 @@ class Engine:
         self._listeners: list[Listener] = []
         self._current: UpdateInfo | None = None
         self._previous: UpdateInfo | None = None
+        self.trust = Trust(
+            config.trust,
+            config.trust_roots,
+            config.state_dir,
+            journal.ops,
+            revoked=[bytes.fromhex(kid) for kid in config.revoked_keys],
+        )
         self.downloader = Downloader(
             transport.block_fetcher,
             journal.ops,
@@ -231,12 +242,15 @@ class Engine:
             block_size=config.block_size,
             window=config.window,
             fsync_every=config.fsync_every,
+            free_space=free_space,
+            reserve=config.min_free_space,
         )
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load the journal, build the machine, and start the engine and announcement watcher."""
+        self.trust.load()  # before the journal: its manifests verify against the same keys
         loaded = self.journal.load()
         record, installed = loaded.record, loaded.installed
         if installed is None and record.installed is None and self.config.factory_manifest:
@@ -619,8 +633,11 @@ class Engine:
             case cmd.StartDownload():
                 assert model.pending is not None and model.record.manifest_uri is not None
                 uri = resolve(model.record.manifest_uri, model.pending.body.image_uri)
+                limit = self.config.max_download_bytes
+                budget = None if limit is None else (model.record.fetched, limit)
                 self._spawn(
-                    "download", self.downloader.run(model.pending, uri, model.record.verified)
+                    "download",
+                    self.downloader.run(model.pending, uri, model.record.verified, budget=budget),
                 )
             case cmd.StopDownload():
                 self._cancel("download")
@@ -767,11 +784,52 @@ class Engine:
     async def _watch(self) -> None:
         async for ann in self.transport.announcements():
             log.debug("announcement_received", sequence=ann.sequence, uri=ann.manifest_uri)
+            ann = self._allowed_locations(ann)
+            keyset = ann.keyset_version
+            if keyset is not None and ann.keyset_uri is not None and keyset > self.trust.version:
+                # Before the manifest: it may be signed by a key this keyset brings.
+                await self._update_keys(ann.keyset_uri, keyset)
             self.post(
                 ev.AnnouncementReceived(
                     ann.sequence, ann.manifest_digest, ann.manifest_uri, ann.cancel
                 )
             )
+
+    def _allowed_locations(self, ann: Announcement) -> Announcement:
+        """Drop announced locations outside the allowed origins (announcements are unsigned)."""
+        origins = self.config.origins()
+        for field in ("manifest_uri", "keyset_uri"):
+            uri = getattr(ann, field)
+            if uri is not None and not allowed(uri, origins):
+                log.warning("announced_location_refused", field=field, uri=show(uri, 120))
+                if field == "manifest_uri":
+                    ann = dataclasses.replace(ann, manifest_uri=None, manifest_digest=None)
+                else:
+                    ann = dataclasses.replace(ann, keyset_uri=None, keyset_version=None)
+        return ann
+
+    async def _update_keys(self, uri: str, version: int) -> None:
+        """Fetch the announced keyset and apply it; a bad one changes nothing."""
+        policy = self.config.policy()
+        for attempt in range(1, policy.max_attempts + 1):
+            try:
+                raw = await self.transport.fetch(uri, limit=MAX_KEYSET_BYTES)
+                keyset = self.trust.offer(raw)
+            except ManifestError as exc:
+                log.warning(
+                    "keyset_refused", uri=uri, announced=version, kind=exc.kind, error=str(exc)
+                )
+                return
+            except PermanentServerError as exc:
+                log.warning("keyset_fetch_failed", uri=uri, error=str(exc))
+                return
+            except (FotaError, OSError) as exc:
+                log.info("keyset_fetch_retry", uri=uri, error=str(exc), attempt=attempt)
+                await asyncio.sleep(min(policy.retry_cap, policy.retry_base * 2 ** (attempt - 1)))
+                continue
+            if keyset.version != version:
+                log.info("keyset_version_differs", announced=version, applied=keyset.version)
+            return
 
     async def _fetch_manifest(self, uri: str, digest: bytes) -> None:
         policy = self.config.policy()

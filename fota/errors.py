@@ -19,6 +19,7 @@ class ResultCode(IntEnum):
 
     INITIAL = 0
     SUCCESS = 1
+    NOT_ENOUGH_SPACE = 2
     CONNECTION_LOST = 4
     INTEGRITY_FAILURE = 5
     UNSUPPORTED_PACKAGE = 6
@@ -40,6 +41,7 @@ class ResultCode(IntEnum):
     AUTHORIZED = 111
     ROLLED_BACK = 112
     ROLLBACK_FAILED = 113
+    KEY_REVOKED = 114
 
 
 class FotaError(Exception):
@@ -60,6 +62,8 @@ class ManifestError(FotaError):
     _RESULTS = {
         "bad_signature": ResultCode.BAD_SIGNATURE,
         "unknown_key": ResultCode.UNKNOWN_KEY,
+        "revoked_key": ResultCode.KEY_REVOKED,
+        "invalid_uri": ResultCode.INVALID_URI,
         "rollback": ResultCode.ROLLBACK,
         "wrong_device_class": ResultCode.WRONG_DEVICE_CLASS,
         "oversize": ResultCode.OVERSIZE,
@@ -117,6 +121,22 @@ class JournalError(FotaError):
 
 class StorageError(FotaError):
     """The candidate file could not be written or read (disk full, I/O error)."""
+
+
+class DataBudgetExceeded(FotaError):
+    """The download received more bytes than ``Config.max_download_bytes`` allows."""
+
+    result = ResultCode.DATA_BUDGET_EXCEEDED
+
+
+class NotEnoughSpace(StorageError):
+    """The image does not fit in the free space of the candidate's file system.
+
+    Checked before the first byte is fetched; not retried (the device reports it, and a new
+    announcement, or a restart after space was freed, tries again).
+    """
+
+    result = ResultCode.NOT_ENOUGH_SPACE
 
 
 class InstallError(FotaError):

@@ -13,6 +13,7 @@ import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import cbor2
 import structlog
@@ -70,8 +71,15 @@ async def fetch(
     ack_timeout: float = 2.0,
     max_retransmit: int = 4,
     fsync_every: int = 1,
+    oscore: Path | None = None,
+    retransmission: str = "cocoa",
+    congestion: str = "aimd",
+    min_rto: float = 0.2,
 ) -> FetchResult:
     """Download ``uri`` to ``out``, resuming a previous run; verify the SHA-256 if given.
+
+    With ``oscore`` (a security context directory, ``fota.transport.oscore``) every request
+    is OSCORE-protected and goes through aiocoap, ``window`` at a time.
 
     Raises:
         FotaError: transport errors, a server refusal, or a digest mismatch (IntegrityError).
@@ -81,7 +89,22 @@ async def fetch(
     candidate = out.with_name(out.name + ".part")
     ops = FileOps()
 
+    secured = None
+    if oscore is not None:
+        from fota.transport.coap import CoapTransport
+
+        parts = urlsplit(uri)
+        secured = CoapTransport(
+            f"{parts.scheme}://{parts.netloc}",
+            "fetch",
+            ack_timeout=ack_timeout,
+            max_retransmit=max_retransmit,
+            oscore=oscore,
+        )
+
     def fetchers(uri: str, *, window: int, block_size: int) -> BlockFetcher:
+        if secured is not None:
+            return secured.block_fetcher(uri, window=window, block_size=block_size)
         if uri.startswith("coap+tcp://"):
             return TcpFetcher.for_uri(uri)
         return WindowFetcher.for_uri(
@@ -90,6 +113,9 @@ async def fetch(
             block_size=block_size,
             timeout=ack_timeout,
             max_tries=max_retransmit + 1,
+            retransmission=retransmission,
+            congestion=congestion,
+            min_rto=min_rto,
         )
 
     try:
@@ -145,6 +171,9 @@ async def fetch(
         return FetchResult(size, digest, resumed)
     except OSError as exc:
         raise JournalError(f"{out}: {exc}") from exc
+    finally:
+        if secured is not None:
+            await secured.aclose()
 
 
 def remove_leftovers(out: Path) -> None:

@@ -710,6 +710,8 @@ def _config_kwargs(
         hint, known = fields[name]
         if name == "trust":
             kwargs[name], trust_keys = _trust(source, value)
+        elif name == "trust_roots":
+            kwargs[name], _ = _trust(source, value, name="trust_roots")
         elif name == "maintenance_windows":
             kwargs[name] = _windows(source, value)
         else:
@@ -722,25 +724,27 @@ def _config_kwargs(
     return kwargs, trust_keys
 
 
-def _trust(source: _Source, value: Any) -> tuple[TrustStore, tuple[tuple[str, Path], ...]]:
-    """``trust``: a list of PEM public key files, as a trust store."""
+def _trust(
+    source: _Source, value: Any, *, name: str = "trust"
+) -> tuple[TrustStore, tuple[tuple[str, Path], ...]]:
+    """``trust`` (or ``trust_roots``): a list of PEM public key files, as a trust store."""
     from fota import keys
     from fota.core.manifest import kid_for
 
     if not isinstance(value, list) or not value:
-        raise source.bad(("trust",), "a non-empty list of public key files (PEM)", value)
+        raise source.bad((name,), "a non-empty list of public key files (PEM)", value)
     store = TrustStore()
     found: list[tuple[str, Path]] = []
     for i, item in enumerate(value):
-        path = _convert(source, ("trust", i), item, Path)
+        path = _convert(source, (name, i), item, Path)
         try:
             path.read_bytes()
         except OSError as exc:
-            raise source.error(("trust", i), f"cannot read {path}: {exc.strerror}") from exc
+            raise source.error((name, i), f"cannot read {path}: {exc.strerror}") from exc
         try:
             key = keys.load_public(path)
         except ConfigError as exc:
-            raise source.error(("trust", i), f"{path}: not a usable public key ({exc})") from exc
+            raise source.error((name, i), f"{path}: not a usable public key ({exc})") from exc
         kid = kid_for(key)
         store.add(kid, key)
         found.append((kid.hex(), path))

@@ -135,9 +135,18 @@ async def test_window_keeps_exactly_w_requests_in_flight(
     # and their successors arrive one by one, so the server would count fewer than W.)
     server.faults.throttle(0.003)
     image = image_of(512 * KiB, window)
-    # A long timeout: a retransmitted request still queued at the server would be counted
-    # there twice (correct behaviour, but not what this test measures).
-    config = configure(tmp_path, server, signing, window=window, ack_timeout=2.0)
+    # A long, fixed timeout: a retransmitted request still queued at the server would be
+    # counted there twice (correct behaviour, but not what this test measures), and the
+    # window fixed at W (the congestion-controlled one has its own tests).
+    config = configure(
+        tmp_path,
+        server,
+        signing,
+        window=window,
+        ack_timeout=2.0,
+        retransmission="rfc7252",
+        congestion="fixed",
+    )
     published = await install(server, config, image)
 
     samples = [r.in_flight for r in server.image_requests(published.image_sha256)]
@@ -255,7 +264,10 @@ async def test_service_unavailable_pauses_for_max_age(
     window, busy, max_age = 8, 3, 1
     server.faults.busy(busy, max_age=max_age)
     image = image_of(512 * KiB, 7)
-    config = configure(tmp_path, server, signing, window=window, ack_timeout=0.1)
+    # A fixed window: this is about 5.03, and the first W requests must go out together.
+    config = configure(
+        tmp_path, server, signing, window=window, ack_timeout=0.1, congestion="fixed"
+    )
     published = server.make_manifest(image, "1.0", device_class=DEVICE_CLASS)
     path = f"/fota/img/{published.image_sha256.hex()}"
     image_requests = 0

@@ -121,3 +121,39 @@ async def test_fetch_resumes_after_kill_9(tmp_path: Path, server: UpdateServer) 
     }
     # The probe asks block 0 again; beyond it, only fragments not vouched for are fetched.
     assert len(refetched - {0}) <= len(image) // FRAGMENT - resumed
+
+
+async def test_a_failed_attempt_is_resumed_by_the_next(
+    tmp_path: Path, server: UpdateServer
+) -> None:
+    image = os.urandom(1024 * 1024)  # four 256 KiB fragments
+    _, sha = server.store_image(image)
+    # The server falls silent once half the image was served, until one block's 5 tries (the
+    # default max_retransmit of 4, plus one) were all lost and the attempt ended; then it
+    # answers again, and the second attempt resumes from the verified fragments.
+    half = len(image) // 1024 // 2
+    lost: dict[int | None, int] = {}
+
+    def hook(request: RequestLog) -> None:
+        if not request.path.endswith(sha.hex()):
+            return
+        if "lost" in request.faults:
+            lost[request.offset] = lost.get(request.offset, 0) + 1
+            if lost[request.offset] == 5:
+                server.faults.lose(0)
+        elif server.faults.seen == half and not lost:
+            server.faults.lose(100)
+
+    server.request_hook = hook
+    out = tmp_path / "image.bin"
+    code, result, err = await run_fetch(
+        f"{server.uri}/fota/img/{sha.hex()}",
+        "--out", str(out), "--sha256", sha.hex(),
+        "--ack-timeout", "0.05", "--min-rto", "0.05", "--attempts", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "attempt 1:" in err and "no answer for byte" in err and "resuming" in err
+    assert result is not None
+    resumed = result["resumed_fragments"]
+    assert isinstance(resumed, int) and resumed >= 1  # the first half's
+    assert out.read_bytes() == image

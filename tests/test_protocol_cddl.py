@@ -306,6 +306,11 @@ async def test_announcements_match_rule_announcement(server: UpdateServer) -> No
     server.publish(bytes(10), "2.0", device_class="gw", sequence=2**40, devices=["dev2"])
     valid("announcement", await render_announcement(server, "dev2"))
 
+    server.publish_keyset(b"\xd2\x84\x40\xa0\x40\x40", 7)  # the bytes do not matter here
+    with_keyset = await render_announcement(server, "dev2")
+    assert cbor2.loads(with_keyset)[5] == 7
+    valid("announcement", with_keyset)
+
 
 async def test_cancel_announcement_matches_rule_announcement(server: UpdateServer) -> None:
     pub = server.publish(bytes(3000), "1.0", device_class="gw", fragment_size=1024)
@@ -386,8 +391,8 @@ def _report(**changes: Any) -> dict[Any, Any]:
     "broken",
     [
         pytest.param({**_report(), 3: 4}, id="unknown-state"),
-        pytest.param({**_report(), 4: 2}, id="unknown-result"),
-        pytest.param({**_report(), 4: 114}, id="result-past-113"),
+        pytest.param({**_report(), 4: 3}, id="unknown-result"),
+        pytest.param({**_report(), 4: 115}, id="result-past-114"),
         pytest.param({**_report(), 3: 20}, id="state-past-19"),
         pytest.param({**_report(), 1: b"dev"}, id="device-id-bytes"),
         pytest.param({**_report(), 2: -1}, id="negative-sequence"),

@@ -1044,3 +1044,41 @@ def test_config_built_directly_accepts_the_bounds(tmp_path: Path) -> None:
     assert (config.retry_base, config.retry_cap, config.max_retransmit) == (2.0, 2.0, 20)
     assert direct(tmp_path, max_retransmit=0).max_retransmit == 0
     assert direct(tmp_path).policy().max_lock_ttl == 86400.0  # the defaults pass
+
+
+# -- security settings (docs/security.md) ------------------------------------------------------
+
+
+def test_security_settings_from_the_file(tmp_path: Path, pub: Path) -> None:
+    root = keys.save_keypair(keys.generate(), tmp_path / "root")
+    text = BASE + (
+        'oscore = "oscore"\n'
+        'trust_roots = ["root.pub"]\n'
+        'revoked_keys = ["0011223344556677"]\n'
+        'allowed_origins = ["coap://mirror.example:61617"]\n'
+        "min_free_space = 1048576\n"
+    )
+    settings = load_settings(write(tmp_path, text))
+    config = settings.config
+    assert config.oscore == tmp_path / "oscore"
+    assert config.trust_roots.get(kid_for(keys.load_public(root))) is not None
+    assert config.revoked_keys == ["0011223344556677"]
+    assert config.origins() == ("coap://updates.example.com:61616", "coap://mirror.example:61617")
+    assert config.min_free_space == 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('trust_roots = ["nope.pub"]\n', "trust_roots[0]: cannot read"),
+        ("trust_roots = []\n", "trust_roots: expected a non-empty list of public key files"),
+        ("min_free_space = -1\n", "min_free_space"),
+        ('revoked_keys = ["xyz"]\n', "revoked_keys[0]: 'xyz' is not a key id"),
+        ('allowed_origins = ["https://x"]\n', "allowed_origins[0]: 'https://x' is not a coap://"),
+    ],
+)
+def test_bad_security_settings_name_the_key(
+    tmp_path: Path, pub: Path, line: str, expected: str
+) -> None:
+    message, _ = fails(tmp_path, line)
+    assert expected in message

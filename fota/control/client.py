@@ -37,6 +37,37 @@ def default_socket() -> Path:
     return Path(os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET)
 
 
+def _error_of(message: dict[str, Any], default: str) -> ControlError:
+    """The ControlError an error answer carries (its ``error`` may be anything on the wire)."""
+    error = message.get("error")
+    if not isinstance(error, dict):
+        error = {}
+    code, text = error.get("code", default), error.get("message", "")
+    # The protocol says text here; str() of anything else could be a deep list's RecursionError.
+    return ControlError(
+        code if isinstance(code, str) else default, text if isinstance(text, str) else ""
+    )
+
+
+def _text_field(result: dict[str, Any], op: str, name: str = "update_id") -> str:
+    value = result.get(name)
+    if not isinstance(value, str):
+        raise ControlError("internal", f"the daemon's answer to {op} has no text {name}")
+    return value
+
+
+def _number_field(result: dict[str, Any], op: str, name: str) -> float:
+    value = result.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ControlError("internal", f"the daemon's answer to {op} has no number {name}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer past float's range: no instant of ours
+        raise ControlError(
+            "internal", f"the daemon's answer to {op}: {name} is out of range"
+        ) from None
+
+
 class ControlClient:
     """One connection to the daemon.
 
@@ -125,29 +156,28 @@ class ControlClient:
                     break
                 try:
                     message = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: "[[[[..." too deep
                     continue  # not ours to judge: a daemon bug is logged on its side
                 if not isinstance(message, dict):
                     continue
                 if "event" in message:
-                    self._events.put_nowait(message)
+                    if isinstance(message["event"], str):  # else no event kind to route by
+                        self._events.put_nowait(message)
                     continue
                 rid = message.get("id")
-                future = self._waiting.pop(rid, None) if isinstance(rid, int) else None
-                if future is None:
-                    if rid is not None:
-                        self._abandoned.discard(rid)  # a late answer: its caller gave up
-                        continue
-                    # An answer to no request: the daemon refused the connection (busy) or
-                    # a line it could not read (too large); it closes after this.
-                    if not message.get("ok", True):
-                        error = message.get("error") or {}
-                        self._closed = ControlError(
-                            str(error.get("code", "closed")), str(error.get("message", ""))
-                        )
+                if rid is not None:
+                    # Our ids are ints (a bool is an int to Python, but `true` is no id of ours).
+                    if isinstance(rid, int) and not isinstance(rid, bool):
+                        future = self._waiting.pop(rid, None)
+                        if future is None:
+                            self._abandoned.discard(rid)  # a late answer: its caller gave up
+                        elif not future.done():
+                            future.set_result(message)
                     continue
-                if not future.done():
-                    future.set_result(message)
+                # An answer to no request: the daemon refused the connection (busy) or a line
+                # it could not read (too large); it closes after this.
+                if not message.get("ok", True):
+                    self._closed = _error_of(message, "closed")
         except (OSError, ConnectionError, ValueError, asyncio.LimitOverrunError):
             pass
         self._fail(self._closed or ControlError("closed", "the daemon closed the connection"))
@@ -190,8 +220,7 @@ class ControlClient:
         finally:
             self._waiting.pop(rid, None)
         if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise ControlError(str(error.get("code", "internal")), str(error.get("message", "")))
+            raise _error_of(reply, "internal")
         result = reply.get("result")
         return result if isinstance(result, dict) else {}
 
@@ -218,12 +247,12 @@ class ControlClient:
 
     async def authorize(self, update_id: str | None = None) -> str:
         """Authorize the waiting step of ``update_id`` (default: the pending update)."""
-        return str((await self.request("authorize", update_id=update_id))["update_id"])
+        return _text_field(await self.request("authorize", update_id=update_id), "authorize")
 
     async def reject(self, update_id: str | None = None, reason: str = "") -> str:
         """Reject the pending update (it is reported and not offered again)."""
         result = await self.request("reject", update_id=update_id, reason=reason or None)
-        return str(result["update_id"])
+        return _text_field(result, "reject")
 
     async def defer(
         self,
@@ -249,7 +278,7 @@ class ControlClient:
             "defer", update_id=update_id, until=until, reason=reason or None, **{"for": seconds}
         )
         end = result.get("until")
-        return float(end) if end is not None else None
+        return _number_field(result, "defer", "until") if end is not None else None
 
     async def resume(self) -> None:
         """End the current deferral now (the application is asked again)."""
@@ -265,7 +294,8 @@ class ControlClient:
         The lock outlives this connection until it expires: renew it before then to keep
         holding it, and release it when done.
         """
-        return float((await self.request("inhibit", name=name, ttl=ttl))["expires"])
+        result = await self.request("inhibit", name=name, ttl=ttl)
+        return _number_field(result, "inhibit", "expires")
 
     async def release(self, name: str) -> None:
         """Release the inhibitor lock ``name``."""

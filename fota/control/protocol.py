@@ -158,7 +158,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {"inhibit": ("name", "ttl"), "release": (
 
 
 def _show(value: Any) -> str:
-    text = json.dumps(value)
+    try:
+        text = json.dumps(value)
+    except RecursionError:  # parsed just under the stack's limit, dumped a few frames deeper
+        return f"a nested {type(value).__name__}"
     return text if len(text) <= 40 else text[:37] + "..."
 
 

@@ -30,6 +30,8 @@ from fota.core.manifest import Manifest, TrustStore, accept, update_id_of
 from fota.core.policy import Policy, must_ask, retry_delay
 from fota.core.record import Record, Report, bitmap_count, bitmap_get, bitmap_new, bitmap_set
 from fota.core.states import State
+from fota.core.text import show
+from fota.core.uri import allowed, resolve
 from fota.errors import FotaError, ImageChanged, ManifestError, ResultCode
 
 S = State
@@ -901,6 +903,16 @@ class Model:
             )
             if fetched.digest == self.record.cancelled:
                 raise ManifestError("cancelled", "digest", "the server cancelled this manifest")
+            image = resolve(fetched.uri, self._candidate.body.image_uri)
+            if self.policy.origins and not allowed(image, self.policy.origins):
+                # Signed, but fetching from anywhere would let a leaked key (or a typo) send
+                # the fleet to any host; the configuration says where images may come from.
+                raise ManifestError(
+                    "invalid_uri",
+                    "image_uri",
+                    f"{show(image, 120)} is not on an allowed origin "
+                    f"({', '.join(self.policy.origins)})",
+                )
         except ManifestError as exc:
             self._candidate, self.refusal = None, exc
 

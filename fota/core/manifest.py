@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -171,18 +171,49 @@ def update_id_of(manifest_digest: bytes) -> str:
 
 
 class TrustStore:
-    """Verification keys by key id."""
+    """Verification keys by key id, and the key ids revoked.
 
-    def __init__(self, keys: Mapping[bytes, PublicKey] | None = None) -> None:
+    A revoked key id verifies no new manifest (``revoked_key``), even while its key is still
+    in the store: configured keys are revoked by a keyset (``fota.core.keyset``) or by
+    ``Config.revoked_keys`` without editing the key files. Manifests stored before the
+    revocation (the running image's) still verify on load: revocation stops new updates; it
+    does not make the device forget what it runs.
+    """
+
+    def __init__(
+        self, keys: Mapping[bytes, PublicKey] | None = None, *, revoked: Iterable[bytes] = ()
+    ) -> None:
         self._keys: dict[bytes, PublicKey] = {}
+        self._revoked: set[bytes] = set(revoked)
         for kid, key in (keys or {}).items():
             self.add(kid, key)
+
+    def revoke(self, kid: bytes) -> None:
+        """Trust no new manifest signed with ``kid``."""
+        self._revoked.add(kid)
+
+    def is_revoked(self, kid: bytes) -> bool:
+        """Whether ``kid`` was revoked."""
+        return kid in self._revoked
+
+    @property
+    def revoked(self) -> frozenset[bytes]:
+        """The revoked key ids."""
+        return frozenset(self._revoked)
+
+    def kids(self) -> list[bytes]:
+        """The key ids in the store (revoked ones included), in the order they were added."""
+        return list(self._keys)
 
     def add(self, kid: bytes, key: PublicKey) -> None:
         """Trust ``key`` for manifests whose protected header names ``kid``."""
         if isinstance(key, ec.EllipticCurvePublicKey) and not isinstance(key.curve, ec.SECP256R1):
             raise ValueError(f"key {kid.hex()}: only P-256 is supported for ES256")
         self._keys[kid] = key
+
+    def discard(self, kid: bytes) -> None:
+        """Stop trusting ``kid`` (a key rotated out; it is not revoked)."""
+        self._keys.pop(kid, None)
 
     def get(self, kid: bytes) -> PublicKey | None:
         """Return the key for ``kid``, or None."""
@@ -208,9 +239,13 @@ def _sig_structure(protected: bytes, payload: bytes) -> bytes:
 
 def sign(body: ManifestBody, key: PrivateKey, kid: bytes) -> bytes:
     """Sign ``body`` as a tagged COSE_Sign1 and return the manifest bytes."""
+    return sign_payload(body.to_cbor(), key, kid)
+
+
+def sign_payload(payload: bytes, key: PrivateKey, kid: bytes) -> bytes:
+    """Sign ``payload`` as a tagged COSE_Sign1 (manifests, keysets) and return the bytes."""
     alg = ALG_EDDSA if isinstance(key, ed25519.Ed25519PrivateKey) else ALG_ES256
     protected = cbor2.dumps({_HDR_ALG: alg, _HDR_KID: kid})
-    payload = body.to_cbor()
     to_sign = _sig_structure(protected, payload)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         signature = key.sign(to_sign)
@@ -271,7 +306,13 @@ def _split_cose(raw: bytes) -> tuple[bytes, dict[Any, Any], bytes, bytes]:
 
 
 def _verify_signature(
-    protected: bytes, header: dict[Any, Any], payload: bytes, signature: bytes, trust: TrustStore
+    protected: bytes,
+    header: dict[Any, Any],
+    payload: bytes,
+    signature: bytes,
+    trust: TrustStore,
+    *,
+    revoked_ok: bool = False,
 ) -> bytes:
     alg = header.get(_HDR_ALG)
     kid = header.get(_HDR_KID)
@@ -284,6 +325,8 @@ def _verify_signature(
     key = trust.get(kid)
     if key is None:
         raise ManifestError("unknown_key", "kid", f"key id {kid.hex()} is not in the trust store")
+    if not revoked_ok and trust.is_revoked(kid):
+        raise ManifestError("revoked_key", "kid", f"key id {kid.hex()} was revoked")
     to_verify = _sig_structure(protected, payload)
     try:
         if alg == ALG_EDDSA:
@@ -314,6 +357,10 @@ def _field(body: dict[Any, Any], key: int, kind: type | tuple[type, ...]) -> Any
         raise ManifestError("malformed", name, f"expected {getattr(kind, '__name__', kind)}")
     if kind is int and isinstance(value, int) and value < 0:
         raise ManifestError("malformed", name, "must not be negative")
+    if kind is int and isinstance(value, int) and value >= 1 << 64:
+        # The CDDL says uint: a CBOR bignum (tag 2) is not one, and reports carry the
+        # sequence back to servers that decode it as a uint.
+        raise ManifestError("malformed", name, f"{show(value)} is past the uint limit 2**64 - 1")
     return value
 
 
@@ -408,16 +455,25 @@ def decode_body(payload: bytes, *, max_image_size: int) -> ManifestBody:
     )
 
 
-def verify(raw: bytes, trust: TrustStore, *, max_image_size: int = 1 << 32) -> Manifest:
+def verify(
+    raw: bytes, trust: TrustStore, *, max_image_size: int = 1 << 32, revoked_ok: bool = False
+) -> Manifest:
     """Check a signed manifest's structure, signature and limits.
 
     Device class and anti-rollback depend on the device; :func:`accept` adds them.
+
+    Args:
+        raw: the signed manifest bytes.
+        trust: the verification keys.
+        max_image_size: the largest image accepted, bytes.
+        revoked_ok: accept a revoked key id (for manifests stored before the revocation,
+            re-verified on load); a new manifest never gets this.
 
     Raises:
         ManifestError: naming the field at fault.
     """
     protected, header, payload, signature = _split_cose(raw)
-    kid = _verify_signature(protected, header, payload, signature, trust)
+    kid = _verify_signature(protected, header, payload, signature, trust, revoked_ok=revoked_ok)
     body = decode_body(payload, max_image_size=max_image_size)
     return Manifest(body=body, raw=raw, digest=hashlib.sha256(raw).digest(), kid=kid)
 

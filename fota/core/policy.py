@@ -65,6 +65,8 @@ class Policy:
         self_test_deadline: seconds after the new image starts (after the install, or after
             the restart it needed) within which the self-test must pass; else roll back.
         self_test_interval: seconds between self-test attempts until it passes.
+        origins: where manifests, keysets and images may be fetched from (as
+            :func:`fota.core.uri.origin` spells them); empty: anywhere.
     """
 
     device_class: str
@@ -92,6 +94,7 @@ class Policy:
     max_lock_ttl: float = 86400.0
     self_test_deadline: float = 300.0
     self_test_interval: float = 10.0
+    origins: tuple[str, ...] = ()
 
 
 def must_ask(installed: Manifest | None) -> bool:

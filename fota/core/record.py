@@ -6,7 +6,9 @@ record names them by digest. Bitmaps hold one bit per fragment.
 
 from __future__ import annotations
 
+import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -68,9 +70,104 @@ class Report:
         ]
 
     @classmethod
-    def _from_list(cls, items: list[Any]) -> Report:
+    def _from_list(cls, items: Any) -> Report:
+        if not isinstance(items, list) or len(items) != len(_REPORT_FIELDS):
+            raise JournalError(
+                f"journal record: outbox: a report is an array of {len(_REPORT_FIELDS)} fields"
+            )
+        _check_fields("outbox report", _REPORT_FIELDS, items)
         seq, state, result, uid, mseq, vbytes, detail, until = items
         return cls(seq, State(state), ResultCode(result), uid, mseq, vbytes, detail, until)
+
+
+# The field checks of docs/journal.md's CDDL. A record with a valid CRC can still be of another
+# schema (a downgrade, a bug, a hand-edited file): nothing reaches the engine unchecked.
+_Check = tuple[str, Callable[[Any], bool], str]
+
+
+def _is_uint(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 1 << 64
+
+
+def _is_time(value: Any) -> bool:
+    # float / int in the CDDL; NaN and infinities compare false with every deadline.
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and -(1 << 63) <= value < 1 << 64
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _is_of(kind: type) -> Callable[[Any], bool]:
+    return lambda value: type(value) is kind
+
+
+def _is_list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(check(item) for item in value)
+
+
+def _is_lock(value: Any) -> bool:
+    return (
+        isinstance(value, list) and len(value) == 2 and type(value[0]) is str and _is_time(value[1])
+    )
+
+
+_STATES = frozenset(s.value for s in State)
+_RESULTS = frozenset(int(r) for r in ResultCode)
+_UINT = "an unsigned integer below 2**64"
+_TIME = "a finite number of seconds (float or int)"
+
+_REPORT_FIELDS: tuple[_Check, ...] = (
+    ("sequence", _is_uint, _UINT),
+    ("state", lambda v: _is_uint(v) and v in _STATES, "a state code"),
+    ("result", lambda v: _is_uint(v) and v in _RESULTS, "a result code"),
+    ("update_id", _optional(_is_of(str)), "text or null"),
+    ("manifest_sequence", _optional(_is_uint), f"null or {_UINT}"),
+    ("verified_bytes", _optional(_is_uint), f"null or {_UINT}"),
+    ("detail", _is_of(str), "text"),
+    ("until", _optional(_is_uint), f"null or {_UINT}"),
+)
+
+_RECORD_FIELDS: tuple[_Check, ...] = (
+    ("state", lambda v: _is_uint(v) and v in _STATES, "a state code"),
+    ("pending", _optional(_is_of(bytes)), "bytes or null"),
+    ("manifest_uri", _optional(_is_of(str)), "text or null"),
+    ("installed", _optional(_is_of(bytes)), "bytes or null"),
+    ("refused", _optional(_is_of(bytes)), "bytes or null"),
+    ("verified", _is_of(bytes), "bytes"),
+    ("etag", _optional(_is_of(bytes)), "bytes or null"),
+    ("defer_until", _optional(_is_time), f"null or {_TIME}"),
+    ("defer_reason", _is_of(str), "text"),
+    ("attempts", _is_uint, _UINT),
+    ("restarts", _is_uint, _UINT),
+    ("progress", _is_uint, _UINT),
+    ("report_seq", _is_uint, _UINT),
+    ("outbox", lambda v: isinstance(v, list), "an array of reports"),
+    ("fetched", _is_uint, _UINT),
+    ("download_started", _optional(_is_time), f"null or {_TIME}"),
+    ("first_seen", _optional(_is_time), f"null or {_TIME}"),
+    ("deferred_total", _is_time, _TIME),
+    ("defer_since", _optional(_is_time), f"null or {_TIME}"),
+    ("forced", _is_of(str), "text"),
+    ("locks", _is_list_of(_is_lock), "an array of [name, expires-at]"),
+    ("provisioned_at", _optional(_is_time), f"null or {_TIME}"),
+    ("cancelled", _optional(_is_of(bytes)), "bytes or null"),
+    ("held", _is_list_of(_is_of(str)), "an array of text"),
+    ("boot_id", _is_of(str), "text"),
+    ("commit_by", _optional(_is_time), f"null or {_TIME}"),
+    ("tested", _is_of(bool), "true or false"),
+    ("failure", _is_of(str), "text"),
+)
+
+
+def _check_fields(what: str, checks: tuple[_Check, ...], items: list[Any]) -> None:
+    for (name, check, expected), value in zip(checks, items, strict=True):
+        if not check(value):
+            raise JournalError(
+                f"journal record: {what} {name}: expected {expected}, got {show(value)}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +282,7 @@ class Record:
             schema, body, crc = cbor2.loads(data)
         except Exception as exc:  # hostile or truncated bytes: cbor2 raises several types
             raise JournalError(f"journal record: not a [schema, body, crc] array ({exc})") from exc
-        if schema not in (1, SCHEMA):
+        if type(schema) is not int or schema not in (1, SCHEMA):
             raise JournalError(
                 f"journal record: schema {show(schema)}, this version reads 1..{SCHEMA}"
             )
@@ -193,10 +290,21 @@ class Record:
             raise JournalError("journal record: checksum mismatch (damaged file)")
         try:
             items = cbor2.loads(body)
-            if schema == 1:
-                items = items[:_V1_FIELDS]
-            if _V1_FIELDS <= len(items) < _V1_FIELDS + len(_APPENDED):
-                items = [*items, *_APPENDED[len(items) - _V1_FIELDS :]]
+        except Exception as exc:  # the CRC matched: bytes of another encoder, not a bit flip
+            raise JournalError(f"journal record: body is not CBOR ({show(str(exc), 80)})") from exc
+        if not isinstance(items, list):
+            raise JournalError("journal record: body is not an array")
+        if schema == 1:
+            items = items[:_V1_FIELDS]
+        if _V1_FIELDS <= len(items) < _V1_FIELDS + len(_APPENDED):
+            items = [*items, *_APPENDED[len(items) - _V1_FIELDS :]]
+        if len(items) != len(_RECORD_FIELDS):
+            raise JournalError(
+                f"journal record: body has {len(items)} fields; schema {schema} has"
+                f" {_V1_FIELDS}..{len(_RECORD_FIELDS)}"
+            )
+        _check_fields("field", _RECORD_FIELDS, items)
+        try:
             (
                 state,
                 pending,
@@ -254,11 +362,13 @@ class Record:
                 tuple(held),
                 boot_id,
                 commit_by,
-                bool(tested),
+                tested,
                 failure,
             )
-        except Exception as exc:
-            raise JournalError(f"journal record: bad body ({exc})") from exc
+        except JournalError:
+            raise
+        except Exception as exc:  # the checks above should leave nothing here; keep it typed
+            raise JournalError(f"journal record: bad body ({show(str(exc), 80)})") from exc
 
     def evolve(self, **changes: Any) -> Record:
         """Return a copy with ``changes`` applied."""

@@ -127,8 +127,16 @@ class Reports:
     """Results of step reports; every other result ends an update."""
 
     def assert_final(self, update: Published | str, result: ResultCode) -> None:
-        """The update ended with exactly one final report, and it is ``result``."""
-        final = [r.result for r in self.of(update) if r.result not in self.STEPS]
+        """The update ended with exactly one final report, and it is ``result``.
+
+        A ROLLING_BACK report carries the failure's code but is a step: the rollback's own
+        report (ROLLED_BACK or ROLLBACK_FAILED) is the final one.
+        """
+        final = [
+            r.result
+            for r in self.of(update)
+            if r.result not in self.STEPS and r.state is not State.ROLLING_BACK
+        ]
         assert final == [result], (
             f"{self.device}: expected one final report {result.name}, got {[r.name for r in final]}"
         )

@@ -40,7 +40,14 @@ from aiocoap.optiontypes import BlockOption
 
 from fota.core import manifest as mf
 from fota.core.manifest import Component, ManifestBody, PrivateKey, Severity
+from fota.core.report import ReportError, decode_report
+from fota.errors import ConfigError
 from fota.fileops import sha256_prefix
+from fota.transport.oscore import available as oscore_available
+from fota.transport.oscore import close_context as close_oscore
+from fota.transport.oscore import context_of as oscore_context_of
+from fota.transport.oscore import load_context as load_oscore
+from fota.transport.oscore import provision
 
 log = structlog.get_logger(__name__)
 
@@ -569,6 +576,9 @@ class _Sliced(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type:
 
     async def render_get(self, request: Any) -> Any:
         path = request.opt.uri_path
+        refused = self.server._refuse(request, f"/fota/{self.kind}/{'/'.join(path)}", None)
+        if refused is not None:
+            return refused
         if (
             len(path) != 1
             or len(path[0]) != 64
@@ -637,9 +647,11 @@ class _Sliced(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type:
         if offset and offset >= total:
             return aiocoap.Message(code=Code.BAD_OPTION), ""
         more = offset + len(payload) < total
-        payload, fault = self.server.faults.apply(
-            offset // size, payload, manifest=self.kind != "img"
-        )
+        fault = ""
+        if self.kind != "k":  # the fault plan knows image and manifest blocks
+            payload, fault = self.server.faults.apply(
+                offset // size, payload, manifest=self.kind == "m"
+            )
         response = aiocoap.Message(
             code=Code.CONTENT, payload=payload, content_format=self.content_format
         )
@@ -679,15 +691,20 @@ class _Wire:
                 self._server.faults.reorder_hold, self._release, False
             )
             return
-        self._inner.sendmsg(data, ancdata, flags, address)
+        self._send(data, ancdata, flags, address)
         if reaction is not None and reaction.duplicate:
             copy = data
             if reaction.fresh_mid:
                 mid = (int.from_bytes(data[2:4], "big") + 0x8000) & 0xFFFF
                 copy = data[:2] + mid.to_bytes(2, "big") + data[4:]
-            self._inner.sendmsg(copy, ancdata, flags, address)
+            self._send(copy, ancdata, flags, address)
             self._server.duplicated += 1
         self._release(True)
+
+    def _send(self, data: bytes, ancdata: Any, flags: int, address: Any) -> None:
+        self._inner.sendmsg(data, ancdata, flags, address)
+        if self._server.wire_hook is not None:
+            self._server.wire_hook(bytes(data))
 
     def _release(self, overtaken: bool) -> None:
         """Send the held datagram: after the one that overtook it, or alone when time is up."""
@@ -696,7 +713,7 @@ class _Wire:
             self._timer = None
         held, self._held = self._held, None
         if held is not None:
-            self._inner.sendmsg(*held)
+            self._send(*held)
             if overtaken:
                 self._server.reordered += 1
 
@@ -711,6 +728,8 @@ class _Announcements(aiocoap.resource.ObservableResource, aiocoap.resource.PathC
 
     async def add_observation(self, request: Any, serverobservation: Any) -> None:
         device = "/".join(request.opt.uri_path)
+        if not self.server._authorized(request, device):
+            return  # not accepted: render_get refuses it, and that ends the observation
         watchers = self.by_device.setdefault(device, set())
         watchers.add(serverobservation)
 
@@ -732,6 +751,9 @@ class _Announcements(aiocoap.resource.ObservableResource, aiocoap.resource.PathC
 
     async def render_get(self, request: Any) -> Any:
         device = "/".join(request.opt.uri_path)
+        refused = self.server._refuse(request, f"/fota/ann/{device}", device)
+        if refused is not None:
+            return refused
         self.server._log("GET", f"/fota/ann/{device}", None, None)
         self.server._seen_device(device, request)
         ann = self.server.announcements.get(device) or self.server.announcements.get(ALL_DEVICES)
@@ -748,13 +770,19 @@ class _Reports(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type
 
     async def render_post(self, request: Any) -> Any:
         device = "/".join(request.opt.uri_path)
+        refused = self.server._refuse(request, f"/fota/report/{device}", device, method="POST")
+        if refused is not None:
+            return refused
         self.server._log("POST", f"/fota/report/{device}", None, None)
         try:
-            report = cbor2.loads(request.payload)
-            if not isinstance(report, dict) or not isinstance(report.get(2), int):
-                raise ValueError("not a report map")
-        except Exception:
-            return aiocoap.Message(code=Code.BAD_REQUEST)
+            received = decode_report(request.payload)
+            if received.device_id != device:
+                raise ReportError("device", f"{received.device_id!r} posted to {device!r}'s path")
+        except ReportError as exc:
+            log.warning("report_refused", device=device, error=str(exc), field=exc.field)
+            self.server.bad_reports.append((device, str(exc)))
+            return aiocoap.Message(code=Code.BAD_REQUEST, payload=str(exc).encode()[:200])
+        report = cbor2.loads(request.payload)  # checked: the record keeps the map as sent
         self.server._seen_device(device, request)
         self.server._record_report(device, report)
         return aiocoap.Message(code=Code.CHANGED)
@@ -772,6 +800,10 @@ class UpdateServer:
         faults: fault injection plan.
         max_block_size: largest block the server sends (a smaller one than asked is allowed
             by RFC 7959 and exercises the client's offset logic).
+        oscore: serve OSCORE-protected requests only (needs ``fota[oscore]``): a plaintext
+            request is answered 4.01 Unauthorized, and a device may read only its own
+            announcement and post only its own reports (else 4.03). Devices are added with
+            :meth:`provision_oscore`.
     """
 
     def __init__(
@@ -784,8 +816,23 @@ class UpdateServer:
         port: int = 0,
         faults: FaultPlan | None = None,
         max_block_size: int = 1024,
+        oscore: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.oscore = oscore
+        self._credentials: Any = None
+        self._device_of: dict[int, str] = {}  # id() of a server security context -> device
+        if oscore:
+            missing = oscore_available()
+            if missing is not None:
+                raise ConfigError(f"oscore: {missing}")
+            from aiocoap.credentials import CredentialsMap
+
+            self._credentials = CredentialsMap()
+        self.bad_reports: list[tuple[str, str]] = []
+        """Reports answered 4.00 (device, why): not of the report rule, or another device's."""
+        self.refused: list[tuple[str, str, str]] = []
+        """Requests refused by the OSCORE checks: (method, path, response code)."""
         self.key = signing_key
         self.kid = kid
         self.host = host
@@ -808,6 +855,8 @@ class UpdateServer:
         """Image responses the fault plan sent twice."""
         self.reordered = 0
         """Image responses the fault plan held back and sent after a later one."""
+        self.wire_hook: Callable[[bytes], None] | None = None
+        """Called with every datagram the server sends, as sent (what an eavesdropper sees)."""
         self._manifests_of: dict[str, list[bytes]] = {}  # image hex digest -> manifest digests
         self.reports: list[dict[int, Any]] = []
         """Every report received, in arrival order, duplicates left out."""
@@ -825,6 +874,9 @@ class UpdateServer:
         self._sequence = 0
         (self.root / "img").mkdir(parents=True, exist_ok=True)
         (self.root / "m").mkdir(parents=True, exist_ok=True)
+        (self.root / "k").mkdir(parents=True, exist_ok=True)
+        self.keyset: tuple[int, bytes] | None = None
+        """The keyset announced (version, digest), set by :meth:`publish_keyset`."""
         self._ann = _Announcements(self)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -835,11 +887,19 @@ class UpdateServer:
         site.add_resource(["fota", "ann"], self._ann)
         site.add_resource(["fota", "m"], _Sliced(self, self.root / "m", CF_COSE_SIGN1, "m"))
         site.add_resource(["fota", "img"], _Sliced(self, self.root / "img", CF_OCTETS, "img"))
+        site.add_resource(["fota", "k"], _Sliced(self, self.root / "k", CF_COSE_SIGN1, "k"))
         site.add_resource(["fota", "report"], _Reports(self))
+        served: Any = site
+        if self.oscore:
+            from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
+
+            # Unprotects what a known context protected; plaintext passes through to the
+            # resources, which refuse it (_refuse).
+            served = OscoreSiteWrapper(site, self._credentials)
         # udp6 only: aiocoap's default server transports include TCP, which falls back to
         # port 5683 when asked for port 0.
         self._ctx = await aiocoap.Context.create_server_context(
-            site, bind=(self.host, self.port), transports=["udp6"]
+            served, bind=(self.host, self.port), transports=["udp6"]
         )
         self.port = bound_port(self._ctx)
         for interface in self._ctx.request_interfaces:
@@ -852,6 +912,11 @@ class UpdateServer:
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             await ctx.shutdown()
+        if self._credentials is not None:
+            for context in self._credentials.values():
+                close_oscore(context)
+            self._credentials.clear()
+            self._device_of.clear()
 
     async def __aenter__(self) -> UpdateServer:
         await self.start()
@@ -869,6 +934,51 @@ class UpdateServer:
     def uri(self) -> str:
         """Base URI for clients (``Config.server``)."""
         return f"coap://{self.host}:{self.port}"
+
+    # -- OSCORE ---------------------------------------------------------------------------
+
+    def provision_oscore(self, device: str, device_dir: Path) -> None:
+        """Make a security context pair for ``device``: the server's half, and its own.
+
+        The device's half is written to ``device_dir`` (``Config.oscore``); the server's
+        lives under ``root/oscore/`` and is bound to the device id, so the device may read
+        only its announcement and post only its reports. Works while the server runs.
+
+        Raises:
+            ValueError: the server does not serve OSCORE, or ``device`` has a context already.
+        """
+        if not self.oscore:
+            raise ValueError("provision_oscore: the server was made without oscore=True")
+        label = f":{device}"
+        if label in self._credentials:
+            raise ValueError(f"provision_oscore: {device!r} has a security context already")
+        number = len(self._device_of) + 1
+        own = self.root / "oscore" / hashlib.sha256(device.encode()).hexdigest()[:16]
+        provision(own, Path(device_dir), device_id=number.to_bytes(4, "big"))
+        context = load_oscore(own, key=f"server context of {device}")
+        self._credentials[label] = context
+        self._device_of[id(context)] = device
+
+    def _authorized(self, request: Any, device: str | None) -> bool:
+        if not self.oscore:
+            return True
+        context = oscore_context_of(request)
+        if context is None:
+            return False
+        return device is None or self._device_of.get(id(context)) == device
+
+    def _refuse(self, request: Any, path: str, device: str | None, *, method: str = "GET") -> Any:
+        """The 4.01 or 4.03 answer for a request the OSCORE rules refuse, else None."""
+        if self._authorized(request, device):
+            return None
+        if oscore_context_of(request) is None:
+            code, text = Code.UNAUTHORIZED, "4.01"
+        else:
+            code, text = Code.FORBIDDEN, "4.03"
+        self.refused.append((method, path, text))
+        log.warning("request_refused", method=method, path=path, code=text)
+        self._log(method, path, None, None, faults=("refused",))
+        return aiocoap.Message(code=code)
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -958,8 +1068,32 @@ class UpdateServer:
         """
         devices = tuple(devices)
         for device in devices:
-            self.announcements[device] = dict(body)
+            self.announcements[device] = self._with_keyset(body)
         self._ann.notify(devices)
+
+    def _with_keyset(self, body: dict[int, Any]) -> dict[int, Any]:
+        out = dict(body)
+        if self.keyset is not None and 5 not in out:
+            version, digest = self.keyset
+            out[5], out[6] = version, f"../k/{digest.hex()}"
+        return out
+
+    def publish_keyset(self, raw: bytes, version: int) -> bytes:
+        """Serve a keyset (``fota.core.keyset``) and announce it to every device.
+
+        Every announcement gets keys 5 and 6 from now on, so a device fetches the keyset
+        before the manifest announced with it. Returns the keyset's digest.
+        """
+        digest = hashlib.sha256(raw).digest()
+        (self.root / "k" / digest.hex()).write_bytes(raw)
+        self.keyset = (version, digest)
+        devices = tuple(self.announcements) or (ALL_DEVICES,)
+        for device in devices:
+            body = {k: v for k, v in self.announcements.get(device, {1: 0}).items() if k < 5}
+            self.announcements[device] = self._with_keyset(body)
+        self._ann.notify(devices)
+        log.info("keyset_announced", version=version, digest=digest.hex()[:16])
+        return digest
 
     def cancel(self, digest: bytes, devices: Iterable[str] = (ALL_DEVICES,)) -> int:
         """Withdraw the manifest with this digest: announce ``{1: seq, 4: digest}``.

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -23,12 +24,16 @@ class Announcement:
         manifest_uri: where to fetch it, if one is announced.
         cancel: SHA-256 of a manifest the server withdraws (key 4); an announcement may
             carry only a cancel.
+        keyset_version: version of the server's current keyset (key 5), if it has one.
+        keyset_uri: where to fetch it (key 6, resolved).
     """
 
     sequence: int
     manifest_digest: bytes | None
     manifest_uri: str | None
     cancel: bytes | None = None
+    keyset_version: int | None = None
+    keyset_uri: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +123,92 @@ class SequentialFetcher:
                 if len(block.data) < self.block_size:
                     self.block_size = len(block.data)
                 offset = block.offset + len(block.data)
+
+
+class ConcurrentFetcher:
+    """A :class:`BlockFetcher` over ``Transport.fetch_block`` with up to ``window`` in flight.
+
+    For a path whose messages the transport itself must build (OSCORE protects each request
+    in aiocoap, so the raw windowed fetcher cannot be used): ``window`` workers each ask for
+    the next block and wait for it. Retransmission is the transport's (CON); a block that
+    fails after its retries ends the run with that error, and the download resumes from the
+    verified fragments. A smaller block than asked is followed, as in :class:`SequentialFetcher`.
+    """
+
+    def __init__(self, transport: Transport, uri: str, *, window: int, block_size: int) -> None:
+        self.transport = transport
+        self.uri = uri
+        self.window = max(1, window)
+        self.block_size = block_size
+        self._urgent: deque[tuple[int, int]] = deque()
+        self._plan: Iterator[tuple[int, int]] = iter(())
+        self._busy = 0
+        self._changed = asyncio.Condition()
+
+    def want(self, offset: int, length: int) -> None:
+        """Queue a range before the rest of the plan (called from ``on_block``)."""
+        self._urgent.append((offset, length))
+
+    def _next(self) -> tuple[int, int] | None:
+        """The next block to ask for, ``(offset, block size)``, cut from the first range."""
+        piece = self._urgent.popleft() if self._urgent else next(self._plan, None)
+        if piece is None:
+            return None
+        offset, length = piece
+        size = self.block_size
+        if offset % size:
+            size = min(offset & -offset, size)  # the largest size that aligns
+        if length > size:
+            self._urgent.appendleft((offset + size, length - size))
+        return offset, size
+
+    def _ready(self) -> bool:
+        """Whether a worker may go on: work is waiting, or nobody can add any."""
+        if self._urgent or self._busy == 0:
+            return True
+        piece = next(self._plan, None)  # peek, and put it back first in line
+        if piece is not None:
+            self._urgent.appendleft(piece)
+        return piece is not None
+
+    async def run(self, plan: Iterator[tuple[int, int]], on_block: Callable[[Block], None]) -> None:
+        """Fetch every range of ``plan`` and of :meth:`want`, ``window`` blocks at a time.
+
+        Raises:
+            FotaError: the first error a block ended with (the others are cancelled).
+        """
+        self._plan = plan
+
+        async def worker() -> None:
+            while True:
+                async with self._changed:
+                    # An idle worker waits while others are busy: a block in flight may fail
+                    # its fragment's digest and queue the fragment again.
+                    await self._changed.wait_for(self._ready)
+                    piece = self._next()
+                    if piece is None:
+                        return
+                    self._busy += 1
+                offset, size = piece
+                try:
+                    block = await self.transport.fetch_block(self.uri, offset, size)
+                    on_block(block)
+                    got = len(block.data)
+                    if block.more and 0 < got < size:  # the server chose a smaller block size
+                        self.block_size = min(self.block_size, got)
+                        self._urgent.appendleft((offset + got, size - got))
+                finally:
+                    async with self._changed:
+                        self._busy -= 1
+                        self._changed.notify_all()
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self.window):
+                    group.create_task(worker())
+        except BaseExceptionGroup as errors:
+            # Callers expect one typed error, as from the other fetchers.
+            raise errors.exceptions[0] from None
 
 
 class Transport(Protocol):

@@ -17,7 +17,9 @@ import contextlib
 import math
 import random
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiocoap
 import aiocoap.error
@@ -27,9 +29,12 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.optiontypes import BlockOption
 
-from fota.core.uri import resolve
-from fota.errors import ImageChanged, PermanentServerError, TransportError
-from fota.transport import Announcement, Block, BlockFetcher, truncated
+from fota.core.text import show
+from fota.core.uri import check_uri_reference, resolve
+from fota.errors import ConfigError, ImageChanged, PermanentServerError, TransportError
+from fota.transport import Announcement, Block, BlockFetcher, ConcurrentFetcher, truncated
+from fota.transport.oscore import close_context as close_oscore
+from fota.transport.oscore import load_context as load_oscore
 from fota.transport.tcp import TcpFetcher
 from fota.transport.window import WindowFetcher
 
@@ -86,6 +91,58 @@ def classify(uri: str, response: Any) -> None:
     raise TransportError(f"{uri}: server answered {code}")
 
 
+def _parse_announcement(payload: bytes, content_format: int | None, base: str) -> Announcement:
+    """Decode an announcement (CDDL ``announcement`` in docs/protocol.md) fetched from ``base``.
+
+    Args:
+        payload: the response's payload.
+        content_format: its Content-Format option (None: absent, taken as CBOR).
+        base: the announcement's URI; the manifest location resolves against it.
+
+    Raises:
+        ValueError: not a CBOR map of the announcement's fields, with the right types and
+            sizes; the message names the field. The caller ignores such an announcement.
+    """
+    if content_format is not None and content_format != CF_CBOR:
+        raise ValueError(f"content format {show(content_format)} is not {CF_CBOR} (CBOR)")
+    try:
+        body = cbor2.loads(payload)
+    except Exception as exc:  # cbor2 raises several types on hostile input
+        raise ValueError(f"not CBOR ({show(str(exc), 80)})") from exc
+    if not isinstance(body, dict):
+        raise ValueError("not a CBOR map")
+    seq = body.get(1)
+    digest = body.get(2)
+    location = body.get(3)
+    cancel = body.get(4)
+    if type(seq) is not int or not 0 <= seq < 1 << 64:
+        raise ValueError("sequence (key 1): expected an unsigned integer below 2**64")
+    if digest is not None and not (isinstance(digest, bytes) and len(digest) == 32):
+        raise ValueError("manifest digest (key 2): expected 32 bytes")
+    if location is not None:
+        if not isinstance(location, str):
+            raise ValueError("manifest location (key 3): expected text")
+        problem = check_uri_reference(location)
+        if problem:
+            raise ValueError(f"manifest location (key 3): {problem}")
+    if 4 in body and not (isinstance(cancel, bytes) and len(cancel) == 32):
+        raise ValueError("cancel (key 4): expected 32 bytes")
+    keyset_version, keyset_location = body.get(5), body.get(6)
+    if (5 in body) != (6 in body):
+        raise ValueError("keyset (keys 5 and 6): expected both or neither")
+    if 5 in body:
+        if type(keyset_version) is not int or not 1 <= keyset_version < 1 << 63:
+            raise ValueError("keyset version (key 5): expected an integer in 1..2**63-1")
+        if not isinstance(keyset_location, str):
+            raise ValueError("keyset location (key 6): expected text")
+        problem = check_uri_reference(keyset_location)
+        if problem:
+            raise ValueError(f"keyset location (key 6): {problem}")
+    uri = resolve(base, location) if location else None
+    keyset_uri = resolve(base, keyset_location) if isinstance(keyset_location, str) else None
+    return Announcement(seq, digest, uri, cancel, keyset_version, keyset_uri)
+
+
 class CoapTransport:
     """The :class:`~fota.transport.Transport` for ``coap://`` servers.
 
@@ -99,9 +156,17 @@ class CoapTransport:
         observe_refresh: re-register an observation that was silent this long (seconds).
         poll_jitter: each poll interval is drawn uniformly in ``poll_interval * (1 ± jitter)``
             (0 <= jitter < 1), so a fleet does not poll in lockstep.
+        oscore: directory of the OSCORE security context shared with the server
+            (``fota.transport.oscore``); every request is then protected, and a URI outside
+            the server's origin is refused rather than sent in plaintext.
+        retransmission: the image fetcher's timeout, ``cocoa`` or ``rfc7252``
+            (``fota.transport.congestion``).
+        congestion: the image fetcher's window, ``aimd`` or ``fixed``.
+        min_rto: CoCoA's lower bound on the timeout, seconds.
 
     Raises:
         ValueError: ``poll_jitter`` is outside 0..1.
+        ConfigError: ``oscore`` with a ``coap+tcp://`` server, or an unusable context.
     """
 
     def __init__(
@@ -114,10 +179,20 @@ class CoapTransport:
         poll_interval: float | None = None,
         observe_refresh: float = 300.0,
         poll_jitter: float = 0.1,
+        oscore: Path | None = None,
+        retransmission: str = "cocoa",
+        congestion: str = "aimd",
+        min_rto: float = 0.2,
     ) -> None:
         if not 0 <= poll_jitter < 1:
             raise ValueError(f"poll_jitter {poll_jitter} must be in 0..1 (1 excluded)")
         self.server = server.rstrip("/")
+        self.retransmission, self.congestion, self.min_rto = retransmission, congestion, min_rto
+        self._oscore: Any = None
+        if oscore is not None:
+            if urlsplit(self.server).scheme != "coap":
+                raise ConfigError(f"oscore: needs a coap:// server, not {self.server}")
+            self._oscore = load_oscore(Path(oscore))
         self.device_id = device_id
         self.announce_uri = f"{self.server}/fota/ann/{device_id}"
         self.report_uri = f"{self.server}/fota/report/{device_id}"
@@ -139,14 +214,32 @@ class CoapTransport:
     async def _context(self) -> Any:
         async with self._ctx_lock:
             if self._ctx is None:
-                self._ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+                if self._oscore is None:
+                    self._ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+                else:
+                    self._ctx = await aiocoap.Context.create_client_context(
+                        transports=["oscore", "udp6"]
+                    )
+                    self._ctx.client_credentials[f"{self._origin(self.server)}/*"] = self._oscore
             return self._ctx
 
+    @staticmethod
+    def _origin(uri: str) -> str:
+        parts = urlsplit(uri)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    def _protected(self, uri: str) -> None:
+        """With OSCORE, refuse a URI the security context does not cover (never plaintext)."""
+        if self._oscore is not None and self._origin(uri) != self._origin(self.server):
+            raise PermanentServerError(uri, "outside the OSCORE-protected server's origin")
+
     async def aclose(self) -> None:
-        """Shut the client context down."""
+        """Shut the client context down (and release the OSCORE context, if any)."""
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             await ctx.shutdown()
+        close_oscore(self._oscore)
+        self._oscore = None
 
     def _message(self, uri: str, **options: Any) -> Any:
         cached = self._remotes.get(uri)
@@ -158,15 +251,22 @@ class CoapTransport:
         return msg
 
     async def _request(self, uri: str, **options: Any) -> Any:
+        self._protected(uri)
         ctx = await self._context()
-        msg = self._message(uri, **options)
+        try:
+            msg = self._message(uri, **options)
+        except aiocoap.error.MalformedUrlError as exc:
+            # The URI came from the server (a location, a manifest): asking again won't help.
+            raise PermanentServerError(uri, f"malformed URI ({exc})") from exc
         try:
             response = await ctx.request(msg, handle_blockwise=False).response
         except aiocoap.error.Error as exc:
             raise TransportError(f"{uri}: {exc.__class__.__name__}: {exc}") from exc
         except OSError as exc:
             raise TransportError(f"{uri}: {exc}") from exc
-        if uri not in self._remotes:
+        if uri not in self._remotes and self._oscore is None:
+            # Not with OSCORE: a request must go through the OSCORE transport again, and the
+            # response's remote is that transport's address, not the server's.
             self._remotes[uri] = (response.remote, tuple(msg.opt.uri_path))
         return response
 
@@ -185,6 +285,14 @@ class CoapTransport:
         )
         classify(uri, response)
         block2 = response.opt.block2
+        size2 = response.opt.size2
+        # aiocoap decodes options of any length: a 2000-byte Block2 is a block number that
+        # str() refuses. RFC 7959 allows 0..3 bytes (SZX 7 is BERT, TCP only) and a 0..4 byte
+        # Size2; like wire.decode, take anything longer as a damaged answer (retryable).
+        if size2 is not None and size2 >= 1 << 32:
+            raise TransportError(f"{uri}: Size2 longer than 4 bytes")
+        if block2 is not None and (block2.block_number >= 1 << 20 or block2.size_exponent == 7):
+            raise TransportError(f"{uri}: Block2 longer than 3 bytes, or SZX 7 (BERT) over UDP")
         if block2 is None:
             # A server that ignores Block2 sends the whole resource at once.
             return Block(0, response.payload, False, len(response.payload), response.opt.etag)
@@ -213,13 +321,20 @@ class CoapTransport:
         UDP (``fota.transport.window``).
         """
         if uri.startswith("coap+tcp://"):
+            self._protected(uri)
             return TcpFetcher.for_uri(uri)
+        if self._oscore is not None:
+            # The raw windowed fetcher builds its own datagrams; OSCORE's are aiocoap's.
+            return ConcurrentFetcher(self, uri, window=window, block_size=block_size)
         return WindowFetcher.for_uri(
             uri,
             window=window,
             block_size=block_size,
             timeout=self._tuning.ACK_TIMEOUT,
             max_tries=self._tuning.MAX_RETRANSMIT + 1,
+            retransmission=self.retransmission,
+            congestion=self.congestion,
+            min_rto=self.min_rto,
         )
 
     async def fetch(self, uri: str, *, limit: int) -> bytes:
@@ -251,22 +366,12 @@ class CoapTransport:
     def _decode_announcement(self, response: Any) -> Announcement | None:
         try:
             classify(self.announce_uri, response)
-            body = cbor2.loads(response.payload)
-            seq = body[1]
-            digest = body.get(2)
-            location = body.get(3)
-            cancel = body.get(4)
-            if not isinstance(seq, int) or (digest is not None and not isinstance(digest, bytes)):
-                raise ValueError("field types")
-            if location is not None and not isinstance(location, str):
-                raise ValueError("manifest location is not text")
-            if 4 in body and not (isinstance(cancel, bytes) and len(cancel) == 32):
-                raise ValueError("cancel is not a 32-byte digest")
+            return _parse_announcement(
+                response.payload, response.opt.content_format, self.announce_uri
+            )
         except Exception as exc:  # a misbehaving server must not stop the watcher
-            log.warning("announcement_unusable", uri=self.announce_uri, error=str(exc))
+            log.warning("announcement_unusable", uri=self.announce_uri, error=show(str(exc), 200))
             return None
-        uri = resolve(self.announce_uri, location) if location else None
-        return Announcement(seq, digest, uri, cancel)
 
     def check_now(self) -> None:
         """Fetch the announcement now (a plain GET) and yield it, polling or observing.

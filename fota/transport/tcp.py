@@ -104,8 +104,12 @@ class TcpFetcher:
         parts = urlsplit(uri)
         if parts.scheme != "coap+tcp" or not parts.hostname:
             raise PermanentServerError(uri, "not a coap+tcp:// URI")
+        try:
+            port = parts.port or 5683
+        except ValueError:  # "h:x", "h:99999": urllib raises only when the port is read
+            raise PermanentServerError(uri, "malformed port in the URI") from None
         path = tuple(unquote(p) for p in parts.path.split("/")[1:] if p)
-        return cls(parts.hostname, parts.port or 5683, path, **options)
+        return cls(parts.hostname, port, path, **options)
 
     def want(self, offset: int, length: int) -> None:
         """Ask (again) for a byte range before the rest of the plan."""

@@ -9,26 +9,36 @@ Theory of operation:
   W = 16, libcoap's server): the same loop on asyncio's datagram transport took 0.67-0.80 s,
   because every datagram costs an event-loop iteration; on a blocking socket it took 0.13 s.
   The event loop only sees fragment-level events, which ``on_block``'s caller marshals back.
-* The token is a per-transfer salt plus the request's byte offset: a response is matched to its
-  request by token, and the byte offset of its payload comes from its own Block2 option.
+* The token is a per-transfer salt, the transmission's number and the request's byte offset: a
+  response is matched to its request by token, and to the transmission it answers, so every
+  round trip is measured unambiguously (a CON retransmission, with the same token, cannot be
+  told from the first); the byte offset of the payload comes from its own Block2 option.
 * NON messages are never retransmitted by CoAP itself, so this module does it: a request not
-  answered within its timeout is sent again (timeout doubling per try); after ``max_tries`` the
-  transfer fails with a retryable :class:`~fota.errors.TransportError`.
+  answered within its timeout is sent again; after ``max_tries`` the transfer fails with a
+  retryable :class:`~fota.errors.TransportError`. The timeout is CoCoA's (``retransmission =
+  "cocoa"``: learnt from measured round trips, dithered, with a variable backoff and a lower
+  bound) or RFC 7252's (``"rfc7252"``: the first timeout times 1 to 1.5, doubling per try),
+  from ``fota.transport.congestion``.
+* The window is congestion-controlled (``congestion = "aimd"``): it grows while answers come
+  back and is halved on a loss, at most once per window, never above ``window``; a lost block
+  waits for its own timeout while the others go on. ``"fixed"`` keeps ``window`` in flight.
 * A server may answer with a smaller block (RFC 7959 §2.4): the rest of the range is asked
   again at that size, and so is everything after it.
 * A block shorter than its Block2 option says (``fota.transport.truncated``) is not taken:
   the request stays in flight and its timeout asks again.
 * Duplicated and late answers are matched by token to nothing in flight and dropped, and
   answers in any order are fine: each carries its own offset.
-* 5.03 with Max-Age pauses sending for Max-Age seconds (the server asked for it); other 5.xx are
-  retried like a loss; 4.04 / 4.03 / 4.00 / 4.15 stop the transfer (PermanentServerError);
-  4.08 raises ImageChanged.
+* 5.03 with Max-Age pauses sending for Max-Age seconds (the server asked for it), and counts
+  as one of that request's tries, so a server that only ever answers 5.03 ends the transfer
+  like a silent one; other 5.xx are retried like a loss; 4.04 / 4.03 / 4.00 / 4.15 stop the
+  transfer (PermanentServerError); 4.08 raises ImageChanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import threading
 import time
@@ -41,12 +51,17 @@ import structlog
 
 from fota.errors import ImageChanged, PermanentServerError, TransportError
 from fota.transport import Block, truncated, wire
+from fota.transport.congestion import AimdWindow, CocoaRto, FixedWindow, Rfc7252Rto, Rto, Window
 
 log = structlog.get_logger(__name__)
 
 PERMANENT_CODES = {0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x8F}  # 4.00-4.05, 4.15
 REQUEST_INCOMPLETE = 0x88  # 4.08
 SERVICE_UNAVAILABLE = 0xA3  # 5.03
+MAX_PAUSE = 300.0
+"""Longest pause a 5.03's Max-Age buys, seconds."""
+INITIAL_WINDOW = 4
+"""Requests in flight at the start of a transfer with congestion = "aimd" (then slow start)."""
 POLL = 0.05
 """Longest blocking wait, so a cancelled transfer's thread notices within this many seconds."""
 
@@ -97,8 +112,12 @@ class WindowFetcher:
         path: Uri-Path segments of the resource.
         window: most requests in flight.
         block_size: block size asked for (16..1024).
-        timeout: first per-request timeout in seconds (doubles per try).
+        timeout: first per-request timeout in seconds: RFC 7252's ACK_TIMEOUT, and CoCoA's
+            RTO before any round trip was measured.
         max_tries: sends of one request before the transfer fails.
+        retransmission: ``"cocoa"`` (adaptive) or ``"rfc7252"`` (fixed, doubling).
+        congestion: ``"aimd"`` (a window that adapts to losses) or ``"fixed"``.
+        min_rto: CoCoA's lower bound on the timeout, seconds.
     """
 
     def __init__(
@@ -111,7 +130,14 @@ class WindowFetcher:
         block_size: int = 1024,
         timeout: float = 2.0,
         max_tries: int = 5,
+        retransmission: str = "cocoa",
+        congestion: str = "aimd",
+        min_rto: float = 0.2,
     ) -> None:
+        if retransmission not in ("cocoa", "rfc7252"):
+            raise ValueError(f"retransmission {retransmission!r} is not cocoa or rfc7252")
+        if congestion not in ("aimd", "fixed"):
+            raise ValueError(f"congestion {congestion!r} is not aimd or fixed")
         self.host, self.port, self.path = host, port, path
         self.uri = f"coap://{host}:{port}/{'/'.join(path)}"
         self.window = max(1, window)
@@ -119,17 +145,31 @@ class WindowFetcher:
         self.timeout = timeout
         self.max_tries = max_tries
         self._path_options = wire.encode_path(path)
-        self._salt = os.urandom(3)
+        self._salt = os.urandom(2)
         self._mid = int.from_bytes(os.urandom(2), "big")
         self._urgent: deque[tuple[int, int]] = deque()
         self._plan: Iterator[tuple[int, int]] = iter(())
         self._flight: dict[int, tuple[int, float, int]] = {}  # offset -> (size, deadline, tries)
+        self._busy_tries: dict[int, int] = {}  # offset -> tries it had when answered 5.03
         self._sock: socket.socket | None = None
         self._paused_until = 0.0
         self._stop = threading.Event()
         self.sent = 0
         self.retransmits = 0
         self.truncated = 0
+        self.rto: Rto = (
+            CocoaRto(initial=timeout, min_rto=min(min_rto, timeout))
+            if retransmission == "cocoa"
+            else Rfc7252Rto(timeout)
+        )
+        self.flow: Window = (
+            AimdWindow(self.window, cwnd=min(INITIAL_WINDOW, self.window))
+            if congestion == "aimd"
+            else FixedWindow(self.window)
+        )
+        self._sent_at: dict[int, dict[int, float]] = {}  # offset -> transmission -> sent at
+        self._number: dict[int, int] = {}  # offset -> its latest transmission's number
+        self._dither = random.Random()
 
     @classmethod
     def for_uri(cls, uri: str, **options: Any) -> WindowFetcher:
@@ -141,8 +181,12 @@ class WindowFetcher:
         parts = urlsplit(uri)
         if parts.scheme != "coap" or not parts.hostname:
             raise PermanentServerError(uri, "unsupported URI for an image (coap:// only)")
+        try:
+            port = parts.port or 5683
+        except ValueError:  # "h:x", "h:99999": urllib raises only when the port is read
+            raise PermanentServerError(uri, "malformed port in the URI") from None
         path = tuple(unquote(p) for p in parts.path.split("/")[1:] if p)
-        return cls(parts.hostname, parts.port or 5683, path, **options)
+        return cls(parts.hostname, port, path, **options)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -219,7 +263,12 @@ class WindowFetcher:
     def _fill(self, now: float) -> None:
         if now < self._paused_until:
             return
-        while len(self._flight) < self.window:
+        # The congestion window limits requests on their first transmission; one waiting to
+        # be asked again does not hold a new one back (a lost block must not stall the rest),
+        # and all together never pass ``window``.
+        fresh = sum(1 for _, _, tries in self._flight.values() if tries == 1)
+        while len(self._flight) < self.window and fresh < self.flow.allowed():
+            fresh += 1
             piece = self._next_range()
             if piece is None:
                 return
@@ -231,12 +280,12 @@ class WindowFetcher:
                 # Send the first block of the range now; the rest goes first in line.
                 self._urgent.appendleft((offset + size, length - size))
             if offset not in self._flight:
-                self._send(offset, size, 1, now)
+                self._send(offset, size, self._busy_tries.pop(offset, 0) + 1, now)
 
     def _send(self, offset: int, size: int, tries: int, now: float) -> None:
         assert self._sock is not None
         self._mid = (self._mid + 1) & 0xFFFF
-        token = self._salt + offset.to_bytes(5, "big")
+        token = self._salt + bytes([min(tries, 255)]) + offset.to_bytes(5, "big")
         message = wire.encode_block_get(
             self._mid,
             token,
@@ -249,7 +298,9 @@ class WindowFetcher:
             self._sock.send(message)
         except OSError as exc:  # ECONNREFUSED from an earlier ICMP, ENOBUFS: a loss, retried
             log.debug("send_failed", uri=self.uri, error=str(exc))
-        self._flight[offset] = (size, now + self.timeout * (2 ** (tries - 1)), tries)
+        self._sent_at.setdefault(offset, {})[min(tries, 255)] = now
+        self._number[offset] = self.flow.sent()
+        self._flight[offset] = (size, now + self.rto.timeout(tries, self._dither.random()), tries)
         self.sent += 1
 
     def _check(self, now: float) -> None:
@@ -261,11 +312,12 @@ class WindowFetcher:
             if tries >= self.max_tries:
                 raise TransportError(f"{self.uri}: no answer for byte {offset} after {tries} tries")
             self.retransmits += 1
+            self.flow.lost(self._number.get(offset, 0))  # a timeout: take it as congestion
             self._send(offset, size, tries + 1, now)
 
     def _received(self, sock: socket.socket, data: bytes, on_block: OnBlock) -> None:
         response = wire.decode(data)
-        if response is None or len(response.token) != 8 or response.token[:3] != self._salt:
+        if response is None or len(response.token) != 8 or response.token[:2] != self._salt:
             return  # not ours (or not CoAP)
         if response.mtype == wire.CON:
             try:
@@ -286,13 +338,22 @@ class WindowFetcher:
         code = response.code
         if code != wire.CONTENT:
             if code == SERVICE_UNAVAILABLE:
-                delay = float(response.max_age if response.max_age is not None else 60)
+                # At most MAX_PAUSE: a Max-Age of 2**32-1 would pause the download for 136
+                # years; each 5.03 counts as a try, so a server that keeps asking runs out.
+                asked = float(response.max_age if response.max_age is not None else 60)
+                delay = min(asked, MAX_PAUSE)
                 log.info("server_busy", uri=self.uri, max_age=delay)
                 self._paused_until = time.monotonic() + delay
                 # Ask again after the pause: every request in flight gets a fresh deadline.
                 for other, (osize, _, tries) in list(self._flight.items()):
                     self._flight[other] = (osize, self._paused_until + self.timeout, tries)
-                del self._flight[offset]
+                tries = self._flight.pop(offset)[2]
+                self._sent_at.pop(offset, None)  # no round trip to learn from: it paused
+                if tries >= self.max_tries:
+                    # A server that answers only 5.03 (Max-Age 0 too) runs out of tries like
+                    # a silent one, instead of being asked again forever.
+                    raise TransportError(f"{self.uri}: byte {offset} answered 5.03 {tries} times")
+                self._busy_tries[offset] = tries
                 self._urgent.appendleft((offset, size))
                 return None
             classify_code(self.uri, code)
@@ -300,7 +361,7 @@ class WindowFetcher:
             log.info("block_error_response", uri=self.uri, code=wire.code_text(code), offset=offset)
             return None
         if response.block2 is None:
-            del self._flight[offset]
+            self._answered(offset, response.token[2])
             return Block(0, response.payload, False, len(response.payload), response.etag)
         num, more, szx = response.block2
         got = 1 << (szx + 4)
@@ -320,7 +381,7 @@ class WindowFetcher:
                 block_size=got,
             )
             return None
-        del self._flight[offset]
+        self._answered(offset, response.token[2])
         if got < size:
             # The server chose a smaller block: follow it from here on.
             if got < self.block_size:
@@ -329,3 +390,17 @@ class WindowFetcher:
             if more:
                 self._urgent.appendleft((offset + got, size - got))
         return Block(start, response.payload, more, response.size2, response.etag)
+
+    def _answered(self, offset: int, copy: int) -> None:
+        """A request was answered: it leaves the window, and its round trip is measured.
+
+        ``copy`` is the transmission the answer names in its token: the round trip runs from
+        that transmission, so no timeout wait is ever counted as path delay.
+        """
+        self._flight.pop(offset)
+        now = time.monotonic()
+        sent = self._sent_at.pop(offset, {}).get(copy)
+        self._number.pop(offset, None)
+        if sent is not None:
+            self.rto.answered(now - sent, copy, now)
+        self.flow.answered()

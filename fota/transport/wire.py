@@ -150,10 +150,14 @@ def decode(data: bytes, *, bert: bool = False) -> Response | None:
                 return None  # SZX 7 is reserved (BERT only over reliable transports)
             response.block2 = (raw >> 4, bool(raw & 8), raw & 7)
         elif number == OPT_SIZE2:
+            if length > 4:
+                return None  # uint of 0..4 bytes (RFC 7959 §4); longer is no size at all
             response.size2 = int.from_bytes(value, "big")
         elif number == OPT_ETAG:
             response.etag = bytes(value)
         elif number == OPT_MAX_AGE:
+            if length > 4:
+                return None  # uint of 0..4 bytes (RFC 7252 §5.10.5); float() of more overflows
             response.max_age = int.from_bytes(value, "big")
     return response
 

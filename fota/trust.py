@@ -1,0 +1,148 @@
+"""The device's trust: configured keys, the newest keyset, and revocations.
+
+``Config.trust`` holds the manifest-signing keys the device was configured with,
+``Config.trust_roots`` the root keys that may sign keysets (``fota.core.keyset``), and
+``Config.revoked_keys`` key ids revoked locally. :class:`Trust` applies a keyset to the trust
+store the engine and the journal use, in place, and keeps the newest one in
+``state_dir/keyset.cose`` (verified again at every start) and every key id any keyset revoked
+in ``state_dir/revoked.cbor``, both written atomically: a rotation survives restarts, an older
+keyset is never taken again, and a revocation outlives the keyset that made it.
+
+What a keyset does: its keys are trusted from then on, beside the configured ones, and
+replace the keys of the keyset before it; its revoked key ids verify no new manifest, nor a
+keyset if they are root key ids. Revocation is for good: a later keyset cannot lift it (a
+new key gets a new key id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import cbor2
+import structlog
+
+from fota.core import keyset as ks
+from fota.core.manifest import TrustStore
+from fota.errors import ManifestError
+from fota.fileops import FileOps
+
+log = structlog.get_logger(__name__)
+
+KEYSET_FILE = "keyset.cose"
+REVOKED_FILE = "revoked.cbor"
+
+
+class Trust:
+    """Applies keysets to a trust store and keeps the newest one on disk.
+
+    Args:
+        trust: the manifest-signing keys (changed in place).
+        roots: the root keys that sign keysets (revocations applied in place).
+        state_dir: where the newest keyset is kept.
+        ops: file operations (the journal's, so tests see one ordered log).
+        revoked: key ids revoked by configuration.
+    """
+
+    def __init__(
+        self,
+        trust: TrustStore,
+        roots: TrustStore,
+        state_dir: Path,
+        ops: FileOps | None = None,
+        *,
+        revoked: Iterable[bytes] = (),
+    ) -> None:
+        self.trust = trust
+        self.roots = roots
+        self.path = Path(state_dir) / KEYSET_FILE
+        self.revoked_path = Path(state_dir) / REVOKED_FILE
+        self.ops = ops or FileOps()
+        self.version = 0
+        """Version of the keyset applied (0: none)."""
+        self._configured = set(trust.kids())
+        self._from_keyset: set[bytes] = set()
+        self._revoked_by_keysets: set[bytes] = set()
+        for kid in revoked:
+            self._revoke(kid)
+
+    def _revoke(self, kid: bytes) -> None:
+        self.trust.revoke(kid)
+        self.roots.revoke(kid)
+
+    def load(self) -> None:
+        """Apply the stored keyset, if there is one and it still verifies.
+
+        One that does not verify (damaged, or its root revoked by configuration since) is
+        logged and left aside: the device runs on its configured keys until the server
+        offers a keyset again.
+        """
+        self._load_revoked()
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            keyset = ks.decode(raw, self.roots)
+        except ManifestError as exc:
+            log.error("keyset_unusable", path=str(self.path), error=str(exc), kind=exc.kind)
+            return
+        self._apply(keyset)
+        log.info("keyset_loaded", version=keyset.version, signer=keyset.signer.hex())
+
+    def offer(self, raw: bytes) -> ks.Keyset:
+        """Verify a keyset, keep it, and apply it.
+
+        Raises:
+            ManifestError: it does not verify (the kinds of :func:`fota.core.keyset.decode`),
+                or it is not newer than the one applied (``rollback``).
+            OSError: it could not be stored; nothing was applied.
+        """
+        keyset = ks.decode(raw, self.roots)
+        if keyset.version <= self.version:
+            raise ManifestError(
+                "rollback",
+                "keyset version",
+                f"{keyset.version} is not greater than {self.version} (replay or downgrade)",
+            )
+        # Stored first: applied but not stored, a restart would forget a revocation. The
+        # revocations first of all: the keyset after them may revoke nothing.
+        revoked = self._revoked_by_keysets | keyset.revoked
+        if revoked != self._revoked_by_keysets:
+            self.ops.write_atomic(self.revoked_path, cbor2.dumps(sorted(revoked)))
+        self.ops.write_atomic(self.path, raw)
+        self._apply(keyset)
+        log.info(
+            "keyset_applied",
+            version=keyset.version,
+            signer=keyset.signer.hex(),
+            keys=[kid.hex() for kid in keyset.keys],
+            revoked=sorted(kid.hex() for kid in keyset.revoked),
+        )
+        return keyset
+
+    def _load_revoked(self) -> None:
+        try:
+            kids = cbor2.loads(self.revoked_path.read_bytes())
+        except FileNotFoundError:
+            return
+        except Exception as exc:  # cbor2 raises several types on a damaged file
+            log.error("revoked_keys_unreadable", path=str(self.revoked_path), error=str(exc))
+            return
+        if not isinstance(kids, list) or not all(isinstance(k, bytes) for k in kids):
+            log.error("revoked_keys_unreadable", path=str(self.revoked_path), error="not bstr[]")
+            return
+        for kid in kids:
+            self._revoked_by_keysets.add(kid)
+            self._revoke(kid)
+
+    def _apply(self, keyset: ks.Keyset) -> None:
+        for kid in self._from_keyset - set(keyset.keys) - self._configured:
+            self.trust.discard(kid)  # rotated out: the new keyset no longer lists it
+        for kid, key in keyset.keys.items():
+            self.trust.add(kid, key)
+        self._from_keyset = set(keyset.keys)
+        for kid in keyset.revoked:
+            self._revoked_by_keysets.add(kid)
+            self._revoke(kid)
+        self.version = keyset.version
