@@ -1082,3 +1082,13 @@ def test_bad_security_settings_name_the_key(
 ) -> None:
     message, _ = fails(tmp_path, line)
     assert expected in message
+
+
+def test_lossy_link_settings_from_the_file(tmp_path: Path, pub: Path) -> None:
+    text = BASE + 'retransmission = "rfc7252"\ncongestion = "fixed"\nmin_rto = 0.5\n'
+    config = load_settings(write(tmp_path, text)).config
+    assert (config.retransmission, config.congestion, config.min_rto) == ("rfc7252", "fixed", 0.5)
+    message, _ = fails(tmp_path, 'congestion = "reno"\n')
+    assert "congestion: 'reno' is not one of aimd, fixed" in message
+    message, _ = fails(tmp_path, "min_rto = 0.001\n")
+    assert "min_rto: 0.001 must be in 0.01..60" in message
