@@ -11,6 +11,7 @@ server's origin in plaintext.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -255,3 +256,20 @@ def test_fota_server_and_fetch_over_oscore_and_a_plaintext_fetch_refused(tmp_pat
     finally:
         server.terminate()
         assert server.wait(timeout=10) == 0
+
+
+async def test_a_server_spelled_in_capitals_is_still_protected(
+    tmp_path: Path, secured: UpdateServer, fota_signing: PluginSigning
+) -> None:
+    # aiocoap looks contexts up by its own spelling of the URI (host lower-cased): a context
+    # registered under the configured spelling would never be found, and every request would
+    # go out in plaintext.
+    secured.provision_oscore("dev1", tmp_path / "ctx")
+    v1 = secured.publish(b"z" * 8 * KiB, "1.0", device_class="test-gw")
+    config = dataclasses.replace(
+        config_for(tmp_path, secured, fota_signing, "dev1", oscore=tmp_path / "ctx"),
+        server=f"coap://LOCALHOST:{secured.port}",
+    )
+    async with Client(config, handler=AutoAuthorize()):
+        await Reports(secured, "dev1").wait_for(v1, ResultCode.SUCCESS)
+    assert secured.refused == [], "nothing arrived unprotected"

@@ -31,7 +31,13 @@ from aiocoap.optiontypes import BlockOption
 
 from fota.core.text import show
 from fota.core.uri import check_uri_reference, resolve
-from fota.errors import ConfigError, ImageChanged, PermanentServerError, TransportError
+from fota.errors import (
+    ConfigError,
+    FotaError,
+    ImageChanged,
+    PermanentServerError,
+    TransportError,
+)
 from fota.transport import Announcement, Block, BlockFetcher, ConcurrentFetcher, truncated
 from fota.transport.oscore import close_context as close_oscore
 from fota.transport.oscore import load_context as load_oscore
@@ -220,8 +226,33 @@ class CoapTransport:
                     self._ctx = await aiocoap.Context.create_client_context(
                         transports=["oscore", "udp6"]
                     )
-                    self._ctx.client_credentials[f"{self._origin(self.server)}/*"] = self._oscore
+                    # Under aiocoap's own spelling of the origin (host lower-cased, IPv6 in
+                    # canonical form): it looks requests up by that, and a request it finds no
+                    # context for would go out in plaintext.
+                    base = aiocoap.Message(code=Code.GET, uri=self.server + "/").get_request_uri()
+                    self._ctx.client_credentials[base.rstrip("/") + "/*"] = self._oscore
             return self._ctx
+
+    def _guard(self, ctx: Any, msg: Any, uri: str) -> None:
+        """With OSCORE, refuse to send ``msg`` unless our context protects it (fail closed)."""
+        if self._oscore is None:
+            return
+        from aiocoap.credentials import CredentialsMissingError
+
+        try:
+            found = ctx.client_credentials.credentials_from_request(msg)
+        except CredentialsMissingError:
+            found = None
+        if found is not self._oscore:
+            raise PermanentServerError(uri, "no OSCORE context covers it; not sent in plaintext")
+
+    def _unprotected(self, response: Any) -> bool:
+        """With OSCORE, whether an answer came without protection (never to be believed)."""
+        if self._oscore is None:
+            return False
+        from aiocoap.transports.oscore import OSCOREAddress
+
+        return not isinstance(response.remote, OSCOREAddress)
 
     @staticmethod
     def _origin(uri: str) -> str:
@@ -258,12 +289,15 @@ class CoapTransport:
         except aiocoap.error.MalformedUrlError as exc:
             # The URI came from the server (a location, a manifest): asking again won't help.
             raise PermanentServerError(uri, f"malformed URI ({exc})") from exc
+        self._guard(ctx, msg, uri)
         try:
             response = await ctx.request(msg, handle_blockwise=False).response
         except aiocoap.error.Error as exc:
             raise TransportError(f"{uri}: {exc.__class__.__name__}: {exc}") from exc
         except OSError as exc:
             raise TransportError(f"{uri}: {exc}") from exc
+        if self._unprotected(response):
+            raise TransportError(f"{uri}: an unprotected answer to an OSCORE request")
         if uri not in self._remotes and self._oscore is None:
             # Not with OSCORE: a request must go through the OSCORE transport again, and the
             # response's remote is that transport's address, not the server's.
@@ -364,6 +398,9 @@ class CoapTransport:
         classify(self.report_uri, response)
 
     def _decode_announcement(self, response: Any) -> Announcement | None:
+        if self._unprotected(response):
+            log.warning("announcement_unprotected", uri=self.announce_uri)
+            return None
         try:
             classify(self.announce_uri, response)
             return _parse_announcement(
@@ -419,6 +456,7 @@ class CoapTransport:
                     code=Code.GET, uri=self.announce_uri, observe=0, transport_tuning=self._tuning
                 )
                 self._check.clear()  # the registration's answer is a fresh announcement
+                self._guard(ctx, msg, self.announce_uri)
                 request = ctx.request(msg)
                 try:
                     response = await request.response
@@ -436,7 +474,9 @@ class CoapTransport:
                 finally:
                     if not request.observation.cancelled:
                         request.observation.cancel()
-            except (aiocoap.error.Error, OSError, TransportError) as exc:
+            except (aiocoap.error.Error, OSError, FotaError) as exc:
+                # FotaError too: an unusable URI or a missing OSCORE context must not end the
+                # watcher; it backs off and tries again.
                 log.info("announcement_retry", uri=self.announce_uri, error=str(exc), delay=backoff)
             # Back-off between re-registrations (a timer, not synchronisation), with jitter so
             # that a fleet does not come back in lockstep after an outage; check_now() cuts it
