@@ -69,6 +69,11 @@ from fota.trust import Trust
 
 log = structlog.get_logger(__name__)
 
+KEYSET_WAIT = 30.0
+"""Longest an announcement waits for the keyset it names, seconds."""
+KEYSET_RETRY = 600.0
+"""After a keyset failed, the same one is not fetched again for this long, seconds."""
+
 SelfTest = Callable[[Manifest], Awaitable[tuple[bool, str]]]
 """A post-install health check: returns (passed, detail)."""
 Condition = Callable[[], Awaitable[bool]]
@@ -227,6 +232,7 @@ class Engine:
         self._listeners: list[Listener] = []
         self._current: UpdateInfo | None = None
         self._previous: UpdateInfo | None = None
+        self._keyset_failed: tuple[str, int, float] | None = None  # uri, version, retry after
         self.trust = Trust(
             config.trust,
             config.trust_roots,
@@ -785,15 +791,33 @@ class Engine:
         async for ann in self.transport.announcements():
             log.debug("announcement_received", sequence=ann.sequence, uri=ann.manifest_uri)
             ann = self._allowed_locations(ann)
-            keyset = ann.keyset_version
-            if keyset is not None and ann.keyset_uri is not None and keyset > self.trust.version:
-                # Before the manifest: it may be signed by a key this keyset brings.
-                await self._update_keys(ann.keyset_uri, keyset)
+            await self._keyset_of(ann)
             self.post(
                 ev.AnnouncementReceived(
                     ann.sequence, ann.manifest_digest, ann.manifest_uri, ann.cancel
                 )
             )
+
+    async def _keyset_of(self, ann: Announcement) -> None:
+        """Fetch a newer keyset the announcement names, before its manifest is looked at.
+
+        The manifest may be signed by a key this keyset brings. Bounded (``KEYSET_WAIT``), and
+        not tried again soon after a failure (``KEYSET_RETRY``): the announced version is
+        unsigned, and a keyset nobody serves must not hold back every later announcement.
+        """
+        version, uri = ann.keyset_version, ann.keyset_uri
+        if version is None or uri is None or version <= self.trust.version:
+            return
+        failed = self._keyset_failed
+        if failed is not None and failed[:2] == (uri, version) and time.monotonic() < failed[2]:
+            return
+        try:
+            async with asyncio.timeout(KEYSET_WAIT):
+                await self._update_keys(uri, version)
+        except TimeoutError:
+            log.warning("keyset_fetch_timed_out", uri=uri, seconds=KEYSET_WAIT)
+        if version > self.trust.version:
+            self._keyset_failed = (uri, version, time.monotonic() + KEYSET_RETRY)
 
     def _allowed_locations(self, ann: Announcement) -> Announcement:
         """Drop announced locations outside the allowed origins (announcements are unsigned)."""

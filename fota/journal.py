@@ -42,6 +42,12 @@ class Loaded:
     installed: Manifest | None
 
 
+PAST_THE_INSTALL = frozenset(
+    {State.INSTALLING, State.AWAIT_RESTART, State.AWAIT_COMMIT, State.ROLLING_BACK}
+)
+"""States in which a pending update's install has begun: it is finished (or rolled back)."""
+
+
 class Journal:
     """The on-disk state of one device under ``state_dir``.
 
@@ -66,14 +72,15 @@ class Journal:
     def _manifest_path(self, digest: bytes) -> Path:
         return self.dir / f"manifest-{digest.hex()}.cose"
 
-    def _load_manifest(self, digest: bytes | None, what: str) -> Manifest | None:
+    def _load_manifest(
+        self, digest: bytes | None, what: str, *, revoked_ok: bool
+    ) -> Manifest | None:
         if digest is None:
             return None
         path = self._manifest_path(digest)
         try:
             raw = path.read_bytes()
-            # Accepted before any revocation since: the running image stays trusted.
-            manifest = verify(raw, self.trust, revoked_ok=True)
+            manifest = verify(raw, self.trust, revoked_ok=revoked_ok)
         except (OSError, FotaError) as exc:
             log.error("stored_manifest_unusable", which=what, path=str(path), error=str(exc))
             return None
@@ -103,8 +110,13 @@ class Journal:
         except OSError as exc:
             raise JournalError(f"journal {self.dir / RECORD_NAME}: {exc}") from exc
         record = Record.from_bytes(data)
-        installed = self._load_manifest(record.installed, "installed")
-        pending = self._load_manifest(record.pending, "pending")
+        # The running image stays trusted after its key was revoked or rotated out; a pending
+        # update does only once its install has begun (it cannot be undone half-way): before
+        # that, a revoked key drops it.
+        installed = self._load_manifest(record.installed, "installed", revoked_ok=True)
+        pending = self._load_manifest(
+            record.pending, "pending", revoked_ok=record.state in PAST_THE_INSTALL
+        )
         if record.pending is not None and pending is None:
             log.error("pending_update_dropped", digest=record.pending.hex())
             record = record.evolve(

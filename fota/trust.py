@@ -23,14 +23,17 @@ import cbor2
 import structlog
 
 from fota.core import keyset as ks
-from fota.core.manifest import TrustStore
-from fota.errors import ManifestError
+from fota.core.manifest import PublicKey, TrustStore
+from fota.errors import JournalError, ManifestError
 from fota.fileops import FileOps
 
 log = structlog.get_logger(__name__)
 
 KEYSET_FILE = "keyset.cose"
 REVOKED_FILE = "revoked.cbor"
+HISTORY_FILE = "keys.cbor"
+"""Every manifest key a keyset brought, ``[kid, alg, key]``: rotated-out keys still verify
+the manifests stored before (the running image's), and a restart must not forget them."""
 
 
 class Trust:
@@ -57,6 +60,8 @@ class Trust:
         self.roots = roots
         self.path = Path(state_dir) / KEYSET_FILE
         self.revoked_path = Path(state_dir) / REVOKED_FILE
+        self.history_path = Path(state_dir) / HISTORY_FILE
+        self._history: dict[bytes, list[object]] = {}  # kid -> [kid, alg, raw key]
         self.ops = ops or FileOps()
         self.version = 0
         """Version of the keyset applied (0: none)."""
@@ -71,21 +76,29 @@ class Trust:
         self.roots.revoke(kid)
 
     def load(self) -> None:
-        """Apply the stored keyset, if there is one and it still verifies.
+        """Apply the stored keyset, the key history and the revocations.
 
-        One that does not verify (damaged, or its root revoked by configuration since) is
-        logged and left aside: the device runs on its configured keys until the server
-        offers a keyset again.
+        The stored keyset is taken even if its root was revoked since (it was good when
+        taken; setting it aside would reset the version and let older keysets be replayed),
+        but then trusts no new key: its keys only verify stored manifests. A damaged keyset
+        is logged and left aside. A damaged revocation or history file stops the start
+        (``JournalError``): ignoring it would lift revocations or forget the running image's
+        key, and the next keyset would overwrite it for good.
         """
         self._load_revoked()
+        self._load_history()
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return
         try:
-            keyset = ks.decode(raw, self.roots)
+            keyset = ks.decode(raw, self.roots, revoked_ok=True)
         except ManifestError as exc:
             log.error("keyset_unusable", path=str(self.path), error=str(exc), kind=exc.kind)
+            return
+        if self.roots.is_revoked(keyset.signer):
+            log.error("keyset_root_revoked", version=keyset.version, signer=keyset.signer.hex())
+            self.version = keyset.version  # no replay of older ones; its keys stay retired
             return
         self._apply(keyset)
         log.info("keyset_loaded", version=keyset.version, signer=keyset.signer.hex())
@@ -110,6 +123,10 @@ class Trust:
         revoked = self._revoked_by_keysets | keyset.revoked
         if revoked != self._revoked_by_keysets:
             self.ops.write_atomic(self.revoked_path, cbor2.dumps(sorted(revoked)))
+        history = {**self._history, **{kid: _entry(kid, key) for kid, key in keyset.keys.items()}}
+        if history != self._history:
+            self.ops.write_atomic(self.history_path, cbor2.dumps(list(history.values())))
+            self._history = history
         self.ops.write_atomic(self.path, raw)
         self._apply(keyset)
         log.info(
@@ -121,24 +138,46 @@ class Trust:
         )
         return keyset
 
-    def _load_revoked(self) -> None:
+    def _read(self, path: Path) -> list[object] | None:
+        """A list stored by this class, None when absent; damaged: ``JournalError``."""
         try:
-            kids = cbor2.loads(self.revoked_path.read_bytes())
+            data = cbor2.loads(path.read_bytes())
         except FileNotFoundError:
-            return
+            return None
         except Exception as exc:  # cbor2 raises several types on a damaged file
-            log.error("revoked_keys_unreadable", path=str(self.revoked_path), error=str(exc))
-            return
-        if not isinstance(kids, list) or not all(isinstance(k, bytes) for k in kids):
-            log.error("revoked_keys_unreadable", path=str(self.revoked_path), error="not bstr[]")
+            raise JournalError(f"{path}: unreadable ({exc}); restore it or remove it") from exc
+        if not isinstance(data, list):
+            raise JournalError(f"{path}: not a CBOR array; restore it or remove it")
+        return data
+
+    def _load_history(self) -> None:
+        entries = self._read(self.history_path) or []
+        for entry in entries:
+            try:
+                if not isinstance(entry, list) or len(entry) != 3:
+                    raise ValueError("expected [kid, alg, key]")
+                kid, alg, raw = entry
+                if not isinstance(kid, bytes) or type(alg) is not int or not isinstance(raw, bytes):
+                    raise ValueError("expected [bstr, int, bstr]")
+                key = ks._public_key(alg, raw, "history")
+            except (ValueError, ManifestError) as exc:
+                raise JournalError(f"{self.history_path}: {exc}") from exc
+            self._history[kid] = entry
+            self.trust.add_retired(kid, key)
+
+    def _load_revoked(self) -> None:
+        kids = self._read(self.revoked_path)
+        if kids is None:
             return
         for kid in kids:
+            if not isinstance(kid, bytes):
+                raise JournalError(f"{self.revoked_path}: not an array of key ids")
             self._revoked_by_keysets.add(kid)
             self._revoke(kid)
 
     def _apply(self, keyset: ks.Keyset) -> None:
         for kid in self._from_keyset - set(keyset.keys) - self._configured:
-            self.trust.discard(kid)  # rotated out: the new keyset no longer lists it
+            self.trust.retire(kid)  # rotated out: the new keyset no longer lists it
         for kid, key in keyset.keys.items():
             self.trust.add(kid, key)
         self._from_keyset = set(keyset.keys)
@@ -146,3 +185,8 @@ class Trust:
             self._revoked_by_keysets.add(kid)
             self._revoke(kid)
         self.version = keyset.version
+
+
+def _entry(kid: bytes, key: PublicKey) -> list[object]:
+    alg, raw = ks._raw_public(key)
+    return [kid, alg, raw]

@@ -277,3 +277,121 @@ def test_real_encodings_match_the_documented_cddl(rule: str, tmp_path: Path) -> 
         schema.validate_cbor((tmp_path / "revoked.cbor").read_bytes())
         with pytest.raises(pycddl.ValidationError):
             schema.validate_cbor(cbor2.dumps([b""]))
+
+
+# -- what a restart must not forget --------------------------------------------------------------
+
+
+C, C_KID = keypair()
+
+
+@pytest.mark.parametrize("how", ["rotated-out", "revoked"])
+async def test_a_restart_after_the_running_images_key_left_the_keyset(
+    tmp_path: Path, how: str
+) -> None:
+    async with UpdateServer(tmp_path / "srv", A, A_KID) as server:
+        reports = Reports(server, "dev1")
+        v1 = server.publish(os.urandom(4096), "1.0", device_class="test-gw")
+        async with Client(device_config(tmp_path, server), handler=AutoAuthorize()):
+            await reports.wait_for(v1, ResultCode.SUCCESS)
+            server.publish_keyset(ks.sign(1, [(B_KID, B.public_key())], ROOT, ROOT_KID), 1)
+            v2 = server.publish(os.urandom(4096), "2.0", device_class="test-gw", key=B, kid=B_KID)
+            await reports.wait_for(v2, ResultCode.SUCCESS)
+            # Keyset 2 no longer lists B (rotation), or revokes it: a keyset cannot list a key
+            # it revokes, so either way B is gone from the keys it brings.
+            revoked = [B_KID] if how == "revoked" else []
+            server.publish_keyset(
+                ks.sign(2, [(C_KID, C.public_key())], ROOT, ROOT_KID, revoked=revoked), 2
+            )
+            v3 = server.publish(os.urandom(4096), "3.0", device_class="test-gw", key=C, kid=C_KID)
+            await reports.wait_for(v3, ResultCode.SUCCESS)
+        # 3.0 runs, signed by C. A restart loads; a new manifest by B is refused.
+        config = device_config(tmp_path, server)
+        async with Client(config, handler=AutoAuthorize()) as client:
+            assert client.status().installed_version == "3.0"
+            v4 = server.publish(os.urandom(4096), "4.0", device_class="test-gw", key=B, kid=B_KID)
+            expected = ResultCode.KEY_REVOKED if how == "revoked" else ResultCode.UNKNOWN_KEY
+            await reports.wait_for(v4, expected)
+
+
+def test_the_running_images_key_verifies_after_a_restart_once_rotated_out(tmp_path: Path) -> None:
+    from fota.core.manifest import ManifestBody
+    from fota.journal import Journal
+
+    trust = TrustStore({A_KID: A.public_key()})
+    device = Trust(trust, roots(), tmp_path)
+    device.offer(ks.sign(1, [(B_KID, B.public_key())], ROOT, ROOT_KID))
+    body = ManifestBody(
+        sequence=1,
+        component=mf.Component.FIRMWARE,
+        version="1.0",
+        device_class="c",
+        image_size=1,
+        image_sha256=bytes(32),
+        image_uri="../img/x",
+        fragment_size=1024,
+        fragment_sha256=(bytes(32),),
+    )
+    manifest = mf.verify(mf.sign(body, B, B_KID), trust)
+    journal = Journal(tmp_path, trust)
+    journal.load()
+    journal.save(journal.load().record.evolve(installed=manifest.digest), (manifest,))
+    device.offer(ks.sign(2, [], ROOT, ROOT_KID))  # B rotated out
+    # A fresh process: the configured key, the stored keyset and the history.
+    again = TrustStore({A_KID: A.public_key()})
+    Trust(again, roots(), tmp_path).load()
+    assert again.get(B_KID) is None and again.get(B_KID, retired=True) is not None
+    loaded = Journal(tmp_path, again).load()
+    assert loaded.installed is not None and loaded.installed.digest == manifest.digest
+
+
+@pytest.mark.parametrize("name", ["revoked.cbor", "keys.cbor"])
+def test_a_damaged_revocation_or_history_file_stops_the_start(tmp_path: Path, name: str) -> None:
+    from fota.errors import JournalError
+
+    device = Trust(TrustStore(), roots(), tmp_path)
+    device.offer(ks.sign(1, [(B_KID, B.public_key())], ROOT, ROOT_KID, revoked=[A_KID]))
+    (tmp_path / name).write_bytes(b"\xff\x00garbage")
+    with pytest.raises(JournalError, match=f"{name}: unreadable"):
+        Trust(TrustStore(), roots(), tmp_path).load()
+
+
+def test_a_stored_keyset_whose_root_was_revoked_still_blocks_replays(tmp_path: Path) -> None:
+    device = Trust(TrustStore(), roots(), tmp_path)
+    old = ks.sign(1, [(B_KID, B.public_key())], ROOT, ROOT_KID)
+    device.offer(ks.sign(2, [(C_KID, C.public_key())], ROOT, ROOT_KID))
+    # The root is revoked by configuration; a second root signs from now on.
+    root2, root2_kid = keypair()
+    both = TrustStore({ROOT_KID: ROOT.public_key(), root2_kid: root2.public_key()})
+    trust = TrustStore()
+    again = Trust(trust, both, tmp_path, revoked=[ROOT_KID])
+    again.load()
+    assert again.version == 2 and trust.get(C_KID) is None, "its keys trust nothing new"
+    with pytest.raises(ManifestError, match="was revoked"):
+        again.offer(old)
+    with pytest.raises(ManifestError, match="is not greater than 2"):
+        again.offer(ks.sign(2, [(B_KID, B.public_key())], root2, root2_kid))
+    again.offer(ks.sign(3, [(B_KID, B.public_key())], root2, root2_kid))
+    assert trust.get(B_KID) is not None
+
+
+async def test_a_keyset_nobody_serves_does_not_hold_the_update_back(tmp_path: Path) -> None:
+    async with UpdateServer(tmp_path / "srv", A, A_KID) as server:
+        reports = Reports(server, "dev1")
+        v1 = server.make_manifest(os.urandom(4096), "1.0", device_class="test-gw")
+        (server.root / "m" / v1.digest.hex()).write_bytes(v1.raw)
+        # Keyset 9 is announced, but its location answers 4.04.
+        server.announce_body(
+            {
+                1: v1.sequence,
+                2: v1.digest,
+                3: f"../m/{v1.digest.hex()}",
+                5: 9,
+                6: "../k/" + "0" * 64,
+            }
+        )
+        async with Client(device_config(tmp_path, server), handler=AutoAuthorize()) as client:
+            await reports.wait_for(v1, ResultCode.SUCCESS)
+            assert client.engine.trust.version == 0
+            assert client.engine._keyset_failed is not None
+            assert client.engine._keyset_failed[:2] == (f"{server.uri}/fota/k/{'0' * 64}", 9)

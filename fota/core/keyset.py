@@ -81,12 +81,14 @@ def _public_key(alg: int, raw: bytes, where: str) -> PublicKey:
         raise _bad(where, f"not a valid public key ({exc})") from exc
 
 
-def decode(raw: bytes, roots: TrustStore) -> Keyset:
+def decode(raw: bytes, roots: TrustStore, *, revoked_ok: bool = False) -> Keyset:
     """Verify a keyset's signature against the root keys and decode it.
 
     Args:
         raw: the COSE_Sign1 bytes.
         roots: the root keys (``Config.trust_roots``), revocations applied.
+        revoked_ok: accept a revoked root (for the stored keyset: it was good when taken, and
+            setting it aside would let older keysets be replayed).
 
     Raises:
         ManifestError: with kind ``oversize``, ``malformed``, ``unknown_key``,
@@ -97,7 +99,9 @@ def decode(raw: bytes, roots: TrustStore) -> Keyset:
             "oversize", "keyset bytes", f"{len(raw)} bytes exceeds the limit {MAX_KEYSET_BYTES}"
         )
     protected, header, payload, signature = mf._split_cose(raw)
-    signer = mf._verify_signature(protected, header, payload, signature, roots)
+    signer = mf._verify_signature(
+        protected, header, payload, signature, roots, revoked_ok=revoked_ok
+    )
     body = mf._loads(payload, "keyset")
     if not isinstance(body, dict):
         raise _bad("payload", "expected a map")

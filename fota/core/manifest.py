@@ -184,6 +184,7 @@ class TrustStore:
         self, keys: Mapping[bytes, PublicKey] | None = None, *, revoked: Iterable[bytes] = ()
     ) -> None:
         self._keys: dict[bytes, PublicKey] = {}
+        self._retired: dict[bytes, PublicKey] = {}  # rotated out: for stored manifests only
         self._revoked: set[bytes] = set(revoked)
         for kid, key in (keys or {}).items():
             self.add(kid, key)
@@ -211,13 +212,26 @@ class TrustStore:
             raise ValueError(f"key {kid.hex()}: only P-256 is supported for ES256")
         self._keys[kid] = key
 
-    def discard(self, kid: bytes) -> None:
-        """Stop trusting ``kid`` (a key rotated out; it is not revoked)."""
-        self._keys.pop(kid, None)
+    def retire(self, kid: bytes) -> None:
+        """Trust ``kid`` for no new manifest (a key rotated out; it is not revoked).
 
-    def get(self, kid: bytes) -> PublicKey | None:
-        """Return the key for ``kid``, or None."""
-        return self._keys.get(kid)
+        It still verifies the manifests stored before (the running image's, on load).
+        """
+        key = self._keys.pop(kid, None)
+        if key is not None:
+            self._retired[kid] = key
+
+    def add_retired(self, kid: bytes, key: PublicKey) -> None:
+        """Remember a key that once signed manifests, for stored ones only."""
+        if kid not in self._keys:
+            self._retired[kid] = key
+
+    def get(self, kid: bytes, *, retired: bool = False) -> PublicKey | None:
+        """Return the key for ``kid`` (with ``retired``, a rotated-out one too), or None."""
+        key = self._keys.get(kid)
+        if key is None and retired:
+            key = self._retired.get(kid)
+        return key
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -322,11 +336,12 @@ def _verify_signature(
         )
     if not isinstance(kid, bytes) or not 1 <= len(kid) <= 64:
         raise ManifestError("malformed", "kid", "expected a byte string of 1 to 64 bytes")
-    key = trust.get(kid)
+    if not revoked_ok and trust.is_revoked(kid):
+        # First: a revoked key is said to be revoked, whether or not a keyset still lists it.
+        raise ManifestError("revoked_key", "kid", f"key id {kid.hex()} was revoked")
+    key = trust.get(kid, retired=revoked_ok)
     if key is None:
         raise ManifestError("unknown_key", "kid", f"key id {kid.hex()} is not in the trust store")
-    if not revoked_ok and trust.is_revoked(kid):
-        raise ManifestError("revoked_key", "kid", f"key id {kid.hex()} was revoked")
     to_verify = _sig_structure(protected, payload)
     try:
         if alg == ALG_EDDSA:
@@ -466,7 +481,7 @@ def verify(
         raw: the signed manifest bytes.
         trust: the verification keys.
         max_image_size: the largest image accepted, bytes.
-        revoked_ok: accept a revoked key id (for manifests stored before the revocation,
+        revoked_ok: accept a revoked or rotated-out key id (for manifests stored before,
             re-verified on load); a new manifest never gets this.
 
     Raises:
