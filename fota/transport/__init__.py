@@ -207,6 +207,10 @@ class ConcurrentFetcher:
                 for _ in range(self.window):
                     group.create_task(worker())
         except BaseExceptionGroup as errors:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # The download is being stopped: that, not a worker's error on the way out.
+                raise asyncio.CancelledError from None
             # Callers expect one typed error, as from the other fetchers.
             raise errors.exceptions[0] from None
 

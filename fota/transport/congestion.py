@@ -55,6 +55,10 @@ class Rto(Protocol):
         """Transmission number ``tries`` of a request was answered ``rtt`` seconds after it."""
         ...
 
+    def age(self, now: float) -> None:
+        """Let an RTO nobody confirmed for long move toward the middle ground."""
+        ...
+
 
 @dataclass
 class Rfc7252Rto:
@@ -75,6 +79,9 @@ class Rfc7252Rto:
 
     def answered(self, rtt: float, tries: int, now: float) -> None:
         """RFC 7252 timing does not learn."""
+
+    def age(self, now: float) -> None:
+        """Nor does it age."""
 
 
 @dataclass

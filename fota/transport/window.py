@@ -158,7 +158,7 @@ class WindowFetcher:
         self.retransmits = 0
         self.truncated = 0
         self.rto: Rto = (
-            CocoaRto(initial=timeout, min_rto=min(min_rto, timeout))
+            CocoaRto(initial=timeout, min_rto=min(min_rto, timeout), max_rto=max(32.0, timeout))
             if retransmission == "cocoa"
             else Rfc7252Rto(timeout)
         )
@@ -298,6 +298,7 @@ class WindowFetcher:
             self._sock.send(message)
         except OSError as exc:  # ECONNREFUSED from an earlier ICMP, ENOBUFS: a loss, retried
             log.debug("send_failed", uri=self.uri, error=str(exc))
+        self.rto.age(now)  # a path quiet for long: the RTO moves toward the middle ground
         self._sent_at.setdefault(offset, {})[min(tries, 255)] = now
         self._number[offset] = self.flow.sent()
         self._flight[offset] = (size, now + self.rto.timeout(tries, self._dither.random()), tries)
