@@ -639,6 +639,14 @@ class Engine:
             case cmd.StartDownload():
                 assert model.pending is not None and model.record.manifest_uri is not None
                 uri = resolve(model.record.manifest_uri, model.pending.body.image_uri)
+                if not allowed(uri, self.config.origins()):
+                    # Accepted under an older configuration (a resume after a restart): the
+                    # origins allowed now decide, as for a new manifest.
+                    error = ManifestError(
+                        "invalid_uri", "image_uri", f"{show(uri, 120)} is not on an allowed origin"
+                    )
+                    self.post(ev.DownloadFailed(model.pending.update_id, error, 0))
+                    return
                 limit = self.config.max_download_bytes
                 budget = None if limit is None else (model.record.fetched, limit)
                 self._spawn(

@@ -7,6 +7,7 @@ a bundle whose member names climb out of the install root.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tarfile
@@ -242,3 +243,33 @@ async def test_a_tampered_image_is_refused_reported_and_not_installed(tmp_path: 
         reports.assert_final(v2, ResultCode.INTEGRITY_FAILURE)
         assert State.INSTALLING not in [r.state for r in reports.of(v2)]
         assert config.target is not None and sha(config.target) == v1.image_sha256
+
+
+async def test_a_resumed_download_is_held_to_the_origins_allowed_now(tmp_path: Path) -> None:
+    async with (
+        UpdateServer(tmp_path / "srv", KEY, KID) as server,
+        UpdateServer(tmp_path / "mirror", KEY, KID) as mirror,
+    ):
+        reports = Reports(server, "dev1")
+        v1 = server.publish(os.urandom(4096), "1.0", device_class="test-gw")
+        image = os.urandom(512 * 1024)
+        _, digest = mirror.store_image(image)
+        v2 = _with_image_uri(
+            server,
+            server.make_manifest(image, "2.0", device_class="test-gw"),
+            f"{mirror.uri}/fota/img/{digest.hex()}",
+        )
+        mirror.faults.throttle(0.005)  # slow enough to stop it half-way
+        started = asyncio.Event()
+        mirror.request_hook = lambda r: started.set() if len(mirror.requests) > 20 else None
+        allowing = device_config(tmp_path, server, allowed_origins=[mirror.uri])
+        async with Client(allowing, handler=AutoAuthorize()):
+            await reports.wait_for(v1, ResultCode.SUCCESS)
+            server.announce_raw(v2.raw, v2.sequence)
+            await asyncio.wait_for(started.wait(), 20)
+        # The next start, with the mirror no longer allowed: the resume is refused.
+        async with Client(device_config(tmp_path, server), handler=AutoAuthorize()) as client:
+            refused = await reports.wait_for(v2, ResultCode.INVALID_URI)
+            assert "is not on an allowed origin" in refused.detail
+            assert client.status().installed_version == "1.0"
+        reports.assert_final(v2, ResultCode.INVALID_URI)
