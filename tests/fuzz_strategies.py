@@ -199,7 +199,7 @@ URIS = st.sampled_from(
         "coap://h/a%00b",
         "http://h/m",
         "coap+tcp://[::1]:0/x",
-        "coap://:5683/x",
+        "coap://:61616/x",
         "../img/x",
         "/fota/m/" + "a" * 250,
         "a\x7f",
@@ -507,7 +507,7 @@ def check_body(body: mf.ManifestBody, max_image_size: int = MAX_IMAGE) -> None:
     assert all(type(d) is bytes and len(d) == 32 for d in body.fragment_sha256)
     assert len(body.image_sha256) == 32
     assert check_uri_reference(body.image_uri) is None
-    resolve("coap://[::1]:5683/fota/m/x", body.image_uri)
+    resolve("coap://[::1]:61616/fota/m/x", body.image_uri)
     assert body.deadline is None or 0 <= body.deadline < 1 << 40
     assert type(body.polite) is bool
 
@@ -1481,7 +1481,7 @@ def check_window_socket(case: ServerCase) -> None:
 
 # -- aiocoap responses: announcements and fetch_block --------------------------------------------
 
-_ANNOUNCE_BASE = "coap://127.0.0.1:5683"
+_ANNOUNCE_BASE = "coap://127.0.0.1:61616"
 _GOOD_ANNOUNCEMENT = {1: 9, 2: PENDING.digest, 3: f"../m/{PENDING.digest.hex()}"}
 
 

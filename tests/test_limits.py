@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fota import AutoAuthorize, Client, Config, ResultCode, State
 from fota.core.manifest import Component, TrustStore, kid_for
+from fota.core.uri import DEFAULT_PORTS
 from fota.errors import ConfigError
 from fota.testing import UpdateServer
 from fota.testing.pytest_plugin import Reports
@@ -177,7 +178,7 @@ def test_allowed_origins_are_checked(tmp_path: Path) -> None:
     config = Config(**base, allowed_origins=["coap://Mirror.example", "coap+tcp://[::1]:61617"])  # type: ignore[arg-type]
     assert config.origins() == (
         "coap://127.0.0.1:61616",
-        "coap://mirror.example:5683",
+        f"coap://mirror.example:{DEFAULT_PORTS['coap']}",  # the default port, made explicit
         "coap+tcp://[::1]:61617",
     )
 
