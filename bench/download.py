@@ -126,8 +126,10 @@ def put_libcoap(port: int, name: str, image: Path) -> str:
     return uri
 
 
-def start_fota_server(port: int, root: Path) -> subprocess.Popen[bytes]:
+def start_fota_server(port: int, root: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """fota's test server on ``port``, serving ``root/srv`` (``extra``: more options)."""
     key = root / "bench.key"
+    root.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [sys.executable, "-m", "fota", "manifest", "keygen", "--out", str(key)],
         check=True,
@@ -149,6 +151,7 @@ def start_fota_server(port: int, root: Path) -> subprocess.Popen[bytes]:
                 str(key),
                 "--port",
                 str(port),
+                *extra,
             ],
         ),
         stdout=subprocess.PIPE,

@@ -13,47 +13,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from download import MiB, Run, file_sha256, measure, pinned
-
-
-def start_server(root: Path, key: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        pinned(
-            0,
-            [
-                sys.executable,
-                "-m",
-                "fota",
-                "--log-level",
-                "warning",
-                "server",
-                "--root",
-                str(root),
-                "--key",
-                str(key),
-                "--port",
-                "0",
-                "--json",
-                *extra,
-            ],
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    ready = json.loads(proc.stdout.readline())  # {"uri": ...}: bound and serving
-    return proc, ready["uri"]
+from download import MiB, Run, file_sha256, free_port, measure, pinned, start_fota_server
 
 
 def main() -> None:
@@ -63,14 +31,11 @@ def main() -> None:
     p.add_argument("--window", type=int, default=16)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fota-bench-oscore-"))
-    key = work / "bench.key"
-    subprocess.run(
-        [sys.executable, "-m", "fota", "manifest", "keygen", "--out", str(key)],
-        check=True,
-        capture_output=True,
-    )
-    plain, plain_uri = start_server(work / "plain", key)
-    secured, secured_uri = start_server(work / "secured", key, "--oscore", f"bench={work / 'ctx'}")
+    plain_port, secured_port = free_port(), free_port()
+    plain = start_fota_server(plain_port, work / "plain")
+    secured = start_fota_server(secured_port, work / "secured", "--oscore", f"bench={work / 'ctx'}")
+    plain_uri = f"coap://127.0.0.1:{plain_port}"
+    secured_uri = f"coap://127.0.0.1:{secured_port}"
     fota = str(Path(sys.executable).parent / "fota")
     rows: list[tuple[int, list[Run], list[Run], list[Run]]] = []
     try:
@@ -79,7 +44,7 @@ def main() -> None:
             image.write_bytes(os.urandom(size * MiB))
             sha = hashlib.sha256(image.read_bytes()).hexdigest()
             for root in (work / "plain", work / "secured"):
-                shutil.copyfile(image, root / "img" / sha)
+                shutil.copyfile(image, root / "srv" / "img" / sha)
 
             def fetch(uri: str, *extra: str, sha: str = sha) -> list[str]:
                 return pinned(

@@ -78,6 +78,27 @@ def installer_for(config: Config) -> Installer:
     return FileInstaller(config.target)
 
 
+def transport_for(config: Config) -> CoapTransport:
+    """The CoAP transport ``config`` describes (what :class:`Client` makes when given none).
+
+    Raises:
+        ConfigError: an unusable ``oscore`` context.
+    """
+    return CoapTransport(
+        config.server,
+        config.device_id,
+        ack_timeout=config.ack_timeout,
+        max_retransmit=config.max_retransmit,
+        poll_interval=config.poll_interval,
+        observe_refresh=config.observe_refresh,
+        poll_jitter=config.poll_jitter,
+        oscore=config.oscore,
+        retransmission=config.retransmission,
+        congestion=config.congestion,
+        min_rto=config.min_rto,
+    )
+
+
 def status_of(model: Model, now: float | None = None) -> Status:
     """Build a :class:`Status` from the machine's model (``now``: for expiring locks)."""
     pending, installed = model.pending, model.installed
@@ -142,19 +163,7 @@ class Client:
         if installer is None:
             installer = installer_for(config)
         self._owns_transport = transport is None
-        self.transport: Transport = transport or CoapTransport(
-            config.server,
-            config.device_id,
-            ack_timeout=config.ack_timeout,
-            max_retransmit=config.max_retransmit,
-            poll_interval=config.poll_interval,
-            observe_refresh=config.observe_refresh,
-            poll_jitter=config.poll_jitter,
-            oscore=config.oscore,
-            retransmission=config.retransmission,
-            congestion=config.congestion,
-            min_rto=config.min_rto,
-        )
+        self.transport: Transport = transport or transport_for(config)
         self.config = config
         self.engine = Engine(
             config,

@@ -857,7 +857,7 @@ class Engine:
                 return
             except (FotaError, OSError) as exc:
                 log.info("keyset_fetch_retry", uri=uri, error=str(exc), attempt=attempt)
-                await asyncio.sleep(min(policy.retry_cap, policy.retry_base * 2 ** (attempt - 1)))
+                await asyncio.sleep(pol.retry_delay(attempt, policy))
                 continue
             if keyset.version != version:
                 log.info("keyset_version_differs", announced=version, applied=keyset.version)
@@ -873,14 +873,14 @@ class Engine:
                 return
             except FotaError as exc:
                 log.info("manifest_fetch_retry", uri=uri, error=str(exc), attempt=attempt)
-                await asyncio.sleep(min(policy.retry_cap, policy.retry_base * 2 ** (attempt - 1)))
+                await asyncio.sleep(pol.retry_delay(attempt, policy))
                 continue
             if len(raw) <= MAX_MANIFEST_BYTES and hashlib.sha256(raw).digest() != digest:
                 # Not the announced manifest: corrupted on the way (fetch again, like a lost
                 # block), or changed on the server (then the attempts run out and the next
                 # announcement brings the new digest). Bytes nobody announced are never judged.
                 log.warning("manifest_digest_mismatch", uri=uri, attempt=attempt)
-                await asyncio.sleep(min(policy.retry_cap, policy.retry_base * 2 ** (attempt - 1)))
+                await asyncio.sleep(pol.retry_delay(attempt, policy))
                 continue
             self.post(ev.ManifestFetched(raw, uri, digest))
             return

@@ -159,7 +159,7 @@ class Trust:
                 kid, alg, raw = entry
                 if not isinstance(kid, bytes) or type(alg) is not int or not isinstance(raw, bytes):
                     raise ValueError("expected [bstr, int, bstr]")
-                key = ks._public_key(alg, raw, "history")
+                key = ks.key_from_raw(alg, raw, "history")
             except (ValueError, ManifestError) as exc:
                 raise JournalError(f"{self.history_path}: {exc}") from exc
             self._history[kid] = entry
@@ -188,5 +188,5 @@ class Trust:
 
 
 def _entry(kid: bytes, key: PublicKey) -> list[object]:
-    alg, raw = ks._raw_public(key)
+    alg, raw = ks.raw_of_key(key)
     return [kid, alg, raw]

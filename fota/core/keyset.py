@@ -68,7 +68,12 @@ def _bad(field: str, message: str) -> ManifestError:
     return ManifestError("malformed", f"keyset {field}", message)
 
 
-def _public_key(alg: int, raw: bytes, where: str) -> PublicKey:
+def key_from_raw(alg: int, raw: bytes, where: str) -> PublicKey:
+    """The public key of a ``trusted-key`` entry (``where`` names it in errors).
+
+    Raises:
+        ManifestError: not a key of that algorithm.
+    """
     try:
         if alg == ALG_EDDSA:
             if len(raw) != 32:
@@ -128,7 +133,7 @@ def decode(raw: bytes, roots: TrustStore, *, revoked_ok: bool = False) -> Keyset
             raise _bad(f"{where}.key", "expected a byte string")
         if kid in keys:
             raise _bad(f"{where}.kid", f"key id {kid.hex()} is listed twice")
-        keys[kid] = _public_key(alg, key, f"{where}.key")
+        keys[kid] = key_from_raw(alg, key, f"{where}.key")
     revoked_list = body.get(3, [])
     if not isinstance(revoked_list, list) or len(revoked_list) > MAX_KEYS:
         raise _bad("revoked", f"expected an array of at most {MAX_KEYS} key ids")
@@ -143,7 +148,8 @@ def decode(raw: bytes, roots: TrustStore, *, revoked_ok: bool = False) -> Keyset
     return Keyset(version, keys, frozenset(revoked), raw, hashlib.sha256(raw).digest(), signer)
 
 
-def _raw_public(key: PublicKey) -> tuple[int, bytes]:
+def raw_of_key(key: PublicKey) -> tuple[int, bytes]:
+    """A public key as a ``trusted-key`` entry's ``(alg, key)``."""
     from cryptography.hazmat.primitives import serialization
 
     if isinstance(key, ed25519.Ed25519PublicKey):
@@ -164,7 +170,7 @@ def sign(
     revoked: Iterable[bytes] = (),
 ) -> bytes:
     """Sign a keyset with a root key and return its bytes (for servers and tests)."""
-    entries = [[kid, *_raw_public(key)] for kid, key in keys]
+    entries = [[kid, *raw_of_key(key)] for kid, key in keys]
     body: dict[int, object] = {1: version, 2: entries}
     gone = list(revoked)
     if gone:

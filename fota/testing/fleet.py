@@ -1352,10 +1352,9 @@ def _server_stats(server: Any, round_: dict[str, Any]) -> dict[str, Any]:
 async def _work(spec: dict[str, Any]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from fota.client import Client
+    from fota.client import Client, transport_for
     from fota.config import Config
     from fota.keys import trust_store
-    from fota.transport.coap import CoapTransport
 
     emit = _emitter(_protocol_stream())
     devices: list[str] = spec["devices"]
@@ -1384,16 +1383,7 @@ async def _work(spec: dict[str, Any]) -> None:
                 block_size=int(spec["block_size"]),
                 boot_id_path=None,
             )
-            transport = CountingTransport(
-                CoapTransport(
-                    config.server,
-                    device,
-                    ack_timeout=config.ack_timeout,
-                    max_retransmit=config.max_retransmit,
-                    observe_refresh=config.observe_refresh,
-                    poll_jitter=config.poll_jitter,
-                )
-            )
+            transport = CountingTransport(transport_for(config))
             handler = FleetHandler(device, int(spec["seed"]), mixes)
             client = Client(config, handler=handler, transport=transport)
             members.append((device, client, transport, handler))

@@ -30,7 +30,7 @@ from aiocoap.numbers.constants import TransportTuning
 from aiocoap.optiontypes import BlockOption
 
 from fota.core.text import show
-from fota.core.uri import check_uri_reference, resolve
+from fota.core.uri import check_uri_reference, origin, resolve
 from fota.errors import (
     ConfigError,
     FotaError,
@@ -254,14 +254,9 @@ class CoapTransport:
 
         return not isinstance(response.remote, OSCOREAddress)
 
-    @staticmethod
-    def _origin(uri: str) -> str:
-        parts = urlsplit(uri)
-        return f"{parts.scheme}://{parts.netloc}"
-
     def _protected(self, uri: str) -> None:
         """With OSCORE, refuse a URI the security context does not cover (never plaintext)."""
-        if self._oscore is not None and self._origin(uri) != self._origin(self.server):
+        if self._oscore is not None and origin(uri) != origin(self.server):
             raise PermanentServerError(uri, "outside the OSCORE-protected server's origin")
 
     async def aclose(self) -> None:
