@@ -291,8 +291,19 @@ async def _serve(args: argparse.Namespace) -> int:
     kid = mf.kid_for(key.public_key())
     mode = choose_mode(json_lines=args.json, plain=args.plain, terminal=sys.stdout.isatty())
     secured = bool(args.oscore)
+    lifetime = args.announcement_lifetime
     async with UpdateServer(
-        Path(args.root), key, kid, host=args.host, port=args.port, oscore=secured
+        Path(args.root),
+        key,
+        kid,
+        host=args.host,
+        port=args.port,
+        oscore=secured,
+        sign_announcements=args.sign_announcements,
+        announcement_lifetime=lifetime,
+        # Re-signed at half the lifetime: an observing device gets a fresh one well before
+        # the last one expires (docs/security.md, freshness).
+        announcement_refresh=lifetime / 2 if args.sign_announcements else None,
     ) as server:
         for spec in args.oscore or []:
             device, _, folder = spec.partition("=")
@@ -538,6 +549,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="DEVICE=DIR",
         help="serve OSCORE only; write DEVICE's security context to DIR (repeatable)",
+    )
+    srv.add_argument(
+        "--sign-announcements",
+        action="store_true",
+        help="sign announcements with --key, with an expiry (devices with"
+        " require_signed_announcements need it)",
+    )
+    srv.add_argument(
+        "--announcement-lifetime",
+        type=_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="a signed announcement expires this long after it is issued; re-signed and"
+        " sent again at half of it (default 3600)",
     )
     view = srv.add_mutually_exclusive_group()
     view.add_argument("--json", action="store_true", help="one JSON object per device change")

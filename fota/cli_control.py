@@ -225,6 +225,8 @@ def status_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         f" of {span(limit)} allowed" if limit is not None else " (no limit)"
     )
     locks = [f"{lk['name']} until {when(lk['expires'])}" for lk in s.get("locks") or ()]
+    fresh = "last fresh " + (when(s["last_fresh"]) if s.get("last_fresh") else "never")
+    announcements = f"STALE ({fresh})" if s.get("stale") else fresh
     return [
         ("State", state),
         ("Status", status_line(s)),
@@ -238,6 +240,7 @@ def status_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("Held by", ", ".join(s.get("held") or ()) or "nothing"),
         ("Locks", "\n".join(locks) or "none"),
         ("Reports pending", str(s.get("reports_pending", 0))),
+        ("Announcements", announcements),
     ]
 
 
@@ -421,6 +424,11 @@ def describe(event: dict[str, Any]) -> str:
             return text + (f" ({e('detail')})" if e("detail") else "")
         case "stopping":
             return "the daemon is stopping"
+        case "stale":
+            last = when(e("last_fresh")) if e("last_fresh") else "never since the start"
+            return f"no fresh announcement for {span(e('window') or 0)} (last: {last})"
+        case "fresh":
+            return "a fresh announcement arrived"
     rest = {k: v for k, v in event.items() if k not in ("event", "at", "update_id")}
     return json.dumps(rest, sort_keys=True)
 
@@ -440,6 +448,8 @@ _STYLES = {
     "completed": "bold green",
     "failed": "bold red",
     "stopping": "bold red",
+    "stale": "bold red",
+    "fresh": "green",
     "update_available": "bold cyan",
 }
 

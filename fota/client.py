@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from fota.handler import UpdateHandler
 from fota.install import Context, FileInstaller, Installer, from_config
 from fota.journal import FileOps, Journal
 from fota.notices import Listener
+from fota.statedir import secure_state_dir
 from fota.transport import Transport
 from fota.transport.coap import CoapTransport
 
@@ -45,6 +47,10 @@ class Status:
         forced: the rule that forced it past the application, or "".
         held: what holds it now (locks, maintenance window, quiet period, conditions).
         locks: inhibitor locks in force, as ``(name, expires_at)``.
+        stale: no fresh announcement arrived for ``Config.freshness_window`` (the device may
+            be frozen by the server or the path; docs/security.md).
+        last_fresh: when the last fresh announcement arrived (epoch seconds, UTC); None:
+            none since the start.
     """
 
     state: State
@@ -63,6 +69,8 @@ class Status:
     forced: str = ""
     held: tuple[str, ...] = ()
     locks: tuple[tuple[str, float], ...] = ()
+    stale: bool = False
+    last_fresh: float | None = None
 
 
 def installer_for(config: Config) -> Installer:
@@ -179,7 +187,14 @@ class Client:
         self._clock = clock
 
     async def start(self) -> None:
-        """Load the journal and start working (resuming whatever was in progress)."""
+        """Load the journal and start working (resuming whatever was in progress).
+
+        Raises:
+            StateDirError: ``Config.state_dir`` is not fota's own (another user owns it, or
+                can write it or a directory above it); see :mod:`fota.statedir`. Checked
+                before anything in it is read: every entry point starts here.
+        """
+        secure_state_dir(self.config.state_dir)
         await self.engine.start()
 
     async def aclose(self) -> None:
@@ -327,13 +342,18 @@ class Client:
     def status(self) -> Status:
         """A snapshot of the client."""
         assert self.engine.model is not None, "Client.start() first"
-        return status_of(self.engine.model, self._clock())
+        return self._status(self.engine.model)
+
+    def _status(self, model: Model) -> Status:
+        # Freshness is the engine's (not journaled, not the machine's).
+        status = status_of(model, self._clock())
+        return dataclasses.replace(
+            status, stale=self.engine.stale, last_fresh=self.engine.last_fresh
+        )
 
     async def wait_for(
         self, predicate: Callable[[Status], bool], timeout: float | None = None
     ) -> Status:
         """Wait until ``predicate(status)`` holds (checked after every handled event)."""
-        await self.engine.wait_for(
-            lambda model: predicate(status_of(model, self._clock())), timeout
-        )
+        await self.engine.wait_for(lambda model: predicate(self._status(model)), timeout)
         return self.status()

@@ -65,7 +65,8 @@ class Config:
         device_id: this device's id (names its announcement and report resources).
         device_class: manifests for another class are refused.
         state_dir: journal, manifests and candidate live here.
-        trust: manifest verification keys by key id.
+        trust: manifest verification keys by key id (until a keyset lists others: a key it
+            leaves out only verifies the running image's stored manifest).
         trust_roots: root keys, which sign keysets (signed key updates: rotation and
             revocation without re-flashing, ``docs/security.md``) and nothing else; empty:
             keysets are refused.
@@ -74,6 +75,12 @@ class Config:
         poll_interval: poll the announcement every this many seconds instead of observing.
         observe_refresh: re-register an observation silent this long (a restarted server
             forgets its observers without telling them).
+        require_signed_announcements: ignore (log) announcements that are not signed by a
+            trusted manifest key; a signed one is checked (signature, expiry, replay)
+            whatever this says (docs/security.md, freshness).
+        freshness_window: seconds of monotonic time without a fresh announcement after which
+            the device says it is stale (``fota status``, a ``stale`` event, a WARNING, a
+            report); None: not watched.
         block_size: CoAP Block2 size asked for, 16..1024.
         window: most image block requests in flight (NON requests; see docs/protocol.md).
         fsync_every: fsync the candidate every this many verified fragments (and at the end);
@@ -159,6 +166,8 @@ class Config:
     target: Path | None = None
     poll_interval: float | None = None
     observe_refresh: float = 300.0
+    require_signed_announcements: bool = False
+    freshness_window: float | None = None
     block_size: int = 1024
     window: int = 16
     fsync_every: int = 1
@@ -241,7 +250,7 @@ class Config:
             "self_test_interval",
         ):
             _positive(name, getattr(self, name))
-        for name in ("poll_interval", "max_download_time"):
+        for name in ("poll_interval", "max_download_time", "freshness_window"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if _finite("retry_cap", self.retry_cap) < self.retry_base:

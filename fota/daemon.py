@@ -137,6 +137,8 @@ async def serve(settings: Settings, *, notifier: Notifier | None = None) -> int:
                 group=settings.control.group,
                 max_clients=settings.control.max_clients,
                 max_message=settings.control.max_message,
+                request_timeout=settings.control.request_timeout,
+                idle_timeout=settings.control.idle_timeout,
                 on_answerers=on_answerers,
             )
             await control.start()

@@ -36,12 +36,13 @@ from transitions.extensions.asyncio import AsyncMachine
 
 from fota import crashpoints, hooks
 from fota.config import Config
+from fota.core import announce_sig
 from fota.core import commands as cmd
 from fota.core import events as ev
 from fota.core import policy as pol
 from fota.core.keyset import MAX_KEYSET_BYTES
 from fota.core.machine import LEGAL, Model, machine_kwargs
-from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest, accept
+from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest, accept, envelope_id, fetched_key
 from fota.core.policy import must_ask
 from fota.core.record import Record
 from fota.core.states import State
@@ -233,6 +234,15 @@ class Engine:
         self._current: UpdateInfo | None = None
         self._previous: UpdateInfo | None = None
         self._keyset_failed: tuple[str, int, float] | None = None  # uri, version, retry after
+        # Freshness (Config.freshness_window): measured in monotonic time, so a stepped wall
+        # clock neither hides a frozen device nor makes a live one look frozen.
+        self._fresh_mono = time.monotonic()
+        self._fresh_wake = asyncio.Event()
+        self._newest_issued: int | None = None  # of the newest signed announcement taken
+        self.stale = False
+        """No fresh announcement for ``Config.freshness_window`` (until the next fresh one)."""
+        self.last_fresh: float | None = None
+        """When the last fresh announcement arrived (wall clock), None: none since the start."""
         self.trust = Trust(
             config.trust,
             config.trust_roots,
@@ -287,8 +297,15 @@ class Engine:
         self.model.boot_id = read_boot_id(self.config.boot_id_path)
         self._runner = asyncio.create_task(self._run(), name="fota-engine")
         self.post(ev.Restarted())
+        if self.trust.version > record.keyset_version:
+            # A keyset stored but not yet noted in the record (taken by a version before
+            # this field, or a crash between the two writes): its effects are applied now.
+            self.post(ev.KeysetApplied(self.trust.version, self.trust.floor_reset))
         self._spawn("watch", self._watch())
         self._spawn("timers", self._run_timers())
+        if self.config.freshness_window is not None:
+            self._fresh_mono = time.monotonic()  # the window starts with the engine
+            self._spawn("freshness", self._watch_freshness(self.config.freshness_window))
         subscribe = getattr(self.clock, "subscribe", None)
         if callable(subscribe):
             self._unsubscribe = subscribe(self.check_timers)
@@ -799,12 +816,60 @@ class Engine:
         async for ann in self.transport.announcements():
             log.debug("announcement_received", sequence=ann.sequence, uri=ann.manifest_uri)
             ann = self._allowed_locations(ann)
+            # The keyset first (it verifies by the root keys, whoever announced it): the
+            # announcement may be signed by a key that keyset brings.
             await self._keyset_of(ann)
+            if not self._take(ann):
+                continue
             self.post(
                 ev.AnnouncementReceived(
                     ann.sequence, ann.manifest_digest, ann.manifest_uri, ann.cancel
                 )
             )
+
+    def _take(self, ann: Announcement) -> bool:
+        """Whether to act on an announcement (signature, expiry, replay); note freshness."""
+        verdict = announce_sig.check(
+            ann.signed,
+            self.config.trust,
+            required=self.config.require_signed_announcements,
+            now=self.clock(),
+            newest=self._newest_issued,
+        )
+        if verdict.reason is not None:
+            log.warning("announcement_ignored", reason=verdict.reason, sequence=ann.sequence)
+            return False
+        if verdict.issued_at is not None:
+            self._newest_issued = max(self._newest_issued or 0, verdict.issued_at)
+        if verdict.fresh:
+            self._freshened()
+        return True
+
+    def _freshened(self) -> None:
+        self._fresh_mono = time.monotonic()
+        self.last_fresh = self.clock()
+        self._fresh_wake.set()
+        if self.stale:
+            self.stale = False
+            log.info("announcements_fresh", last_fresh=self.last_fresh)
+            self._tell("fresh", None, last_fresh=self.last_fresh)
+
+    async def _watch_freshness(self, window: float) -> None:
+        """Say so when no fresh announcement arrived for ``window`` seconds (once per lapse)."""
+        while True:
+            due = self._fresh_mono + window - time.monotonic()
+            if due <= 0 and not self.stale:
+                self.stale = True
+                log.warning("announcements_stale", window=window, last_fresh=self.last_fresh)
+                self._tell("stale", None, window=window, last_fresh=self.last_fresh)
+                # A report too, through the machine's durable outbox: delivered if the server
+                # can still hear the device (a path that only freezes announcements).
+                self.post(ev.AnnouncementsStale(window, self.last_fresh))
+            self._fresh_wake.clear()
+            # A timer for the window, not synchronisation; a fresh announcement wakes it.
+            timeout = None if self.stale else max(0.0, due)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._fresh_wake.wait(), timeout)
 
     async def _keyset_of(self, ann: Announcement) -> None:
         """Fetch a newer keyset the announcement names, before its manifest is looked at.
@@ -861,6 +926,8 @@ class Engine:
                 continue
             if keyset.version != version:
                 log.info("keyset_version_differs", announced=version, applied=keyset.version)
+            # Before the announcement it came with: its manifest is judged after this.
+            self.post(ev.KeysetApplied(keyset.version, keyset.floor_reset))
             return
 
     async def _fetch_manifest(self, uri: str, digest: bytes) -> None:
@@ -875,14 +942,22 @@ class Engine:
                 log.info("manifest_fetch_retry", uri=uri, error=str(exc), attempt=attempt)
                 await asyncio.sleep(pol.retry_delay(attempt, policy))
                 continue
-            if len(raw) <= MAX_MANIFEST_BYTES and hashlib.sha256(raw).digest() != digest:
-                # Not the announced manifest: corrupted on the way (fetch again, like a lost
-                # block), or changed on the server (then the attempts run out and the next
-                # announcement brings the new digest). Bytes nobody announced are never judged.
-                log.warning("manifest_digest_mismatch", uri=uri, attempt=attempt)
-                await asyncio.sleep(pol.retry_delay(attempt, policy))
-                continue
-            self.post(ev.ManifestFetched(raw, uri, digest))
+            key = digest  # past the size limit: refused as oversize, never hashed
+            if len(raw) <= MAX_MANIFEST_BYTES:
+                # The announcement names the manifest's identity (or, from an older server,
+                # the SHA-256 of its bytes).
+                if digest not in (hashlib.sha256(raw).digest(), envelope_id(raw)):
+                    # Not the announced manifest: corrupted on the way (fetch again, like a
+                    # lost block), or changed on the server (then the attempts run out and
+                    # the next announcement brings the new digest). Bytes nobody announced
+                    # are never judged.
+                    log.warning("manifest_digest_mismatch", uri=uri, attempt=attempt)
+                    await asyncio.sleep(pol.retry_delay(attempt, policy))
+                    continue
+                # The core files it under its identity only once a trusted signature
+                # vouches for it (issue 16 §3): see fetched_key.
+                key = fetched_key(raw, self.config.trust)
+            self.post(ev.ManifestFetched(raw, uri, key))
             return
 
     async def _ask(self, update_id: str, *, download: bool) -> None:

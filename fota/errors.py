@@ -9,6 +9,10 @@ Messages name the field and the limit that was broken.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # fota.core imports this module and must not import pathlib
+    from pathlib import Path
 
 
 class ResultCode(IntEnum):
@@ -155,6 +159,25 @@ class InvalidTransition(FotaError):
 
 class ConfigError(FotaError):
     """A setting is missing or out of range; the message names the setting."""
+
+
+class StateDirError(ConfigError):
+    """The state directory is not fota's own (fota.statedir).
+
+    It, a directory above it or an entry in it is another user's or writable by another
+    user, or it is not a directory.
+
+    Attributes:
+        path: the directory or entry at fault.
+        owner: its owner's uid (None when it could not be read).
+        mode: its permission bits (None when they could not be read).
+    """
+
+    def __init__(self, message: str, *, path: Path, owner: int | None, mode: int | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.owner = owner
+        self.mode = mode
 
 
 class ControlError(FotaError):

@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 from pathlib import Path
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class FileOps:
@@ -39,7 +42,7 @@ class FileOps:
 
     def fsync_dir(self, path: Path) -> None:
         """Fsync a directory so a rename in it is durable."""
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
@@ -51,15 +54,26 @@ class FileOps:
             os.unlink(path)
 
     def write_atomic(self, path: Path, data: bytes) -> None:
-        """Replace ``path`` with ``data`` atomically and durably."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        """Replace ``path`` with ``data`` atomically and durably.
+
+        The temporary file has an unpredictable name (``.NAME.<32 hex>.tmp``, which
+        :meth:`fota.journal.Journal.load` sweeps after a crash) and is created with
+        ``O_EXCL | O_NOFOLLOW``: nothing planted in the directory, a symlink at a guessed name
+        included, is ever opened or written through (``fota.safefs`` for the rules).
+        """
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(16)}.tmp")
+        fd = self.open(tmp, _CREATE)
         try:
-            self.pwrite(fd, data, 0)
-            self.fsync(fd)
-        finally:
-            self.close(fd)
-        self.replace(tmp, path)
+            try:
+                self.pwrite(fd, data, 0)
+                self.fsync(fd)
+            finally:
+                self.close(fd)
+            self.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         self.fsync_dir(path.parent)
 
 

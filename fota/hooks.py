@@ -3,9 +3,14 @@
 Rules every command run by fota follows (docs/installers.md, "Safety"):
 
 * an argument list, never a shell string: nothing from a manifest or a bundle is ever parsed by
-  a shell (a recipe's commands run only when local configuration allows their program);
-* stdin is ``/dev/null`` and the usual "do not prompt" environment is set, so a command that
-  asks a question gets end-of-file instead of hanging the update;
+  a shell (a recipe's commands run only when local configuration allows them, as whole
+  argument-list prefixes);
+* an explicit environment, never the daemon's own (:func:`environment`): ``PATH`` and the
+  locale (``LANG``, ``LC_ALL``) taken from the daemon, the usual "do not prompt" switches, and
+  what the caller adds (``FOTA_*``, an installer's ``env`` setting). A secret in the daemon's
+  environment (a token, a credentials path, ``NOTIFY_SOCKET``) never reaches a hook;
+* stdin is ``/dev/null``, so a command that asks a question gets end-of-file instead of
+  hanging the update;
 * a timeout: the command runs in a session of its own, and on timeout the whole process group
   is killed (a shell script's children too);
 * its output is logged line by line (bounded), and the last lines are kept for error messages.
@@ -35,6 +40,11 @@ NONINTERACTIVE: Mapping[str, str] = {
 }
 """Set for every command: each is a documented switch of the tool to never ask."""
 
+PASSED = ("PATH", "LANG", "LC_ALL")
+"""The only variables a command gets from the daemon's own environment (when set there)."""
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""``PATH`` for commands when the daemon has none."""
+
 LOGGED_LINES = 1000
 """Lines of one command's output that are logged; the rest are counted, not logged."""
 TAIL_LINES = 20
@@ -63,6 +73,18 @@ class Completed:
         return self.code == 0 and not self.timed_out
 
 
+def environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of a command fota runs: explicit, never ``os.environ``.
+
+    :data:`PASSED` from the daemon's environment (``PATH`` defaults to :data:`DEFAULT_PATH`),
+    then :data:`NONINTERACTIVE`, then ``extra`` (the caller's ``FOTA_*`` variables, an
+    installer's ``env`` setting), which wins over both.
+    """
+    env = {name: os.environ[name] for name in PASSED if os.environ.get(name)}
+    env.setdefault("PATH", DEFAULT_PATH)
+    return {**env, **NONINTERACTIVE, **(extra or {})}
+
+
 class CommandNotFound(OSError):
     """The program could not be started (missing, not executable)."""
 
@@ -82,7 +104,8 @@ async def run(
         argv: the program and its arguments.
         name: what it is, for the log (``hook before``, ``condition battery``).
         timeout: seconds; then the process group is killed (SIGKILL).
-        env: variables added to the environment (on top of :data:`NONINTERACTIVE`).
+        env: variables added to the environment; the command gets :func:`environment` of
+            them, nothing else of the daemon's environment.
         cwd: the working directory.
         on_line: called with every output line (progress parsing).
 
@@ -91,7 +114,7 @@ async def run(
     """
     if not argv:
         raise ValueError(f"{name}: empty command")
-    full_env = {**os.environ, **NONINTERACTIVE, **(env or {})}
+    full_env = environment(env)
     # Our own pipe, not asyncio's: Process.wait() would otherwise also wait until every
     # process holding the pipe closed it (a daemon the command started keeps it open).
     read_fd, write_fd = os.pipe()

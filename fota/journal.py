@@ -14,6 +14,8 @@ All file operations go through a :class:`FileOps` object so a test can record th
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +86,9 @@ class Journal:
         except (OSError, FotaError) as exc:
             log.error("stored_manifest_unusable", which=what, path=str(path), error=str(exc))
             return None
-        if manifest.digest != digest:
+        if digest not in (manifest.digest, hashlib.sha256(raw).digest()):
+            # (A journal written before issue 16 §3 names a manifest by the SHA-256 of its
+            # bytes; load() moves the record to the manifest's identity.)
             log.error(
                 "stored_manifest_unusable", which=what, path=str(path), error="digest mismatch"
             )
@@ -136,7 +140,32 @@ class Journal:
             raise JournalError(f"installed manifest {record.installed.hex()} is missing or invalid")
         self._last = record
         self._sweep(record)
+        record, pending = self._identities(record, pending, installed)
         return Loaded(record, pending, installed)
+
+    @staticmethod
+    def _identities(
+        record: Record, pending: Manifest | None, installed: Manifest | None
+    ) -> tuple[Record, Manifest | None]:
+        """Name the manifests by their identity (``Manifest.digest``) in the record.
+
+        Journals written before issue 16 §3 name them by the SHA-256 of their bytes. Only
+        the record in memory changes: the next save writes each manifest under its new name
+        before the record that names it, then removes the old file (``_written`` holds the
+        old name), so a crash in between leaves the old, consistent pair on disk.
+
+        An update already installing (fota updating the image it runs in) keeps its old
+        digest, and so its update id, to the end: its installer's state (file, A/B, RAUC)
+        names it, and a commit or a rollback must still find it.
+        """
+        if installed is not None and record.installed != installed.digest:
+            record = record.evolve(installed=installed.digest)
+        if pending is not None and record.pending != pending.digest:
+            if record.state in PAST_THE_INSTALL and record.pending is not None:
+                pending = dataclasses.replace(pending, digest=record.pending)
+            else:
+                record = record.evolve(pending=pending.digest)
+        return record, pending
 
     def save(self, record: Record, manifests: tuple[Manifest | None, ...] = ()) -> None:
         """Durably store ``record``, after any manifest it names that is not on disk yet."""

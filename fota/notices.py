@@ -22,6 +22,8 @@ KINDS = (
     "forced",
     "completed",
     "failed",
+    "stale",
+    "fresh",
 )
 """Every notice kind, in the order they are documented."""
 

@@ -47,6 +47,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 MAX_MESSAGE_RANGE = (256, 16 * 1024 * 1024)
 MAX_CLIENTS_RANGE = (1, 4096)
+CONTROL_TIMEOUT_RANGE = (0.1, 86400.0)
+"""``control.request_timeout`` and ``control.idle_timeout``, seconds."""
 GID_RANGE = (0, 2**32 - 2)
 """A gid the socket can be given: ``2**32 - 1`` is ``(gid_t) -1``, which ``chown`` reads as
 "leave the group unchanged"."""
@@ -64,6 +66,10 @@ class ControlSettings:
             read) or a gid, 0..4294967294. None: the daemon's own group.
         max_clients: most connections at once, 1..4096.
         max_message: longest control message line, bytes, 256..16 MiB.
+        request_timeout: seconds a message may take from its first byte to its newline (a
+            new connection: from the connect), 0.1..86400; then it is closed.
+        idle_timeout: seconds a connection that subscribed to nothing may stay silent
+            between messages, 0.1..86400; then it is closed.
         enabled: False: no control socket (then the authorization ``mode`` must not be
             ``control``: nobody could answer).
     """
@@ -73,6 +79,8 @@ class ControlSettings:
     group: int | None = None
     max_clients: int = 64
     max_message: int = 65536
+    request_timeout: float = 10.0
+    idle_timeout: float = 60.0
     enabled: bool = True
 
 
@@ -826,6 +834,10 @@ def _control(source: _Source, table: dict[str, Any]) -> ControlSettings:
         raise source.bad(
             ("control", "max_message"), f"{low}..{high} (bytes)", values["max_message"]
         )
+    low_s, high_s = CONTROL_TIMEOUT_RANGE
+    for key in ("request_timeout", "idle_timeout"):
+        if key in values and not low_s <= values[key] <= high_s:
+            raise source.bad(("control", key), f"{low_s:g}..{high_s:g} (seconds)", values[key])
     return ControlSettings(**values)
 
 

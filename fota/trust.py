@@ -8,10 +8,13 @@ store the engine and the journal use, in place, and keeps the newest one in
 in ``state_dir/revoked.cbor``, both written atomically: a rotation survives restarts, an older
 keyset is never taken again, and a revocation outlives the keyset that made it.
 
-What a keyset does: its keys are trusted from then on, beside the configured ones, and
-replace the keys of the keyset before it; its revoked key ids verify no new manifest, nor a
-keyset if they are root key ids. Revocation is for good: a later keyset cannot lift it (a
-new key gets a new key id).
+What a keyset does: its keys are the manifest-signing keys from then on. They replace the
+keys of the keyset before it and the configured ones: a key it leaves out, a configured
+(factory) key included, is retired, so it verifies only the manifests stored before (the
+running image's), not a new one. Its revoked key ids verify no new manifest, nor a keyset if
+they are root key ids. Revocation is for good: a later keyset cannot lift it (a new key gets
+a new key id). Its ``floor-reset``, if any, is the engine's to hand to the state machine
+(``KeysetApplied``), which keeps it in the journal record.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class Trust:
         self.ops = ops or FileOps()
         self.version = 0
         """Version of the keyset applied (0: none)."""
+        self.floor_reset: int | None = None
+        """The ``floor-reset`` of the keyset applied (None: it sets none, or none applied)."""
         self._configured = set(trust.kids())
         self._from_keyset: set[bytes] = set()
         self._revoked_by_keysets: set[bytes] = set()
@@ -98,7 +103,9 @@ class Trust:
             return
         if self.roots.is_revoked(keyset.signer):
             log.error("keyset_root_revoked", version=keyset.version, signer=keyset.signer.hex())
-            self.version = keyset.version  # no replay of older ones; its keys stay retired
+            # No replay of older ones; its keys stay retired, and it retires none (nor resets
+            # the floor): a revoked root decides nothing.
+            self.version = keyset.version
             return
         self._apply(keyset)
         log.info("keyset_loaded", version=keyset.version, signer=keyset.signer.hex())
@@ -135,7 +142,16 @@ class Trust:
             signer=keyset.signer.hex(),
             keys=[kid.hex() for kid in keyset.keys],
             revoked=sorted(kid.hex() for kid in keyset.revoked),
+            retired=sorted(kid.hex() for kid in self._configured - set(keyset.keys)),
         )
+        if keyset.floor_reset is not None:
+            # Rare and powerful: an operator recovering from a stolen key. Loud on purpose.
+            log.warning(
+                "anti_rollback_floor_reset",
+                version=keyset.version,
+                floor=keyset.floor_reset,
+                signer=keyset.signer.hex(),
+            )
         return keyset
 
     def _read(self, path: Path) -> list[object] | None:
@@ -176,8 +192,10 @@ class Trust:
             self._revoke(kid)
 
     def _apply(self, keyset: ks.Keyset) -> None:
-        for kid in self._from_keyset - set(keyset.keys) - self._configured:
-            self.trust.retire(kid)  # rotated out: the new keyset no longer lists it
+        for kid in (self._from_keyset | self._configured) - set(keyset.keys):
+            # Rotated out: the keyset no longer lists it. Configured keys too: a factory key
+            # that a keyset leaves out must not go on signing updates (docs/security.md).
+            self.trust.retire(kid)
         for kid, key in keyset.keys.items():
             self.trust.add(kid, key)
         self._from_keyset = set(keyset.keys)
@@ -185,6 +203,7 @@ class Trust:
             self._revoked_by_keysets.add(kid)
             self._revoke(kid)
         self.version = keyset.version
+        self.floor_reset = keyset.floor_reset
 
 
 def _entry(kid: bytes, key: PublicKey) -> list[object]:

@@ -524,7 +524,7 @@ def check_manifest(case: tuple[bytes, mf.ManifestBody | None]) -> None:
             expect_manifest_error(exc)
         else:
             check_body(manifest.body)
-            assert manifest.raw == raw and manifest.digest == hashlib.sha256(raw).digest()
+            assert manifest.raw == raw and manifest.digest == mf.envelope_id(raw)
             assert manifest.body.device_class == DEVICE_CLASS
             assert manifest.body.sequence > INSTALLED.body.sequence
             if expected is not None:
@@ -850,7 +850,7 @@ VALID_RECORD = Record(
     pending=PENDING.digest,
     manifest_uri="coap://[::1]:61616/fota/m/abc",
     installed=INSTALLED.digest,
-    refused=hashlib.sha256(b"refused").digest(),
+    refused=(hashlib.sha256(b"refused").digest(),),
     verified=b"\x07",
     etag=b"\x01\x02",
     defer_until=1_900_000_000.5,
@@ -943,8 +943,14 @@ class JournalCase:
     files: dict[str, bytes] = field(default_factory=dict)
 
 
-def _manifest_name(raw: bytes) -> str:
-    return f"manifest-{hashlib.sha256(raw).hexdigest()}.cose"
+def _name_digest(raw: bytes, legacy: bool) -> bytes:
+    """How a record names a manifest: its identity, or (a journal written before issue 16
+    §3, which load() moves to the identity) the SHA-256 of its bytes."""
+    return (None if legacy else mf.envelope_id(raw)) or hashlib.sha256(raw).digest()
+
+
+def _manifest_name(raw: bytes, legacy: bool = True) -> str:
+    return f"manifest-{_name_digest(raw, legacy).hex()}.cose"
 
 
 _MANIFEST_FILES = st.one_of(
@@ -965,14 +971,15 @@ def journal_cases(draw: st.DrawFn) -> JournalCase:
         # A valid record naming manifests whose bytes are hostile: verify runs on them.
         pending = draw(st.none() | _MANIFEST_FILES)
         installed = draw(st.none() | st.just(INSTALLED.raw) | _MANIFEST_FILES)
+        legacy = draw(st.booleans())
         record = Record(
             state=State.DOWNLOADING,
-            pending=hashlib.sha256(pending).digest() if pending is not None else None,
-            installed=hashlib.sha256(installed).digest() if installed is not None else None,
+            pending=_name_digest(pending, legacy) if pending is not None else None,
+            installed=_name_digest(installed, legacy) if installed is not None else None,
         )
         for raw in (pending, installed):
             if raw is not None:
-                files[_manifest_name(raw)] = raw
+                files[_manifest_name(raw, legacy)] = raw
         files[RECORD_NAME] = record.to_bytes()
     else:
         files[RECORD_NAME] = draw(
@@ -985,7 +992,7 @@ def journal_cases(draw: st.DrawFn) -> JournalCase:
         )
         for raw in (PENDING.raw, INSTALLED.raw):
             which = draw(st.sampled_from(["valid", "valid", "missing", "damaged", "swapped"]))
-            name = _manifest_name(raw)
+            name = _manifest_name(raw, legacy=False)  # VALID_RECORD names identities
             if which == "valid":
                 files[name] = raw
             elif which == "damaged":
@@ -1009,8 +1016,10 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 def check_record_types(record: Record) -> None:
     """A loaded record has the CDDL's types (docs/journal.md), not whatever the file held."""
     assert isinstance(record.state, State)
-    for digest in (record.pending, record.installed, record.refused, record.cancelled):
+    for digest in (record.pending, record.installed):
         assert digest is None or type(digest) is bytes
+    for digests in (record.refused, record.rejected, record.cancelled):
+        assert type(digests) is tuple and all(type(d) is bytes for d in digests)
     assert record.etag is None or type(record.etag) is bytes
     assert type(record.verified) is bytes
     assert record.manifest_uri is None or type(record.manifest_uri) is str
@@ -1059,6 +1068,8 @@ def check_journal(case: JournalCase) -> None:
         record = loaded.record
         check_record_types(record)
         keep = {f"manifest-{d.hex()}.cose" for d in (record.pending, record.installed) if d}
+        # A journal from before issue 16 §3 keeps its old names until the next save.
+        keep |= {_manifest_name(m.raw) for m in (loaded.pending, loaded.installed) if m}
         expected = {
             name: data
             for name, data in before.items()

@@ -53,6 +53,7 @@ from fota.core.manifest import (
     Manifest,
     ManifestBody,
     TrustStore,
+    fetched_key,
     kid_for,
     sign,
     verify,
@@ -333,7 +334,7 @@ class CoreMachine(RuleBasedStateMachine):
             "new": manifest.digest,
             "installed": self.m.record.installed,
             "pending": self.m.record.pending,
-            "refused": self.m.record.refused,
+            "refused": (*self.m.record.refused, *self.m.record.rejected, None)[0],
             "no-manifest": None,
         }[which]
         uri = "coap://s/m" if digest is not None else None
@@ -354,7 +355,9 @@ class CoreMachine(RuleBasedStateMachine):
             "lower-sequence": RAW_LOWER_SEQUENCE,
             "wrong-class": RAW_WRONG_CLASS,
         }[kind]
-        state, digest = self.m.state, hashlib.sha256(raw).digest()
+        # The digest the engine files the bytes under: their identity, or their SHA-256
+        # when the signature fails (issue 16 §3).
+        state, digest = self.m.state, fetched_key(raw, TRUST)
         installed, pending = self.m.installed, self.m.pending
         sequence = {"valid": manifest.body.sequence, "lower-sequence": 5}.get(kind)
         # Refused: a bad signature or another class, or not newer than the running image (nor
@@ -364,7 +367,7 @@ class CoreMachine(RuleBasedStateMachine):
             floor = max(floor, pending.body.sequence)
         refuse = sequence is None or sequence <= floor
         rec = self.m.record
-        known = digest in {rec.pending, rec.refused, rec.installed}
+        known = digest in {rec.pending, *rec.refused, *rec.rejected, rec.installed}
         before = rec
         if self.fire(ev.ManifestFetched(raw, "coap://s/m", digest)).accepted:
             if known:  # pending, refused (or rejected) or running: nothing changes at all
@@ -372,7 +375,7 @@ class CoreMachine(RuleBasedStateMachine):
                 assert self.m.record == before
             elif refuse:  # remembered; a failed update stays pending
                 assert self.m.state is state
-                assert self.m.record.refused == digest
+                assert self.m.record.refused[-1] == digest
                 assert self.m.pending is pending
             else:  # adopted as the new pending update, asking first under a polite image
                 assert self.m.pending is not None and self.m.pending.raw == raw

@@ -34,6 +34,8 @@ from fota.core.manifest import (
     ManifestBody,
     Severity,
     TrustStore,
+    envelope_id,
+    fetched_key,
     kid_for,
     sign,
     update_id_of,
@@ -138,7 +140,9 @@ def _manifest(body: ManifestBody) -> Manifest:
 
 
 def sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
+    """The digest the engine files fetched bytes under (``fetched_key``): a manifest's
+    identity, or the SHA-256 of bytes whose signature fails or that are no envelope."""
+    return fetched_key(data, TRUST)
 
 
 INSTALLED_POLITE = _manifest(_body(10, size=4096, polite=True))
@@ -376,6 +380,8 @@ LEGAL: dict[str, frozenset[State]] = {
     "rollback_finished": frozenset({S.ROLLING_BACK}),
     "restarted": EVERY_STATE,
     "report_delivered": EVERY_STATE,
+    "keyset_applied": EVERY_STATE,
+    "announcements_stale": EVERY_STATE,
 }
 """Every (state, trigger) pair that has a row in the table; all others are illegal."""
 
@@ -485,6 +491,18 @@ _STOP = (
     C.CancelTimer("grace"),
 )
 """An update that ends before its install stops its download and every timer."""
+
+
+def _floor_report(state: State) -> Report:
+    """The report of a floor reset (keyset 2, floor 5) in ``state``: about the pending update,
+    if there is one, with its verified bytes as :func:`start_record` sets them."""
+    detail = "anti-rollback floor reset to 5 by keyset 2"
+    if state is S.IDLE:
+        return Report(7, state, R.INITIAL, detail=detail)
+    verified = 2048 if state is S.FAILED else 2560 if state in _DOWNLOADED else 0
+    return Report(7, state, R.INITIAL, U, 11, verified, detail)
+
+
 CANCEL_DETAIL = "cancelled by the server"
 _CANCELLED = (
     C.SendReports(),
@@ -556,7 +574,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         _CANCELLED,
         ((S.IDLE, R.CANCELLED),),
-        after={**_CLEARED, "cancelled": PENDING.digest, "refused": None},
+        after={**_CLEARED, "cancelled": (PENDING.digest,), "refused": ()},
         report=Report(7, S.IDLE, R.CANCELLED, U, 11, 0, CANCEL_DETAIL),
     ),
     Case(
@@ -566,7 +584,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         _CANCELLED,
         ((S.IDLE, R.CANCELLED),),
-        after={**_CLEARED, "cancelled": PENDING.digest},
+        after={**_CLEARED, "cancelled": (PENDING.digest,)},
     ),
     Case(
         "cancel/await-install",
@@ -575,7 +593,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         _CANCELLED,
         ((S.IDLE, R.CANCELLED),),
-        after={**_CLEARED, "cancelled": PENDING.digest},
+        after={**_CLEARED, "cancelled": (PENDING.digest,)},
         report=Report(7, S.IDLE, R.CANCELLED, U, 11, 2560, CANCEL_DETAIL),
     ),
     Case(
@@ -585,7 +603,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         _CANCELLED,
         ((S.IDLE, R.CANCELLED),),
-        after={**_CLEARED, "cancelled": PENDING.digest},
+        after={**_CLEARED, "cancelled": (PENDING.digest,)},
     ),
     Case(
         "cancel/download-held",
@@ -596,7 +614,7 @@ CASES: tuple[Case, ...] = (
         ((S.IDLE, R.CANCELLED),),
         start={"held": ("lock backup",), "locks": LOCKED},
         # The lock belongs to its holder, not to the update: it outlives the cancel.
-        after={**_CLEARED, "cancelled": PENDING.digest, "locks": LOCKED},
+        after={**_CLEARED, "cancelled": (PENDING.digest,), "locks": LOCKED},
         policy=GATED,
     ),
     Case(
@@ -607,7 +625,7 @@ CASES: tuple[Case, ...] = (
         _CANCELLED,
         ((S.IDLE, R.CANCELLED),),
         start={"held": ("maintenance window",)},
-        after={**_CLEARED, "cancelled": PENDING.digest},
+        after={**_CLEARED, "cancelled": (PENDING.digest,)},
         policy=WINDOWED,
     ),
     Case(
@@ -618,7 +636,7 @@ CASES: tuple[Case, ...] = (
         _CANCELLED,
         ((S.IDLE, R.CANCELLED),),
         start={"verified": b"\x03", "fetched": 2048, "download_started": NOW - 60},
-        after={**_CLEARED, "cancelled": PENDING.digest},
+        after={**_CLEARED, "cancelled": (PENDING.digest,)},
         report=Report(7, S.IDLE, R.CANCELLED, U, 11, 2048, CANCEL_DETAIL),
     ),
     Case(
@@ -628,7 +646,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         _CANCELLED,
         ((S.IDLE, R.CANCELLED),),
-        after={**_CLEARED, "cancelled": PENDING.digest},
+        after={**_CLEARED, "cancelled": (PENDING.digest,)},
     ),
     # Too late once installing: refused, and said so (once; see the test below the table).
     Case(
@@ -638,7 +656,7 @@ CASES: tuple[Case, ...] = (
         S.INSTALLING,
         (C.SendReports(),),
         ((S.INSTALLING, R.INITIAL),),
-        after={"pending": PENDING.digest, "cancelled": None, "verified": FULL},
+        after={"pending": PENDING.digest, "cancelled": (), "verified": FULL},
         report=Report(
             7, S.INSTALLING, R.INITIAL, U, 11, 2560, "cancel refused: the update is being installed"
         ),
@@ -650,7 +668,7 @@ CASES: tuple[Case, ...] = (
         S.AWAIT_RESTART,
         (C.SendReports(),),
         ((S.AWAIT_RESTART, R.INITIAL),),
-        after={"pending": PENDING.digest, "cancelled": None, "boot_id": EARLIER_BOOT},
+        after={"pending": PENDING.digest, "cancelled": (), "boot_id": EARLIER_BOOT},
     ),
     Case(
         "cancel/await-commit-refused",
@@ -659,7 +677,7 @@ CASES: tuple[Case, ...] = (
         S.AWAIT_COMMIT,
         (C.SendReports(),),
         ((S.AWAIT_COMMIT, R.INITIAL),),
-        after={"pending": PENDING.digest, "cancelled": None},
+        after={"pending": PENDING.digest, "cancelled": ()},
     ),
     Case(
         "cancel/rolling-back-refused",
@@ -669,7 +687,7 @@ CASES: tuple[Case, ...] = (
         # The update ends anyway, in FAILED; the rollback is not cut short.
         (C.SendReports(),),
         ((S.ROLLING_BACK, R.INITIAL),),
-        after={"pending": PENDING.digest, "cancelled": None},
+        after={"pending": PENDING.digest, "cancelled": ()},
         report=Report(
             7,
             S.ROLLING_BACK,
@@ -695,7 +713,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         (*_CANCELLED, C.FetchManifest(NEW_URI, NEW.digest)),
         ((S.IDLE, R.CANCELLED),),
-        after={**_CLEARED, "cancelled": PENDING.digest},
+        after={**_CLEARED, "cancelled": (PENDING.digest,)},
     ),
     Case(
         "cancel/install-held/and-new",
@@ -705,7 +723,7 @@ CASES: tuple[Case, ...] = (
         (*_CANCELLED, C.FetchManifest(NEW_URI, NEW.digest)),
         ((S.IDLE, R.CANCELLED),),
         start={"held": ("maintenance window",)},
-        after={**_CLEARED, "cancelled": PENDING.digest},
+        after={**_CLEARED, "cancelled": (PENDING.digest,)},
         policy=WINDOWED,
     ),
     # -- announcement_received: a new manifest is fetched wherever it could be adopted ---------
@@ -793,8 +811,8 @@ CASES: tuple[Case, ...] = (
         ev.AnnouncementReceived(10, INSTALLED_POLITE.digest, "coap://fota.example/m/10"),
     ),
     drop("announce/failed/pending", S.FAILED, ANNOUNCE_PENDING),
-    drop("announce/idle/refused", S.IDLE, ANNOUNCE_NEW, start={"refused": NEW.digest}),
-    drop("announce/idle/cancelled", S.IDLE, ANNOUNCE_NEW, start={"cancelled": NEW.digest}),
+    drop("announce/idle/refused", S.IDLE, ANNOUNCE_NEW, start={"refused": (NEW.digest,)}),
+    drop("announce/idle/cancelled", S.IDLE, ANNOUNCE_NEW, start={"cancelled": (NEW.digest,)}),
     drop("announce/idle/no-manifest", S.IDLE, ev.AnnouncementReceived(12, None, None)),
     drop("announce/idle/no-uri", S.IDLE, ev.AnnouncementReceived(12, NEW.digest, None)),
     # The pending update announced again (announcements repeat): nothing to do.
@@ -813,7 +831,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         CANCEL_NEW,
         S.IDLE,
-        after={"cancelled": NEW.digest},
+        after={"cancelled": (NEW.digest,)},
         via="names_cancel",
     ),
     Case(
@@ -821,7 +839,7 @@ CASES: tuple[Case, ...] = (
         S.FAILED,
         CANCEL_PENDING,  # the failed update is not live: nothing to stop, its digest is noted
         S.FAILED,
-        after={"cancelled": PENDING.digest, "pending": PENDING.digest},
+        after={"cancelled": (PENDING.digest,), "pending": PENDING.digest},
         via="names_cancel",
     ),
     Case(
@@ -829,7 +847,7 @@ CASES: tuple[Case, ...] = (
         S.AWAIT_DOWNLOAD_AUTH,
         CANCEL_NEW,
         S.AWAIT_DOWNLOAD_AUTH,
-        after={"cancelled": NEW.digest, "pending": PENDING.digest},
+        after={"cancelled": (NEW.digest,), "pending": PENDING.digest},
         via="names_cancel",
     ),
     Case(
@@ -837,7 +855,7 @@ CASES: tuple[Case, ...] = (
         S.DOWNLOAD_DEFERRED,
         CANCEL_NEW,
         S.DOWNLOAD_DEFERRED,
-        after={"cancelled": NEW.digest},
+        after={"cancelled": (NEW.digest,)},
         via="names_cancel",
     ),
     Case(
@@ -845,7 +863,7 @@ CASES: tuple[Case, ...] = (
         S.AWAIT_INSTALL_AUTH,
         CANCEL_NEW,
         S.AWAIT_INSTALL_AUTH,
-        after={"cancelled": NEW.digest},
+        after={"cancelled": (NEW.digest,)},
         via="names_cancel",
     ),
     Case(
@@ -853,7 +871,7 @@ CASES: tuple[Case, ...] = (
         S.INSTALL_DEFERRED,
         CANCEL_NEW,
         S.INSTALL_DEFERRED,
-        after={"cancelled": NEW.digest},
+        after={"cancelled": (NEW.digest,)},
         via="names_cancel",
     ),
     Case(
@@ -861,7 +879,7 @@ CASES: tuple[Case, ...] = (
         S.DOWNLOAD_HELD,
         CANCEL_NEW,
         S.DOWNLOAD_HELD,
-        after={"cancelled": NEW.digest},
+        after={"cancelled": (NEW.digest,)},
         via="names_cancel",
     ),
     Case(
@@ -869,7 +887,7 @@ CASES: tuple[Case, ...] = (
         S.INSTALL_HELD,
         CANCEL_NEW,
         S.INSTALL_HELD,
-        after={"cancelled": NEW.digest},
+        after={"cancelled": (NEW.digest,)},
         via="names_cancel",
     ),
     Case(
@@ -877,7 +895,7 @@ CASES: tuple[Case, ...] = (
         S.DOWNLOADING,
         CANCEL_NEW,
         S.DOWNLOADING,
-        after={"cancelled": NEW.digest},
+        after={"cancelled": (NEW.digest,)},
         via="names_cancel",
     ),
     Case(
@@ -885,10 +903,12 @@ CASES: tuple[Case, ...] = (
         S.VERIFYING,
         CANCEL_NEW,
         S.VERIFYING,
-        after={"cancelled": NEW.digest},
+        after={"cancelled": (NEW.digest,)},
         via="names_cancel",
     ),
-    drop("announce/idle/cancel-already-noted", S.IDLE, CANCEL_NEW, start={"cancelled": NEW.digest}),
+    drop(
+        "announce/idle/cancel-already-noted", S.IDLE, CANCEL_NEW, start={"cancelled": (NEW.digest,)}
+    ),
     # A new manifest and the cancel of another in one announcement: both are taken.
     Case(
         "announce/idle/new-and-cancel-other",
@@ -896,7 +916,7 @@ CASES: tuple[Case, ...] = (
         CANCEL_SAME_ANNOUNCE_NEW,
         S.IDLE,
         (C.FetchManifest(NEW_URI, NEW.digest),),
-        after={"cancelled": SAME.digest},
+        after={"cancelled": (SAME.digest,)},
         via="is_new_announcement",
     ),
     Case(
@@ -905,7 +925,7 @@ CASES: tuple[Case, ...] = (
         CANCEL_SAME_ANNOUNCE_NEW,
         S.DOWNLOADING,
         (C.FetchManifest(NEW_URI, NEW.digest),),
-        after={"cancelled": SAME.digest, "pending": PENDING.digest},
+        after={"cancelled": (SAME.digest,), "pending": PENDING.digest},
         via="is_new_announcement",
     ),
     Case(
@@ -915,7 +935,7 @@ CASES: tuple[Case, ...] = (
         S.FAILED,
         # The failed update is not live (no cancel to do): its digest is noted, NEW fetched.
         (C.FetchManifest(NEW_URI, NEW.digest),),
-        after={"cancelled": PENDING.digest, "pending": PENDING.digest},
+        after={"cancelled": (PENDING.digest,), "pending": PENDING.digest},
         via="is_new_announcement",
     ),
     # -- manifest_fetched: proceed at once (first install, impolite image, deadline) or ask ----
@@ -1527,12 +1547,14 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         (C.SendReports(),),
         ((S.IDLE, R.BAD_SIGNATURE),),
-        after={"refused": sha256(RAW_BAD_SIGNATURE), "pending": None},
+        after={"refused": (sha256(RAW_BAD_SIGNATURE),), "pending": None},
         report=Report(
             7,
             S.IDLE,
             R.BAD_SIGNATURE,
-            update_id_of(sha256(RAW_BAD_SIGNATURE)),
+            # Filed under its bytes (a bad signature vouches for no identity), reported
+            # under the identity the server announced.
+            update_id_of(envelope_id(RAW_BAD_SIGNATURE) or b""),
             detail=f"manifest signature: does not verify with key {KID.hex()}",
         ),
     ),
@@ -1543,7 +1565,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         (C.SendReports(),),
         ((S.IDLE, R.UNKNOWN_KEY),),
-        after={"refused": sha256(RAW_UNKNOWN_KEY)},
+        after={"refused": (sha256(RAW_UNKNOWN_KEY),)},
     ),
     Case(
         "fetched/idle/refused-rollback",
@@ -1552,7 +1574,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         (C.SendReports(),),
         ((S.IDLE, R.ROLLBACK),),
-        after={"refused": sha256(RAW_ROLLBACK)},
+        after={"refused": (sha256(RAW_ROLLBACK),)},
     ),
     Case(
         "fetched/idle/refused-wrong-device-class",
@@ -1562,7 +1584,7 @@ CASES: tuple[Case, ...] = (
         (C.SendReports(),),
         ((S.IDLE, R.WRONG_DEVICE_CLASS),),
         installed="none",
-        after={"refused": sha256(RAW_WRONG_CLASS)},
+        after={"refused": (sha256(RAW_WRONG_CLASS),)},
     ),
     Case(
         "fetched/idle/refused-oversize-image",
@@ -1571,7 +1593,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         (C.SendReports(),),
         ((S.IDLE, R.OVERSIZE),),
-        after={"refused": sha256(RAW_OVERSIZE_IMAGE)},
+        after={"refused": (sha256(RAW_OVERSIZE_IMAGE),)},
     ),
     Case(
         "fetched/idle/refused-cut-off",
@@ -1581,7 +1603,7 @@ CASES: tuple[Case, ...] = (
         (C.SendReports(),),
         ((S.IDLE, R.OVERSIZE),),
         installed="none",
-        after={"refused": NEW.digest},
+        after={"refused": (NEW.digest,)},
     ),
     Case(
         "fetched/idle/refused-malformed",
@@ -1590,7 +1612,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         (C.SendReports(),),
         ((S.IDLE, R.MALFORMED),),
-        after={"refused": sha256(RAW_MALFORMED)},
+        after={"refused": (sha256(RAW_MALFORMED),)},
     ),
     Case(
         "fetched/idle/refused-cancelled",
@@ -1599,8 +1621,8 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         (C.SendReports(),),
         ((S.IDLE, R.CANCELLED),),
-        start={"cancelled": NEW.digest},
-        after={"refused": NEW.digest, "pending": None},
+        start={"cancelled": (NEW.digest,)},
+        after={"refused": (NEW.digest,), "pending": None},
         report=Report(
             7, S.IDLE, R.CANCELLED, N, detail="manifest digest: the server cancelled this manifest"
         ),
@@ -1612,8 +1634,8 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         # The application rejected NEW "for good": it does not become the pending update
         # again, and it is not refused (nor reported) a second time.
-        start={"refused": NEW.digest},
-        after={"refused": NEW.digest, "pending": None},
+        start={"rejected": (NEW.digest,)},
+        after={"rejected": (NEW.digest,), "pending": None},
         via="is_known_manifest",
     ),
     Case(
@@ -1630,7 +1652,7 @@ CASES: tuple[Case, ...] = (
         S.FAILED,
         (C.SendReports(),),
         ((S.FAILED, R.ROLLBACK),),
-        after={"refused": sha256(RAW_ROLLBACK), "pending": PENDING.digest, "verified": b"\x03"},
+        after={"refused": (sha256(RAW_ROLLBACK),), "pending": PENDING.digest, "verified": b"\x03"},
         report=Report(
             7,
             S.FAILED,
@@ -1647,7 +1669,7 @@ CASES: tuple[Case, ...] = (
         S.AWAIT_DOWNLOAD_AUTH,
         (C.SendReports(),),
         ((S.AWAIT_DOWNLOAD_AUTH, R.ROLLBACK),),
-        after={"refused": sha256(RAW_REPLAY), "pending": PENDING.digest, "first_seen": SEEN},
+        after={"refused": (sha256(RAW_REPLAY),), "pending": PENDING.digest, "first_seen": SEEN},
         report=Report(
             7,
             S.AWAIT_DOWNLOAD_AUTH,
@@ -1664,7 +1686,7 @@ CASES: tuple[Case, ...] = (
         S.DOWNLOAD_DEFERRED,
         (C.SendReports(),),
         ((S.DOWNLOAD_DEFERRED, R.ROLLBACK),),
-        after={"refused": sha256(RAW_ROLLBACK), "defer_until": DEFER_UNTIL},
+        after={"refused": (sha256(RAW_ROLLBACK),), "defer_until": DEFER_UNTIL},
         report=Report(
             7,
             S.DOWNLOAD_DEFERRED,
@@ -1681,7 +1703,7 @@ CASES: tuple[Case, ...] = (
         S.AWAIT_INSTALL_AUTH,
         (C.SendReports(),),
         ((S.AWAIT_INSTALL_AUTH, R.BAD_SIGNATURE),),
-        after={"refused": sha256(RAW_BAD_SIGNATURE), "pending": PENDING.digest},
+        after={"refused": (sha256(RAW_BAD_SIGNATURE),), "pending": PENDING.digest},
         via="manifest_refused",
     ),
     Case(
@@ -1691,7 +1713,7 @@ CASES: tuple[Case, ...] = (
         S.INSTALL_DEFERRED,
         (C.SendReports(),),
         ((S.INSTALL_DEFERRED, R.ROLLBACK),),
-        after={"refused": sha256(RAW_ROLLBACK)},
+        after={"refused": (sha256(RAW_ROLLBACK),)},
         via="manifest_refused",
     ),
     Case(
@@ -1701,7 +1723,7 @@ CASES: tuple[Case, ...] = (
         S.DOWNLOAD_HELD,
         (C.SendReports(),),
         ((S.DOWNLOAD_HELD, R.ROLLBACK),),
-        after={"refused": sha256(RAW_ROLLBACK), "pending": PENDING.digest},
+        after={"refused": (sha256(RAW_ROLLBACK),), "pending": PENDING.digest},
         policy=GATED,
         via="manifest_refused",
     ),
@@ -1712,8 +1734,8 @@ CASES: tuple[Case, ...] = (
         S.INSTALL_HELD,
         (C.SendReports(),),
         ((S.INSTALL_HELD, R.CANCELLED),),
-        start={"cancelled": NEW.digest},
-        after={"refused": NEW.digest, "pending": PENDING.digest},
+        start={"cancelled": (NEW.digest,)},
+        after={"refused": (NEW.digest,), "pending": PENDING.digest},
         via="manifest_refused",
     ),
     Case(
@@ -1724,7 +1746,7 @@ CASES: tuple[Case, ...] = (
         (C.SendReports(),),
         ((S.DOWNLOADING, R.ROLLBACK),),
         start={"verified": b"\x01"},
-        after={"refused": sha256(RAW_ROLLBACK), "verified": b"\x01"},
+        after={"refused": (sha256(RAW_ROLLBACK),), "verified": b"\x01"},
         via="manifest_refused",
     ),
     Case(
@@ -1734,7 +1756,7 @@ CASES: tuple[Case, ...] = (
         S.VERIFYING,
         (C.SendReports(),),
         ((S.VERIFYING, R.WRONG_DEVICE_CLASS),),
-        after={"refused": sha256(RAW_WRONG_CLASS), "pending": PENDING.digest},
+        after={"refused": (sha256(RAW_WRONG_CLASS),), "pending": PENDING.digest},
         via="manifest_refused",
     ),
     # -- authorized: the application's yes, reported as AUTHORIZED on entering the step ------
@@ -2195,7 +2217,7 @@ CASES: tuple[Case, ...] = (
             C.NotifyComplete(U, R.REJECTED, "not wanted"),
         ),
         ((S.IDLE, R.REJECTED),),
-        after={**_CLEARED, "refused": PENDING.digest},
+        after={**_CLEARED, "rejected": (PENDING.digest,)},
         report=Report(7, S.IDLE, R.REJECTED, U, 11, 0, "not wanted"),
     ),
     Case(
@@ -2211,7 +2233,7 @@ CASES: tuple[Case, ...] = (
             C.NotifyComplete(U, R.REJECTED, "not wanted"),
         ),
         ((S.IDLE, R.REJECTED),),
-        after={**_CLEARED, "refused": PENDING.digest},
+        after={**_CLEARED, "rejected": (PENDING.digest,)},
     ),
     Case(
         "rejected/await-install",
@@ -2225,7 +2247,7 @@ CASES: tuple[Case, ...] = (
             C.NotifyComplete(U, R.REJECTED, "not wanted"),
         ),
         ((S.IDLE, R.REJECTED),),
-        after={**_CLEARED, "refused": PENDING.digest},
+        after={**_CLEARED, "rejected": (PENDING.digest,)},
         report=Report(7, S.IDLE, R.REJECTED, U, 11, 2560, "not wanted"),
     ),
     Case(
@@ -2241,7 +2263,7 @@ CASES: tuple[Case, ...] = (
             C.NotifyComplete(U, R.REJECTED, "not wanted"),
         ),
         ((S.IDLE, R.REJECTED),),
-        after={**_CLEARED, "refused": PENDING.digest},
+        after={**_CLEARED, "rejected": (PENDING.digest,)},
     ),
     Case(
         "rejected/download-held",
@@ -2256,7 +2278,7 @@ CASES: tuple[Case, ...] = (
         ),
         ((S.IDLE, R.REJECTED),),
         start={"held": ("lock backup",), "locks": LOCKED},
-        after={**_CLEARED, "refused": PENDING.digest, "locks": LOCKED},
+        after={**_CLEARED, "rejected": (PENDING.digest,), "locks": LOCKED},
         policy=GATED,
     ),
     Case(
@@ -2273,7 +2295,7 @@ CASES: tuple[Case, ...] = (
         ),
         ((S.IDLE, R.REJECTED),),
         start={"forced": "unanswered", "held": ("maintenance window",)},
-        after={**_CLEARED, "refused": PENDING.digest},
+        after={**_CLEARED, "rejected": (PENDING.digest,)},
         policy=PROCEED_WINDOWED,
     ),
     drop("rejected/await-download/stale", S.AWAIT_DOWNLOAD_AUTH, ev.Rejected(STALE)),
@@ -4575,6 +4597,62 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         after={"outbox": (PRIOR,), "report_seq": 7},
     ),
+    # -- keyset_applied: in every state, refusals are forgotten and a floor reset is taken ------
+    *(
+        Case(
+            f"keyset/{state.name.lower()}/floor-reset",
+            state,
+            ev.KeysetApplied(2, 5),
+            state,
+            (C.SendReports(),),
+            ((state, R.INITIAL),),
+            start={"refused": (sha256(RAW_ROLLBACK),), "keyset_version": 1},
+            after={"refused": (), "keyset_version": 2, "floor": 5},
+            report=_floor_report(state),
+        )
+        for state in S
+    ),
+    # A keyset without a floor reset: refusals are judged again, nothing is reported.
+    Case(
+        "keyset/idle/no-floor",
+        S.IDLE,
+        ev.KeysetApplied(3),
+        S.IDLE,
+        start={"refused": (sha256(RAW_ROLLBACK),), "floor": 7, "keyset_version": 2},
+        after={"refused": (), "keyset_version": 3, "floor": 7},
+    ),
+    # The stored keyset offered again at start (or an older one): nothing changes.
+    Case(
+        "keyset/downloading/not-newer",
+        S.DOWNLOADING,
+        ev.KeysetApplied(2, 0),
+        S.DOWNLOADING,
+        start={"refused": (sha256(RAW_ROLLBACK),), "keyset_version": 2},
+        after={"refused": (sha256(RAW_ROLLBACK),), "keyset_version": 2, "floor": None},
+    ),
+    # -- announcements_stale: in every state, a report says so; the state does not change ---
+    *(
+        Case(
+            f"stale/{state.name.lower()}",
+            state,
+            ev.AnnouncementsStale(3600.0, 1_700_000_000.0),
+            state,
+            (C.SendReports(),),
+            ((state, R.INITIAL),),
+            report=Report(
+                7,
+                state,
+                R.INITIAL,
+                U,
+                11,
+                2560 if state in _DOWNLOADED else 0,
+                "stale: no fresh announcement for 3600 s",
+            )
+            if state not in (S.IDLE, S.FAILED)
+            else None,
+        )
+        for state in S
+    ),
 )
 
 
@@ -4881,6 +4959,8 @@ EVENT_FOR: dict[str, ev.Event] = {
     "rollback_finished": ev.RollbackFinished(U),
     "restarted": ev.Restarted(),
     "report_delivered": ev.ReportDelivered(6),
+    "keyset_applied": ev.KeysetApplied(2, 5),
+    "announcements_stale": ev.AnnouncementsStale(3600.0),
 }
 """For each trigger, an event about the current update, as the event that could be legal."""
 
@@ -4888,9 +4968,9 @@ ILLEGAL = [(s, trig) for s in State for trig in triggers() if s not in LEGAL.get
 
 
 def test_illegal_pair_count() -> None:
-    # 14 states and 23 triggers: 130 legal pairs, 192 illegal ones.
-    assert (len(State), len(triggers())) == (14, 23)
-    assert sum(map(len, LEGAL.values())) == 130
+    # 14 states and 25 triggers: 158 legal pairs, 192 illegal ones.
+    assert (len(State), len(triggers())) == (14, 25)
+    assert sum(map(len, LEGAL.values())) == 158
     assert len(ILLEGAL) == len(State) * len(triggers()) - sum(map(len, LEGAL.values())) == 192
     assert set(EVENT_FOR) == set(triggers())
     assert all(e.trigger == trig for trig, e in EVENT_FOR.items())

@@ -37,7 +37,7 @@ def test_journal_records_match_the_documented_cddl() -> None:
         pending=hashlib.sha256(b"p").digest(),
         manifest_uri="coap://h/fota/m/ab",
         installed=hashlib.sha256(b"i").digest(),
-        refused=hashlib.sha256(b"r").digest(),
+        refused=(hashlib.sha256(b"r").digest(), hashlib.sha256(b"r2").digest()),
         verified=bitmap_set(bytes(3), 17),
         etag=b"12345678",
         defer_until=1795000000.5,
@@ -58,12 +58,15 @@ def test_journal_records_match_the_documented_cddl() -> None:
         forced="deadline",
         locks=(("backup", 1795003600.0),),
         provisioned_at=1790000000,
-        cancelled=hashlib.sha256(b"c").digest(),
+        cancelled=(hashlib.sha256(b"c").digest(),),
         held=("lock backup",),
         boot_id="0c5d2b4e-77a1-4b9e-9d7e-3f4b1a2c5d6e",
         commit_by=1795000300.0,
         tested=True,
         failure="self-test failed: exit status 1",
+        rejected=(hashlib.sha256(b"j").digest(),),
+        keyset_version=3,
+        floor=2**64 - 1,
     )
     for record in (empty, full, installing):
         data = record.to_bytes()

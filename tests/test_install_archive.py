@@ -310,7 +310,7 @@ def inst_done() -> Any:
 
 async def test_rollback_restores_both_directories_exactly(setup: Setup) -> None:
     marker = setup.tmp / "rolled-back"
-    inst = setup.installer(allowed_commands=["rm", "sh"])
+    inst = setup.installer(allowed_commands=[["rm"], ["sh", "-c"]])
     rec = recipe(
         files=U1_FILES,
         # The update deletes a file that the old tree had: rollback must bring it back.
@@ -336,7 +336,7 @@ async def test_rollback_restores_both_directories_exactly(setup: Setup) -> None:
 
 async def test_failing_after_hook_restores_and_runs_rollback(setup: Setup) -> None:
     marker = setup.tmp / "rolled-back"
-    inst = setup.installer(allowed_commands=["sh"])
+    inst = setup.installer(allowed_commands=[["sh", "-c"]])
     rec = recipe(
         files=U1_FILES,
         before=["sh", "-c", "echo stopping"],
@@ -374,7 +374,7 @@ async def test_hanging_hook_is_killed_with_its_children(
     setup: Setup, recipe_timeout: int, config_timeout: int
 ) -> None:
     pidfile = setup.tmp / "hook.pid"
-    inst = setup.installer(allowed_commands=["sh"], timeout=config_timeout)
+    inst = setup.installer(allowed_commands=[["sh", "-c"]], timeout=config_timeout)
     rec = recipe(
         files=U1_FILES,
         timeout=recipe_timeout,  # the effective timeout is the smaller one: 1 s
@@ -392,7 +392,7 @@ async def test_hanging_hook_is_killed_with_its_children(
 
 
 async def test_prompting_hook_reads_eof_and_fails_fast(setup: Setup) -> None:
-    inst = setup.installer(allowed_commands=["sh"], timeout=120)
+    inst = setup.installer(allowed_commands=[["sh", "-c"]], timeout=120)
     rec = recipe(files=U1_FILES, before=["sh", "-c", 'read answer; test "$answer" = yes'])
     candidate = setup.bundle("u1.tar", rec)
     m = make_manifest(candidate, 1)
@@ -408,15 +408,15 @@ async def test_prompting_hook_reads_eof_and_fails_fast(setup: Setup) -> None:
 @pytest.mark.parametrize(
     ("allowed", "extra", "what"),
     [
-        ([], {"before": ["touch", "MARKER"]}, "recipe before: command 'touch'"),
-        (["sh"], {"after": ["touch", "MARKER"]}, "recipe after: command 'touch'"),
-        (["touch"], {"rollback": ["/bin/sh", "-c", "touch MARKER"]}, "command '/bin/sh'"),
-        (["sh"], {"packages": [{"manager": "pip", "names": ["x"]}]}, "(pip): command 'pip'"),
-        (["pip"], {"packages": [{"manager": "npm", "names": ["x"]}]}, "(npm): command 'npm'"),
+        ([], {"before": ["touch", "MARKER"]}, "recipe before: command ['touch'"),
+        ([["sh", "-c"]], {"after": ["touch", "MARKER"]}, "recipe after: command ['touch'"),
+        ([["touch"]], {"rollback": ["/bin/sh", "-c", "touch MARKER"]}, "command ['/bin/sh'"),
+        ([["sh", "-c"]], {"before": ["sh", "MARKER"]}, "recipe before: command ['sh'"),
+        ([["touch"]], {"before": ["touch", "-h", "MARKER"]}, "recipe before: command ['touch'"),
     ],
 )
 async def test_commands_not_allowed_are_refused_before_anything_changes(
-    setup: Setup, allowed: list[str], extra: dict[str, Any], what: str
+    setup: Setup, allowed: list[list[str]], extra: dict[str, Any], what: str
 ) -> None:
     marker = setup.tmp / "marker"
     text = json.dumps(extra).replace("MARKER", str(marker))
@@ -427,6 +427,28 @@ async def test_commands_not_allowed_are_refused_before_anything_changes(
         await inst.install(candidate, m, lambda p: None)
     assert what in str(info.value)
     assert "not allowed by installers.app.allowed_commands" in str(info.value)
+    setup.unchanged()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("managers", "manager"), [([], "pip"), (["pip"], "npm"), (["npm", "pip"], "apt")]
+)
+async def test_package_managers_not_allowed_are_refused_before_anything_changes(
+    setup: Setup, managers: list[str], manager: str
+) -> None:
+    suffix = {"pip": ".whl", "apt": ".deb", "npm": ".tgz"}[manager]
+    marker = setup.tmp / "marker"
+    payload = {**U1_PAYLOAD, f"pkg/x{suffix}": b"x"}
+    packages = [{"manager": manager, "names": [f"pkg/x{suffix}"]}]
+    inst = setup.installer(allowed_managers=managers)
+    candidate = setup.bundle("u1.tar", recipe(files=U1_FILES, packages=packages), payload)
+    m = make_manifest(candidate, 1)
+    with pytest.raises(InstallError) as info:
+        await inst.install(candidate, m, lambda p: None)
+    assert f"the package manager {manager!r} is not allowed by installers.app.allowed_managers" in (
+        str(info.value)
+    )
     setup.unchanged()
     assert not marker.exists()
 
@@ -531,7 +553,7 @@ BAD_RECIPES: list[tuple[dict[str, Any], str]] = [
 async def test_bad_recipes_are_refused_naming_the_key(
     setup: Setup, change: dict[str, Any], message: str
 ) -> None:
-    inst = setup.installer(allowed_commands=["sh", "pip"])
+    inst = setup.installer(allowed_commands=[["sh", "-c"]], allowed_managers=["pip"])
     candidate = setup.bundle("bad.tar", {**recipe(files=U1_FILES), **change})
     m = make_manifest(candidate, 1)
     with pytest.raises(InstallError) as info:
@@ -547,12 +569,12 @@ def test_parse_recipe_directly() -> None:
             "before": ["a"],
             "timeout": 5,
             "files": [{"source": "./p//x", "target": "d/./x", "mode": 0o755}],
-            "packages": [{"manager": "apt", "names": ["curl"]}],
+            "packages": [{"manager": "apt", "names": ["debs/curl.deb"]}],
         }
     )
     assert r.before == ("a",) and r.after is None and r.timeout == 5.0
     assert r.files[0].source == "p/x" and r.files[0].target == ("d", "x")
-    assert r.packages[0].names == ("curl",)
+    assert r.packages[0].names == ("debs/curl.deb",)
     with pytest.raises(InstallError, match="recipe: missing key 'format'"):
         parse_recipe({})
     with pytest.raises(InstallError, match="recipe: expected a table"):
@@ -690,7 +712,7 @@ def test_pip_step_for_real_offline(
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = str(venv / "bin" / "pip")
-    inst = setup.installer(pip=[pip], allowed_commands=[pip], timeout=120)
+    inst = setup.installer(pip=[pip], allowed_managers=["pip"], timeout=120)
     payload: dict[str, bytes | tuple[bytes, int]] = {
         **U1_PAYLOAD,
         f"wheels/{demo.name}": demo.read_bytes(),  # named by its path in the bundle
@@ -736,13 +758,19 @@ async def test_apt_and_npm_steps_run_noninteractively(setup: Setup) -> None:
     log = setup.tmp / "tools.log"
     apt = fake_tool(setup.tmp / "bin", "apt-get", log)
     npm = fake_tool(setup.tmp / "bin", "npm", log)
-    inst = setup.installer(apt=[str(apt)], npm=[str(npm)], allowed_commands=[str(apt), str(npm)])
-    payload = {**U1_PAYLOAD, "debs/tool_1.0_all.deb": b"!<arch>\n", "npm/pkg.tgz": b"tgz"}
+    inst = setup.installer(apt=[str(apt)], npm=[str(npm)], allowed_managers=["apt", "npm"])
+    payload = {
+        **U1_PAYLOAD,
+        "debs/curl_8.0_all.deb": b"!<arch>\n",
+        "debs/tool_1.0_all.deb": b"!<arch>\n",
+        "npm/pkg.tgz": b"tgz",
+        "left-pad.tgz": b"tgz",
+    }
     rec = recipe(
         files=U1_FILES,
         packages=[
-            {"manager": "apt", "names": ["curl", "debs/tool_1.0_all.deb"]},
-            {"manager": "npm", "names": ["left-pad", "./npm/pkg.tgz"]},
+            {"manager": "apt", "names": ["debs/curl_8.0_all.deb", "debs/tool_1.0_all.deb"]},
+            {"manager": "npm", "names": ["left-pad.tgz", "./npm/pkg.tgz"]},
         ],
     )
     candidate = setup.bundle("u1.tar", rec, payload)
@@ -752,17 +780,17 @@ async def test_apt_and_npm_steps_run_noninteractively(setup: Setup) -> None:
     root = os.path.realpath(setup.root)
     assert log.read_text().splitlines() == [
         "argv0=apt-get",
-        *(f"arg={a}" for a in ["install", "-y", "-q", "--no-install-recommends", "curl"]),
+        *(f"arg={a}" for a in ["install", "-y", "-q", "--no-install-recommends", "--no-download"]),
+        f"arg={bundle}/debs/curl_8.0_all.deb",
         f"arg={bundle}/debs/tool_1.0_all.deb",
         "DEBIAN_FRONTEND=noninteractive",
         "CI=1",
         "stdin=eof",
         f"cwd={root}",
         "argv0=npm",
-        *(
-            f"arg={a}"
-            for a in ["install", "--no-audit", "--no-fund", "--yes", "--ignore-scripts", "left-pad"]
-        ),
+        *(f"arg={a}" for a in ["install", "--no-audit", "--no-fund", "--yes"]),
+        *(f"arg={a}" for a in ["--ignore-scripts", "--offline"]),
+        f"arg={bundle}/left-pad.tgz",
         f"arg={bundle}/npm/pkg.tgz",
         "DEBIAN_FRONTEND=noninteractive",
         "CI=1",
@@ -776,9 +804,9 @@ async def test_apt_and_npm_steps_run_noninteractively(setup: Setup) -> None:
 async def test_failing_package_step_restores(setup: Setup) -> None:
     log = setup.tmp / "tools.log"
     apt = fake_tool(setup.tmp / "bin", "apt-get", log, code=100)
-    inst = setup.installer(apt=[str(apt)], allowed_commands=[str(apt)])
-    rec = recipe(files=U1_FILES, packages=[{"manager": "apt", "names": ["curl"]}])
-    candidate = setup.bundle("u1.tar", rec)
+    inst = setup.installer(apt=[str(apt)], allowed_managers=["apt"])
+    rec = recipe(files=U1_FILES, packages=[{"manager": "apt", "names": ["curl.deb"]}])
+    candidate = setup.bundle("u1.tar", rec, {**U1_PAYLOAD, "curl.deb": b"!<arch>\n"})
     with pytest.raises(InstallError, match="apt step failed: exit status 100"):
         await inst.install(candidate, make_manifest(candidate, 1), lambda p: None)
     setup.unchanged()
@@ -791,7 +819,8 @@ def test_build_reads_the_table(tmp_path: Path) -> None:
     table = {
         "kind": "archive",
         "root": str(tmp_path),
-        "allowed_commands": ["systemctl", "/usr/bin/pip3"],
+        "allowed_commands": [["systemctl", "restart", "app"], ["/usr/bin/true"]],
+        "allowed_managers": ["pip"],
         "pip": ["/usr/bin/pip3"],
         "timeout": 12,
     }
@@ -799,7 +828,8 @@ def test_build_reads_the_table(tmp_path: Path) -> None:
     assert isinstance(inst, ArchiveInstaller)
     assert inst.managers == {"pip": ["/usr/bin/pip3"], "apt": ["apt-get"], "npm": ["npm"]}
     assert inst.timeout == 12.0 and inst.where == "installers.app"
-    assert inst.allowed == {"systemctl", "/usr/bin/pip3"}
+    assert inst.allowed == {("systemctl", "restart", "app"), ("/usr/bin/true",)}
+    assert inst.allowed_managers == {"pip"}
     default = build("x", {"kind": "archive", "root": str(tmp_path)}, Context(tmp_path, 7.0))
     assert isinstance(default, ArchiveInstaller) and default.timeout == 7.0
     with pytest.raises(ConfigError, match=r"installers\.app: unknown key 'colour'"):
@@ -825,7 +855,7 @@ trust = mf.TrustStore({bytes.fromhex(cfg["kid"]): key.public_key()})
 manifest = mf.verify(Path(cfg["manifest"]).read_bytes(), trust)
 installer = ArchiveInstaller(
     Path(cfg["root"]), Path(cfg["state"]), allowed_commands=cfg["allowed"], apt=cfg["apt"],
-    use_exchange=cfg["exchange"],
+    allowed_managers=["apt"], use_exchange=cfg["exchange"],
 )
 
 async def main():
@@ -854,7 +884,8 @@ class CrashRig:
         return ArchiveInstaller(
             self.setup.root,
             self.setup.state,
-            allowed_commands=["sh", str(self.apt)],
+            allowed_commands=[["sh", "-c"]],
+            allowed_managers=["apt"],
             apt=[str(self.apt)],
             use_exchange=self.exchange,
         )
@@ -868,7 +899,7 @@ class CrashRig:
             "root": str(self.setup.root),
             "state": str(self.setup.state),
             "candidate": str(self.candidate),
-            "allowed": ["sh", str(self.apt)],
+            "allowed": [["sh", "-c"]],
             "apt": [str(self.apt)],
             "exchange": self.exchange,
             "actions": actions,
@@ -897,9 +928,9 @@ def crash_rig(tmp_path: Path, exchange: bool = True) -> CrashRig:
         before=["sh", "-c", f"echo before >> {hooklog}"],
         after=["sh", "-c", f"echo after >> {hooklog}"],
         rollback=["sh", "-c", f"echo rollback >> {hooklog}"],
-        packages=[{"manager": "apt", "names": ["curl"]}],
+        packages=[{"manager": "apt", "names": ["curl.deb"]}],
     )
-    candidate = setup.bundle("u1.tar", rec)
+    candidate = setup.bundle("u1.tar", rec, {**U1_PAYLOAD, "curl.deb": b"!<arch>\n"})
     return CrashRig(setup, candidate, make_manifest(candidate, 1), hooklog, apt, exchange)
 
 

@@ -148,13 +148,15 @@ def archive_device(tmp: Path) -> Device:
         (root / name).write_bytes(data)
     hooks = 'format = 1\nbefore = ["true"]\nafter = ["true"]\nrollback = ["true"]\n'
     placed = "".join(f'[[files]]\nsource = "p/{n}"\ntarget = "{n}"\n' for n in new_files)
-    recipe = hooks + placed + '[[packages]]\nmanager = "pip"\nnames = ["app-extras"]\n'
+    wheel = "wheels/app_extras-1.0-py3-none-any.whl"  # named by its path in the bundle
+    recipe = hooks + placed + f'[[packages]]\nmanager = "pip"\nnames = ["{wheel}"]\n'
     pip = write_script(tmp / "pip", f'echo "$@" >> {tmp}/pip-calls\n')  # an offline stand-in
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in {
             "fota-recipe.toml": recipe.encode(),
             **{f"p/{n}": d for n, d in new_files.items()},
+            wheel: b"PK\x05\x06" + bytes(18),  # an empty zip: the stand-in never opens it
         }.items():
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o644
@@ -166,7 +168,8 @@ def archive_device(tmp: Path) -> Device:
     table = {
         "kind": "archive",
         "root": str(root),
-        "allowed_commands": ["true", str(pip)],
+        "allowed_commands": [["true"]],
+        "allowed_managers": ["pip"],
         "pip": [str(pip)],
     }
     return Device(

@@ -539,15 +539,15 @@ async def test_file_rollback_after_the_commit_started_fails_instead_of_claiming_
     inst = FileInstaller(target)
     m = manifest_for(NEW, "2.0")
     await inst.install(candidate(tmp_path), m, Progress())
-    real = inst._ops.fsync_dir
+    real = inst._fsync_dir
 
-    def failing(path: Path) -> None:
+    def failing(dir_fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    inst._ops.fsync_dir = failing  # type: ignore[method-assign]
+    inst._fsync_dir = failing  # type: ignore[method-assign]
     with pytest.raises(InstallError, match="commit"):
         await inst.commit(m)
-    inst._ops.fsync_dir = real  # type: ignore[method-assign]
+    inst._fsync_dir = real  # type: ignore[method-assign]
     with pytest.raises(InstallError, match=r"the commit of \w+ already started"):
         await inst.rollback(m)
     assert target.read_bytes() == NEW

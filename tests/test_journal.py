@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import zlib
 from collections.abc import Callable
@@ -69,8 +70,20 @@ def manifest_files(state_dir: Path) -> set[str]:
     return {p.name for p in state_dir.glob("manifest-*.cose")}
 
 
+_TEMP = re.compile(r"^(\..+)\.[0-9a-f]{32}(\.tmp)$")
+
+
+def _shown(path: Path) -> str:
+    """A file's name, with a temporary file's random part left out (``.record.tmp``)."""
+    return _TEMP.sub(r"\1\2", Path(path).name)
+
+
 class RecordingOps(FileOps):
-    """Records every call as (operation, file name[, destination name]), then does it."""
+    """Records every call as (operation, file name[, destination name]), then does it.
+
+    Temporary names are recorded without their random part: they are unpredictable on
+    purpose (``FileOps.write_atomic``), the order of the calls is what these tests check.
+    """
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
@@ -78,8 +91,8 @@ class RecordingOps(FileOps):
 
     def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
         fd = super().open(path, flags, mode)
-        self.names[fd] = Path(path).name
-        self.calls.append(("open", Path(path).name))
+        self.names[fd] = _shown(path)
+        self.calls.append(("open", _shown(path)))
         return fd
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> None:
@@ -95,7 +108,7 @@ class RecordingOps(FileOps):
         super().close(fd)
 
     def replace(self, src: Path, dst: Path) -> None:
-        self.calls.append(("replace", src.name, dst.name))
+        self.calls.append(("replace", _shown(src), dst.name))
         super().replace(src, dst)
 
     def fsync_dir(self, path: Path) -> None:
@@ -305,7 +318,7 @@ def full_record(pending: Manifest, installed: Manifest) -> Record:
         pending=pending.digest,
         manifest_uri=f"coap://[::1]:61616/fota/m/{pending.digest.hex()}",
         installed=installed.digest,
-        refused=hashlib.sha256(b"refused").digest(),
+        refused=(hashlib.sha256(b"refused").digest(),),
         verified=b"\x0f",
         etag=b"\x01\x02\x03\x04",
         defer_until=1_900_000_000.25,

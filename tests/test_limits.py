@@ -134,7 +134,7 @@ def _with_image_uri(server: UpdateServer, published, uri: str):  # type: ignore[
 
     body = mf.verify(published.raw, TrustStore({KID: KEY.public_key()})).body
     raw = mf.sign(dataclasses.replace(body, image_uri=uri), KEY, KID)
-    digest = hashlib.sha256(raw).digest()
+    digest = mf.verify(raw, TrustStore({KID: KEY.public_key()})).digest  # the manifest's id
     return Published(
         raw, digest, mf.update_id_of(digest), body.sequence, body.image_sha256, published.image_path
     )

@@ -217,8 +217,8 @@ def test_sign_verify_round_trip(key: PrivateKey, kid: bytes, alg: int) -> None:
     assert m.body == body
     assert m.raw == raw
     assert m.kid == kid
-    assert m.digest == hashlib.sha256(raw).digest()
-    assert m.update_id == hashlib.sha256(raw).hexdigest()[:16]
+    assert m.digest == hashlib.sha256(cbor2.dumps([protected, payload])).digest()  # identity
+    assert m.update_id == m.digest.hex()[:16]
     assert m.fragment_count == 3
     assert [m.fragment_span(i) for i in range(3)] == [(0, 1024), (1024, 1024), (2048, 452)]
     # accept() adds device class and anti-rollback on top of the same checks.
@@ -322,11 +322,24 @@ def test_manifest_signed_by_pycose_is_accepted(key: PrivateKey, kid: bytes, alg:
     msg.key = _pycose_key(key, private=True)
     raw = msg.encode(tag=True)
     assert cbor2.loads(raw).tag == 18
+    # pycose signs ES256 in either form; fota takes only the low-S one (issue 16 §3).
+    raw = _low_s(raw)
 
     m = mf.verify(raw, trust())
     assert m.body == body and m.kid == kid
     # pycose's signature, tampered, is refused like ours.
     refuse(flip(raw, len(raw) - 1), "bad_signature", "signature")
+
+
+def _low_s(raw: bytes) -> bytes:
+    """``raw`` with an ES256 signature's s put in the low half (Ed25519 unchanged)."""
+    outer = cbor2.loads(raw)
+    protected, unprotected, payload, signature = outer.value
+    n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+    if cbor2.loads(protected)[1] == -7 and int.from_bytes(signature[32:], "big") > n // 2:
+        s = n - int.from_bytes(signature[32:], "big")
+        signature = signature[:32] + s.to_bytes(32, "big")
+    return cbor2.dumps(cbor2.CBORTag(18, [protected, dict(unprotected), payload, signature]))
 
 
 @pytest.mark.parametrize(("key", "kid", "alg"), PYCOSE_ALGS)

@@ -118,10 +118,13 @@ SUBSET_TEXT = re.sub(r"\s*\.cbor\s+[\w-]+", "", SUBSET_TEXT)
 
 def test_page_has_the_cddl_blocks_and_they_parse() -> None:
     blocks = cddl_blocks()
-    assert len(blocks) == 3  # announcement, signed manifest, status report
+    assert len(blocks) == 4  # announcement, signed announcement, signed manifest, report
     pycddl.Schema(SCHEMA_TEXT)
     assert {
         "announcement",
+        "signed-announcement",
+        "announcement-sign1",
+        "announcement-payload",
         "signed-manifest",
         "cose-sign1",
         "protected-header",

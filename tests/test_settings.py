@@ -269,7 +269,8 @@ def test_an_unknown_key_in_a_section(tmp_path: Path, pub: Path) -> None:
         at(tmp_path, text, "sokcet")
         + 'control.sokcet: unknown key in control; did you mean "socket"?'
     )
-    assert "(known: socket, mode, group, max_clients, max_message, enabled)" in message
+    known = "socket, mode, group, max_clients, max_message, request_timeout, idle_timeout, enabled"
+    assert f"(known: {known})" in message
 
 
 def test_an_unknown_severity_in_max_deferral(tmp_path: Path, pub: Path) -> None:

@@ -48,6 +48,8 @@ ERROR_CODES = (
     "too_large",  # longer than max_message: the connection is closed after this answer
     "incomplete",  # end of input in the middle of a message
     "busy",  # too many connections: closed after this answer
+    "timeout",  # no complete message within request_timeout: closed after this answer
+    "idle",  # silent for idle_timeout without a subscription: closed after this answer
     "invalid_state",  # nothing waits for this answer (fota.InvalidTransition)
     "refused",  # a politeness or lock rule refused it (fota.PolicyError)
     "journal",  # the state could not be saved; try again
@@ -126,9 +128,10 @@ def _bool(name: str) -> Callable[[Any], bool]:
 def _kinds(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
         raise ControlError("bad_request", "events: expected a list of event names")
-    unknown = sorted(set(value) - set(KINDS))
+    # EVENTS, not KINDS: "stopping" is the daemon's own event, not a client notice.
+    unknown = sorted(set(value) - set(EVENTS))
     if unknown:
-        raise ControlError("bad_request", f"events: unknown {unknown}; known: {', '.join(KINDS)}")
+        raise ControlError("bad_request", f"events: unknown {unknown}; known: {', '.join(EVENTS)}")
     return tuple(value)
 
 

@@ -47,6 +47,16 @@ connection: a subscriber that stopped reading must not make the daemon's memory 
 CLOSE_GRACE = 2.0
 """Seconds a closing connection gets to flush what is queued before it is aborted."""
 
+REQUEST_TIMEOUT = 10.0
+"""Default seconds a message line may take from its first byte (for a new connection: from
+the connect) to its newline (``[control] request_timeout``). Past it the connection is answered
+``timeout`` and closed: half-written lines cannot hold ``max_clients`` slots."""
+
+IDLE_TIMEOUT = 60.0
+"""Default seconds a connection that subscribed to nothing may stay silent between messages
+(``[control] idle_timeout``); then it is answered ``idle`` and closed. Subscribers wait for
+events and are never closed for silence."""
+
 _AWAITING = {State.AWAIT_DOWNLOAD_AUTH: "download", State.AWAIT_INSTALL_AUTH: "install"}
 _DEFERRED = {State.DOWNLOAD_DEFERRED: "download", State.INSTALL_DEFERRED: "install"}
 
@@ -84,6 +94,15 @@ def _mib(n: int | None) -> str:
 
 def status_line(s: Status) -> str:
     """One line saying what the client is doing (systemd ``STATUS=``, ``fota status``)."""
+    line = _state_line(s)
+    if s.stale:
+        # A device frozen by its server or path says so wherever it shows its status.
+        last = _when(s.last_fresh) if s.last_fresh is not None else "none since the start"
+        line += f"; announcements stale (last fresh: {last})"
+    return line
+
+
+def _state_line(s: Status) -> str:
     v = s.version or "?"
     why = f" ({s.defer_reason})" if s.defer_reason else ""
     held = ", ".join(s.held) or "local conditions"
@@ -146,6 +165,11 @@ class _Connection:
         self.room = asyncio.Event()
         self.room.set()
 
+    @property
+    def listening(self) -> bool:
+        """It subscribed (to events, or as an answering application): silence is its job."""
+        return bool(self.events) or self.answers
+
     def send(self, line: bytes, *, event: bool = False) -> None:
         if self.dropped:
             return
@@ -193,7 +217,14 @@ class ControlServer:
         mode: the socket's file mode (who may connect: ``0o660`` is owner and group).
         group: the socket's group id, or None to keep the daemon's.
         max_clients: most connections at once; more are answered ``busy`` and closed.
+            Every open connection counts; the two timeouts below make sure that only
+            subscribers (and clients that keep talking) can keep a slot.
         max_message: longest message line, bytes.
+        request_timeout: seconds from a line's first byte (a new connection's: from the
+            connect) to its newline; past it the connection is answered ``timeout`` and
+            closed.
+        idle_timeout: seconds a connection that subscribed to nothing may stay silent
+            between messages; past it it is answered ``idle`` and closed.
         on_answerers: called with the number of connections that subscribed with
             ``answers: true`` whenever it changes (the daemon registers a handler while it
             is not zero, so ``Config.unanswered`` applies when nobody is there to answer).
@@ -208,6 +239,8 @@ class ControlServer:
         group: int | None = None,
         max_clients: int = 64,
         max_message: int = proto.MAX_MESSAGE,
+        request_timeout: float = REQUEST_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
         on_answerers: Callable[[int], None] | None = None,
     ) -> None:
         self.client = client
@@ -216,6 +249,8 @@ class ControlServer:
         self.group = group
         self.max_clients = max_clients
         self.max_message = max_message
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
         self.on_answerers = on_answerers
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -337,7 +372,17 @@ class ControlServer:
         conn = _Connection(self, writer)
         try:
             if len(self._connections) >= self.max_clients:
-                log.warning("control_busy", pid=conn.pid, uid=conn.uid, limit=self.max_clients)
+                # Who holds the slots, by uid: a local user hogging them is named in the log.
+                holders: dict[int, int] = {}
+                for other in self._connections:
+                    holders[other.uid] = holders.get(other.uid, 0) + 1
+                log.warning(
+                    "control_busy",
+                    pid=conn.pid,
+                    uid=conn.uid,
+                    limit=self.max_clients,
+                    holders={str(u): n for u, n in sorted(holders.items())},
+                )
                 writer.write(
                     proto.failure(
                         None,
@@ -380,48 +425,105 @@ class ControlServer:
             log.debug("control_disconnected", pid=conn.pid, uid=conn.uid)
 
     async def _read_loop(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
+        loop = asyncio.get_running_loop()
+        # When the line being read began: a new connection owes its first message from the
+        # connect; between messages it is None (the idle rule applies instead).
+        began: float | None = loop.time()
+        # The last request (a blank keep-alive line does not count): the idle rule's start.
+        spoke = loop.time()
         while not conn.dropped:
             # Backpressure: a client that sends faster than it reads its answers waits here.
-            await conn.room.wait()
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError:
-                conn.send(
-                    proto.failure(
-                        None,
-                        "too_large",
-                        f"message longer than {self.max_message} bytes (control.max_message)",
+            if not conn.room.is_set():
+                await conn.room.wait()
+                spoke = loop.time()  # we were not reading: that was no silence of its own
+            head = b""
+            if began is None:
+                # Between messages. A subscriber waits for events and may stay silent; any
+                # other connection gets idle_timeout, so idle clients cannot hold the slots.
+                # The first byte is read on its own: it starts the line's clock.
+                left = None if conn.listening else spoke + self.idle_timeout - loop.time()
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(1), left)
+                except TimeoutError:
+                    self._hang_up(
+                        conn,
+                        "idle",
+                        f"no message for {self.idle_timeout:g} s without a subscription"
+                        " (control.idle_timeout)",
                     )
+                    return
+                except asyncio.IncompleteReadError:
+                    return  # end of input between messages: a clean close
+                if head == b"\n":
+                    continue  # a blank keep-alive line
+                began = loop.time()
+            try:
+                rest = await asyncio.wait_for(
+                    reader.readuntil(b"\n"), max(0.0, began + self.request_timeout - loop.time())
                 )
-                log.warning("control_message_too_large", pid=conn.pid, limit=self.max_message)
+            except TimeoutError:
+                self._hang_up(
+                    conn,
+                    "timeout",
+                    f"no complete message within {self.request_timeout:g} s"
+                    " (control.request_timeout)",
+                )
+                return
+            except asyncio.LimitOverrunError:
+                self._too_large(conn)
                 return
             except asyncio.IncompleteReadError as exc:
-                if exc.partial.strip():
+                if (head + exc.partial).strip():
                     conn.send(
                         proto.failure(
                             None,
                             "incomplete",
-                            f"end of input after {len(exc.partial)} bytes of a message"
-                            " (each message ends with a newline)",
+                            f"end of input after {len(head) + len(exc.partial)} bytes of a"
+                            " message (each message ends with a newline)",
                         )
                     )
                 return
+            began = None
+            line = head + rest
+            if len(line) - 1 > self.max_message:
+                self._too_large(conn)
+                return
             if not line.strip():
-                continue  # blank lines are keep-alives
-            rid: int | str | None = None
-            try:
-                request = proto.parse_request(line)
-                rid = request.id
-                result = await self._dispatch(conn, request)
-            except ControlError as exc:
-                rid = rid if rid is not None else exc.request_id
-                conn.send(proto.failure(rid, exc.code, str(exc)))
-                continue
-            try:
-                conn.send(proto.answer(rid, result))
-            except (TypeError, ValueError):  # a result JSON cannot carry (NaN): our bug
-                log.exception("control_answer_unencodable", op=request.op)
-                conn.send(proto.failure(rid, "internal", f"{request.op}: unencodable result"))
+                continue  # blank lines are keep-alives (they do not reset the idle clock)
+            await self._answer(conn, line)
+            spoke = loop.time()
+
+    async def _answer(self, conn: _Connection, line: bytes) -> None:
+        """Parse, run and answer one request line (errors are answers, never raised)."""
+        rid: int | str | None = None
+        try:
+            request = proto.parse_request(line)
+            rid = request.id
+            result = await self._dispatch(conn, request)
+        except ControlError as exc:
+            rid = rid if rid is not None else exc.request_id
+            conn.send(proto.failure(rid, exc.code, str(exc)))
+            return
+        try:
+            conn.send(proto.answer(rid, result))
+        except (TypeError, ValueError):  # a result JSON cannot carry (NaN): our bug
+            log.exception("control_answer_unencodable", op=request.op)
+            conn.send(proto.failure(rid, "internal", f"{request.op}: unencodable result"))
+
+    def _too_large(self, conn: _Connection) -> None:
+        conn.send(
+            proto.failure(
+                None,
+                "too_large",
+                f"message longer than {self.max_message} bytes (control.max_message)",
+            )
+        )
+        log.warning("control_message_too_large", pid=conn.pid, uid=conn.uid, limit=self.max_message)
+
+    def _hang_up(self, conn: _Connection, code: str, message: str) -> None:
+        """Answer ``code`` to no request; the caller returns, which closes the connection."""
+        conn.send(proto.failure(None, code, message))
+        log.warning(f"control_{code}", pid=conn.pid, uid=conn.uid, gid=conn.gid)
 
     # -- requests -----------------------------------------------------------------------
 

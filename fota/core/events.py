@@ -38,8 +38,11 @@ class AnnouncementReceived(Event):
 class ManifestFetched(Event):
     """The announced manifest's bytes arrived.
 
-    ``digest`` is the announced digest; ``raw`` matched it, or was cut off past the size limit
-    (then the core refuses it as oversize without hashing what it never fully read).
+    ``raw`` matched the announced digest (the manifest's identity, or the SHA-256 of the
+    bytes), or was cut off past the size limit (then ``digest`` is the announced one and the
+    core refuses it as oversize without hashing what it never fully read). ``digest`` is
+    :func:`fota.core.manifest.fetched_key`: the manifest's identity when a trusted key
+    signed it, else the SHA-256 of the bytes; known, refused and cancelled lists use it.
     """
 
     trigger: ClassVar[str] = "manifest_fetched"
@@ -196,6 +199,30 @@ class ReportDelivered(Event):
 
     trigger: ClassVar[str] = "report_delivered"
     sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeysetApplied(Event):
+    """A root keyset was applied (``fota.trust``), or found stored at start.
+
+    ``floor`` is its ``floor-reset``: the anti-rollback floor from now on, None if it sets none.
+    """
+
+    trigger: ClassVar[str] = "keyset_applied"
+    version: int
+    floor: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AnnouncementsStale(Event):
+    """No fresh announcement arrived for ``window`` seconds (``Config.freshness_window``).
+
+    ``last_fresh`` is when the last one did (epoch seconds), None if none did since the start.
+    """
+
+    trigger: ClassVar[str] = "announcements_stale"
+    window: float
+    last_fresh: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,19 +2,27 @@
 
 A keyset is a COSE_Sign1 (the manifest's format) signed by a **root key**: an offline key
 that signs nothing but keysets, configured on the device as ``trust_roots``. Its payload
-lists the manifest-signing keys the device trusts from then on, beside those configured
-(``trust``), and the key ids it must no longer trust, configured ones included::
+lists the manifest-signing keys the device trusts from then on, in place of those configured
+(``trust``) and of the previous keyset's, and the key ids it must no longer trust, configured
+ones included::
 
     keyset = {
       1 => uint,                 ; version: a device takes only a higher one than it has
       2 => [* trusted-key],      ; manifest-signing keys added
       ? 3 => [* bstr .size (1..64)], ; revoked key ids
+      ? 4 => uint,               ; floor-reset: the anti-rollback floor from now on
     }
     trusted-key = [
       kid: bstr .size (1..64),
       alg: -8 / -7,              ; EdDSA (Ed25519) or ES256 (P-256)
       key: bstr,                 ; Ed25519: 32 raw bytes; P-256: 65 bytes, SEC1 uncompressed
     ]
+
+A keyset lists every manifest-signing key trusted from then on: a configured key it leaves
+out is retired like any other (it verifies only the manifests stored before). ``floor-reset``
+recovers from a stolen key that signed a huge sequence number (2**64-1 would block every
+later update): the running image's sequence number stops being the anti-rollback floor, the
+reset value is (a new manifest must have a higher one), until the next update commits.
 
 A root key id may be revoked too, but a keyset cannot add root keys: the roots change only
 with the configuration (a compromised manifest key must not be able to mint new roots). This
@@ -42,6 +50,9 @@ MAX_KEYS = 128
 
 MAX_VERSION = 2**63 - 1
 
+MAX_FLOOR = 2**64 - 1
+"""Largest ``floor-reset`` (a manifest's sequence number is a uint of up to 64 bits)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Keyset:
@@ -54,6 +65,7 @@ class Keyset:
         raw: the signed bytes (kept to store, and to verify again on load).
         digest: SHA-256 of ``raw``.
         signer: the root key id that signed it.
+        floor_reset: the anti-rollback floor it sets (``floor-reset``), None if none.
     """
 
     version: int
@@ -62,6 +74,7 @@ class Keyset:
     raw: bytes
     digest: bytes
     signer: bytes
+    floor_reset: int | None = None
 
 
 def _bad(field: str, message: str) -> ManifestError:
@@ -110,7 +123,7 @@ def decode(raw: bytes, roots: TrustStore, *, revoked_ok: bool = False) -> Keyset
     body = mf._loads(payload, "keyset")
     if not isinstance(body, dict):
         raise _bad("payload", "expected a map")
-    unknown = set(body) - {1, 2, 3}
+    unknown = set(body) - {1, 2, 3, 4}
     if unknown:
         raise _bad("payload", f"unknown keys {sorted(map(repr, unknown))}")
     version = body.get(1)
@@ -145,7 +158,12 @@ def decode(raw: bytes, roots: TrustStore, *, revoked_ok: bool = False) -> Keyset
     both = revoked & set(keys)
     if both:
         raise _bad("revoked", f"key id {sorted(both)[0].hex()} is both added and revoked")
-    return Keyset(version, keys, frozenset(revoked), raw, hashlib.sha256(raw).digest(), signer)
+    floor = body.get(4)
+    # A uint: not a bool (an int subclass in Python); bignums are the decoder's to refuse.
+    if floor is not None and (type(floor) is not int or not 0 <= floor <= MAX_FLOOR):
+        raise _bad("floor-reset", f"expected an unsigned integer in 0..{MAX_FLOOR}")
+    digest = hashlib.sha256(raw).digest()
+    return Keyset(version, keys, frozenset(revoked), raw, digest, signer, floor)
 
 
 def raw_of_key(key: PublicKey) -> tuple[int, bytes]:
@@ -168,12 +186,18 @@ def sign(
     root_kid: bytes,
     *,
     revoked: Iterable[bytes] = (),
+    floor_reset: int | None = None,
 ) -> bytes:
-    """Sign a keyset with a root key and return its bytes (for servers and tests)."""
+    """Sign a keyset with a root key and return its bytes (for servers and tests).
+
+    ``floor_reset`` sets the device's anti-rollback floor (see the module docstring).
+    """
     entries = [[kid, *raw_of_key(key)] for kid, key in keys]
     body: dict[int, object] = {1: version, 2: entries}
     gone = list(revoked)
     if gone:
         body[3] = gone
+    if floor_reset is not None:
+        body[4] = floor_reset
     payload = cbor2.dumps(body)
     return mf.sign_payload(payload, root, root_kid)

@@ -26,9 +26,17 @@ from typing import Any
 from fota.core import commands as cmd
 from fota.core import events as ev
 from fota.core import policy as pol
-from fota.core.manifest import Manifest, TrustStore, accept, update_id_of
+from fota.core.manifest import Manifest, TrustStore, accept, envelope_id, update_id_of
 from fota.core.policy import Policy, must_ask, retry_delay
-from fota.core.record import Record, Report, bitmap_count, bitmap_get, bitmap_new, bitmap_set
+from fota.core.record import (
+    Record,
+    Report,
+    bitmap_count,
+    bitmap_get,
+    bitmap_new,
+    bitmap_set,
+    remember,
+)
 from fota.core.states import State
 from fota.core.text import show
 from fota.core.uri import allowed, resolve
@@ -119,7 +127,8 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     # A manifest we already know (two announcements raced its fetch): the pending update's
     # own (re-adopting it would supersede the update by itself and drop its fragments), one
-    # refused or rejected (rejected is for good), or the running image's. Nothing to do.
+    # refused or rejected (rejected is for good: a bounded list, never pushed out by
+    # refusals), or the running image's. Nothing to do.
     T("manifest_fetched", ADOPTING, None, ("is_known_manifest",)),
     T(
         "manifest_fetched",
@@ -458,6 +467,11 @@ TRANSITIONS: tuple[Transition, ...] = (
     T("restarted", ALL, None, after=("resume_work",)),
     # -- Reports ----------------------------------------------------------------------------
     T("report_delivered", ALL, None, after=("drop_report",)),
+    # -- Keys -------------------------------------------------------------------------------
+    # A root keyset was applied (fota.trust): refusals are judged again, and its floor reset,
+    # if any, becomes the anti-rollback floor. In any state: it changes no state.
+    T("keyset_applied", ALL, None, after=("note_keyset",)),
+    T("announcements_stale", ALL, None, after=("report_stale",)),
 )
 """The whole lifecycle. Pairs of (state, trigger) absent here are illegal."""
 
@@ -718,14 +732,10 @@ class Model:
         )
 
     def is_new_announcement(self, e: Any) -> bool:
-        """The announced manifest is not one we have, are doing, or refused."""
+        """The announced manifest is not one we have, are doing, refused, rejected or cancelled."""
         a: ev.AnnouncementReceived = e.kwargs["event"]
-        known = {
-            self.record.installed,
-            self.record.pending,
-            self.record.refused,
-            self.record.cancelled,
-        }
+        rec = self.record
+        known = {rec.installed, rec.pending, *rec.refused, *rec.rejected, *rec.cancelled}
         return (
             a.manifest_digest is not None
             and a.manifest_uri is not None
@@ -734,10 +744,13 @@ class Model:
 
     def _known(self) -> set[bytes]:
         rec = self.record
-        return {d for d in (rec.pending, rec.refused, rec.installed) if d is not None}
+        return {d for d in (rec.pending, rec.installed) if d is not None} | {
+            *rec.refused,
+            *rec.rejected,
+        }
 
     def is_known_manifest(self, e: Any) -> bool:
-        """The fetched manifest is the pending, a refused (or rejected) or the running one."""
+        """The fetched manifest is the pending, a refused, a rejected or the running one."""
         return bool(e.kwargs["event"].digest in self._known())
 
     def is_cancel(self, e: Any) -> bool:
@@ -890,18 +903,27 @@ class Model:
         self._candidate, self.refusal = None, None
         if fetched.digest in self._known():
             return  # is_known_manifest handles it: not refused (nor reported) again
+        floor = self.record.floor
         try:
             self._candidate = accept(
                 fetched.raw,
                 self.trust,
                 device_class=self.policy.device_class,
-                installed=self.installed,
+                # A floor a root keyset reset replaces the running image's sequence number.
+                installed=self.installed if floor is None else None,
                 # A manifest replacing a live update must be newer than it too; a failed one
                 # is simply replaced.
                 pending=self.pending if self.state in CANCELLABLE else None,
                 max_image_size=self.policy.max_image_size,
             )
-            if fetched.digest == self.record.cancelled:
+            if floor is not None and self._candidate.body.sequence <= floor:
+                raise ManifestError(
+                    "rollback",
+                    "sequence",
+                    f"{self._candidate.body.sequence} is not greater than {floor}"
+                    f" (the floor keyset {self.record.keyset_version} set)",
+                )
+            if fetched.digest in self.record.cancelled:
                 raise ManifestError("cancelled", "digest", "the server cancelled this manifest")
             image = resolve(fetched.uri, self._candidate.body.image_uri)
             if self.policy.origins and not allowed(image, self.policy.origins):
@@ -930,8 +952,11 @@ class Model:
         """Remember and report a refused manifest; it is not fetched again."""
         fetched: ev.ManifestFetched = e.kwargs["event"]
         assert self.refusal is not None
-        self.record = self.record.evolve(refused=fetched.digest)
-        self._report(self.refusal.result, str(self.refusal), refused=fetched.digest)
+        self.record = self.record.evolve(refused=remember(self.record.refused, fetched.digest))
+        # The report names the manifest's identity (what the server announced), whatever
+        # key the refusal is filed under (fetched_key).
+        named = envelope_id(fetched.raw) or fetched.digest
+        self._report(self.refusal.result, str(self.refusal), refused=named)
 
     def adopt_manifest(self, e: Any) -> None:
         """Make the fetched manifest the pending update, with a fresh download state.
@@ -1129,7 +1154,7 @@ class Model:
             cmd.NotifyComplete(uid, ResultCode.CANCELLED, detail),
         ]
         self._clear_pending()
-        self.record = self.record.evolve(cancelled=digest)
+        self.record = self.record.evolve(cancelled=remember(self.record.cancelled, digest))
         # The same announcement may name the manifest that replaces the cancelled one.
         if self.is_new_announcement(e):
             self.fetch_manifest(e)
@@ -1143,11 +1168,13 @@ class Model:
 
     def names_cancel(self, e: Any) -> bool:
         """The announcement withdraws a manifest that is not pending (yet)."""
-        return getattr(e.kwargs["event"], "cancel", None) not in (None, self.record.cancelled)
+        cancel = getattr(e.kwargs["event"], "cancel", None)
+        return cancel is not None and cancel not in self.record.cancelled
 
     def note_cancel(self, e: Any) -> None:
         """Remember a withdrawn manifest, in case its fetch is still under way."""
-        self.record = self.record.evolve(cancelled=e.kwargs["event"].cancel)
+        cancel = e.kwargs["event"].cancel
+        self.record = self.record.evolve(cancelled=remember(self.record.cancelled, cancel))
 
     def start_download(self, e: Any) -> None:
         """Start or resume the download task."""
@@ -1198,14 +1225,16 @@ class Model:
         self._end_deferral(e.kwargs["now"])
 
     def reject(self, e: Any) -> None:
-        """Drop the update for good; the same manifest is not fetched again."""
+        """Drop the update for good; the same manifest is never fetched (nor asked) again."""
         r: ev.Rejected = e.kwargs["event"]
         assert self.pending is not None
         uid = self.pending.update_id
         self._end_deferral(e.kwargs["now"])
         self._stop_everything()
         self._report(ResultCode.REJECTED, r.reason)
-        self.record = self.record.evolve(refused=self.pending.digest)
+        self.record = self.record.evolve(
+            rejected=remember(self.record.rejected, self.pending.digest)
+        )
         self._clear_pending()
         self.outbox += [
             cmd.DiscardCandidate(),
@@ -1336,7 +1365,8 @@ class Model:
         assert self.pending is not None
         uid = self.pending.update_id
         self.installed = self.pending
-        self.record = self.record.evolve(installed=self.pending.digest)
+        # Its sequence number is the floor now (it passed a floor a keyset set, if any).
+        self.record = self.record.evolve(installed=self.pending.digest, floor=None)
         self._report(ResultCode.SUCCESS)
         self._clear_pending()
         self.outbox += [
@@ -1494,6 +1524,32 @@ class Model:
     def _rebooted(self) -> bool:
         """The device restarted since the installer asked for it (or nobody can tell)."""
         return not self.record.boot_id or self.boot_id != self.record.boot_id
+
+    def report_stale(self, e: Any) -> None:
+        """No fresh announcement for the window: tell the server, if it can still hear us."""
+        stale = e.kwargs["event"]
+        self._report(ResultCode.INITIAL, f"stale: no fresh announcement for {stale.window:g} s")
+
+    def note_keyset(self, e: Any) -> None:
+        """A newer root keyset was applied: judge refused manifests again; take its floor.
+
+        New keys or a new floor can make a refused manifest acceptable, so the refusals are
+        forgotten (rejections and cancels are not: those were decisions, not checks). A floor
+        reset is how an operator recovers from a stolen key that signed a huge sequence
+        number: the reset replaces the running image's number as the anti-rollback floor
+        until the next update commits. It is reported. An older or the same keyset again
+        (the engine offers the stored one at every start) changes nothing.
+        """
+        k: ev.KeysetApplied = e.kwargs["event"]
+        if k.version <= self.record.keyset_version:
+            return
+        self.record = self.record.evolve(keyset_version=k.version, refused=())
+        if k.floor is not None:
+            self.record = self.record.evolve(floor=k.floor)
+            self._report(
+                ResultCode.INITIAL,
+                f"anti-rollback floor reset to {k.floor} by keyset {k.version}",
+            )
 
     def drop_report(self, e: Any) -> None:
         """The server has the report: remove it from the durable outbox."""

@@ -1,9 +1,19 @@
 """Signed manifests: COSE_Sign1 (RFC 9052) around a CBOR map with integer keys.
 
 The wire format and every limit are documented in ``docs/protocol.md``. Decoding is defensive:
-the raw bytes are size-checked before cbor2 sees them, and every failure becomes a
-:class:`~fota.errors.ManifestError` that names the field, never a cbor2 or cryptography
+the raw bytes are size-checked before they are decoded, and every failure becomes a
+:class:`~fota.errors.ManifestError` that names the field, never a decoder or cryptography
 traceback. No I/O here: keys come in as objects, bytes come in as bytes.
+
+Theory of operation (issue 16 §3): the format's own words decide, not Python's equality.
+cbor2 turns a bignum (tag 2) into an ``int``, ``true`` into a value equal to 1 and a float
+``1.0`` into a dict key that finds ``1``; each of those let a validly signed but lenient
+encoding through. So envelopes, headers and payloads are read by :func:`_strict_loads`, which
+keeps CBOR's major types apart: an ``int`` comes only from major types 0 and 1, and tags,
+floats and simple values come back as :class:`CborTag`, :class:`CborFloat` and
+:class:`CborSimple`, which equal no ``int``. A manifest has one identity,
+:func:`manifest_id` over what the signature covers, so re-encoding the envelope (another
+ECDSA signature, fresh or high-S; longer CBOR heads) never makes a new update.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -26,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from fota.core.text import show
-from fota.core.uri import check_uri_reference
+from fota.core.uri import check_uri_reference, dot_segment
 from fota.errors import ManifestError
 
 MAX_MANIFEST_BYTES = 327_680
@@ -44,7 +55,15 @@ COSE_SIGN1_TAG = 18
 ALG_EDDSA = -8
 ALG_ES256 = -7
 _HDR_ALG = 1
+_HDR_CRIT = 2
 _HDR_KID = 4
+_HEADER_LABELS = frozenset({_HDR_ALG, _HDR_CRIT, _HDR_KID})
+"""Protected-header labels this verifier understands (the CDDL's map names 1 and 4; ``crit``
+may list them, RFC 9052 §3.1)."""
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+"""n of P-256: an ES256 ``s`` above ``n // 2`` is the malleable twin of a low-S signature."""
+MAX_DEPTH = 16
+"""Deepest nesting of arrays, maps and tags decoded (a manifest needs 3)."""
 
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
@@ -140,7 +159,10 @@ class Manifest:
     Attributes:
         body: the signed content.
         raw: the signed bytes exactly as received (kept on disk and re-verified on load).
-        digest: SHA-256 of ``raw``.
+        digest: the manifest's identity, :func:`manifest_id`: SHA-256 over what the
+            signature covers, the same however the envelope is encoded. The update id,
+            the journal's record and every list of manifests (cancelled, refused,
+            rejected, known) use it.
         kid: the key id that signed it.
     """
 
@@ -168,6 +190,54 @@ class Manifest:
 def update_id_of(manifest_digest: bytes) -> str:
     """Return the update id for a manifest digest (first 16 hex digits)."""
     return manifest_digest.hex()[:16]
+
+
+def manifest_id(protected: bytes, payload: bytes) -> bytes:
+    """The identity of a signed manifest: SHA-256 of the CBOR array ``[protected, payload]``.
+
+    Both byte strings are exactly what the signature covers (the Sig_structure adds only
+    constants), and the array is encoded here, definite-length with the shortest heads,
+    so the signature (a high-S twin, a fresh ECDSA nonce) and the envelope's own encoding
+    change nothing.
+    """
+    return hashlib.sha256(cbor2.dumps([protected, payload])).digest()
+
+
+def envelope_id(raw: bytes) -> bytes | None:
+    """:func:`manifest_id` of a strictly encoded COSE_Sign1 envelope, or None.
+
+    The signature is not checked: this names what the bytes claim to be (the announced
+    digest, a report about a refused manifest); it vouches for nothing until
+    :func:`verify` checked the signature.
+    """
+    try:
+        protected, _, payload, _ = _split_cose(raw)
+    except ManifestError:
+        return None
+    return manifest_id(protected, payload)
+
+
+def fetched_key(raw: bytes, trust: TrustStore) -> bytes:
+    """The digest under which the core files fetched manifest bytes (known, refused, cancelled).
+
+    The identity (:func:`manifest_id`) of a strictly encoded envelope, unless its signature
+    is what fails (``bad_signature``: forged, corrupted, or the high-S twin): then the
+    SHA-256 of the bytes. The identity covers everything but the signature, so anyone can
+    pair a good manifest's identity with a bad signature; filing that refusal under the
+    identity would refuse the good manifest too. Every other refusal is a property of the
+    signed content (header or body) or of the key that signed it, and holds for every
+    envelope of that identity.
+    """
+    try:
+        protected, header, payload, signature = _split_cose(raw)
+    except ManifestError:
+        return hashlib.sha256(raw).digest()
+    try:
+        _verify_signature(protected, header, payload, signature, trust, revoked_ok=True)
+    except ManifestError as exc:
+        if exc.kind == "bad_signature":
+            return hashlib.sha256(raw).digest()
+    return manifest_id(protected, payload)
 
 
 class TrustStore:
@@ -265,6 +335,8 @@ def sign_payload(payload: bytes, key: PrivateKey, kid: bytes) -> bytes:
         signature = key.sign(to_sign)
     else:
         r, s = decode_dss_signature(key.sign(to_sign, ec.ECDSA(hashes.SHA256())))
+        if s > _P256_ORDER // 2:
+            s = _P256_ORDER - s  # the low-S form: verifiers (ours too) refuse the other
         signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
@@ -282,11 +354,162 @@ def loads_exact(raw: bytes) -> Any:
     return item
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class CborTag:
+    """A CBOR tag (major type 6) as decoded strictly: a bignum (tag 2 or 3) stays one."""
+
+    tag: int
+    value: Any
+
+    def __repr__(self) -> str:  # RFC 8949 diagnostic notation, for messages
+        return f"{self.tag}({self.value!r})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class CborSimple:
+    """A CBOR simple value other than false, true and null (``undefined`` is 23)."""
+
+    value: int
+
+    def __repr__(self) -> str:
+        return "undefined" if self.value == 23 else f"simple({self.value})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class CborFloat:
+    """A CBOR float: equal to no ``int``, so ``1.0`` never passes for the label 1."""
+
+    value: float
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class _CborError(ValueError):
+    pass
+
+
+_FLOATS = {25: (2, ">e"), 26: (4, ">f"), 27: (8, ">d")}
+
+
+class _StrictDecoder:
+    """One CBOR item, well-formed per RFC 8949, with major types kept apart.
+
+    Definite lengths only (no fota encoder writes others); a map key twice (by Python
+    equality, so ``true`` and ``1`` collide too) is refused; nesting is bounded by
+    :data:`MAX_DEPTH`; a length is checked against the bytes left before anything is
+    allocated. Never raises anything but :class:`_CborError` on hostile input.
+    """
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.pos = 0
+
+    def _take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.raw):
+            raise _CborError(f"truncated: {n} bytes needed at offset {self.pos}")
+        out = self.raw[self.pos : end]
+        self.pos = end
+        return out
+
+    def _head(self) -> tuple[int, int, int]:
+        initial = self._take(1)[0]
+        major, info = initial >> 5, initial & 0x1F
+        if info < 24:
+            return major, info, info
+        if info <= 27:
+            return major, info, int.from_bytes(self._take(1 << (info - 24)), "big")
+        if info == 31 and major in (2, 3, 4, 5):
+            raise _CborError(f"indefinite length (major type {major}) at offset {self.pos - 1}")
+        raise _CborError(f"reserved or misplaced additional info {info} at offset {self.pos - 1}")
+
+    def item(self, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise _CborError(f"nested deeper than {MAX_DEPTH}")
+        major, info, arg = self._head()
+        if major == 0:
+            return arg
+        if major == 1:
+            return -1 - arg
+        if major == 2:
+            return self._take(arg)
+        if major == 3:
+            try:
+                return self._take(arg).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _CborError(f"text is not UTF-8 ({exc.reason})") from None
+        if major == 4:
+            if arg > len(self.raw) - self.pos:
+                raise _CborError(f"array of {arg} items is longer than the bytes left")
+            return [self.item(depth + 1) for _ in range(arg)]
+        if major == 5:
+            if 2 * arg > len(self.raw) - self.pos:
+                raise _CborError(f"map of {arg} pairs is longer than the bytes left")
+            out: dict[Any, Any] = {}
+            for _ in range(arg):
+                key = self.item(depth + 1)
+                try:
+                    seen = key in out
+                except TypeError:
+                    raise _CborError(f"map key of type {type(key).__name__}") from None
+                if seen:
+                    raise _CborError(f"map key {show(key)} appears twice")
+                out[key] = self.item(depth + 1)
+            return out
+        if major == 6:
+            return CborTag(arg, self.item(depth + 1))
+        # major 7: simple values and floats
+        if info in _FLOATS:
+            size, fmt = _FLOATS[info]
+            return CborFloat(struct.unpack(fmt, arg.to_bytes(size, "big"))[0])
+        if info == 24 and arg < 32:
+            raise _CborError(f"simple value {arg} in two bytes (RFC 8949 §3.3)")
+        return {20: False, 21: True, 22: None}.get(arg, CborSimple(arg))
+
+
+def _strict_loads(raw: bytes) -> Any:
+    decoder = _StrictDecoder(raw)
+    item = decoder.item()
+    if decoder.pos != len(raw):
+        raise _CborError(f"{len(raw) - decoder.pos} bytes after the CBOR item")
+    return item
+
+
 def _loads(raw: bytes, what: str) -> Any:
+    """Decode exactly one CBOR item strictly (:class:`_StrictDecoder`), naming ``what``."""
     try:
-        return loads_exact(raw)
-    except Exception as exc:  # cbor2 raises several types on hostile input; all mean "malformed"
-        raise ManifestError("malformed", what, f"not valid CBOR ({show(str(exc), 80)})") from exc
+        return _strict_loads(raw)
+    except _CborError as exc:
+        raise ManifestError("malformed", what, f"not valid CBOR ({show(str(exc), 80)})") from None
+
+
+def _check_header(header: dict[Any, Any]) -> None:
+    """The protected header's labels are ints this verifier knows; ``crit`` names known ones."""
+    for label in header:
+        if type(label) is not int:
+            # true, 1.0, simple(1) or a bignum must not pass for a label by equality.
+            raise ManifestError("malformed", "protected", f"label {show(label)} is not an integer")
+    crit = header.get(_HDR_CRIT)
+    if _HDR_CRIT in header:
+        if not isinstance(crit, list) or not crit:
+            raise ManifestError("malformed", "crit", "expected a non-empty array of labels")
+        for label in crit:
+            if type(label) is not int or label not in header:
+                raise ManifestError(
+                    "malformed", "crit", f"label {show(label)} is not in the protected header"
+                )
+            if label not in _HEADER_LABELS or label == _HDR_CRIT:
+                # RFC 9052 §3.1: a critical parameter the recipient does not understand
+                # makes the message unprocessable.
+                raise ManifestError(
+                    "malformed", "crit", f"label {label} is critical and not understood"
+                )
+    unknown = sorted(set(header) - _HEADER_LABELS)
+    if unknown:
+        raise ManifestError(
+            "malformed", "protected", f"labels {unknown} are not in the CDDL (1: alg, 4: kid)"
+        )
 
 
 def _split_cose(raw: bytes) -> tuple[bytes, dict[Any, Any], bytes, bytes]:
@@ -296,17 +519,22 @@ def _split_cose(raw: bytes) -> tuple[bytes, dict[Any, Any], bytes, bytes]:
             "oversize", "bytes", f"{len(raw)} bytes exceeds the limit of {MAX_MANIFEST_BYTES}"
         )
     outer = _loads(raw, "cose_sign1")
-    if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
+    if not isinstance(outer, CborTag) or outer.tag != COSE_SIGN1_TAG:
         raise ManifestError("malformed", "cose_sign1", "expected CBOR tag 18 (COSE_Sign1)")
     parts = outer.value
-    # cbor2 decodes the content of a tag as immutable (tuple, frozendict).
-    if not isinstance(parts, list | tuple) or len(parts) != 4:
+    if not isinstance(parts, list) or len(parts) != 4:
         raise ManifestError("malformed", "cose_sign1", "expected an array of 4 elements")
     protected, unprotected, payload, signature = parts
     if not isinstance(protected, bytes):
         raise ManifestError("malformed", "protected", "expected a byte string")
-    if not isinstance(unprotected, Mapping):
+    if not isinstance(unprotected, dict):
         raise ManifestError("malformed", "unprotected", "expected a map")
+    if unprotected:
+        # The CDDL says {}: nothing unsigned may ride along, not even a copy of a protected
+        # label (which a lenient reader might prefer).
+        raise ManifestError(
+            "malformed", "unprotected", f"must be empty, has {len(unprotected)} entries"
+        )
     if not isinstance(payload, bytes):
         raise ManifestError(
             "malformed", "payload", "expected a byte string (detached payloads are refused)"
@@ -316,6 +544,7 @@ def _split_cose(raw: bytes) -> tuple[bytes, dict[Any, Any], bytes, bytes]:
     header = _loads(protected, "protected") if protected else {}
     if not isinstance(header, dict):
         raise ManifestError("malformed", "protected", "expected a map")
+    _check_header(header)
     return protected, header, payload, signature
 
 
@@ -327,6 +556,7 @@ def _verify_signature(
     trust: TrustStore,
     *,
     revoked_ok: bool = False,
+    high_s_ok: bool = False,
 ) -> bytes:
     alg = header.get(_HDR_ALG)
     kid = header.get(_HDR_KID)
@@ -351,9 +581,14 @@ def _verify_signature(
         else:
             if not isinstance(key, ec.EllipticCurvePublicKey) or len(signature) != 64:
                 raise InvalidSignature
-            der = encode_dss_signature(
-                int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-            )
+            r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            if s > _P256_ORDER // 2 and not high_s_ok:
+                # (r, n - s) verifies as well as (r, s): anyone could mint a second valid
+                # envelope. One form only, as Bitcoin's BIP 62 and libsecp256k1 require.
+                raise ManifestError(
+                    "bad_signature", "signature", "ES256 s is not in the low half (high-S form)"
+                )
+            der = encode_dss_signature(r, s)
             key.verify(der, to_verify, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise ManifestError(
@@ -367,15 +602,19 @@ def _field(body: dict[Any, Any], key: int, kind: type | tuple[type, ...]) -> Any
     if key not in body:
         raise ManifestError("malformed", name, "missing")
     value = body[key]
+    if kind is int and isinstance(value, CborTag) and value.tag in (2, 3):
+        # The CDDL says uint: a CBOR bignum is not one, whatever number it holds (the
+        # strict decoder keeps it a tag, where cbor2 made it an int).
+        raise ManifestError(
+            "malformed",
+            name,
+            f"expected int (a uint, CBOR major type 0), not a tag {value.tag} bignum",
+        )
     # bool is an int in Python; a bool where a number belongs is malformed and vice versa.
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ManifestError("malformed", name, f"expected {getattr(kind, '__name__', kind)}")
     if kind is int and isinstance(value, int) and value < 0:
         raise ManifestError("malformed", name, "must not be negative")
-    if kind is int and isinstance(value, int) and value >= 1 << 64:
-        # The CDDL says uint: a CBOR bignum (tag 2) is not one, and reports carry the
-        # sequence back to servers that decode it as a uint.
-        raise ManifestError("malformed", name, f"{show(value)} is past the uint limit 2**64 - 1")
     return value
 
 
@@ -449,6 +688,9 @@ def decode_body(payload: bytes, *, max_image_size: int) -> ManifestBody:
     problem = check_uri_reference(uri)
     if problem:
         raise ManifestError("malformed", "image_uri", problem)
+    problem = dot_segment(uri)
+    if problem:
+        raise ManifestError("invalid_uri", "image_uri", problem)
     max_deferral = _field(body, K_MAX_DEFERRAL, int)
     deadline = _field(body, K_DEADLINE, int) if K_DEADLINE in body else None
     if deadline is not None and deadline >= 1 << 40:
@@ -488,9 +730,19 @@ def verify(
         ManifestError: naming the field at fault.
     """
     protected, header, payload, signature = _split_cose(raw)
-    kid = _verify_signature(protected, header, payload, signature, trust, revoked_ok=revoked_ok)
+    kid = _verify_signature(
+        protected,
+        header,
+        payload,
+        signature,
+        trust,
+        revoked_ok=revoked_ok,
+        # fota signed ES256 in either form before it made low-S: a stored manifest (the
+        # running image's) keeps verifying; a new one never is taken in the high-S form.
+        high_s_ok=revoked_ok,
+    )
     body = decode_body(payload, max_image_size=max_image_size)
-    return Manifest(body=body, raw=raw, digest=hashlib.sha256(raw).digest(), kid=kid)
+    return Manifest(body=body, raw=raw, digest=manifest_id(protected, payload), kid=kid)
 
 
 def accept(
@@ -543,14 +795,16 @@ def _int_or(value: Any, default: int = 0) -> int:
 
 def inspect(raw: bytes) -> dict[str, Any]:
     """Decode a manifest without trusting it, for ``fota manifest inspect``."""
-    _, header, payload, _ = _split_cose(raw)
+    protected, header, payload, _ = _split_cose(raw)
     body = decode_body(payload, max_image_size=1 << 62)
     kid = header.get(_HDR_KID)
+    identity = manifest_id(protected, payload)
     return {
         "alg": {ALG_EDDSA: "EdDSA", ALG_ES256: "ES256"}.get(_int_or(header.get(_HDR_ALG)), "?"),
         "kid": kid.hex() if isinstance(kid, bytes) else None,
-        "digest": hashlib.sha256(raw).hexdigest(),
-        "update_id": update_id_of(hashlib.sha256(raw).digest()),
+        "digest": identity.hex(),
+        "envelope_sha256": hashlib.sha256(raw).hexdigest(),
+        "update_id": update_id_of(identity),
         "sequence": body.sequence,
         "component": body.component.name.lower(),
         "version": body.version,

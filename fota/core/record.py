@@ -18,12 +18,42 @@ from fota.core.states import State
 from fota.core.text import show
 from fota.errors import JournalError, ResultCode
 
-SCHEMA = 2
+SCHEMA = 3
 _V1_FIELDS = 16
 """Schema 1 (fota 0.1) had the first 16 fields."""
-_APPENDED: tuple[Any, ...] = (None, 0.0, None, "", [], None, None, [], "", None, False, "")
+_V2_FIELDS = 28
+"""Schema 2 had 16 to 28 fields (fields were appended), ``refused`` and ``cancelled`` one
+digest each."""
+_APPENDED: tuple[Any, ...] = (
+    None,
+    0.0,
+    None,
+    "",
+    [],
+    None,
+    [],
+    [],
+    "",
+    None,
+    False,
+    "",
+    [],
+    0,
+    None,
+)
 """Encoded defaults of the fields after the first 16, in order. Fields are only ever appended:
 a record written by an earlier version lacks some of these, and they take their defaults."""
+_REFUSED, _CANCELLED = 4, 22
+"""Positions of the fields that schema 3 turned from one digest into a list of them."""
+
+MAX_REMEMBERED = 32
+"""Most manifest identities kept in each of ``refused``, ``rejected`` and ``cancelled``; the
+oldest is dropped first. Bounded so the record stays small whatever a server announces."""
+
+
+def remember(entries: tuple[bytes, ...], digest: bytes) -> tuple[bytes, ...]:
+    """``entries`` with ``digest`` as the newest, at most :data:`MAX_REMEMBERED` (oldest out)."""
+    return (*(d for d in entries if d != digest), digest)[-MAX_REMEMBERED:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +138,14 @@ def _is_list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda value: isinstance(value, list) and all(check(item) for item in value)
 
 
+def _is_digests(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) <= MAX_REMEMBERED
+        and all(type(item) is bytes and 1 <= len(item) <= 64 for item in value)
+    )
+
+
 def _is_lock(value: Any) -> bool:
     return (
         isinstance(value, list) and len(value) == 2 and type(value[0]) is str and _is_time(value[1])
@@ -118,6 +156,7 @@ _STATES = frozenset(s.value for s in State)
 _RESULTS = frozenset(int(r) for r in ResultCode)
 _UINT = "an unsigned integer below 2**64"
 _TIME = "a finite number of seconds (float or int)"
+_DIGESTS = f"an array of at most {MAX_REMEMBERED} digests (1..64 bytes each)"
 
 _REPORT_FIELDS: tuple[_Check, ...] = (
     ("sequence", _is_uint, _UINT),
@@ -135,7 +174,7 @@ _RECORD_FIELDS: tuple[_Check, ...] = (
     ("pending", _optional(_is_of(bytes)), "bytes or null"),
     ("manifest_uri", _optional(_is_of(str)), "text or null"),
     ("installed", _optional(_is_of(bytes)), "bytes or null"),
-    ("refused", _optional(_is_of(bytes)), "bytes or null"),
+    ("refused", _is_digests, _DIGESTS),
     ("verified", _is_of(bytes), "bytes"),
     ("etag", _optional(_is_of(bytes)), "bytes or null"),
     ("defer_until", _optional(_is_time), f"null or {_TIME}"),
@@ -153,12 +192,15 @@ _RECORD_FIELDS: tuple[_Check, ...] = (
     ("forced", _is_of(str), "text"),
     ("locks", _is_list_of(_is_lock), "an array of [name, expires-at]"),
     ("provisioned_at", _optional(_is_time), f"null or {_TIME}"),
-    ("cancelled", _optional(_is_of(bytes)), "bytes or null"),
+    ("cancelled", _is_digests, _DIGESTS),
     ("held", _is_list_of(_is_of(str)), "an array of text"),
     ("boot_id", _is_of(str), "text"),
     ("commit_by", _optional(_is_time), f"null or {_TIME}"),
     ("tested", _is_of(bool), "true or false"),
     ("failure", _is_of(str), "text"),
+    ("rejected", _is_digests, _DIGESTS),
+    ("keyset_version", _is_uint, _UINT),
+    ("floor", _optional(_is_uint), f"null or {_UINT}"),
 )
 
 
@@ -180,7 +222,9 @@ class Record:
         manifest_uri: where the pending manifest came from; relative image URIs resolve
             against it.
         installed: digest of the running image's manifest; it decides politeness.
-        refused: digest of the last manifest refused, so an announcement of it is not refetched.
+        refused: identities of the manifests refused (a check failed), oldest first, at most
+            :data:`MAX_REMEMBERED`: an announcement of one is not fetched again. Cleared when a
+            keyset is applied (new keys or a new floor may make one acceptable).
         verified: fragment bitmap; a bit is set only after the fragment's bytes were fsynced and
             matched the signed digest.
         etag: the image ETag last seen (a hint only; fragment digests decide).
@@ -201,20 +245,29 @@ class Record:
         forced: the rule that forced the pending update past the application ("" if none).
         locks: inhibitor locks as ``(name, expires_at)``.
         provisioned_at: wall-clock time of the first start (the quiet period counts from it).
-        cancelled: digest of the last manifest the server cancelled (not fetched again).
+        cancelled: identities of the manifests the server cancelled (not fetched again),
+            oldest first, at most :data:`MAX_REMEMBERED`.
         held: what held the pending update when last reported (reported again on change).
         boot_id: the boot during which the installer asked for a restart ("" if none asked);
             a restart happened when the engine reports another.
         commit_by: wall-clock deadline for the self-test to pass; past it, roll back.
         tested: the self-test passed; the commit runs (again, after a crash).
         failure: why the update is being rolled back (for the final report).
+        rejected: identities of the updates the application rejected, oldest first, at most
+            :data:`MAX_REMEMBERED`: never asked about again. Kept apart from ``refused`` so
+            that a server announcing many bad manifests cannot push a rejection out (only
+            manifests that verify can be rejected).
+        keyset_version: version of the last keyset whose effects the record holds (a keyset
+            stored but not yet noted here is applied again at start).
+        floor: the anti-rollback floor a root keyset set (``floor-reset``); while not None it
+            replaces the running image's sequence number, until the next update commits.
     """
 
     state: State = State.IDLE
     pending: bytes | None = None
     manifest_uri: str | None = None
     installed: bytes | None = None
-    refused: bytes | None = None
+    refused: tuple[bytes, ...] = field(default=())
     verified: bytes = b""
     etag: bytes | None = None
     defer_until: float | None = None
@@ -232,12 +285,15 @@ class Record:
     forced: str = ""
     locks: tuple[tuple[str, float], ...] = field(default=())
     provisioned_at: float | None = None
-    cancelled: bytes | None = None
+    cancelled: tuple[bytes, ...] = field(default=())
     held: tuple[str, ...] = field(default=())
     boot_id: str = ""
     commit_by: float | None = None
     tested: bool = False
     failure: str = ""
+    rejected: tuple[bytes, ...] = field(default=())
+    keyset_version: int = 0
+    floor: int | None = None
 
     def to_bytes(self) -> bytes:
         """Encode as ``[schema, body, crc32(body)]`` so a bit flip is caught on load."""
@@ -247,7 +303,7 @@ class Record:
                 self.pending,
                 self.manifest_uri,
                 self.installed,
-                self.refused,
+                list(self.refused),
                 self.verified,
                 self.etag,
                 self.defer_until,
@@ -265,12 +321,15 @@ class Record:
                 self.forced,
                 [list(lock) for lock in self.locks],
                 self.provisioned_at,
-                self.cancelled,
+                list(self.cancelled),
                 list(self.held),
                 self.boot_id,
                 self.commit_by,
                 self.tested,
                 self.failure,
+                list(self.rejected),
+                self.keyset_version,
+                self.floor,
             ]
         )
         return cbor2.dumps([SCHEMA, body, zlib.crc32(body)])
@@ -282,7 +341,7 @@ class Record:
             schema, body, crc = cbor2.loads(data)
         except Exception as exc:  # hostile or truncated bytes: cbor2 raises several types
             raise JournalError(f"journal record: not a [schema, body, crc] array ({exc})") from exc
-        if type(schema) is not int or schema not in (1, SCHEMA):
+        if type(schema) is not int or schema not in (1, 2, SCHEMA):
             raise JournalError(
                 f"journal record: schema {show(schema)}, this version reads 1..{SCHEMA}"
             )
@@ -296,6 +355,8 @@ class Record:
             raise JournalError("journal record: body is not an array")
         if schema == 1:
             items = items[:_V1_FIELDS]
+        if schema < 3:
+            items = _from_v2(items)
         if _V1_FIELDS <= len(items) < _V1_FIELDS + len(_APPENDED):
             items = [*items, *_APPENDED[len(items) - _V1_FIELDS :]]
         if len(items) != len(_RECORD_FIELDS):
@@ -334,13 +395,16 @@ class Record:
                 commit_by,
                 tested,
                 failure,
+                rejected,
+                keyset_version,
+                floor,
             ) = items
             return cls(
                 State(state),
                 pending,
                 manifest_uri,
                 installed,
-                refused,
+                tuple(refused),
                 verified,
                 etag,
                 until,
@@ -358,12 +422,15 @@ class Record:
                 forced,
                 tuple((str(name), float(until)) for name, until in locks),
                 provisioned_at,
-                cancelled,
+                tuple(cancelled),
                 tuple(held),
                 boot_id,
                 commit_by,
                 tested,
                 failure,
+                tuple(rejected),
+                keyset_version,
+                floor,
             )
         except JournalError:
             raise
@@ -373,6 +440,30 @@ class Record:
     def evolve(self, **changes: Any) -> Record:
         """Return a copy with ``changes`` applied."""
         return replace(self, **changes)
+
+
+def _from_v2(items: list[Any]) -> list[Any]:
+    """A schema 1 or 2 body as schema 3: its single digests become lists.
+
+    The one ``refused`` digest of schema 2 may have been a rejection (both were kept there):
+    it becomes a rejection, never asked about again either way. A value of the wrong type is
+    left in place for the field checks to name.
+
+    Raises:
+        JournalError: the body has more or fewer fields than schema 2 had.
+    """
+    if not _V1_FIELDS <= len(items) <= _V2_FIELDS:
+        raise JournalError(
+            f"journal record: body has {len(items)} fields; schema 2 has {_V1_FIELDS}..{_V2_FIELDS}"
+        )
+    items = [*items, *_APPENDED[len(items) - _V1_FIELDS : _V2_FIELDS - _V1_FIELDS]]
+    refused, cancelled = items[_REFUSED], items[_CANCELLED]
+    if refused is None or type(refused) is bytes:
+        items[_REFUSED] = []
+        items.append([] if refused is None else [refused])
+    if cancelled is None or type(cancelled) is bytes:
+        items[_CANCELLED] = [] if cancelled is None else [cancelled]
+    return items
 
 
 def bitmap_new(count: int) -> bytes:

@@ -40,7 +40,10 @@ def build(name: str, table: Mapping[str, Any], context: Context) -> Installer:
         raise ConfigError(f"{name}.kind: {kind!r} is not one of {', '.join(KINDS)}")
     installer: Installer
     if kind == "file":
-        installer = FileInstaller(spec.path("target"))
+        installer = FileInstaller(
+            spec.path("target"),
+            allow_writable_target=spec.flag("allow_writable_target", False),
+        )
     elif kind == "ab":
         from fota.install.ab import ABInstaller
 
@@ -53,6 +56,7 @@ def build(name: str, table: Mapping[str, Any], context: Context) -> Installer:
             booted_command=spec.argv("booted_command", None),
             commit_command=spec.argv("commit_command", None),
             timeout=spec.number("timeout", context.timeout),
+            allow_writable_target=spec.flag("allow_writable_target", False),
         )
     elif kind == "command":
         from fota.install.command import CommandInstaller

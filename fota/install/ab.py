@@ -14,22 +14,34 @@ Two modes, chosen by configuration:
 Before writing a slot the installer saves its plan (which slot it comes from, which it writes)
 atomically in ``state_dir``: after a crash, install and rollback read the plan instead of asking
 which slot is inactive, which after the switch would be the old one.
+
+Root file operations (docs/installers.md, :mod:`fota.safefs`): a slot's directory (and the
+link's) is opened once from ``/`` and refused if a non-root user can write it or one above it
+(unless ``allow_writable_target``). A slot named by a root-owned symlink
+(``/dev/disk/by-partlabel/b``) is followed; a user's is not. A slot that is a regular file (or
+is missing) is written as a new file, ``O_EXCL | O_NOFOLLOW`` under an unpredictable name, and
+renamed over it; a block or character device is written in place, opened ``O_NOFOLLOW`` and
+checked with ``fstat``; anything else (a FIFO, a socket, a directory) is refused. The bytes
+come from the descriptor the signed digest was checked over, exactly ``image_size`` of them,
+and the slot is read back through a descriptor too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from fota import crashpoints, hooks
+from fota import crashpoints, hooks, safefs
 from fota.core.manifest import Manifest
-from fota.errors import ConfigError, InstallError
-from fota.fileops import FileOps, sha256_prefix
+from fota.errors import ConfigError, FotaError, InstallError
+from fota.fileops import FileOps
 from fota.install.base import DONE, RESTART, Outcome, Progress, load_state, save_state
 
 log = structlog.get_logger(__name__)
@@ -56,6 +68,8 @@ class ABInstaller:
         commit_command: optional argv run at commit (``{slot}``: the new slot), e.g. to clear
             a bootloader's "upgrade available" flag so it stops counting boot attempts.
         timeout: seconds each command may take.
+        allow_writable_target: write slots and the link even if a non-root user can write
+            their directories (a warning is logged; docs/installers.md says why not).
 
     Raises:
         ConfigError: not two slots, or neither (or both) of ``link`` and ``switch_command``.
@@ -71,6 +85,7 @@ class ABInstaller:
         booted_command: Sequence[str] | None = None,
         commit_command: Sequence[str] | None = None,
         timeout: float = 60.0,
+        allow_writable_target: bool = False,
     ) -> None:
         if len(slots) != 2:
             raise ConfigError(f"ab installer: slots: needs exactly 2 slots, got {len(slots)}")
@@ -84,6 +99,7 @@ class ABInstaller:
         self.booted_command = list(booted_command or [])
         self.commit_command = list(commit_command or [])
         self.timeout = timeout
+        self.allow_writable_target = allow_writable_target
         self.plan_path = Path(state_dir) / PLAN_NAME
         self._ops = FileOps()
 
@@ -150,14 +166,26 @@ class ABInstaller:
 
     def _flip(self, slot: str | None) -> None:
         assert self.link is not None
-        if slot is None:
-            self._ops.unlink(self.link)
-        else:
-            tmp = self.link.with_name(f".{self.link.name}.tmp")
-            self._ops.unlink(tmp)
-            os.symlink(self.slots[slot], tmp)
-            self._ops.replace(tmp, self.link)
-        self._ops.fsync_dir(self.link.parent)
+        dir_fd = safefs.open_trusted_dir(
+            self.link.parent, allow_writable=self.allow_writable_target, what="ab installer link"
+        )
+        try:
+            safefs.sweep_temps(dir_fd, self.link.name)
+            if slot is None:
+                safefs.unlink(dir_fd, self.link.name)
+            else:
+                # symlink() never follows what is at its name, and the name is new and
+                # unpredictable; the rename replaces the link itself, never what it names.
+                tmp = safefs.temp_name(self.link.name)
+                os.symlink(self.slots[slot], tmp, dir_fd=dir_fd)
+                try:
+                    os.replace(tmp, self.link.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except BaseException:
+                    safefs.unlink(dir_fd, tmp)
+                    raise
+            safefs.fsync_dir(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     async def _switch(self, slot: str | None) -> None:
         if self.link is not None:
@@ -168,20 +196,63 @@ class ABInstaller:
 
     # -- the contract ---------------------------------------------------------------------
 
+    def _open_slot(self, slot: Path) -> tuple[int, str]:
+        """The slot's directory (checked) and its name there, root-owned links followed."""
+        return safefs.open_parent(
+            slot,
+            what="ab installer slot",
+            allow_writable=self.allow_writable_target,
+            follow=True,
+        )
+
+    def _slot_digest(self, slot: Path, size: int) -> bytes | None:
+        dir_fd, name = self._open_slot(slot)
+        try:
+            return _digest_at(dir_fd, name, size)
+        finally:
+            os.close(dir_fd)
+
     def _write_slot(
-        self, candidate: Path, slot: Path, size: int, progress: Progress
+        self, image: safefs.VerifiedImage, slot: Path, progress: Progress
     ) -> bytes | None:
-        done = 0
-        with open(candidate, "rb") as fin, open(slot, "wb") as fout:
-            while chunk := fin.read(1 << 20):
-                fout.write(chunk)
-                done += len(chunk)
-                progress(min(99, done * 100 // max(1, size)))
-            fout.flush()
-            os.fsync(fout.fileno())
-        # Read back what the slot holds: a bad sector or a short write is caught here, before
-        # the bootloader is told to boot it.
-        return _prefix_digest(slot, size)
+        size = max(1, image.size)
+
+        def copied(done: int) -> None:
+            progress(min(99, done * 100 // size))
+
+        dir_fd, name = self._open_slot(slot)
+        try:
+            try:
+                st: os.stat_result | None = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is None or stat.S_ISREG(st.st_mode):
+                # A file slot: a new file renamed over it, so nothing planted at the name is
+                # written through. Its mode and owner stay; setuid/setgid only if root owns it.
+                safefs.sweep_temps(dir_fd, name)  # what a crash mid-write left
+                safefs.write_atomic(
+                    dir_fd,
+                    name,
+                    lambda fd: image.copy_to(fd, copied),
+                    safefs.safe_mode(st) if st is not None else 0o644,
+                    (st.st_uid, st.st_gid) if st is not None else None,
+                )
+            elif stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode):
+                fd = _open_device(dir_fd, name, os.O_WRONLY)
+                try:
+                    image.copy_to(fd, copied)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            else:
+                raise InstallError(
+                    f"ab installer: slot {slot} is a {safefs.file_type(st)}, not a file or device"
+                )
+            # Read back what the slot holds: a bad sector or a short write is caught here,
+            # before the bootloader is told to boot it.
+            return _digest_at(dir_fd, name, image.size)
+        finally:
+            os.close(dir_fd)
 
     async def install(self, candidate: Path, manifest: Manifest, progress: Progress) -> Outcome:
         """Write the inactive slot, check it, and switch to it."""
@@ -195,12 +266,20 @@ class ABInstaller:
             return DONE
         slot = self.slots[plan.target]
         size, want = manifest.body.image_size, manifest.body.image_sha256
+
+        def write() -> bytes | None:
+            # Run again after a crash past the write (the switch may have happened too): a
+            # slot that already holds the image is not written again while it may be in use.
+            written = self._slot_digest(slot, size)
+            if written == want:
+                return written
+            with safefs.open_verified(candidate, want, size, what="candidate") as image:
+                return self._write_slot(image, slot, progress)
+
         try:
-            # Run again after a crash past the write (the switch may have happened too): a slot
-            # that already holds the image is not written again while it may be in use.
-            written = await asyncio.to_thread(_prefix_digest, slot, size)
-            if written != want:
-                written = await asyncio.to_thread(self._write_slot, candidate, slot, size, progress)
+            written = await asyncio.to_thread(write)
+        except FotaError:
+            raise
         except OSError as exc:
             raise InstallError(f"ab installer: writing slot {plan.target} ({slot}): {exc}") from exc
         if written != want:
@@ -252,11 +331,45 @@ class ABInstaller:
         return DONE
 
 
-def _prefix_digest(path: Path, size: int) -> bytes | None:
-    """SHA-256 of the first ``size`` bytes of a slot; None if it is missing or shorter."""
+def _open_device(dir_fd: int, name: str, flags: int) -> int:
+    """Open a block or character device slot in place (``O_NOFOLLOW``, type checked on the fd)."""
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        if path.stat().st_size < size and path.is_file():
-            return None
-        return sha256_prefix(path, size)
+        st = os.fstat(fd)
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            raise InstallError(f"ab installer: slot {name} is a {safefs.file_type(st)} now")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _digest_at(dir_fd: int, name: str, size: int) -> bytes | None:
+    """SHA-256 of the first ``size`` bytes of a slot; None if it is missing or shorter.
+
+    Opened ``O_NOFOLLOW | O_NONBLOCK`` relative to the slot's directory: a FIFO or a link
+    planted at the name is never read through.
+    """
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
+    if stat.S_ISREG(st.st_mode):
+        fd = safefs.open_regular(dir_fd, name, what="ab installer slot")
+    elif stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode):
+        fd = _open_device(dir_fd, name, os.O_RDONLY)
+    else:
+        return None  # written over (file slots) or refused (anything else) by _write_slot
+    try:
+        hasher = hashlib.sha256()
+        pos = 0
+        while pos < size:
+            chunk = os.pread(fd, min(safefs.CHUNK, size - pos), pos)
+            if not chunk:
+                return None  # shorter than the image
+            hasher.update(chunk)
+            pos += len(chunk)
+        return hasher.digest()
+    finally:
+        os.close(fd)

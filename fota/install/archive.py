@@ -25,7 +25,7 @@ TOML (``fota-recipe.toml``), or a CBOR map with the same string keys (``fota-rec
 
     [[packages]]
     manager = "pip"                             # "apt" | "pip" | "npm"
-    names = ["wheels/app_dep-1.0-py3-none-any.whl", "other-dep"]
+    names = ["wheels/app_dep-1.0-py3-none-any.whl"]   # files of the bundle: .whl/.deb/.tgz
 
 In CDDL::
 
@@ -42,34 +42,51 @@ Every key and type is checked; an unknown key (at the top, in a file or a packag
 refused with its name. Limits: at most :data:`MAX_FILES` files, :data:`MAX_MEMBERS` bundle
 members, names of at most 255 bytes per component and 4096 bytes in all. Paths (members,
 sources, targets) must be relative, without ``..``; targets must not be named twice nor be a
-directory of another target. A package name that is a member of the bundle is passed as that
-extracted file's absolute path; a name starting with ``-`` is refused (it would be an option).
+directory of another target. A package name must be a regular file of the bundle with the
+manager's own suffix (:data:`SUFFIXES`: ``.whl``, ``.deb``, ``.tgz``), relative, without ``..``;
+it is passed as that extracted file's absolute path. Anything else (a project directory, whose
+``setup.py`` pip would run as root whatever ``--only-binary`` says; a registry name; ``file:``,
+``owner/repo``, ``github:o/r``, a URL; an absolute path) is refused, named. A recipe file's
+``mode`` with setuid or setgid bits is refused (:class:`SetuidRefused`) unless the installer
+table says ``allow_setuid = true``.
 
 The bundle is unpacked by hand, member by member: absolute names, ``..``, links (symbolic or
 hard, inside or outside the bundle), device files, FIFOs and anything else that is not a
-regular file or a directory are refused with the member's name.
+regular file or a directory are refused with the member's name. Only plain tar and gzip are
+read (told by the first bytes; bzip2, xz, zstd and lzma are refused, named), and unpacking is
+bounded while it streams, from each member's header before a byte of it is written
+(:class:`Limits`, :class:`UnpackLimitError`): ``max_unpacked_size`` bytes in all,
+``max_ratio`` times the bundle's own size (past :data:`RATIO_FLOOR`), and ``min_free_space``
+left free.
 
 Commands
 --------
 
 The recipe's hooks and package steps run through :func:`fota.hooks.run` (argument lists, stdin
-``/dev/null``, the "never prompt" environment, a session of their own killed as a group on
-timeout, output logged), and only when their program (``argv[0]``, compared as written) is in
-the installer's ``allowed_commands``. That is checked for every command of the recipe before
-anything changes. Package steps run offline and non-interactively::
+``/dev/null``, an explicit environment, a session of their own killed as a group on timeout,
+output logged). A hook runs only when an entry of ``allowed_commands`` is a prefix of its
+argument list, compared element by element as written, and no argument after that prefix
+starts with ``-`` (``["systemctl", "restart", "app"]`` allows exactly that command, never
+``systemctl restart --root=... app`` nor ``systemctl enable --now ...``). An entry that is a
+plain string, a program under root (the bundle could replace it), a relative path or a
+configured package manager's program is refused at start (:class:`~fota.errors.ConfigError`).
+A package step runs only when its manager is in ``allowed_managers``. Both are checked for the
+whole recipe before anything changes. Package steps run offline and non-interactively::
 
     pip:  [*pip, "install", "--no-input", "--no-index", "--find-links", BUNDLE,
-           "--only-binary=:all:", *names]
-    apt:  [*apt, "install", "-y", "-q", "--no-install-recommends", *names]
-    npm:  [*npm, "install", "--no-audit", "--no-fund", "--yes", "--ignore-scripts", *names]
+           "--only-binary=:all:", *paths]
+    apt:  [*apt, "install", "-y", "-q", "--no-install-recommends", "--no-download", *paths]
+    npm:  [*npm, "install", "--no-audit", "--no-fund", "--yes", "--ignore-scripts",
+           "--offline", *paths]
 
-each with cwd = root (npm installs into ``root/node_modules``) and ``FOTA_UPDATE_ID``,
-``FOTA_BUNDLE`` in its environment.
+each with cwd = root (npm installs into ``root/node_modules``) and, besides the table's
+``env``, ``FOTA_UPDATE_ID``, ``FOTA_BUNDLE`` (and for pip ``PIP_DISABLE_PIP_VERSION_CHECK``)
+in its environment.
 
-Hooks run with cwd = root and ``FOTA_STEP`` (before/after/rollback), ``FOTA_ROOT``,
-``FOTA_UPDATE_ID``, ``FOTA_VERSION`` and, for before and after, ``FOTA_BUNDLE`` (the unpacked
-bundle) in their environment. Each hook may take the recipe's ``timeout`` capped by the
-configured ``timeout``; package steps get the configured ``timeout``. Package steps cannot be
+Hooks run with cwd = root, the table's ``env`` and ``FOTA_STEP`` (before/after/rollback),
+``FOTA_ROOT``, ``FOTA_UPDATE_ID``, ``FOTA_VERSION`` and, for before and after, ``FOTA_BUNDLE``
+(the unpacked bundle) in their environment. Each hook may take the recipe's ``timeout`` capped
+by the configured ``timeout``; package steps get the configured ``timeout``. Package steps cannot be
 undone by the installer: a recipe that needs that does it in its ``rollback`` hook.
 
 Atomicity
@@ -79,12 +96,24 @@ The recipe's files are grouped into *units*: for a target directory that exists,
 that directory; for one that does not, its shortest missing ancestor below root (created as a
 whole); a unit inside another unit is merged into it (a file directly in root makes root
 itself the unit). For each unit D the installer builds a staged copy ``.D.fota-<update id>``
-beside it (same directory, so same filesystem): a copy of D's tree
-(``shutil.copytree(symlinks=True)``, owners kept when fota runs as root), the new files put in,
-every file and directory fsynced. Then D and its copy are exchanged with one
-``renameat2(RENAME_EXCHANGE)`` and the parent directory is fsynced: at every instant D is the
-complete old tree or the complete new one. The old tree stays at the side path until commit.
-A unit that did not exist is created by one ``rename`` of its staged copy.
+beside it (same directory, so same filesystem): a copy of D's tree, the new files put in,
+every file and directory fsynced. The copy (:class:`_Copy`) is made descriptor-relatively: the
+directory ``.D.fota-<update id>`` is created ``0700`` under a descriptor of D's parent, every
+entry of D is reached with ``openat``/``fstatat`` and ``O_NOFOLLOW``, owners and modes are set
+with ``fchown``/``fchmod`` on the copy's descriptors (the copy's top gets D's mode last, so no
+one but root can reach into it before it is complete); symlinks are copied as links, FIFOs are
+made anew (never opened), sockets skipped (logged), device files refused, sparse files copied
+sparsely, and the copies are bounded by ``max_copy_size`` and ``min_free_space``. The staged
+tree's identity is taken from that descriptor: a user who renames it and plants another
+directory at its name gets the install refused, never their directory swapped in.
+Every directory from ``/`` to each target's deepest existing directory must be root's and
+writable by no one else (:func:`fota.safefs.check_trusted_path`) unless the table says
+``allow_writable_target = true``; even then the copy follows the rules above.
+
+Then D and its copy are exchanged with one ``renameat2(RENAME_EXCHANGE)`` and the parent
+directory is fsynced: at every instant D is the complete old tree or the complete new one.
+The old tree stays at the side path until commit. A unit that did not exist is created by one
+``rename`` of its staged copy.
 
 Units must be real directories on the filesystem of their parent: a symlink on the way from
 root to a target directory, or a unit that is a mount point, is refused before anything changes.
@@ -146,11 +175,13 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import gzip
 import os
 import shutil
 import stat
 import tarfile
 import tomllib
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,9 +190,9 @@ from typing import Any
 import cbor2
 import structlog
 
-from fota import crashpoints, hooks
+from fota import crashpoints, hooks, safefs
 from fota.core.manifest import Manifest
-from fota.errors import InstallError
+from fota.errors import ConfigError, InstallError
 from fota.fileops import FileOps
 from fota.install.base import DONE, Outcome, Progress, load_state, save_state
 from fota.install.spec import Context, Spec
@@ -182,6 +213,8 @@ MAX_COMPONENT = 255
 MAX_PATH = 4096
 MAX_RECIPE_BYTES = 1 << 20
 MANAGERS = ("apt", "pip", "npm")
+SUFFIXES = {"pip": ".whl", "apt": ".deb", "npm": ".tgz"}
+"""The only files each package manager is given: its own package format, from the bundle."""
 
 WORK_NAME = "archive"
 TXN_NAME = "transaction.json"
@@ -193,6 +226,8 @@ _UNDOING = ("failed", "rolling_back")
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 # -- the recipe ---------------------------------------------------------------------------
@@ -349,6 +384,7 @@ def parse_recipe(data: object, where: str = "recipe") -> Recipe:
         if manager not in MANAGERS:
             raise _bad(f"{at}.manager: {manager!r} is not one of {', '.join(MANAGERS)}")
         names = _command(entry["names"], f"{at}.names")
+        suffix = SUFFIXES[manager]
         for j, name in enumerate(names):
             if name.startswith("-"):
                 raise _bad(f"{at}.names[{j}]: {name!r} looks like an option, not a package")
@@ -356,6 +392,15 @@ def parse_recipe(data: object, where: str = "recipe") -> Recipe:
                 # pip fetches "name @ https://..." despite --no-index; npm fetches URLs and
                 # scoped git specs: a package step installs only what the bundle brings.
                 raise _bad(f"{at}.names[{j}]: {name!r} names a download, not a package")
+            if not name.endswith(suffix) or name.endswith("/" + suffix):
+                # Anything else is a project directory (pip runs its setup.py whatever
+                # --only-binary says), a registry name, a git spec (owner/repo, github:o/r) or
+                # a path outside the bundle: none of them is what the bundle brings.
+                raise _bad(
+                    f"{at}.names[{j}]: {name!r} is not a {suffix} file of the bundle "
+                    f"({manager} installs only {suffix} files the bundle brings)"
+                )
+            relative_parts(name, f"{at}.names[{j}]")  # no absolute path, no ..
         count += len(names)
         if count > MAX_PACKAGE_NAMES:
             raise _bad(f"{where}.packages: more than {MAX_PACKAGE_NAMES} names")
@@ -396,19 +441,96 @@ def _refusal(member: tarfile.TarInfo) -> str | None:
     return f"an unsupported member type {member.type!r}"
 
 
-def _extract(candidate: Path, dest: Path) -> dict[str, int]:
-    """Unpack ``candidate`` into ``dest`` (which must not exist), refusing unsafe members."""
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What unpacking a bundle and staging a copy may cost (the installer table's keys).
+
+    Attributes:
+        max_unpacked_size: bytes the bundle's files may hold in all, unpacked.
+        max_ratio: unpacked bytes per byte of the bundle as downloaded (a gzip bomb's
+            ratio is about 1000); not applied below :data:`RATIO_FLOOR` bytes.
+        max_copy_size: bytes (allocated, so a sparse file counts what it holds) the staged
+            copies of the target directories may take in all.
+        min_free_space: bytes that must stay free on the file system written to, checked
+            before every file is unpacked or copied.
+    """
+
+    max_unpacked_size: int = 1 << 30
+    max_ratio: float = 100.0
+    max_copy_size: int = 4 << 30
+    min_free_space: int = 16 << 20
+
+
+RATIO_FLOOR = 16 << 20
+"""Bytes a bundle may always unpack to, whatever its ratio (a small text bundle compresses well)."""
+
+_MAGIC = (
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\x5d\x00\x00", "lzma"),
+)
+
+
+class UnpackLimitError(InstallError):
+    """Unpacking the bundle would pass a limit: named, with the member it was at.
+
+    Attributes:
+        limit: the installer table's key (``max_unpacked_size``, ``max_ratio``,
+            ``min_free_space``, ``max_copy_size``).
+    """
+
+    def __init__(self, message: str, limit: str) -> None:
+        self.limit = limit
+        super().__init__(f"archive installer: {message}")
+
+
+def _free(fd: int) -> int:
+    st = os.fstatvfs(fd)
+    return st.f_bavail * st.f_frsize
+
+
+def _extract(image: safefs.VerifiedImage, dest: Path, limits: Limits, where: str) -> dict[str, int]:
+    """Unpack the verified bundle into ``dest`` (which must not exist), refusing unsafe members.
+
+    Only plain tar and gzip are read (what the docs name); the compression is told by the
+    bundle's first bytes, never by tarfile's guess, which would also take bzip2 and xz. The
+    bytes are read from the descriptor their digest was checked over, never past the signed
+    size.
+    """
+    raw = image.reader()
+    head = raw.read(6)
+    raw.seek(0)
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            raise _bad(f"the bundle is {name}-compressed; only plain tar and gzip are accepted")
+    mode: Any = "r:gz" if head.startswith(b"\x1f\x8b") else "r:"
+    # The expanded size is bounded while streaming: each member's size is known from its
+    # header before a byte of it is written.
+    allowed = min(limits.max_unpacked_size, max(RATIO_FLOOR, limits.max_ratio * image.size))
     os.makedirs(dest, 0o755)
+    dest_fd = os.open(dest, _DIR_FLAGS)
     try:
-        with tarfile.open(candidate, "r:*") as tar:
-            return _extract_members(tar, dest)
-    except tarfile.TarError as exc:
+        with tarfile.open(fileobj=raw, mode=mode) as tar:
+            return _extract_members(tar, dest, dest_fd, limits, allowed, image.size, where)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise _bad(f"the image is not a readable tar archive: {exc}") from exc
+    finally:
+        os.close(dest_fd)
 
 
-def _extract_members(tar: tarfile.TarFile, dest: Path) -> dict[str, int]:
+def _extract_members(
+    tar: tarfile.TarFile,
+    dest: Path,
+    dest_fd: int,
+    limits: Limits,
+    allowed: float,
+    compressed: int,
+    where: str,
+) -> dict[str, int]:
     files: dict[str, int] = {}
     dirs: set[str] = set()
+    total = 0
     for count, member in enumerate(tar, 1):
         if count > MAX_MEMBERS:
             raise _bad(f"the bundle has more than {MAX_MEMBERS} members")
@@ -424,6 +546,27 @@ def _extract_members(tar: tarfile.TarFile, dest: Path) -> dict[str, int]:
         name = "/".join(parts)
         if name in files or (name in dirs and not member.isdir()):
             raise _bad(f"bundle member {member.name!r}: appears twice")
+        if member.isfile():
+            total += member.size
+            if total > limits.max_unpacked_size:
+                raise UnpackLimitError(
+                    f"bundle member {member.name!r}: the bundle unpacks to more than "
+                    f"{limits.max_unpacked_size} bytes ({where}.max_unpacked_size)",
+                    "max_unpacked_size",
+                )
+            if total > allowed:
+                raise UnpackLimitError(
+                    f"bundle member {member.name!r}: the bundle unpacks to more than "
+                    f"{limits.max_ratio:g} times its {compressed} bytes ({where}.max_ratio)",
+                    "max_ratio",
+                )
+            free = _free(dest_fd)
+            if free - member.size < limits.min_free_space:
+                raise UnpackLimitError(
+                    f"bundle member {member.name!r}: {member.size} bytes would leave less than "
+                    f"{limits.min_free_space} bytes free ({free} free; {where}.min_free_space)",
+                    "min_free_space",
+                )
         for k in range(1, len(parts)):
             sub = "/".join(parts[:k])
             if sub in files:
@@ -439,7 +582,7 @@ def _extract_members(tar: tarfile.TarFile, dest: Path) -> dict[str, int]:
             continue
         src = tar.extractfile(member)
         assert src is not None  # a regular file
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, _CREATE_FLAGS, 0o644)
         with src, open(fd, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
         files[name] = member.mode & 0o777
@@ -464,6 +607,11 @@ def _read_recipe(dest: Path, files: Mapping[str, int]) -> Recipe:
     for i, f in enumerate(recipe.files):
         if f.source not in files:
             raise _bad(f"{found[0]}.files[{i}].source: {f.source!r} is not a file in the bundle")
+    for i, pkg in enumerate(recipe.packages):
+        for j, name in enumerate(pkg.names):
+            at = f"{found[0]}.packages[{i}].names[{j}]"
+            if "/".join(relative_parts(name, at)) not in files:
+                raise _bad(f"{at}: {name!r} is not a file in the bundle")
     return recipe
 
 
@@ -537,80 +685,213 @@ def exchange(a: Path, b: Path) -> None:
         raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
-def _fsync_tree(top: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(top, topdown=False):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+MAX_DEPTH = 256
+"""Directory levels a staged copy may have."""
+MAX_COPY_ENTRIES = 200_000
+"""Entries (files, directories, links) the staged copies of one install may have in all."""
 
 
-def _keep_owners(src: Path, dst: Path) -> None:
-    """As root, give the copy the owners (and so the exact modes, xattrs) of the original."""
-    for dirpath, dirnames, filenames in os.walk(src):
-        for name in (None, *dirnames, *filenames):
-            s = os.path.join(dirpath, name) if name else dirpath
-            d = os.path.join(dst, os.path.relpath(s, src))
-            st = os.lstat(s)
-            os.lchown(d, st.st_uid, st.st_gid)
-            if stat.S_ISLNK(st.st_mode):
-                continue
-            os.chmod(d, stat.S_IMODE(st.st_mode))  # chown clears set-id bits
+class _Copy:
+    """Copies a directory tree descriptor-relatively, bounded; see :meth:`tree`.
+
+    Every entry is reached with ``openat``/``fstatat`` relative to a directory descriptor
+    opened with ``O_NOFOLLOW``; owner and mode are set with ``fchown``/``fchmod`` on the
+    descriptor of the copy, whose ``fstat`` is what was copied. The copy's directories are
+    created ``0700`` and get their own mode only once their entries are in, and the top one
+    last of all: until the copy is finished, no one but root can reach into it.
+    """
+
+    def __init__(self, limits: Limits, where: str) -> None:
+        self.limits = limits
+        self.where = where
+        self.used = 0
+        self.entries = 0
+        self.as_root = os.geteuid() == 0
+
+    def _limit(self, message: str, key: str) -> UnpackLimitError:
+        return UnpackLimitError(f"{message} ({self.where}.{key})", key)
+
+    def finish(self, src_fd: int, dst_fd: int, st: os.stat_result) -> None:
+        """Give the copy ``dst_fd`` the owner, mode and extended attributes of ``src_fd``."""
+        if self.as_root:
+            os.fchown(dst_fd, st.st_uid, st.st_gid)
+        # After fchown, which clears set-id bits. The owner is the original's, so a user's
+        # own setuid bit stays theirs: nothing here makes a file setuid-root that was not.
+        os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+        if self.as_root:
             with contextlib.suppress(OSError):  # chown clears file capabilities too
-                for attr in os.listxattr(s, follow_symlinks=False):
-                    value = os.getxattr(s, attr, follow_symlinks=False)
-                    os.setxattr(d, attr, value, follow_symlinks=False)
+                for attr in os.listxattr(src_fd):
+                    os.setxattr(dst_fd, attr, os.getxattr(src_fd, attr))
+
+    def tree(self, src_fd: int, dst_fd: int, shown: str, dev: int, depth: int = 0) -> None:
+        """Copy the entries of the directory ``src_fd`` into the empty directory ``dst_fd``.
+
+        Symlinks are copied as links, never followed; a FIFO is created anew (never opened, so
+        it cannot block); a socket is skipped (it cannot be copied: its server makes it again);
+        a device file is refused. Regular files are copied sparsely.
+
+        Raises:
+            InstallError: a device file, a mount point, an entry that changed type while it
+                was copied, or a limit (:class:`UnpackLimitError`), each named.
+        """
+        if depth > MAX_DEPTH:
+            raise _bad(f"{shown}: more than {MAX_DEPTH} directory levels")
+        with os.scandir(src_fd) as it:
+            names = []
+            for entry in it:
+                self.entries += 1
+                if self.entries > MAX_COPY_ENTRIES:
+                    raise _bad(f"{shown}: more than {MAX_COPY_ENTRIES} entries to copy")
+                names.append(entry.name)
+        for name in names:
+            here = f"{shown}/{name}"
+            try:
+                st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed meanwhile: it is not in the copy either
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                self._dir(src_fd, dst_fd, name, here, dev, depth)
+            elif stat.S_ISREG(mode):
+                self._file(src_fd, dst_fd, name, here)
+            elif stat.S_ISLNK(mode):
+                os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
+                if self.as_root:  # on the link itself, in a directory only root can reach
+                    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+            elif stat.S_ISFIFO(mode):
+                os.mkfifo(name, 0o600, dir_fd=dst_fd)
+                if self.as_root:
+                    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+                # By name, in a directory only root can reach: nothing can be planted there.
+                os.chmod(name, stat.S_IMODE(mode), dir_fd=dst_fd)
+                log.info("archive_copy_fifo_made_anew", path=here)
+            elif stat.S_ISSOCK(mode):
+                log.warning("archive_copy_socket_skipped", path=here)
+            else:
+                raise _bad(f"{here}: a {safefs.file_type(st)} in a target directory is not copied")
+
+    def _dir(self, src_fd: int, dst_fd: int, name: str, here: str, dev: int, depth: int) -> None:
+        try:
+            sub = os.open(name, _DIR_FLAGS, dir_fd=src_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise _bad(
+                    f"{here}: changed while it was copied (not a directory any more)"
+                ) from exc
+            raise
+        try:
+            st = os.fstat(sub)
+            if st.st_dev != dev:
+                raise _bad(f"{here} is a mount point inside a target directory")
+            os.mkdir(name, 0o700, dir_fd=dst_fd)
+            copy = os.open(name, _DIR_FLAGS, dir_fd=dst_fd)
+            try:
+                self.tree(sub, copy, here, dev, depth + 1)
+                self.finish(sub, copy, st)
+                os.fsync(copy)
+            finally:
+                os.close(copy)
+        finally:
+            os.close(sub)
+
+    def _file(self, src_fd: int, dst_fd: int, name: str, here: str) -> None:
+        src = safefs.open_regular(src_fd, name, what="staging copy")  # O_NOFOLLOW|O_NONBLOCK
+        try:
+            st = os.fstat(src)
+            cost = min(st.st_size, st.st_blocks * 512)  # what it holds: holes cost nothing
+            left = self.limits.max_copy_size - self.used
+            if cost > left:
+                raise self._limit(
+                    f"{here}: copying the target directories takes more than "
+                    f"{self.limits.max_copy_size} bytes",
+                    "max_copy_size",
+                )
+            free = _free(dst_fd)
+            if free - cost < self.limits.min_free_space:
+                raise self._limit(
+                    f"{here}: copying {cost} bytes would leave less than "
+                    f"{self.limits.min_free_space} bytes free ({free} free)",
+                    "min_free_space",
+                )
+            out = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=dst_fd)
+            try:
+                # At most what is left of the budget: a file that grows meanwhile cannot
+                # keep root copying; holes are skipped, so a sparse file stays sparse.
+                safefs.copy_fd(src, out, max(st.st_size, left), what=here)
+                self.used += os.fstat(out).st_blocks * 512
+                if self.used > self.limits.max_copy_size:
+                    raise self._limit(
+                        f"{here}: copying the target directories takes more than "
+                        f"{self.limits.max_copy_size} bytes",
+                        "max_copy_size",
+                    )
+                self.finish(src, out, st)
+                os.fsync(out)
+            finally:
+                os.close(out)
+        finally:
+            os.close(src)
 
 
-def _check_no_mounts(top: Path) -> None:
-    dev = os.lstat(top).st_dev
-    for dirpath, dirnames, _filenames in os.walk(top):
-        for name in dirnames:
-            path = os.path.join(dirpath, name)
-            if os.lstat(path).st_dev != dev:
-                raise _bad(f"{path} is a mount point inside a target directory")
+def _open_or_make_dir(dir_fd: int, name: str, shown: str) -> int:
+    """Open the directory ``name`` in ``dir_fd`` (made ``0755`` if missing), never a symlink."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _bad(f"{shown}: {name!r} is a symbolic link") from exc
+        if exc.errno == errno.ENOTDIR:
+            raise _bad(f"{shown}: {name!r} is not a directory") from exc
+        raise
+    os.mkdir(name, 0o700, dir_fd=dir_fd)
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    os.fchmod(fd, 0o755)  # whatever fota's umask: new directories are 0755
+    return fd
 
 
-def _place(src: Path, dst: Path, mode: int) -> None:
-    """Write ``src`` as the new file ``dst`` (no symlink followed), fsynced."""
+def _place(bundle_file: Path, dir_fd: int, name: str, mode: int, shown: str) -> None:
+    """Write the bundle's file as the new file ``name`` in ``dir_fd``, fsynced.
+
+    A file it replaces keeps its owner; whatever is at the name (a file, a symlink) is
+    unlinked, never followed, and the new file is created ``O_EXCL | O_NOFOLLOW``.
+    """
     owner: tuple[int, int] | None = None
     with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(dst)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
-            raise _bad(f"{dst} is a directory; a file of the recipe cannot replace it")
-        owner = (st.st_uid, st.st_gid)
-        os.unlink(dst)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with open(fd, "wb") as out, open(src, "rb") as fin:
-        shutil.copyfileobj(fin, out, 1 << 20)
-        out.flush()
-        if owner is not None and os.geteuid() == 0:
-            os.fchown(out.fileno(), *owner)  # a replaced file keeps its owner
-        os.fchmod(out.fileno(), mode)
-        os.fsync(out.fileno())
-
-
-def _member_path(bundle: _Bundle, name: str) -> str | None:
-    """The extracted file's absolute path if ``name`` is a file of the bundle."""
+            raise _bad(f"{shown} is a directory; a file of the recipe cannot replace it")
+        if stat.S_ISREG(st.st_mode):
+            owner = (st.st_uid, st.st_gid)
+        os.unlink(name, dir_fd=dir_fd)
+    src = os.open(bundle_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        key = "/".join(relative_parts(name, "package name"))
-    except InstallError:
-        return None
-    return str(bundle.dir / key) if key in bundle.files else None
+        out = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+        try:
+            safefs.copy_fd(src, out, os.fstat(src).st_size, what=shown)
+            if owner is not None and os.geteuid() == 0:
+                os.fchown(out, *owner)  # a replaced file keeps its owner
+            os.fchmod(out, mode)  # after fchown, which clears set-id bits
+            os.fsync(out)
+        finally:
+            os.close(out)
+    finally:
+        os.close(src)
 
 
-def _mkdir(path: Path) -> None:
-    os.mkdir(path)
-    os.chmod(path, 0o755)  # whatever fota's umask: new directories are 0755
+def _package_path(bundle: _Bundle, name: str, where: str) -> str:
+    """The absolute path of the bundle's file ``name``, which must stay inside the bundle."""
+    key = "/".join(relative_parts(name, where))
+    path = os.path.realpath(bundle.dir.joinpath(*key.split("/")))
+    top = os.path.realpath(bundle.dir)
+    if (
+        key not in bundle.files
+        or os.path.commonpath([path, top]) != top
+        or not stat.S_ISREG(os.lstat(path).st_mode)
+    ):
+        raise _bad(f"{where}: {name!r} is not a file in the bundle")
+    return path
 
 
 def _remove_tree(path: str | Path) -> None:
@@ -623,19 +904,91 @@ def _remove_tree(path: str | Path) -> None:
 # -- the installer ------------------------------------------------------------------------
 
 
+class SetuidRefused(InstallError):
+    """A recipe asks for a setuid or setgid file, and the installer table does not allow it.
+
+    Attributes:
+        target: the file (relative to root).
+        mode: the mode the recipe asks for.
+    """
+
+    def __init__(self, where: str, target: str, mode: int, setting: str) -> None:
+        self.target = target
+        self.mode = mode
+        super().__init__(
+            f"archive installer: {where}: {target!r} with mode {mode:#o} would be setuid or "
+            f"setgid; refused unless {setting}.allow_setuid = true"
+        )
+
+
+def _allow_list(
+    entries: object, where: str, root: Path, managers: Mapping[str, Sequence[str]]
+) -> frozenset[tuple[str, ...]]:
+    """Check ``allowed_commands``: argument-list prefixes, none that the bundle can replace.
+
+    Raises:
+        ConfigError: naming the entry at fault and what to write instead.
+    """
+    if isinstance(entries, str | bytes) or not isinstance(entries, Sequence):
+        raise ConfigError(f"{where}.allowed_commands: expected a list of argument lists")
+    programs = {argv[0] for argv in managers.values() if argv}
+    tops = {os.path.normpath(root), os.path.realpath(root)}
+    out: set[tuple[str, ...]] = set()
+    for i, entry in enumerate(entries):
+        at = f"{where}.allowed_commands[{i}]"
+        if isinstance(entry, str):
+            raise ConfigError(
+                f"{at}: {entry!r} is a program name; an entry is now the argument list a "
+                f'command must start with, such as [{entry!r}, "restart", "app"] '
+                "(a program name alone let a recipe run it with any arguments)"
+            )
+        if (
+            not isinstance(entry, Sequence)
+            or not entry
+            or not all(isinstance(a, str) and a and "\0" not in a for a in entry)
+        ):
+            raise ConfigError(f"{at}: expected a non-empty list of strings, got {entry!r}")
+        program = entry[0]
+        if "/" in program and not program.startswith("/"):
+            raise ConfigError(f"{at}: {program!r} is relative to root, which the bundle changes")
+        if program.startswith("/") and any(
+            p.startswith(t + os.sep) for t in tops for p in (os.path.normpath(program),)
+        ):
+            raise ConfigError(
+                f"{at}: {program!r} is under root {root}, where the bundle can replace it"
+            )
+        if program in programs:
+            raise ConfigError(
+                f"{at}: {program!r} is a package manager; allow package steps with "
+                f"{where}.allowed_managers, not as a hook (a hook could install anything)"
+            )
+        out.add(tuple(entry))
+    return frozenset(out)
+
+
 class ArchiveInstaller:
     """Install a tar bundle by its recipe: files swapped in per directory, hooks, packages.
 
     Args:
         root: the directory recipe targets are relative to (must exist).
         state_dir: fota's state directory (the installer works in ``state_dir/archive``).
-        allowed_commands: programs (``argv[0]`` as written: a name or an absolute path) the
-            recipe's hooks and the package managers it uses may run.
+        allowed_commands: argument-list prefixes a recipe hook must start with (each a list,
+            its program a name or an absolute path outside root); the hook's arguments after
+            the prefix may not start with ``-``.
+        allowed_managers: the package managers (``apt``, ``pip``, ``npm``) recipes may use.
         pip, apt, npm: the package managers' argument lists.
         timeout: seconds a command may take (a recipe's ``timeout`` is capped by it).
         where: the settings table's name, for messages (``installers.app``).
         use_exchange: swap with ``renameat2(RENAME_EXCHANGE)``; False forces the three-rename
             fallback (for tests and for filesystems known not to support it).
+        env: variables added to the environment of hooks and package steps.
+        allow_setuid: let a recipe give a file setuid or setgid bits.
+        allow_writable_target: install even when a non-root user can write a directory on
+            the way to a target (warned, not refused).
+        limits: unpacking and staging bounds.
+
+    Raises:
+        ConfigError: a bad ``allowed_commands`` entry, an unknown manager.
     """
 
     def __init__(
@@ -643,20 +996,35 @@ class ArchiveInstaller:
         root: Path,
         state_dir: Path,
         *,
-        allowed_commands: Sequence[str] = (),
+        allowed_commands: Sequence[Sequence[str]] = (),
+        allowed_managers: Sequence[str] = (),
         pip: Sequence[str] = ("pip",),
         apt: Sequence[str] = ("apt-get",),
         npm: Sequence[str] = ("npm",),
         timeout: float = 30.0,
         where: str = "installers.archive",
         use_exchange: bool = True,
+        env: Mapping[str, str] | None = None,
+        allow_setuid: bool = False,
+        allow_writable_target: bool = False,
+        limits: Limits = Limits(),  # frozen: sharing the default is safe
     ) -> None:
         self.root = Path(root)
-        self.allowed = frozenset(allowed_commands)
         self.managers = {"pip": list(pip), "apt": list(apt), "npm": list(npm)}
+        self.allowed = _allow_list(allowed_commands, where, self.root, self.managers)
+        for manager in allowed_managers:
+            if manager not in MANAGERS:
+                raise ConfigError(
+                    f"{where}.allowed_managers: {manager!r} is not one of {', '.join(MANAGERS)}"
+                )
+        self.allowed_managers = frozenset(allowed_managers)
         self.timeout = timeout
         self.where = where
         self.use_exchange = use_exchange
+        self.env = dict(env or {})
+        self.allow_setuid = allow_setuid
+        self.allow_writable_target = allow_writable_target
+        self.limits = limits
         self.work = Path(state_dir) / WORK_NAME
         self.txn_path = self.work / TXN_NAME
         self.bundle_dir = self.work / BUNDLE_NAME
@@ -682,10 +1050,16 @@ class ArchiveInstaller:
     # -- checks -------------------------------------------------------------------------
 
     def _check_allowed(self, argv: Sequence[str], what: str) -> None:
-        if argv[0] not in self.allowed:
-            raise _bad(
-                f"{what}: command {argv[0]!r} is not allowed by {self.where}.allowed_commands"
-            )
+        for entry in self.allowed:
+            n = len(entry)
+            # The whole prefix, then no options: "systemctl restart app" must not become
+            # "systemctl restart --root=/opt/app app", nor apt-get "-o ...Pre-Invoke=...".
+            if tuple(argv[:n]) == entry and not any(a.startswith("-") for a in argv[n:]):
+                return
+        raise _bad(
+            f"{what}: command {list(argv)!r} is not allowed by {self.where}.allowed_commands "
+            "(no entry is a prefix of it, or an argument after the prefix is an option)"
+        )
 
     def _check_recipe(self, recipe: Recipe) -> None:
         for name in ("before", "after", "rollback"):
@@ -693,13 +1067,30 @@ class ArchiveInstaller:
             if argv is not None:
                 self._check_allowed(argv, f"recipe {name}")
         for i, pkg in enumerate(recipe.packages):
-            self._check_allowed(self.managers[pkg.manager], f"recipe packages[{i}] ({pkg.manager})")
+            if pkg.manager not in self.allowed_managers:
+                raise _bad(
+                    f"recipe packages[{i}]: the package manager {pkg.manager!r} is not allowed "
+                    f"by {self.where}.allowed_managers"
+                )
+        for i, f in enumerate(recipe.files):
+            if f.mode is not None and f.mode & (stat.S_ISUID | stat.S_ISGID):
+                if not self.allow_setuid:
+                    raise SetuidRefused(
+                        f"recipe files[{i}].mode", "/".join(f.target), f.mode, self.where
+                    )
+                log.warning("archive_setuid_allowed", target="/".join(f.target), mode=f.mode)
 
-    def _unpack(self, candidate: Path) -> _Bundle:
+    def _unpack(self, candidate: Path, manifest: Manifest) -> _Bundle:
         self.work.mkdir(parents=True, exist_ok=True)
         _remove_tree(self.bundle_dir)  # unpacked afresh on every run: nothing half-written
+        body = manifest.body
         try:
-            files = _extract(candidate, self.bundle_dir)
+            # Hashed over the descriptor that is then read: the bytes unpacked are the signed
+            # ones, whatever is swapped in at the candidate's name or appended to it.
+            with safefs.open_verified(
+                candidate, body.image_sha256, body.image_size, what="bundle"
+            ) as image:
+                files = _extract(image, self.bundle_dir, self.limits, self.where)
             recipe = _read_recipe(self.bundle_dir, files)
         except OSError as exc:
             raise _bad(f"unpacking the bundle: {exc}") from exc
@@ -712,6 +1103,7 @@ class ArchiveInstaller:
         if not root.is_dir():
             raise _bad(f"root {self.root} is not a directory")
         chosen: set[tuple[str, ...]] = set()
+        checked: set[Path] = set()
         for f in recipe.files:
             where = f.target[:-1]
             unit = where
@@ -725,6 +1117,16 @@ class ArchiveInstaller:
                 if not path.is_dir():
                     raise _bad(f"target directory {path} exists and is not a directory")
             chosen.add(unit)
+            # Every directory from / to the deepest one that exists on the way to the target:
+            # a user who can write one of them can redirect what root writes below it.
+            deepest = root.joinpath(*where)
+            while not os.path.lexists(deepest):
+                deepest = deepest.parent
+            if deepest not in checked:
+                checked.add(deepest)
+                safefs.check_trusted_path(
+                    deepest, allow_writable=self.allow_writable_target, what=self.where
+                )
         units: list[_Unit] = []
         for unit in sorted(chosen, key=lambda u: (len(u), u)):
             if any(unit[: len(other)] == other for other in chosen if len(other) < len(unit)):
@@ -759,42 +1161,79 @@ class ArchiveInstaller:
     def _stage(self, txn: _Txn, bundle: _Bundle) -> None:
         root = Path(txn.root)
         placed = 0
+        copy = _Copy(self.limits, self.where)
         for unit in txn.units:
             path, side = Path(unit.path), Path(unit.side)
             _remove_tree(side)  # an earlier run's unfinished copy
-            if unit.absent:
-                if os.path.lexists(path):
-                    raise _bad(f"{path} appeared while the update was staged")
-                _mkdir(side)
-            else:
-                if _ident(path) != unit.old:
-                    raise _bad(f"{path} changed while the update was staged")
-                _check_no_mounts(path)
-                shutil.copytree(path, side, symlinks=True)
-                if os.geteuid() == 0:
-                    _keep_owners(path, side)
-            prefix = Path(unit.path).relative_to(root).parts
-            for f in bundle.recipe.files:
-                if f.target[: len(prefix)] != prefix:
-                    continue
-                placed += 1
-                rel = f.target[len(prefix) :]
-                here = side
-                for part in rel[:-1]:
-                    here = here / part
-                    if os.path.islink(here):
-                        raise _bad(f"target {'/'.join(f.target)!r}: {part!r} is a symbolic link")
-                    if not os.path.lexists(here):
-                        _mkdir(here)
-                    elif not here.is_dir():
-                        raise _bad(f"target {'/'.join(f.target)!r}: {part!r} is not a directory")
-                mode = f.mode if f.mode is not None else bundle.files[f.source]
-                _place(bundle.dir / f.source, here / rel[-1], mode)
-            _fsync_tree(side)
-            self._ops.fsync_dir(side.parent)
-            unit.new = _ident(side)
+            parent = safefs.open_dir(path.parent)
+            try:
+                placed += self._stage_unit(unit, parent, root, bundle, copy)
+            finally:
+                os.close(parent)
         if placed != len(bundle.recipe.files):
             raise _bad("the recipe's targets do not match the planned directories")
+
+    def _stage_unit(
+        self, unit: _Unit, parent: int, root: Path, bundle: _Bundle, copy: _Copy
+    ) -> int:
+        """Build the staged copy of one unit in ``parent``; return how many files it placed."""
+        path, side = Path(unit.path), Path(unit.side)
+        src: int | None = None
+        if unit.absent:
+            if os.path.lexists(path):
+                raise _bad(f"{path} appeared while the update was staged")
+        else:
+            src = os.open(path.name, _DIR_FLAGS, dir_fd=parent)
+        try:
+            top = os.fstat(src) if src is not None else None
+            if top is not None and [top.st_ino] != unit.old:
+                raise _bad(f"{path} changed while the update was staged")
+            os.mkdir(side.name, 0o700, dir_fd=parent)
+            dst = os.open(side.name, _DIR_FLAGS, dir_fd=parent)
+            try:
+                made = os.fstat(dst)
+                if made.st_uid != os.geteuid() or os.listdir(dst):
+                    raise _bad(f"{side} changed while the update was staged")
+                if src is not None and top is not None:
+                    copy.tree(src, dst, str(path), top.st_dev)
+                placed = self._place_files(unit, dst, root, bundle)
+                if src is not None and top is not None:
+                    copy.finish(src, dst, top)
+                else:
+                    os.fchmod(dst, 0o755)  # whatever fota's umask: new directories are 0755
+                os.fsync(dst)
+                os.fsync(parent)
+                unit.new = [made.st_ino]  # the directory made here, whatever its name holds now
+            finally:
+                os.close(dst)
+        finally:
+            if src is not None:
+                os.close(src)
+        return placed
+
+    def _place_files(self, unit: _Unit, dst: int, root: Path, bundle: _Bundle) -> int:
+        prefix = Path(unit.path).relative_to(root).parts
+        placed = 0
+        for f in bundle.recipe.files:
+            if f.target[: len(prefix)] != prefix:
+                continue
+            placed += 1
+            rel = f.target[len(prefix) :]
+            shown = f"target {'/'.join(f.target)!r}"
+            fds: list[int] = []
+            try:
+                here = dst
+                for part in rel[:-1]:
+                    here = _open_or_make_dir(here, part, shown)
+                    fds.append(here)
+                mode = f.mode if f.mode is not None else bundle.files[f.source]
+                _place(bundle.dir / f.source, here, rel[-1], mode, shown)
+                for fd in reversed(fds):
+                    os.fsync(fd)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        return placed
 
     # -- swapping -----------------------------------------------------------------------
 
@@ -887,6 +1326,7 @@ class ArchiveInstaller:
 
     def _env(self, txn: _Txn, manifest: Manifest, step: str) -> dict[str, str]:
         env = {
+            **self.env,
             "FOTA_STEP": step,
             "FOTA_ROOT": txn.root,
             "FOTA_UPDATE_ID": txn.update_id,
@@ -901,20 +1341,33 @@ class ArchiveInstaller:
         await self._run(argv, f"{step} hook", txn.hook_timeout, env, Path(txn.root))
 
     async def _packages(self, txn: _Txn, bundle: _Bundle) -> None:
-        for pkg in bundle.recipe.packages:
-            names = [_member_path(bundle, n) or n for n in pkg.names]
+        for i, pkg in enumerate(bundle.recipe.packages):
+            # Absolute paths of the bundle's own files (checked again here: never a name the
+            # package manager would look up elsewhere, never a directory it would build).
+            names = [
+                _package_path(bundle, n, f"recipe packages[{i}].names[{j}]")
+                for j, n in enumerate(pkg.names)
+            ]
             base = self.managers[pkg.manager]
+            env = {
+                **self.env,
+                "FOTA_UPDATE_ID": txn.update_id,
+                "FOTA_BUNDLE": str(bundle.dir),
+            }
             if pkg.manager == "pip":
                 offline = ["--no-input", "--no-index", "--find-links", str(bundle.dir)]
                 # Wheels only: an sdist would run its setup.py, code no command check covers.
                 argv = [*base, "install", *offline, "--only-binary=:all:", *names]
+                env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"  # offline: no index to ask
             elif pkg.manager == "apt":
-                argv = [*base, "install", "-y", "-q", "--no-install-recommends", *names]
-            else:
-                # No lifecycle scripts: they are shell strings from the bundle.
-                quiet = ["--no-audit", "--no-fund", "--yes", "--ignore-scripts"]
+                # --no-download: what the bundle brings and what is installed, nothing else.
+                quiet = ["-y", "-q", "--no-install-recommends", "--no-download"]
                 argv = [*base, "install", *quiet, *names]
-            env = {"FOTA_UPDATE_ID": txn.update_id, "FOTA_BUNDLE": str(bundle.dir)}
+            else:
+                # No lifecycle scripts: they are shell strings from the bundle. --offline:
+                # dependencies come from the tarballs or the cache, never the registry.
+                quiet = ["--no-audit", "--no-fund", "--yes", "--ignore-scripts", "--offline"]
+                argv = [*base, "install", *quiet, *names]
             await self._run(argv, f"{pkg.manager} step", self.timeout, env, Path(txn.root))
 
     # -- undo -----------------------------------------------------------------------------
@@ -933,6 +1386,7 @@ class ArchiveInstaller:
             try:
                 self._check_allowed(txn.rollback, "recipe rollback")
                 env = {
+                    **self.env,
                     "FOTA_STEP": "rollback",
                     "FOTA_ROOT": txn.root,
                     "FOTA_UPDATE_ID": txn.update_id,
@@ -981,16 +1435,16 @@ class ArchiveInstaller:
         if txn is not None and txn.phase in _UNDOING:
             raise await self._fail(txn, manifest, txn.error or "archive installer: rolled back")
         try:
-            bundle = await asyncio.to_thread(self._unpack, candidate)
+            bundle = await asyncio.to_thread(self._unpack, candidate, manifest)
             self._check_recipe(bundle.recipe)
+            if txn is None:
+                txn = await asyncio.to_thread(self._plan, manifest, bundle.recipe)
         except Exception as exc:
             if txn is not None:  # an earlier run changed things: undo them
                 raise await self._fail(txn, manifest, str(exc)) from exc
             await asyncio.to_thread(_remove_tree, self.bundle_dir)
             raise
         progress(10)
-        if txn is None:
-            txn = await asyncio.to_thread(self._plan, manifest, bundle.recipe)
         try:
             await self._forward(txn, manifest, bundle, progress)
         except asyncio.CancelledError:
@@ -1089,16 +1543,55 @@ class ArchiveInstaller:
 def from_spec(spec: Spec, context: Context) -> ArchiveInstaller:
     """Make an archive installer from its settings table (``kind = "archive"``).
 
-    Keys: ``root`` (absolute directory), ``allowed_commands`` (list), ``pip``, ``apt``, ``npm``
-    (argument lists), ``timeout`` (seconds, default ``context.timeout``).
+    Keys: ``root`` (absolute directory), ``allowed_commands`` (a list of argument-list
+    prefixes), ``allowed_managers`` (``apt``, ``pip``, ``npm``), ``pip``, ``apt``, ``npm``
+    (argument lists), ``timeout`` (seconds, default ``context.timeout``), ``env`` (a table of
+    variables for hooks and package steps), ``allow_setuid``, ``allow_writable_target``,
+    ``max_unpacked_size``, ``max_ratio``, ``max_copy_size``, ``min_free_space`` (:class:`Limits`).
+
+    Raises:
+        ConfigError: naming the key at fault.
     """
+    where = spec.where
+    env = spec.mapping("env", {})
+    for name, value in env.items():
+        if (
+            not isinstance(name, str)
+            or not name
+            or "=" in name
+            or "\0" in name
+            or not isinstance(value, str)
+            or "\0" in value
+        ):
+            raise ConfigError(f"{where}.env: {name!r} = {value!r} is not a variable and a string")
+    defaults = Limits()
+
+    def size(key: str, default: int) -> int:
+        value = spec.number(key, default, positive=key != "min_free_space")
+        if value < 0 or value != int(value):
+            raise ConfigError(f"{where}.{key}: expected a whole number of bytes, got {value!r}")
+        return int(value)
+
+    limits = Limits(
+        max_unpacked_size=size("max_unpacked_size", defaults.max_unpacked_size),
+        max_ratio=spec.number("max_ratio", defaults.max_ratio),
+        max_copy_size=size("max_copy_size", defaults.max_copy_size),
+        min_free_space=size("min_free_space", defaults.min_free_space),
+    )
+    # A list of lists, checked by ArchiveInstaller (Spec.strings would take the old form).
+    allowed = spec._get("allowed_commands", [])
     return ArchiveInstaller(
         spec.path("root"),
         context.state_dir,
-        allowed_commands=spec.strings("allowed_commands", []),
+        allowed_commands=allowed,
+        allowed_managers=spec.strings("allowed_managers", []),
         pip=spec.argv("pip", ["pip"]),
         apt=spec.argv("apt", ["apt-get"]),
         npm=spec.argv("npm", ["npm"]),
         timeout=spec.number("timeout", context.timeout),
-        where=spec.where,
+        where=where,
+        env=dict(env),
+        allow_setuid=spec.flag("allow_setuid", False),
+        allow_writable_target=spec.flag("allow_writable_target", False),
+        limits=limits,
     )

@@ -14,19 +14,27 @@ after a power cut, runs the journaled step again:
 
 A backend keeps whatever it needs for this (a copy of the previous file, the slot it wrote) in
 durable files of its own, written atomically before the step that depends on them.
+
+Every backend runs as root: the files it creates follow :mod:`fota.safefs` (created
+``O_EXCL | O_NOFOLLOW`` under an unpredictable name relative to a directory descriptor opened
+once, mode and owner set on the descriptor), and the image it installs is read from the
+descriptor its digest was checked over, never past the signed size
+(:func:`fota.safefs.open_verified`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
-import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from fota import safefs
 from fota.core.manifest import Manifest
 from fota.errors import InstallError
 from fota.fileops import FileOps
@@ -58,6 +66,11 @@ class Installer(Protocol):
     async def install(self, candidate: Path, manifest: Manifest, progress: Progress) -> Outcome:
         """Install the verified candidate.
 
+        ``candidate`` is a path in fota's state directory. A backend that reads it opens it with
+        :func:`fota.safefs.open_verified` (``manifest.body.image_sha256``, ``image_size``):
+        the digest is then checked over the descriptor the bytes are read from, and nothing
+        past ``image_size`` is read, whatever happens at the path after the engine's check.
+
         Raises:
             InstallError: it could not; the engine rolls back.
         """
@@ -84,16 +97,6 @@ class Installer(Protocol):
         ...
 
 
-def copy_durable(src: Path, dst: Path, mode: int | None = None) -> None:
-    """Write ``src``'s bytes to ``dst`` in place, fsynced (for a path nothing is running)."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        if mode is not None:
-            os.fchmod(fout.fileno(), mode)
-        os.fsync(fout.fileno())
-
-
 T = TypeVar("T")
 
 
@@ -104,11 +107,34 @@ def load_state(path: Path, who: str, make: Callable[[dict[str, Any]], T]) -> T |
         InstallError: the file is damaged (the installer cannot tell what it did).
     """
     try:
-        return make(json.loads(path.read_bytes()))
+        return make(json.loads(read_state_bytes(path)))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InstallError(f"{who}: state {path} unreadable: {exc}") from exc
+
+
+STATE_LIMIT = 1 << 20
+"""Largest installer state file read (they hold a few paths and ids)."""
+
+
+def read_state_bytes(path: Path, limit: int = STATE_LIMIT) -> bytes:
+    """A state file's bytes, opened ``O_NOFOLLOW | O_NONBLOCK``: never a planted link or FIFO.
+
+    Raises:
+        FileNotFoundError: there is none.
+        OSError: it is a symlink (``ELOOP``), not a regular file, or larger than ``limit``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        return os.pread(fd, limit + 1, 0)[:limit]
+    finally:
+        os.close(fd)
 
 
 def save_state(path: Path, state: Any, *, make_dir: bool = False) -> None:
@@ -120,3 +146,10 @@ def save_state(path: Path, state: Any, *, make_dir: bool = False) -> None:
     if make_dir:
         path.parent.mkdir(parents=True, exist_ok=True)
     FileOps().write_atomic(path, json.dumps(dataclasses.asdict(state)).encode())
+    # A crash between creating a temporary file and renaming it leaves it behind, under a name
+    # nothing reuses: sweep them here so they do not pile up over the device's life.
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        safefs.sweep_temps(dir_fd, path.name)
+    finally:
+        os.close(dir_fd)

@@ -22,9 +22,13 @@ Two ways to use it:
 Contract with the tool (SWUpdate 2022.12, the Debian 12 build; docs/installers.md)
 ---------------------------------------------------------------------------------
 
-``[*swupdate, "-i", <candidate>, *args]`` through :func:`fota.hooks.run`, with ``TMPDIR`` set
+``[*swupdate, "-i", <copy>, *args]`` through :func:`fota.hooks.run`, with ``TMPDIR`` set
 to a fresh private directory for every run (under ``tmpdir``, default the system's temporary
-directory, removed afterwards). ``swupdate -i`` extracts every image to ``$TMPDIR`` (it needs
+directory, mode 0700, removed afterwards). ``<copy>`` is a copy, in that directory, of exactly
+the ``image_size`` bytes whose digest fota checked, read from the descriptor it checked them
+over (hashed again as they are copied): nothing a writer appends to or swaps at the candidate's
+path reaches swupdate. So ``tmpdir`` needs room for the image twice (the copy, and what
+swupdate extracts). ``swupdate -i`` extracts every image to ``$TMPDIR`` (it needs
 free space for the image) and creates its IPC sockets ``$TMPDIR/sockinstctrl`` and
 ``$TMPDIR/swupdateprog`` there: two runs sharing a TMPDIR corrupt each other's images (``HASH
 mismatch``), and a run with the default ``/tmp`` removes a running swupdate daemon's socket.
@@ -60,8 +64,15 @@ What is journaled where
 
 ``<state_dir>/swupdate/state.json`` (atomic writes): the update id, the backup paths as they
 were when the install started and whether ``swupdate`` finished. ``<state_dir>/swupdate/backup/``
-holds ``<n>`` (a durable copy of the n-th path, with its mode and owner) or ``<n>.absent`` (it
-did not exist). Both are removed by commit and by a finished rollback.
+holds ``<n>`` (a durable copy of the n-th path, with its mode and owner; setuid/setgid only if
+root owned it) or ``<n>.absent`` (it did not exist). Both are removed by commit and by a
+finished rollback.
+
+Backed-up paths are read and restored as :mod:`fota.safefs` says: each one's directory is
+opened once from ``/`` and refused if a non-root user can write it or one above it (unless
+``allow_writable_target``); the file is opened ``O_NOFOLLOW | O_NONBLOCK`` (a symlink, FIFO or
+device there is refused, named); a restored file is a new one, created ``O_EXCL | O_NOFOLLOW``
+under an unpredictable name, ``fchown``/``fchmod`` on its descriptor, renamed over the path.
 
 Idempotence
 -----------
@@ -97,11 +108,9 @@ missing directories (``create-destination`` does not help in 2022.12).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import shutil
-import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -109,16 +118,15 @@ from pathlib import Path
 
 import structlog
 
-from fota import crashpoints, hooks
+from fota import crashpoints, hooks, safefs
 from fota.core.manifest import Manifest
-from fota.errors import ConfigError, InstallError
+from fota.errors import ConfigError, FotaError, InstallError
 from fota.fileops import FileOps
 from fota.install.base import (
     DONE,
     RESTART,
     Outcome,
     Progress,
-    copy_durable,
     load_state,
     save_state,
 )
@@ -200,6 +208,8 @@ class SwupdateInstaller:
         backup: absolute paths of the files the image overwrites, restored on rollback.
         timeout: seconds each command may take.
         tmpdir: where each run's private ``TMPDIR`` is made (short: sockets live there).
+        allow_writable_target: back up and restore ``backup`` paths even if a non-root user
+            can write their directories (a warning is logged; docs/installers.md says why not).
 
     Raises:
         ConfigError: an empty command, ``restart`` without ``booted_command``, a relative or
@@ -219,6 +229,7 @@ class SwupdateInstaller:
         backup: Sequence[Path | str] = (),
         timeout: float = 600.0,
         tmpdir: Path | None = None,
+        allow_writable_target: bool = False,
     ) -> None:
         if not swupdate:
             raise ConfigError("swupdate installer: swupdate: must not be empty")
@@ -238,6 +249,7 @@ class SwupdateInstaller:
         self.rollback_command = list(rollback_command or [])
         self.backup = tuple(str(p) for p in paths)
         self.timeout = timeout
+        self.allow_writable_target = allow_writable_target
         self.tmpdir = Path(tmpdir) if tmpdir is not None else Path(tempfile.gettempdir())
         # mkdtemp's name (fota-swu- + 8) and the longest socket name, "sockinstctrl"
         if len(str(self.tmpdir / ("fota-swu-" + "n" * 8) / "sockinstctrl")) > SOCKET_LIMIT:
@@ -273,44 +285,113 @@ class SwupdateInstaller:
             shutil.rmtree(self.backup_dir)
         self._save(record)
 
+    def _open_backup_dir(self, *, create: bool) -> int:
+        if create:
+            self.backup_dir.mkdir(parents=True, exist_ok=True)
+        return safefs.open_dir(self.backup_dir)
+
+    def _open_target(self, path: Path) -> tuple[int, str] | None:
+        """A backed-up path's directory (checked: fota writes there on rollback) and name."""
+        try:
+            return safefs.open_parent(
+                path,
+                what="swupdate installer backup",
+                allow_writable=self.allow_writable_target,
+            )
+        except FileNotFoundError:
+            return None  # its directory does not exist (yet): the file does not either
+
     def _back_up(self, record: _Record) -> None:
-        self.backup_dir.mkdir(parents=True, exist_ok=True)
-        for i, name in enumerate(record.paths):
-            path = Path(name)
-            copy, absent = self.backup_dir / str(i), self.backup_dir / f"{i}.absent"
-            if copy.exists() or absent.exists():
-                continue  # made by an earlier run: that is the true previous file
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                self._ops.write_atomic(absent, b"")
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                raise InstallError(f"swupdate installer: backup: {path} is not a regular file")
-            tmp = self.backup_dir / f".{i}.tmp"
-            copy_durable(path, tmp, stat.S_IMODE(st.st_mode))
-            _chown(tmp, st)
-            self._ops.replace(tmp, copy)
-            self._ops.fsync_dir(self.backup_dir)
+        backup_fd = self._open_backup_dir(create=True)
+        try:
+            for i, name in enumerate(record.paths):
+                self._back_up_one(backup_fd, i, Path(name))
+        finally:
+            os.close(backup_fd)
         log.info("swupdate_backed_up", paths=list(record.paths))
 
+    def _back_up_one(self, backup_fd: int, i: int, path: Path) -> None:
+        copy, absent = str(i), f"{i}.absent"
+        if any(_exists(backup_fd, made) for made in (copy, absent)):
+            return  # made by an earlier run: that is the true previous file
+        opened = self._open_target(path)
+        if opened is None:
+            safefs.write_atomic(backup_fd, absent, b"")
+            return
+        dir_fd, base = opened
+        try:
+            try:
+                # O_NOFOLLOW | O_NONBLOCK, type checked on the descriptor: a symlink, a FIFO or
+                # a device at the path is refused, named, and never read.
+                src = safefs.open_regular(dir_fd, base, what=f"swupdate installer backup {path}")
+            except FileNotFoundError:
+                safefs.write_atomic(backup_fd, absent, b"")
+                return
+            try:
+                st = os.fstat(src)
+                safefs.write_atomic(
+                    backup_fd,
+                    copy,
+                    src,
+                    safefs.safe_mode(st),
+                    (st.st_uid, st.st_gid),
+                    limit=st.st_size,
+                )
+            finally:
+                os.close(src)
+        finally:
+            os.close(dir_fd)
+
     def _restore(self, record: _Record) -> None:
-        for i, name in enumerate(record.paths):
-            path = Path(name)
-            copy, absent = self.backup_dir / str(i), self.backup_dir / f"{i}.absent"
-            if copy.exists():
-                st = copy.stat()
-                tmp = path.with_name(f".{path.name}.fota-restore")
-                copy_durable(copy, tmp, stat.S_IMODE(st.st_mode))
-                _chown(tmp, st)
-                self._ops.replace(tmp, path)
-                self._ops.fsync_dir(path.parent)
-            elif absent.exists():
-                self._ops.unlink(path)  # it did not exist before the install
-                if path.parent.is_dir():
-                    self._ops.fsync_dir(path.parent)
-            # neither: no backup was made, so swupdate never ran for this update
+        try:
+            backup_fd = self._open_backup_dir(create=False)
+        except FileNotFoundError:
+            return  # no backup was made, so swupdate never ran for this update
+        try:
+            for i, name in enumerate(record.paths):
+                self._restore_one(backup_fd, i, Path(name))
+        finally:
+            os.close(backup_fd)
         log.info("swupdate_restored", paths=list(record.paths))
+
+    def _restore_one(self, backup_fd: int, i: int, path: Path) -> None:
+        try:
+            src: int | None = safefs.open_regular(backup_fd, str(i), what="swupdate backup")
+        except FileNotFoundError:
+            src = None
+        try:
+            if src is None and not _exists(backup_fd, f"{i}.absent"):
+                return  # neither: no backup was made, so swupdate never ran for it
+            opened = self._open_target(path)
+            if opened is None:
+                if src is not None:
+                    raise InstallError(
+                        f"swupdate installer: rollback: the directory of {path} is gone"
+                    )
+                return  # it did not exist before, and its directory does not now
+            dir_fd, base = opened
+            try:
+                if src is None:
+                    safefs.unlink(dir_fd, base)  # it did not exist before the install
+                else:
+                    # A new file under an unpredictable name, owner and mode set on its
+                    # descriptor, renamed over whatever is at the path (never followed).
+                    safefs.sweep_temps(dir_fd, base)  # what a crashed restore left
+                    st = os.fstat(src)
+                    safefs.write_atomic(
+                        dir_fd,
+                        base,
+                        src,
+                        safefs.safe_mode(st),
+                        (st.st_uid, st.st_gid),
+                        limit=st.st_size,
+                    )
+                safefs.fsync_dir(dir_fd)
+            finally:
+                os.close(dir_fd)
+        finally:
+            if src is not None:
+                os.close(src)
 
     def _forget(self) -> None:
         """Drop the backups, then the state file (in that order: a crash leaves the state)."""
@@ -355,7 +436,7 @@ class SwupdateInstaller:
             )
         return done.code == 0
 
-    async def _swupdate(self, candidate: Path) -> None:
+    async def _swupdate(self, image: safefs.VerifiedImage) -> None:
         tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="fota-swu-", dir=self.tmpdir))
         lines: list[str] = []
 
@@ -363,8 +444,14 @@ class SwupdateInstaller:
             if len(lines) < MAX_LINES:
                 lines.append(line)
 
-        argv = [*self.swupdate, "-i", str(candidate), *self.args]
         try:
+            try:
+                swu = tmp / await asyncio.to_thread(_private_copy, image, tmp)
+            except OSError as exc:
+                raise InstallError(
+                    f"swupdate installer: copying the image to {tmp}: {exc}"
+                ) from exc
+            argv = [*self.swupdate, "-i", str(swu), *self.args]
             done = await hooks.run(
                 argv,
                 name="swupdate",
@@ -395,7 +482,36 @@ class SwupdateInstaller:
     # -- the contract ---------------------------------------------------------------------
 
     async def install(self, candidate: Path, manifest: Manifest, progress: Progress) -> Outcome:
-        """Back up the files the image overwrites, then run ``swupdate -i``."""
+        """Back up the files the image overwrites, then run ``swupdate -i``.
+
+        ``swupdate`` reads a private copy of exactly the verified bytes (``image_size`` of
+        them, hashed again as they are copied from the descriptor the digest was checked
+        over), in the run's own ``TMPDIR``.
+
+        Raises:
+            IntegrityError: the candidate does not match the manifest.
+            UnsafePathError: a non-root user can write the directory of a ``backup`` path.
+            InstallError: the backup or ``swupdate`` failed.
+        """
+        body = manifest.body
+        try:
+            image = await asyncio.to_thread(
+                safefs.open_verified,
+                candidate,
+                body.image_sha256,
+                body.image_size,
+                what="candidate",
+            )
+        except OSError as exc:
+            raise InstallError(f"swupdate installer: candidate: {exc}") from exc
+        try:
+            return await self._install(image, manifest, progress)
+        finally:
+            image.close()
+
+    async def _install(
+        self, image: safefs.VerifiedImage, manifest: Manifest, progress: Progress
+    ) -> Outcome:
         record = self._mine(manifest)
         if record is not None and record.installed:
             log.info("swupdate_already_installed", update_id=record.update_id)
@@ -413,10 +529,12 @@ class SwupdateInstaller:
                 record = _Record(manifest.update_id, self.backup)
                 await asyncio.to_thread(self._begin, record)
             await asyncio.to_thread(self._back_up, record)
+        except FotaError:
+            raise
         except OSError as exc:
             raise InstallError(f"swupdate installer: backup: {exc}") from exc
 
-        await self._swupdate(candidate)
+        await self._swupdate(image)
         crashpoints.point("swupdate:installed")
         try:
             await asyncio.to_thread(self._save, replace(record, installed=True))
@@ -453,6 +571,8 @@ class SwupdateInstaller:
             return DONE  # nothing was changed for this update (or it is undone)
         try:
             await asyncio.to_thread(self._restore, record)
+        except FotaError:
+            raise
         except OSError as exc:
             raise InstallError(f"swupdate installer: rollback: {exc}") from exc
         if self.rollback_command:
@@ -473,10 +593,26 @@ class SwupdateInstaller:
         return DONE
 
 
-def _chown(path: Path, st: os.stat_result) -> None:
-    # Not root: the file keeps our owner (the mode is kept in any case).
-    with contextlib.suppress(PermissionError):
-        os.chown(path, st.st_uid, st.st_gid)
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _private_copy(image: safefs.VerifiedImage, directory: Path) -> str:
+    """Copy the verified bytes into ``directory`` (fota's own, 0700); return the file's name."""
+    dir_fd = safefs.open_dir(directory)
+    try:
+        fd, name = safefs.create_temp(dir_fd, "candidate.swu", 0o600)
+        try:
+            image.copy_to(fd)
+        finally:
+            os.close(fd)
+        return name
+    finally:
+        os.close(dir_fd)
 
 
 def from_spec(spec: Spec, context: Context) -> SwupdateInstaller:
@@ -498,6 +634,7 @@ def from_spec(spec: Spec, context: Context) -> SwupdateInstaller:
             backup=backup,
             timeout=spec.number("timeout", 600.0),
             tmpdir=spec.path("tmpdir", None),
+            allow_writable_target=spec.flag("allow_writable_target", False),
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc

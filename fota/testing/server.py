@@ -7,7 +7,9 @@ default: the OS picks one, see :attr:`UpdateServer.port`):
   from disk for each request (stateless: a new server on the same files resumes a download);
   the ETag is derived from the image digest, so it survives a server restart;
 * announcements per device (or for every device) are observable, and may withdraw (cancel) a
-  manifest;
+  manifest; with ``sign_announcements`` each is a COSE_Sign1 signed when it is sent, issued
+  at :attr:`UpdateServer.clock` and valid for ``announcement_lifetime`` seconds (a test turns
+  the clock back to serve expired ones, or the signing off to serve unsigned ones);
 * every request and every status report is recorded for tests to assert on;
 * a seeded :class:`FaultPlan` injects faults into image requests: corrupt or truncated
   blocks, request loss, response delay (fixed + jitter, or answers one at a time), duplicated
@@ -38,6 +40,7 @@ import structlog
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 
+from fota.core import announce_sig
 from fota.core import manifest as mf
 from fota.core.manifest import Component, ManifestBody, PrivateKey, Severity
 from fota.core.report import ReportError, decode_report
@@ -537,7 +540,11 @@ class DeviceSeen:
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """What :meth:`UpdateServer.publish` made."""
+    """What :meth:`UpdateServer.publish` made.
+
+    ``digest`` is the manifest's identity, as the client's ``Manifest.digest``; the manifest
+    is served at ``m/{digest hex}``.
+    """
 
     raw: bytes
     digest: bytes
@@ -758,6 +765,12 @@ class _Announcements(aiocoap.resource.ObservableResource, aiocoap.resource.PathC
         self.server._seen_device(device, request)
         ann = self.server.announcements.get(device) or self.server.announcements.get(ALL_DEVICES)
         body: dict[int, Any] = {1: 0} if ann is None else ann
+        if self.server.sign_announcements:
+            return aiocoap.Message(
+                code=Code.CONTENT,
+                payload=self.server.signed_announcement(body),
+                content_format=CF_COSE_SIGN1,
+            )
         return aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(body), content_format=CF_CBOR)
 
 
@@ -804,6 +817,14 @@ class UpdateServer:
             request is answered 4.01 Unauthorized, and a device may read only its own
             announcement and post only its own reports (else 4.03). Devices are added with
             :meth:`provision_oscore`.
+        sign_announcements: serve every announcement signed (CDDL ``signed-announcement``) by
+            ``signing_key``, issued when it is sent; it may be switched at any time.
+        announcement_lifetime: seconds from a signed announcement's issue to its expiry.
+        announcement_refresh: re-sign and notify every observer this often (seconds), so
+            observing devices stay fresh; None: only when an announcement changes (and at
+            :meth:`refresh_announcements`).
+        clock: the issue instant of signed announcements (epoch seconds); a test turns it
+            back to serve expired ones.
     """
 
     def __init__(
@@ -817,8 +838,17 @@ class UpdateServer:
         faults: FaultPlan | None = None,
         max_block_size: int = 1024,
         oscore: bool = False,
+        sign_announcements: bool = False,
+        announcement_lifetime: float = 3600.0,
+        announcement_refresh: float | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = Path(root)
+        self.sign_announcements = sign_announcements
+        self.announcement_lifetime = announcement_lifetime
+        self.announcement_refresh = announcement_refresh
+        self.clock = clock
+        self._refresher: asyncio.Task[None] | None = None
         self.oscore = oscore
         self._credentials: Any = None
         self._device_of: dict[int, str] = {}  # id() of a server security context -> device
@@ -902,6 +932,10 @@ class UpdateServer:
             served, bind=(self.host, self.port), transports=["udp6"]
         )
         self.port = bound_port(self._ctx)
+        if self.announcement_refresh is not None:
+            self._refresher = asyncio.create_task(
+                self._refresh_every(self.announcement_refresh), name="fota-server-refresh"
+            )
         for interface in self._ctx.request_interfaces:
             messages = interface.token_interface.message_interface
             messages.transport = _Wire(messages.transport, self)
@@ -909,6 +943,10 @@ class UpdateServer:
 
     async def stop(self) -> None:
         """Stop serving."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+            self._refresher = None
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             await ctx.shutdown()
@@ -1044,20 +1082,43 @@ class UpdateServer:
             deadline=deadline,
         )
         raw = mf.sign(body, key or self.key, kid or self.kid)
-        digest = hashlib.sha256(raw).digest()
+        digest = mf.envelope_id(raw)  # the manifest's identity: what announcements and cancels name
+        assert digest is not None
         self._manifests_of.setdefault(sha.hex(), []).append(digest)
         return Published(raw, digest, mf.update_id_of(digest), sequence, sha, path)
 
     def announce_raw(
         self, raw: bytes, sequence: int, devices: Iterable[str] = (ALL_DEVICES,)
     ) -> bytes:
-        """Serve ``raw`` as a manifest (whatever it contains) and announce it; return its digest."""
-        digest = hashlib.sha256(raw).digest()
+        """Serve ``raw`` as a manifest (whatever it contains) and announce it; return its digest.
+
+        The digest announced (and the file's name) is the manifest's identity
+        (:func:`fota.core.manifest.envelope_id`) when ``raw`` is a COSE_Sign1 envelope, else
+        the SHA-256 of the bytes. Two envelopes of one identity share one file: the last
+        one announced is served.
+        """
+        digest = mf.envelope_id(raw) or hashlib.sha256(raw).digest()
         (self.root / "m" / digest.hex()).write_bytes(raw)
         devices = tuple(devices)
         self.announce_body({1: sequence, 2: digest, 3: f"../m/{digest.hex()}"}, devices)
         log.info("manifest_announced", sequence=sequence, digest=digest.hex()[:16], devices=devices)
         return digest
+
+    def signed_announcement(self, body: dict[int, Any]) -> bytes:
+        """``body`` as a signed announcement, issued now (:attr:`clock`), with its expiry."""
+        issued = int(self.clock())
+        lifetime = max(1, int(self.announcement_lifetime))
+        return announce_sig.sign(body, self.key, self.kid, issued, issued + lifetime)
+
+    def refresh_announcements(self) -> None:
+        """Notify every observer again: signed announcements go out re-signed, issued now."""
+        self._ann.notify((ALL_DEVICES,))
+
+    async def _refresh_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)  # the re-signing period, a timer
+            if self.sign_announcements:
+                self.refresh_announcements()
 
     def announce_body(self, body: dict[int, Any], devices: Iterable[str] = (ALL_DEVICES,)) -> None:
         """Serve ``body`` as the announcement, as it is (a malformed one too), and notify.
@@ -1096,7 +1157,10 @@ class UpdateServer:
         return digest
 
     def cancel(self, digest: bytes, devices: Iterable[str] = (ALL_DEVICES,)) -> int:
-        """Withdraw the manifest with this digest: announce ``{1: seq, 4: digest}``.
+        """Withdraw the manifest with this identity: announce ``{1: seq, 4: digest}``.
+
+        ``digest`` is :attr:`Published.digest` (the manifest's identity, not the SHA-256 of
+        its bytes), so the cancel also holds for a re-encoded envelope of the same manifest.
 
         The announcement sequence is bumped (so are later manifests' default sequences) and
         observers are notified. The withdrawn manifest stays downloadable. Returns the

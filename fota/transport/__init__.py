@@ -11,7 +11,11 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    # Not at run time: `fota fetch` imports this module and must stay light (no cryptography).
+    from fota.core.announce_sig import Envelope
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +30,8 @@ class Announcement:
             carry only a cancel.
         keyset_version: version of the server's current keyset (key 5), if it has one.
         keyset_uri: where to fetch it (key 6, resolved).
+        signed: the envelope of a signed announcement (its signature and expiry are checked
+            by the engine, ``fota.core.announce_sig.check``); None: it came unsigned.
     """
 
     sequence: int
@@ -34,6 +40,7 @@ class Announcement:
     cancel: bytes | None = None
     keyset_version: int | None = None
     keyset_uri: str | None = None
+    signed: Envelope | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,12 +29,14 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.optiontypes import BlockOption
 
+from fota.core.announce_sig import open_envelope
 from fota.core.text import show
-from fota.core.uri import check_uri_reference, origin, resolve
+from fota.core.uri import check_uri_reference, origin, path_segments, resolve
 from fota.errors import (
     ConfigError,
     FotaError,
     ImageChanged,
+    ManifestError,
     PermanentServerError,
     TransportError,
 )
@@ -47,6 +49,8 @@ from fota.transport.window import WindowFetcher
 log = structlog.get_logger(__name__)
 
 CF_CBOR = 60
+CF_COSE_SIGN1 = 18
+"""``application/cose; cose-type="cose-sign1"``: a signed announcement (docs/protocol.md)."""
 PERMANENT = frozenset(
     {
         Code.BAD_REQUEST,
@@ -100,21 +104,38 @@ def classify(uri: str, response: Any) -> None:
 def _parse_announcement(payload: bytes, content_format: int | None, base: str) -> Announcement:
     """Decode an announcement (CDDL ``announcement`` in docs/protocol.md) fetched from ``base``.
 
+    A tagged COSE_Sign1 is a signed announcement (CDDL ``signed-announcement``): its
+    envelope's form is checked here, its signature and expiry by the engine.
+
     Args:
         payload: the response's payload.
-        content_format: its Content-Format option (None: absent, taken as CBOR).
+        content_format: its Content-Format option (None: absent, taken as CBOR); 60, or
+            18 for a signed announcement.
         base: the announcement's URI; the manifest location resolves against it.
 
     Raises:
         ValueError: not a CBOR map of the announcement's fields, with the right types and
             sizes; the message names the field. The caller ignores such an announcement.
     """
-    if content_format is not None and content_format != CF_CBOR:
-        raise ValueError(f"content format {show(content_format)} is not {CF_CBOR} (CBOR)")
+    if content_format is not None and content_format not in (CF_CBOR, CF_COSE_SIGN1):
+        raise ValueError(
+            f"content format {show(content_format)} is not {CF_CBOR} (CBOR)"
+            f" or {CF_COSE_SIGN1} (COSE_Sign1)"
+        )
     try:
         body = cbor2.loads(payload)
     except Exception as exc:  # cbor2 raises several types on hostile input
         raise ValueError(f"not CBOR ({show(str(exc), 80)})") from exc
+    signed = None
+    if isinstance(body, cbor2.CBORTag):
+        # A signed announcement (CDDL signed-announcement): its fields are the payload's;
+        # the engine checks the signature and the expiry (announce_sig.check).
+        try:
+            signed, body = open_envelope(payload)
+        except ManifestError as exc:
+            raise ValueError(str(exc)) from exc
+    elif content_format == CF_COSE_SIGN1:
+        raise ValueError(f"content format {CF_COSE_SIGN1} (COSE_Sign1) but not a COSE_Sign1")
     if not isinstance(body, dict):
         raise ValueError("not a CBOR map")
     seq = body.get(1)
@@ -146,7 +167,7 @@ def _parse_announcement(payload: bytes, content_format: int | None, base: str) -
             raise ValueError(f"keyset location (key 6): {problem}")
     uri = resolve(base, location) if location else None
     keyset_uri = resolve(base, keyset_location) if isinstance(keyset_location, str) else None
-    return Announcement(seq, digest, uri, cancel, keyset_version, keyset_uri)
+    return Announcement(seq, digest, uri, cancel, keyset_version, keyset_uri, signed)
 
 
 class CoapTransport:
@@ -278,6 +299,10 @@ class CoapTransport:
 
     async def _request(self, uri: str, **options: Any) -> Any:
         self._protected(uri)
+        try:
+            path_segments(uri)  # aiocoap would send a "." or ".." Uri-Path (RFC 7252 §5.10.1)
+        except ValueError as exc:
+            raise PermanentServerError(uri, f"not requested: {exc}") from None
         ctx = await self._context()
         try:
             msg = self._message(uri, **options)

@@ -25,10 +25,11 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import structlog
 
+from fota.core.uri import path_segments
 from fota.errors import PermanentServerError, TransportError
 from fota.transport import Block, wire
 from fota.transport.window import OnBlock, classify_code, finish_thread
@@ -108,7 +109,10 @@ class TcpFetcher:
             port = parts.port or 5683
         except ValueError:  # "h:x", "h:99999": urllib raises only when the port is read
             raise PermanentServerError(uri, "malformed port in the URI") from None
-        path = tuple(unquote(p) for p in parts.path.split("/")[1:] if p)
+        try:
+            path = path_segments(uri)  # never a "." or ".." Uri-Path (RFC 7252 §5.10.1)
+        except ValueError as exc:
+            raise PermanentServerError(uri, f"not requested: {exc}") from None
         return cls(parts.hostname, port, path, **options)
 
     def want(self, offset: int, length: int) -> None:

@@ -45,10 +45,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import structlog
 
+from fota.core.uri import path_segments
 from fota.errors import ImageChanged, PermanentServerError, TransportError
 from fota.transport import Block, truncated, wire
 from fota.transport.congestion import AimdWindow, CocoaRto, FixedWindow, Rfc7252Rto, Rto, Window
@@ -185,7 +186,10 @@ class WindowFetcher:
             port = parts.port or 5683
         except ValueError:  # "h:x", "h:99999": urllib raises only when the port is read
             raise PermanentServerError(uri, "malformed port in the URI") from None
-        path = tuple(unquote(p) for p in parts.path.split("/")[1:] if p)
+        try:
+            path = path_segments(uri)  # never a "." or ".." Uri-Path (RFC 7252 §5.10.1)
+        except ValueError as exc:
+            raise PermanentServerError(uri, f"not requested: {exc}") from None
         return cls(parts.hostname, port, path, **options)
 
     # -- public ---------------------------------------------------------------------------
