@@ -60,7 +60,7 @@ from fota.errors import (
     PermanentServerError,
     ResultCode,
 )
-from fota.fileops import sha256_prefix
+from fota.fileops import seal_candidate
 from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo, UpdateReason
 from fota.install import Installer
 from fota.journal import Journal
@@ -998,7 +998,7 @@ class Engine:
         manifest = model.pending
         try:
             digest = await asyncio.to_thread(
-                sha256_prefix, self.journal.candidate_path, manifest.body.image_size
+                seal_candidate, self.journal.candidate_path, manifest.body.image_size
             )
             ok = digest == manifest.body.image_sha256
         except OSError as exc:
@@ -1016,9 +1016,10 @@ class Engine:
         manifest = self._pending(update_id)
         try:
             # Check again right before installing: a restart (days after VERIFYING, perhaps)
-            # must not hand the installer bytes nobody checked since.
+            # must not hand the installer bytes nobody checked since. Sealing cuts any tail
+            # past the signed size: RAUC and a command installer read the whole file by path.
             digest = await asyncio.to_thread(
-                sha256_prefix, self.journal.candidate_path, manifest.body.image_size
+                seal_candidate, self.journal.candidate_path, manifest.body.image_size
             )
             if digest != manifest.body.image_sha256:
                 raise IntegrityError("candidate no longer matches the manifest's image_sha256")

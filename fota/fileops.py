@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import stat
 from pathlib import Path
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -78,14 +79,65 @@ class FileOps:
 
 
 def sha256_prefix(path: Path, size: int) -> bytes:
-    """SHA-256 of the first ``size`` bytes of a file, read in 1 MiB pieces (fewer if shorter)."""
+    """SHA-256 of the first ``size`` bytes of a file, read in 1 MiB pieces (fewer if shorter).
+
+    Opened ``O_NOFOLLOW | O_NONBLOCK``: a symbolic link is refused (``ELOOP``) and a FIFO left at
+    the path does not block; anything but a regular file raises :class:`OSError`.
+    """
+    fd = _open_regular(path, os.O_RDONLY)
+    try:
+        return _hash_fd(fd, size)
+    finally:
+        os.close(fd)
+
+
+def seal_candidate(path: Path, size: int) -> bytes:
+    """Cut a candidate image to its signed size, then hash exactly those bytes.
+
+    Why: an installer that is handed a path (RAUC, an integrator's command) reads the whole
+    file, so bytes past ``image_size`` (appended after verification by anything that could write
+    there) would be installed unsigned. Cutting the tail on the same descriptor that is hashed
+    leaves at the path exactly the bytes the returned digest covers.
+
+    Args:
+        path: The candidate; a symbolic link, FIFO or anything but a regular file is refused.
+        size: The signed image size.
+
+    Returns:
+        The SHA-256 of the first ``size`` bytes (of fewer if the file is shorter).
+
+    Raises:
+        OSError: The candidate cannot be opened as a regular file, cut or read.
+    """
+    fd = _open_regular(path, os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        return _hash_fd(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"{path} is not a regular file (mode {oct(mode)})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _hash_fd(fd: int, size: int) -> bytes:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        remaining = size
-        while remaining:
-            chunk = f.read(min(1 << 20, remaining))
-            if not chunk:
-                break
-            digest.update(chunk)
-            remaining -= len(chunk)
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            break
+        digest.update(chunk)
+        offset += len(chunk)
     return digest.digest()

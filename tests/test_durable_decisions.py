@@ -295,3 +295,21 @@ def test_a_schema_2_body_with_schema_3_fields_is_refused() -> None:
     body = cbor2.dumps(items)
     with pytest.raises(JournalError, match=r"schema 2 has 16\.\.28"):
         Record.from_bytes(cbor2.dumps([2, body, zlib.crc32(body)]))
+
+
+@pytest.mark.parametrize("field", ["cancelled", "rejected", "refused"])
+async def test_an_old_journals_byte_digest_still_names_the_manifest(field: str) -> None:
+    # A schema 2 journal named manifests by the SHA-256 of their bytes. After the upgrade the
+    # server announces the identity instead, so the announcement is not recognised and the
+    # manifest is fetched: the fetched bytes must still be found in the list (the old code
+    # checked only the identity, and a manifest cancelled before the upgrade could install).
+    v12 = _raw(12)
+    by_bytes = hashlib.sha256(v12).digest()
+    assert by_bytes != _key(v12)
+    model = _model(Record(installed=INSTALLED.digest, provisioned_at=0.0, **{field: (by_bytes,)}))
+    assert await _fire(model, _announce(v12))  # the identity: not in the list, so fetched
+    await _fire(model, _fetched(v12))
+    assert _state(model) is State.IDLE and model.pending is None
+    assert not any(
+        isinstance(c, C.AskDownloadAuthorization | C.StartDownload) for c in model.outbox
+    )

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from fota import Client, Config, ResultCode, State, Status, UpdateInfo
+from fota import Client, Config, Decision, ResultCode, State, Status, UpdateInfo
 from fota.testing import ManualClock, Published, UpdateServer
 from tests.conftest import DEVICE_CLASS, RecordingHandler, Signing, make_config
 from tests.installing import Bootloader, write_script
@@ -395,3 +395,42 @@ async def test_install_progress_from_a_command_installer_reaches_the_handler(
         await client.wait_for(settled(State.IDLE, "1.0"), BOUND)
     assert target.read_bytes() == NEW
     assert handler.install_progress == [10, 35, 60, 85]
+
+
+async def test_a_tail_appended_after_verification_never_reaches_a_command_installer(
+    tmp_path: Path, server: UpdateServer, signing: Signing
+) -> None:
+    """Issue 16 §1: bytes past the signed size are cut before an installer gets the path."""
+    target = tmp_path / "flashed"
+    program = write_script(
+        tmp_path / "flash", f'if [ "$1" = install ]; then cp "$FOTA_CANDIDATE" {target}; fi\n'
+    )
+    config = make_config(
+        tmp_path,
+        server,
+        signing,
+        installers={"default": {"kind": "command", "command": [str(program)]}},
+        # A polite running image: the device asks before installing, after verification.
+        factory_manifest=factory(tmp_path, server, OLD),
+    )
+    appended = asyncio.Event()
+
+    @dataclass
+    class Appending(Handler):
+        candidate: Path | None = None
+
+        async def on_install_authorization(self, update: UpdateInfo) -> Decision:
+            # Verified by now: whatever writes into the state directory adds a tail.
+            assert self.candidate is not None
+            with open(self.candidate, "ab") as f:
+                f.write(b"#!/bin/sh\necho unsigned\n")
+            appended.set()
+            return await super().on_install_authorization(update)
+
+    handler = Appending()
+    async with Client(config, handler=handler) as client:
+        handler.candidate = client.engine.journal.candidate_path
+        publish(server, NEW, "2.0")
+        await client.wait_for(settled(State.IDLE, "2.0"), BOUND)
+    assert appended.is_set()
+    assert target.read_bytes() == NEW

@@ -19,6 +19,7 @@ Theory of operation (the rules that keep this correct; see docs/state-machine.md
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -751,7 +752,7 @@ class Model:
 
     def is_known_manifest(self, e: Any) -> bool:
         """The fetched manifest is the pending, a refused, a rejected or the running one."""
-        return bool(e.kwargs["event"].digest in self._known())
+        return bool(_names(e.kwargs["event"]) & self._known())
 
     def is_cancel(self, e: Any) -> bool:
         """The announcement withdraws the pending update."""
@@ -901,7 +902,7 @@ class Model:
         """Verify the fetched manifest once, for the conditions that follow."""
         fetched: ev.ManifestFetched = e.kwargs["event"]
         self._candidate, self.refusal = None, None
-        if fetched.digest in self._known():
+        if _names(fetched) & self._known():
             return  # is_known_manifest handles it: not refused (nor reported) again
         floor = self.record.floor
         try:
@@ -923,7 +924,7 @@ class Model:
                     f"{self._candidate.body.sequence} is not greater than {floor}"
                     f" (the floor keyset {self.record.keyset_version} set)",
                 )
-            if fetched.digest in self.record.cancelled:
+            if _names(fetched) & set(self.record.cancelled):
                 raise ManifestError("cancelled", "digest", "the server cancelled this manifest")
             image = resolve(fetched.uri, self._candidate.body.image_uri)
             if self.policy.origins and not allowed(image, self.policy.origins):
@@ -1573,3 +1574,13 @@ def table_markdown() -> str:
             f"| {', '.join(t.unless)} | {', '.join((*t.prepare, *t.after))} |"
         )
     return "\n".join(rows)
+
+
+def _names(fetched: ev.ManifestFetched) -> set[bytes]:
+    """Every digest the lists may know a fetched manifest by.
+
+    Its identity (``fetched.digest``), and the SHA-256 of its bytes: journals written before
+    manifests were named by identity (schema 2) hold that in their cancelled, refused and
+    rejected lists, and a manifest cancelled or rejected then must stay so after an upgrade.
+    """
+    return {fetched.digest, hashlib.sha256(fetched.raw).digest()}
