@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from fota.errors import ConfigError, FotaError
+from fota.errors import ConfigError, FotaError, StateDirLocked
 from fota.logs import configure
+from fota.statedir import LOCKED_EXIT
 
 if TYPE_CHECKING:
     from fota.config import Config
@@ -186,11 +187,23 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     configure(args.log_level or settings.log.level, format=args.log_format or settings.log.format)
     try:
         return asyncio.run(serve(settings, notifier=Notifier.from_env()))
-    except FotaError as exc:
+    except StateDirLocked as exc:
+        # Another instance holds the state directory: not a configuration error, so
+        # systemd's Restart=on-failure tries again and starts once the holder is gone.
+        structlog.get_logger("fota.daemon").error(
+            "daemon_already_running", error=str(exc), state_dir=str(exc.path), pid=exc.pid
+        )
+        return LOCKED_EXIT
+    except ConfigError as exc:
         # Logged as one line in the configured format (a JSON log stays JSON); exit 2 so
         # systemd's RestartPreventExitStatus=2 does not loop on a setting that is wrong.
         structlog.get_logger("fota.daemon").error("daemon_failed", error=str(exc))
         return 2
+    except FotaError as exc:
+        # Anything else (an unreadable disk, a journal write that failed) may pass: exit 1,
+        # and systemd restarts the daemon. Exit 2 is for configuration errors only.
+        structlog.get_logger("fota.daemon").error("daemon_failed", error=str(exc))
+        return 1
     except Exception:
         structlog.get_logger("fota.daemon").exception("daemon_crashed")
         return 1
@@ -213,11 +226,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     """``fota fetch``."""
-    from fota.fetch import fetch, remove_leftovers
+    from fota.fetch import fetch
 
     out = Path(args.out)
-    if args.restart:
-        remove_leftovers(out)
     expected = bytes.fromhex(args.sha256) if args.sha256 else None
     if args.attempts < 1:
         raise ConfigError(f"--attempts: {args.attempts} must be at least 1")
@@ -237,6 +248,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                     retransmission=args.retransmission,
                     congestion=args.congestion,
                     min_rto=args.min_rto,
+                    restart=args.restart and attempt == 1,
                 )
             )
             break
@@ -604,6 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure(args.log_level or ("warning" if getattr(args, "quiet_logs", False) else "info"))
     try:
         code: int = args.func(args)
+    except StateDirLocked as exc:
+        print(f"fota: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return LOCKED_EXIT
     except FotaError as exc:
         print(f"fota: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 2

@@ -227,6 +227,11 @@ def status_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     locks = [f"{lk['name']} until {when(lk['expires'])}" for lk in s.get("locks") or ()]
     fresh = "last fresh " + (when(s["last_fresh"]) if s.get("last_fresh") else "never")
     announcements = f"STALE ({fresh})" if s.get("stale") else fresh
+    # Shown only after one: the updater recovered from state it could not load by itself.
+    recovered = [("Recovered", str(s["recovered"]))] if s.get("recovered") else []
+    # Issue 17 §3: a paused download and the last refusal (with the setting that caused it).
+    paused = [("Paused", str(s["paused"]))] if s.get("paused") else []
+    refusal = [("Last refusal", str(s["last_refusal"]))] if s.get("last_refusal") else []
     return [
         ("State", state),
         ("Status", status_line(s)),
@@ -241,6 +246,9 @@ def status_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("Locks", "\n".join(locks) or "none"),
         ("Reports pending", str(s.get("reports_pending", 0))),
         ("Announcements", announcements),
+        *recovered,
+        *paused,
+        *refusal,
     ]
 
 

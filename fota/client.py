@@ -21,7 +21,7 @@ from fota.handler import UpdateHandler
 from fota.install import Context, FileInstaller, Installer, from_config
 from fota.journal import FileOps, Journal
 from fota.notices import Listener
-from fota.statedir import secure_state_dir
+from fota.statedir import StateLock, lock_state_dir, secure_state_dir
 from fota.transport import Transport
 from fota.transport.coap import CoapTransport
 
@@ -51,6 +51,13 @@ class Status:
             be frozen by the server or the path; docs/security.md).
         last_fresh: when the last fresh announcement arrived (epoch seconds, UTC); None:
             none since the start.
+        recovered: what the last recovery of unreadable state did (a damaged journal, a
+            lost manifest: docs/journal.md, "Recovery"), "" if none; kept until the next
+            update commits.
+        paused: why the download is paused and since when (the image answered 4.04, the
+            disk is full), "" if it is not; it resumes by itself.
+        last_refusal: the last manifest refused since the start, ``<update id>: <result>:
+            <detail>``, naming the local setting when one caused it; "" if none.
     """
 
     state: State
@@ -71,6 +78,9 @@ class Status:
     locks: tuple[tuple[str, float], ...] = ()
     stale: bool = False
     last_fresh: float | None = None
+    recovered: str = ""
+    paused: str = ""
+    last_refusal: str = ""
 
 
 def installer_for(config: Config) -> Installer:
@@ -129,7 +139,18 @@ def status_of(model: Model, now: float | None = None) -> Status:
         forced=rec.forced,
         held=rec.held,
         locks=pol.active_locks(rec, now),
+        recovered=rec.recovered,
+        paused=_paused(model),
+        last_refusal=model.last_refusal,
     )
+
+
+def _paused(model: Model) -> str:
+    if model.stall is None or model.state is not State.DOWNLOADING:
+        return ""
+    kind, since = model.stall
+    why = "the image is not on the server (4.04)" if kind == "missing" else "the disk is full"
+    return f"{why}, since {datetime.fromtimestamp(since, UTC).strftime('%Y-%m-%d %H:%M:%SZ')}"
 
 
 class Client:
@@ -185,6 +206,7 @@ class Client:
             free_space=free_space,
         )
         self._clock = clock
+        self._lock: StateLock | None = None
 
     async def start(self) -> None:
         """Load the journal and start working (resuming whatever was in progress).
@@ -193,15 +215,32 @@ class Client:
             StateDirError: ``Config.state_dir`` is not fota's own (another user owns it, or
                 can write it or a directory above it); see :mod:`fota.statedir`. Checked
                 before anything in it is read: every entry point starts here.
+            StateDirLocked: another fota instance (a daemon, ``fota run``, another
+                :class:`Client`, in this process or not) holds ``Config.state_dir``; the
+                message names the directory and its PID. Taken before anything is read.
         """
         secure_state_dir(self.config.state_dir)
-        await self.engine.start()
+        if self._lock is None:
+            self._lock = lock_state_dir(self.config.state_dir)
+        try:
+            await self.engine.start()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def aclose(self) -> None:
         """Stop; the journal keeps everything needed to resume."""
-        await self.engine.aclose()
-        if self._owns_transport:
-            await self.transport.aclose()
+        try:
+            await self.engine.aclose()
+            if self._owns_transport:
+                await self.transport.aclose()
+        finally:
+            self._release()  # after the engine's last journal write
 
     async def __aenter__(self) -> Client:
         await self.start()

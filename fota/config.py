@@ -114,6 +114,9 @@ class Config:
         resume: after a restart mid-download: ``resume`` (from the verified fragments),
             ``restart`` (from zero) or ``none`` (the update fails and is reported).
         report_retry_cap: longest delay between report delivery attempts, seconds.
+        not_found_budget: seconds a download keeps retrying (with back-off) an image the
+            server answers 4.04 for, from the first 4.04 since the last verified fragment;
+            then the update fails (7). 0: fail at the first 4.04.
         poll_jitter: each poll interval is spread randomly by this fraction either way.
         max_deferral: cumulative deferral allowed per severity (``optional``, ``mandatory``,
             ``critical``), seconds, across restarts; None: unbounded. A manifest's
@@ -189,6 +192,7 @@ class Config:
     max_download_time: float | None = None
     resume: str = "resume"
     report_retry_cap: float = 60.0
+    not_found_budget: float = 600.0
     poll_jitter: float = 0.1
     max_deferral: dict[str, float | None] = field(default_factory=_default_max_deferral)
     deadline_after: dict[str, float | None] = field(default_factory=_default_deadline_after)
@@ -253,6 +257,8 @@ class Config:
         for name in ("poll_interval", "max_download_time", "freshness_window"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if _finite("not_found_budget", self.not_found_budget) < 0:
+            raise ConfigError(f"not_found_budget: {self.not_found_budget} must not be negative")
         if _finite("retry_cap", self.retry_cap) < self.retry_base:
             raise ConfigError(
                 f"retry_cap: {self.retry_cap} must be at least retry_base ({self.retry_base})"
@@ -354,6 +360,7 @@ class Config:
             self_test_deadline=self.self_test_deadline,
             self_test_interval=self.self_test_interval,
             origins=self.origins(),
+            not_found_budget=self.not_found_budget,
         )
 
 

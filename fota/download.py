@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from fota.core.record import bitmap_get
 from fota.core.text import show
 from fota.errors import (
     DataBudgetExceeded,
+    DiskFull,
     FotaError,
     ImageChanged,
     IntegrityError,
@@ -158,7 +160,7 @@ class _Assembly:
                 log.info("etag_changed", update_id=self.m.update_id, offset=block.offset)
             self.etag = block.etag
         if self.sync_error is not None:
-            raise StorageError(f"candidate fsync failed: {self.sync_error}")
+            raise storage_error(f"candidate fsync failed: {self.sync_error}", self.sync_error)
         offset, data = block.offset, block.data
         self.received += len(data)
         self.total += len(data)
@@ -221,7 +223,7 @@ class _Assembly:
         try:
             self.ops.pwrite(self.fd, bytes(buffer), start)
         except OSError as exc:
-            raise StorageError(f"candidate: {exc}") from exc
+            raise storage_error(f"candidate: {exc}", exc) from exc
         self.unsynced.append((index, self.received))
         self.received = 0
         if len(self.unsynced) >= self.fsync_every:
@@ -258,6 +260,15 @@ class _Assembly:
                 await asyncio.wrap_future(future)
         finally:
             self.executor.shutdown(wait=True)
+
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""Errors of a full file system (or quota): the download pauses until there is room."""
+
+
+def storage_error(message: str, exc: OSError) -> StorageError:
+    """The fota error for a failed candidate write: :class:`DiskFull` when the disk is full."""
+    return DiskFull(message) if exc.errno in NO_SPACE else StorageError(message)
 
 
 def available_bytes(path: Path) -> int:
@@ -346,10 +357,17 @@ class Downloader:
         except asyncio.CancelledError:
             raise
         except FotaError as exc:
+            if isinstance(exc, DiskFull):  # the download pauses (the core decides); say why
+                log.warning("candidate_disk_full", update_id=uid, error=str(exc))
             self.emit(ev.DownloadFailed(uid, exc, self.unreported))
         except OSError as exc:  # the candidate file could not be written (disk full, I/O error)
-            log.error("candidate_write_failed", update_id=uid, error=str(exc))
-            error = StorageError(f"candidate {self.candidate}: {exc}")
+            full = exc.errno in NO_SPACE
+            (log.warning if full else log.error)(
+                "candidate_disk_full" if full else "candidate_write_failed",
+                update_id=uid,
+                error=str(exc),
+            )
+            error = storage_error(f"candidate {self.candidate}: {exc}", exc)
             self.emit(ev.DownloadFailed(uid, error, self.unreported))
         else:
             self.emit(ev.DownloadFinished(uid, self.unreported))

@@ -42,7 +42,7 @@ from fota.core import events as ev
 from fota.core import policy as pol
 from fota.core.keyset import MAX_KEYSET_BYTES
 from fota.core.machine import LEGAL, Model, machine_kwargs
-from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest, accept, envelope_id, fetched_key
+from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest, envelope_id, fetched_key, verify
 from fota.core.policy import must_ask
 from fota.core.record import Record
 from fota.core.states import State
@@ -59,6 +59,7 @@ from fota.errors import (
     ManifestError,
     PermanentServerError,
     ResultCode,
+    TaskCrashed,
 )
 from fota.fileops import seal_candidate
 from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo, UpdateReason
@@ -90,6 +91,18 @@ RESTART_RETRY = 30.0
 RESTART_RETRY_CAP = 600.0
 """Pauses between runs of a restart command that failed (doubling, capped)."""
 """Seconds before an event whose journal write failed is handled again."""
+GATES_CRASHED = "check_crashed"
+"""The failing condition a crashed condition check reports (the reason is in the log)."""
+SUPERVISE_RETRY = 1.0
+SUPERVISE_RETRY_CAP = 300.0
+"""Pause before a crashed long-lived task (announcement watcher, timers, freshness, report
+delivery) runs again, seconds: doubling from ``SUPERVISE_RETRY`` to the cap, with jitter."""
+REPORT_RETRY = 0.2
+"""First pause between report delivery attempts, seconds (doubling to ``report_retry_cap``)."""
+
+Failure = Callable[[TaskCrashed], "ev.Event | None"]
+"""What a supervised child task's crash stands for: the failure event of its command (None:
+the crash is only logged, e.g. a notification hook)."""
 
 
 def decision_event(update_id: str, decision: Decision) -> ev.Event | None:
@@ -301,11 +314,14 @@ class Engine:
             # A keyset stored but not yet noted in the record (taken by a version before
             # this field, or a crash between the two writes): its effects are applied now.
             self.post(ev.KeysetApplied(self.trust.version, self.trust.floor_reset))
-        self._spawn("watch", self._watch())
-        self._spawn("timers", self._run_timers())
+        # Long-lived tasks run again after a crash: without them the engine is deaf (no
+        # announcements), timeless (no timer fires) or blind to a frozen server.
+        self._spawn_kept("watch", self._watch)
+        self._spawn_kept("timers", self._run_timers)
         if self.config.freshness_window is not None:
             self._fresh_mono = time.monotonic()  # the window starts with the engine
-            self._spawn("freshness", self._watch_freshness(self.config.freshness_window))
+            window = self.config.freshness_window
+            self._spawn_kept("freshness", lambda: self._watch_freshness(window))
         subscribe = getattr(self.clock, "subscribe", None)
         if callable(subscribe):
             self._unsubscribe = subscribe(self.check_timers)
@@ -316,15 +332,20 @@ class Engine:
         except OSError as exc:
             raise ConfigError(f"factory_manifest: cannot read {path}: {exc.strerror}") from exc
         try:
-            return accept(
-                raw,
-                self.config.trust,
-                device_class=self.config.device_class,
-                installed=None,
-                max_image_size=1 << 62,  # it is already installed; the limit is for downloads
-            )
+            # The running image's manifest, like the journal's installed one: a key a keyset
+            # rotated out (or revoked) since still vouches for it; only a new manifest needs a
+            # key trusted now (else a device that lost its journal after a rotation is stuck).
+            manifest = verify(raw, self.config.trust, max_image_size=1 << 62, revoked_ok=True)
+            if manifest.body.device_class != self.config.device_class:
+                raise ManifestError(
+                    "wrong_device_class",
+                    "device_class",
+                    f"{manifest.body.device_class!r} is not this device's"
+                    f" {self.config.device_class!r}",
+                )
         except ManifestError as exc:
             raise ConfigError(f"factory_manifest: {path}: {exc}") from exc
+        return manifest
 
     async def aclose(self) -> None:
         """Stop child tasks and the engine (after the event in progress), keep the journal as is.
@@ -579,6 +600,18 @@ class Engine:
             log.warning(
                 "manifest_refused", kind=refusal.kind, field=refusal.field, error=str(refusal)
             )
+        error = getattr(event, "error", None)
+        if isinstance(error, FotaError):
+            # A step failed (download, install, commit, rollback): say why where it happens,
+            # whether the machine retries it or ends the update (then update_failed follows).
+            (log.info if error.retryable else log.warning)(
+                "step_failed",
+                fact=type(event).__name__,
+                result=error.result.name,
+                retryable=error.retryable,
+                error=str(error),
+                state=model.state.name,
+            )
         if model.pending is not None and (
             self._current is None or self._current.update_id != model.pending.update_id
         ):
@@ -618,11 +651,24 @@ class Engine:
 
     # -- commands -----------------------------------------------------------------------
 
-    def _spawn(self, name: str | None, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(
+        self,
+        name: str | None,
+        coro: Coroutine[Any, Any, None],
+        failure: Failure | None = None,
+    ) -> None:
+        """Run ``coro`` as a supervised child task (one per ``name``; None: any number).
+
+        An exception that escapes ``coro`` (not a cancellation) is logged with its reason and
+        becomes ``failure(error)``'s event in the inbox: the command's failure, so the update
+        ends with a result instead of waiting forever for an event that will never come.
+        """
         if self._closing:
             coro.close()
             return
-        task = asyncio.create_task(coro, name=f"fota-{name or 'notify'}")
+        task = asyncio.create_task(
+            self._supervised(name or "notify", coro, failure), name=f"fota-{name or 'notify'}"
+        )
         task.add_done_callback(_log_crash)
         if name is None:
             self._loose.add(task)
@@ -632,6 +678,54 @@ class Engine:
         if old is not None and not old.done():
             self._retire(old)
         self._tasks[name] = task
+
+    async def _supervised(
+        self, name: str, coro: Coroutine[Any, Any, None], failure: Failure | None
+    ) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = TaskCrashed(name, exc)
+            event = failure(error) if failure is not None else None
+            log.error(
+                "task_crashed",
+                task=name,
+                error=str(error),
+                becomes=type(event).__name__ if event is not None else None,
+                exc_info=exc,
+            )
+            if event is not None:
+                self.post(event)
+
+    def _spawn_kept(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``run()`` as a child task that is started again after a crash (with back-off).
+
+        It ends when ``run()`` returns (the report task, when the outbox is empty).
+        """
+        self._spawn(name, self._keep(name, run))
+
+    async def _keep(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        pause = SUPERVISE_RETRY
+        while True:
+            try:
+                await run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Jitter: a bug that crashes a fleet at once must not restart it in lockstep.
+                delay = pause * (0.5 + self._random.random())
+                log.error(
+                    "task_crashed",
+                    task=name,
+                    error=str(TaskCrashed(name, exc)),
+                    restart_in=round(delay, 3),
+                    exc_info=exc,
+                )
+                await asyncio.sleep(delay)  # back-off before the task runs again
+                pause = min(pause * 2, SUPERVISE_RETRY_CAP)
 
     def _retire(self, task: asyncio.Task[None]) -> None:
         task.cancel()
@@ -666,26 +760,42 @@ class Engine:
                     return
                 limit = self.config.max_download_bytes
                 budget = None if limit is None else (model.record.fetched, limit)
+                uid = model.pending.update_id
                 self._spawn(
                     "download",
                     self.downloader.run(model.pending, uri, model.record.verified, budget=budget),
+                    lambda error: ev.DownloadFailed(uid, error, 0),
                 )
             case cmd.StopDownload():
                 self._cancel("download")
             case cmd.VerifyImage(update_id=uid):
-                self._spawn("verify", self._verify(uid))
+                self._spawn("verify", self._verify(uid), lambda error: ev.ImageChecked(uid, False))
             case cmd.Install(update_id=uid):
-                self._spawn("install", self._install(uid))
+                self._spawn(
+                    "install", self._install(uid), lambda error: ev.InstallFinished(uid, error)
+                )
             case cmd.RunSelfTest(update_id=uid):
-                self._spawn("selftest", self._self_test(uid))
+                self._spawn(
+                    "selftest",
+                    self._self_test(uid),
+                    lambda error: ev.SelfTestFinished(uid, False, str(error)),
+                )
             case cmd.RequestRestart(update_id=uid):
                 self._spawn("restart", self._request_restart(uid))
             case cmd.CheckBoot(update_id=uid):
-                self._spawn("install", self._check_boot(uid))
+                self._spawn(
+                    "install",
+                    self._check_boot(uid),
+                    lambda error: ev.BootChecked(uid, False, str(error)),
+                )
             case cmd.Commit(update_id=uid):
-                self._spawn("install", self._commit(uid))
+                self._spawn(
+                    "install", self._commit(uid), lambda error: ev.CommitFinished(uid, error)
+                )
             case cmd.Rollback(update_id=uid):
-                self._spawn("install", self._rollback(uid))
+                self._spawn(
+                    "install", self._rollback(uid), lambda error: ev.RollbackFinished(uid, error)
+                )
             case cmd.CheckAnnouncement():
                 self.transport.check_now()
             case cmd.DiscardCandidate():
@@ -700,7 +810,13 @@ class Engine:
                 self._timers.pop(name, None)
                 self._fired.pop(name, None)
             case cmd.CheckGates(update_id=uid, step=step):
-                self._spawn("gates", self._check_gates(uid, step))
+                # A crashed check holds the update like a failing condition (checked again
+                # at the next hold timer), never lets it through.
+                self._spawn(
+                    "gates",
+                    self._check_gates(uid, step),
+                    lambda error: ev.GatesChecked(uid, (GATES_CRASHED,)),
+                )
             case cmd.Inform(update_id=uid, step=step):
                 if self.handler is not None:
                     self._spawn(None, self._inform(uid, step))
@@ -711,7 +827,7 @@ class Engine:
             case cmd.SendReports():
                 task = self._tasks.get("reports")
                 if task is None or task.done():
-                    self._spawn("reports", self._deliver_reports())
+                    self._spawn_kept("reports", self._deliver_reports)
             case cmd.NotifyProgress(done=done, total=total):
                 self._tell("progress", model.update_id, done=done, total=total)
                 if self.handler is not None:
@@ -719,6 +835,14 @@ class Engine:
             case cmd.NotifyComplete(update_id=uid, result=result, detail=detail):
                 info = next(
                     (i for i in (self._current, self._previous) if i and i.update_id == uid), None
+                )
+                # Where it happens: the operator reads why in the log, not only in the report.
+                (log.info if result is ResultCode.SUCCESS else log.error)(
+                    "update_completed" if result is ResultCode.SUCCESS else "update_failed",
+                    update_id=uid,
+                    version=info.version if info else None,
+                    result=result.name,
+                    detail=detail,
                 )
                 self._tell(
                     "completed" if result is ResultCode.SUCCESS else "failed",
@@ -922,7 +1046,7 @@ class Engine:
                 return
             except (FotaError, OSError) as exc:
                 log.info("keyset_fetch_retry", uri=uri, error=str(exc), attempt=attempt)
-                await asyncio.sleep(pol.retry_delay(attempt, policy))
+                await asyncio.sleep(pol.retry_delay(attempt, policy, self._random.random()))
                 continue
             if keyset.version != version:
                 log.info("keyset_version_differs", announced=version, applied=keyset.version)
@@ -940,7 +1064,7 @@ class Engine:
                 return
             except FotaError as exc:
                 log.info("manifest_fetch_retry", uri=uri, error=str(exc), attempt=attempt)
-                await asyncio.sleep(pol.retry_delay(attempt, policy))
+                await asyncio.sleep(pol.retry_delay(attempt, policy, self._random.random()))
                 continue
             key = digest  # past the size limit: refused as oversize, never hashed
             if len(raw) <= MAX_MANIFEST_BYTES:
@@ -952,7 +1076,7 @@ class Engine:
                     # the next announcement brings the new digest). Bytes nobody announced
                     # are never judged.
                     log.warning("manifest_digest_mismatch", uri=uri, attempt=attempt)
-                    await asyncio.sleep(pol.retry_delay(attempt, policy))
+                    await asyncio.sleep(pol.retry_delay(attempt, policy, self._random.random()))
                     continue
                 # The core files it under its identity only once a trusted signature
                 # vouches for it (issue 16 §3): see fetched_key.
@@ -1138,22 +1262,40 @@ class Engine:
             self.post(ev.RollbackFinished(update_id, restart=outcome.restart))
 
     async def _deliver_reports(self) -> None:
-        backoff = 0.2
+        """Send the outbox, oldest first, until it is empty (run under ``_spawn_kept``)."""
+        # The task outlives the state it was spawned in: its lines say which report they are
+        # about (update and state of the report), not the context of its spawning.
+        structlog.contextvars.unbind_contextvars("update_id", "version", "state")
+        backoff = REPORT_RETRY
         while True:
             model = self.model
             assert model is not None
             if not model.record.outbox:
                 return
             report = model.record.outbox[0]
+            about = {
+                "sequence": report.sequence,
+                "update_id": report.update_id,
+                "state": report.state.name,
+            }
             try:
                 await self.transport.post_report(report.to_cbor(self.config.device_id))
             except PermanentServerError as exc:
-                log.warning("report_refused", sequence=report.sequence, error=str(exc))
+                log.warning("report_refused", error=str(exc), **about)
             except FotaError as exc:
-                log.info("report_retry", sequence=report.sequence, error=str(exc), delay=backoff)
+                log.info("report_retry", error=str(exc), delay=backoff, **about)
                 await asyncio.sleep(backoff)  # back-off between delivery attempts
                 backoff = min(backoff * 2, self.config.report_retry_cap)
                 continue
-            backoff = 0.2
             crashpoints.point("report:acknowledged")
-            await self.submit(ev.ReportDelivered(report.sequence))
+            try:
+                await self.submit(ev.ReportDelivered(report.sequence))
+            except JournalError as exc:
+                # The server has it, the journal does not say so yet: send it again after a
+                # pause (the server de-duplicates by sequence) rather than end the task and
+                # leave the outbox waiting for the next report to be queued.
+                log.warning("report_not_dropped", error=str(exc), delay=backoff, **about)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.report_retry_cap)
+                continue
+            backoff = REPORT_RETRY

@@ -46,6 +46,7 @@ class ResultCode(IntEnum):
     ROLLED_BACK = 112
     ROLLBACK_FAILED = 113
     KEY_REVOKED = 114
+    STATE_RECOVERED = 115
 
 
 class FotaError(Exception):
@@ -95,7 +96,10 @@ class TransportError(FotaError):
 
 
 class PermanentServerError(FotaError):
-    """The server refused a resource for good (4.04, 4.03, 4.00, 4.15): stop retrying."""
+    """The server refused a request for good (fota.core.codes: 4.00-4.03, 4.05, ...): stop.
+
+    A 4.04 is :class:`ResourceMissing`, a subclass retried for a while by downloads.
+    """
 
     result = ResultCode.INVALID_URI
 
@@ -103,6 +107,15 @@ class PermanentServerError(FotaError):
         super().__init__(f"{uri}: server answered {code}")
         self.uri = uri
         self.code = code
+
+
+class ResourceMissing(PermanentServerError):
+    """The server answered 4.04 for a resource addressed by its signed digest.
+
+    Seldom really gone: a server restarting and refilling its files answers 4.04 for a
+    moment. A download retries it with back-off for ``Config.not_found_budget`` seconds before
+    the update fails (fota.core.codes has the table of codes).
+    """
 
 
 class ImageChanged(FotaError):
@@ -143,10 +156,34 @@ class NotEnoughSpace(StorageError):
     result = ResultCode.NOT_ENOUGH_SPACE
 
 
+class DiskFull(NotEnoughSpace):
+    """The candidate's file system filled up during the download (ENOSPC, EDQUOT).
+
+    Not a failure: the download pauses, polls for space with back-off, and resumes from its
+    verified fragments once the write can succeed.
+    """
+
+
 class InstallError(FotaError):
     """The installer failed; the previous image is still in place."""
 
     result = ResultCode.FAILED
+
+
+class TaskCrashed(FotaError):
+    """An engine child task raised an exception nobody expected (a bug in fota or a plug-in).
+
+    The engine's supervision turns it into the failure event of the command the task ran
+    (a download fails, an install fails, ...), so the update ends with a report instead of
+    waiting forever. Not retryable: the same step would most likely crash again.
+
+    Attributes:
+        task: the child task's name (``download``, ``verify``, ...).
+    """
+
+    def __init__(self, task: str, exc: BaseException) -> None:
+        super().__init__(f"{task} task crashed: {type(exc).__name__}: {exc}")
+        self.task = task
 
 
 class PolicyError(FotaError):
@@ -180,6 +217,23 @@ class StateDirError(ConfigError):
         self.mode = mode
 
 
+class StateDirLocked(FotaError):
+    """Another fota process holds the state directory (one instance per state directory).
+
+    Not a configuration error: the daemon exits with :data:`fota.statedir.LOCKED_EXIT` (75),
+    which systemd's ``Restart=on-failure`` retries, and starts once the holder has exited.
+
+    Attributes:
+        path: the state directory (or, for ``fota fetch``, the output file) that is held.
+        pid: the holder's process id as it wrote it in the lock file (None: not readable yet).
+    """
+
+    def __init__(self, message: str, *, path: Path, pid: int | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.pid = pid
+
+
 class ControlError(FotaError):
     """The daemon refused a control request, or the control connection failed.
 
@@ -191,5 +245,6 @@ class ControlError(FotaError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-        self.retryable = code in ("busy", "journal", "unreachable")
+        # idle / timeout: closed for silence; the request was not run (docs/control.md).
+        self.retryable = code in ("busy", "journal", "unreachable", "idle", "timeout")
         self.request_id: int | str | None = None

@@ -23,11 +23,15 @@ from fota.core.record import bitmap_new, bitmap_set
 from fota.download import Downloader, Layout
 from fota.errors import FotaError, IntegrityError, JournalError, TransportError
 from fota.fileops import FileOps, sha256_prefix
+from fota.statedir import lock_file
 from fota.transport import Block, BlockFetcher
 from fota.transport.tcp import TcpFetcher
 from fota.transport.window import WindowFetcher
 
 log = structlog.get_logger(__name__)
+
+LOCK_SUFFIX = ".fota-fetch.lock"
+"""The lock beside the output: ``FILE.fota-fetch.lock`` (left in place; it holds a PID)."""
 
 FRAGMENT = 256 * 1024
 """Journal granularity: one small atomic journal write per 256 KiB keeps write
@@ -75,19 +79,68 @@ async def fetch(
     retransmission: str = "cocoa",
     congestion: str = "aimd",
     min_rto: float = 0.2,
+    restart: bool = False,
 ) -> FetchResult:
     """Download ``uri`` to ``out``, resuming a previous run; verify the SHA-256 if given.
 
     With ``oscore`` (a security context directory, ``fota.transport.oscore``) every request
-    is OSCORE-protected and goes through aiocoap, ``window`` at a time.
+    is OSCORE-protected and goes through aiocoap, ``window`` at a time. With ``restart`` a
+    previous partial fetch of ``out`` is forgotten first (``--restart``).
 
     Raises:
         FotaError: transport errors, a server refusal, or a digest mismatch (IntegrityError).
+        StateDirLocked: another ``fota fetch`` is writing ``out`` (it holds
+            ``FILE.fota-fetch.lock``); the message names ``out`` and its PID.
     """
     out = Path(out)
     journal = out.with_name(out.name + ".fota-fetch")
     candidate = out.with_name(out.name + ".part")
     ops = FileOps()
+    # One fetch per output (issue 17 §1): two would write the same .part and journal. Taken
+    # before the state is read; the kernel releases it when this process dies.
+    lock = lock_file(out.parent, out.name + LOCK_SUFFIX, out)
+    try:
+        if restart:
+            remove_leftovers(out)  # under the lock: never another fetch's file
+        return await _fetch(
+            uri,
+            out,
+            journal,
+            candidate,
+            ops,
+            sha256=sha256,
+            window=window,
+            block_size=block_size,
+            ack_timeout=ack_timeout,
+            max_retransmit=max_retransmit,
+            fsync_every=fsync_every,
+            oscore=oscore,
+            retransmission=retransmission,
+            congestion=congestion,
+            min_rto=min_rto,
+        )
+    finally:
+        lock.release()
+
+
+async def _fetch(
+    uri: str,
+    out: Path,
+    journal: Path,
+    candidate: Path,
+    ops: FileOps,
+    *,
+    sha256: bytes | None,
+    window: int,
+    block_size: int,
+    ack_timeout: float,
+    max_retransmit: int,
+    fsync_every: int,
+    oscore: Path | None,
+    retransmission: str,
+    congestion: str,
+    min_rto: float,
+) -> FetchResult:
 
     secured = None
     if oscore is not None:

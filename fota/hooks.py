@@ -8,7 +8,8 @@ Rules every command run by fota follows (docs/installers.md, "Safety"):
 * an explicit environment, never the daemon's own (:func:`environment`): ``PATH`` and the
   locale (``LANG``, ``LC_ALL``) taken from the daemon, the usual "do not prompt" switches, and
   what the caller adds (``FOTA_*``, an installer's ``env`` setting). A secret in the daemon's
-  environment (a token, a credentials path, ``NOTIFY_SOCKET``) never reaches a hook;
+  environment (a token, a credentials path, ``NOTIFY_SOCKET``) never reaches a hook; ``PATH``
+  keeps only directories no one but root can write (:func:`safe_path`);
 * stdin is ``/dev/null``, so a command that asks a question gets end-of-file instead of
   hanging the update;
 * a timeout: the command runs in a session of its own, and on timeout the whole process group
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+
+from fota import safefs
 
 log = structlog.get_logger(__name__)
 
@@ -78,11 +81,65 @@ def environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
     :data:`PASSED` from the daemon's environment (``PATH`` defaults to :data:`DEFAULT_PATH`),
     then :data:`NONINTERACTIVE`, then ``extra`` (the caller's ``FOTA_*`` variables, an
-    installer's ``env`` setting), which wins over both.
+    installer's ``env`` setting), which wins over both. ``PATH`` is then kept to the
+    directories a program name may be looked up in as root (:func:`safe_path`).
     """
     env = {name: os.environ[name] for name in PASSED if os.environ.get(name)}
     env.setdefault("PATH", DEFAULT_PATH)
-    return {**env, **NONINTERACTIVE, **(extra or {})}
+    env = {**env, **NONINTERACTIVE, **(extra or {})}
+    env["PATH"] = safe_path(env["PATH"])
+    return env
+
+
+_dropped: set[tuple[str, str]] = set()
+"""PATH entries already warned about (one warning each, not one per command)."""
+
+
+def _entry_problem(entry: str) -> str | None:
+    if not entry.startswith("/"):
+        # "", "." or "bin": looked up from the command's working directory (an archive
+        # hook's is the root the bundle just changed).
+        return "not an absolute path: looked up relative to the working directory"
+    if os.geteuid() != 0:
+        return None  # a development setup: no one gains more than fota's own uid
+    here = Path(entry)
+    while True:
+        try:
+            safefs.check_trusted_path(here, allow_writable=False, what="PATH")
+            return None
+        except safefs.UnsafePathError as exc:
+            return str(exc)
+        except FileNotFoundError:
+            if here.parent == here:
+                return "missing"
+            # Missing: harmless if only root can create it (its nearest ancestor is root's).
+            here = here.parent
+        except OSError as exc:
+            return str(exc)
+
+
+def safe_path(value: str) -> str:
+    """``value`` without the entries a non-root user could put a program in.
+
+    A program named without a slash (``systemctl``, an allow-list's first word) is looked up
+    along ``PATH``; as root, a directory a user can write on it (or a relative entry, looked
+    up from the working directory) lets them choose what root runs. Each dropped entry is
+    logged once. Such entries are dropped by the rules of :func:`fota.safefs.check_trusted_path`
+    (root's, writable by no one else, and so every directory above it); a missing one is kept
+    when the directory it would be made in is. When fota is not root, only relative entries
+    are dropped.
+    """
+    kept = []
+    for entry in value.split(":"):
+        problem = _entry_problem(entry)
+        if problem is None:
+            kept.append(entry)
+        elif (entry, problem) not in _dropped:
+            _dropped.add((entry, problem))
+            log.warning("path_entry_dropped", entry=entry, reason=problem)
+    if not kept and value != DEFAULT_PATH:
+        return safe_path(DEFAULT_PATH)
+    return ":".join(kept) or "/usr/bin:/bin"
 
 
 class CommandNotFound(OSError):

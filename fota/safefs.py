@@ -327,6 +327,31 @@ def check_trusted_path(path: Path | str, *, allow_writable: bool, what: str) -> 
     os.close(open_trusted_dir(path, allow_writable=allow_writable, what=what))
 
 
+def resolve_trusted_dir(path: Path | str, *, allow_writable: bool, what: str) -> Path:
+    """The symlink-free path of a directory, as one checked walk from ``/`` resolves it.
+
+    ``os.path.realpath`` follows every link, a user's included, and then only the directories
+    of the path it ends at are checked: ``root = /home/app/current`` with ``current`` the
+    user's link to ``/etc`` would be ``/etc``, and ``/home/app`` never looked at. Here links
+    are followed by the rules of :func:`open_dir` (root's only), and every directory visited,
+    before and after a link, is checked as on the way to a target (a root-owned sticky
+    ``/tmp`` passes, as for :func:`check_trusted_path`'s ancestors).
+
+    Raises:
+        UnsafePathError: a directory a non-root user can write (unless ``allow_writable``), a
+            symlink root does not own, or a relative path, named.
+        OSError: a component is missing or not a directory.
+    """
+    walk = _Walk(what, check=True, allow_writable=allow_writable)
+    try:
+        if walk.run(Path(path), follow_last=True) is not None:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", os.fspath(path))
+        walk.judge(walk.stack[-1][1], final=False)
+        return Path(walk.shown())
+    finally:
+        walk.close()
+
+
 def open_parent(
     path: Path | str,
     *,
@@ -462,10 +487,12 @@ def safe_mode(st: os.stat_result) -> int:
     """Permission bits to give a file fota creates from ``st``, a file it replaces or copies.
 
     Setuid, setgid and sticky bits are kept only from a file root owns: a user can ``chmod`` a
-    file of their own to 0o6777, and root must not turn that into a setuid-root file.
+    file of their own to 0o6777, and root must not turn that into a setuid-root file. Nor from a
+    file with more than one link: where ``fs.protected_hardlinks`` is off, a user can plant a
+    hard link to a setuid-root program at a target's name.
     """
     mode = stat.S_IMODE(st.st_mode)
-    return mode if st.st_uid == 0 else mode & ~_SPECIAL_BITS
+    return mode if st.st_uid == 0 and st.st_nlink == 1 else mode & ~_SPECIAL_BITS
 
 
 def read_small(dir_fd: int, name: str, limit: int, *, what: str = "file") -> bytes:
@@ -838,6 +865,7 @@ __all__ = [
     "open_trusted_dir",
     "open_verified",
     "read_small",
+    "resolve_trusted_dir",
     "safe_mode",
     "sweep_temps",
     "temp_name",

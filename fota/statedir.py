@@ -18,12 +18,21 @@ applies to key files and the directories above them, ``misc.c`` ``safe_path``):
 
 :class:`fota.Client` calls it in :meth:`~fota.Client.start`, so every entry point (the
 daemon, ``fota run``, the demo, an application embedding the library) passes through it.
+
+One instance per state directory (issue 17 §1): right after the check, and before anything in
+the directory is read, :func:`lock_state_dir` takes an exclusive ``flock`` on ``lock`` in it.
+Two updaters on one directory would download into the same candidate and overwrite each
+other's journal. The kernel releases the lock when the holder dies (``kill -9`` included), so
+a stale lock never needs a person. A second instance gets
+:class:`~fota.errors.StateDirLocked`, naming the directory and the holder's PID (written into
+the lock file after locking); the daemon and ``fota run`` exit with :data:`LOCKED_EXIT`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import os
 import pwd
@@ -32,14 +41,29 @@ from pathlib import Path
 
 import structlog
 
-from fota.errors import StateDirError
+from fota.errors import StateDirError, StateDirLocked
 
-__all__ = ["secure_state_dir"]
+__all__ = [
+    "LOCKED_EXIT",
+    "LOCK_NAME",
+    "StateLock",
+    "lock_file",
+    "lock_state_dir",
+    "secure_state_dir",
+]
 
 log = structlog.get_logger(__name__)
 
 MODE = 0o700
 """The state directory's mode."""
+
+LOCK_NAME = "lock"
+"""The lock file in the state directory (it holds the holder's PID, for the message)."""
+
+LOCKED_EXIT = 75
+"""Exit status of ``fota daemon`` and ``fota run`` when another process holds the state
+directory (``EX_TEMPFAIL``): not 2, so systemd's ``RestartPreventExitStatus=2`` does not keep
+the unit down once the holder has gone; ``Restart=on-failure`` tries again."""
 
 
 def _owner(uid: int) -> str:
@@ -135,3 +159,102 @@ def secure_state_dir(path: Path) -> None:
                     )
     finally:
         os.close(fd)
+
+
+class StateLock:
+    """An exclusive ``flock`` on a lock file; the kernel releases it when the process dies.
+
+    ``flock`` locks belong to the open file description, not to the process: a second
+    :class:`fota.Client` in the same process, which opens the file again, is refused as well
+    (POSIX ``fcntl`` record locks would let it through).
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd: int | None = fd
+        self.path = path
+
+    def release(self) -> None:
+        """Unlock and close (idempotent). The file stays: removing it would race a new holder."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the last descriptor of the description drops the lock
+
+
+def _holder(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def lock_file(directory: Path, name: str, what: Path) -> StateLock:
+    """Take the exclusive lock ``directory/name`` at once, or refuse naming the holder.
+
+    The file is created ``O_NOFOLLOW`` mode 0600 relative to a descriptor of ``directory``
+    (a symbolic link planted at the name is refused, never followed), must be a regular file
+    of fota's own uid, and gets the holder's PID after the lock is taken.
+
+    Args:
+        directory: where the lock file lives.
+        name: its name.
+        what: what the lock protects, for the message (the state directory, or ``fota
+            fetch``'s output file).
+
+    Raises:
+        StateDirLocked: another open description holds the lock; names ``what`` and the PID.
+        StateDirError: the lock file is not a regular file of fota's uid, or cannot be opened.
+    """
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = os.open(
+                name,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                0o600,
+                dir_fd=dfd,
+            )
+        except OSError as exc:
+            raise StateDirError(
+                f"lock file {directory / name}: {exc.strerror or exc}",
+                path=directory / name,
+                owner=None,
+                mode=None,
+            ) from exc
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise _refuse(directory / name, st, "is not a regular file of fota's own (the lock)")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _holder(fd)
+            who = f"process {pid}" if pid is not None else "another process (PID not written yet)"
+            raise StateDirLocked(
+                f"{what} is in use by {who}: one fota instance per state directory"
+                f" (lock {directory / name})",
+                path=what,
+                pid=pid,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return StateLock(fd, directory / name)
+
+
+def lock_state_dir(path: Path) -> StateLock:
+    """Hold ``path`` (a state directory :func:`secure_state_dir` checked) for this instance.
+
+    Returns:
+        The lock; release it when the instance stops (the kernel does when it dies).
+
+    Raises:
+        StateDirLocked: another fota instance (daemon, ``fota run``, a :class:`fota.Client`)
+            holds it; the message names the directory and that process's PID.
+    """
+    path = Path(path)
+    return lock_file(path, LOCK_NAME, path)

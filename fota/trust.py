@@ -19,7 +19,7 @@ a new key id). Its ``floor-reset``, if any, is the engine's to hand to the state
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import cbor2
@@ -35,8 +35,9 @@ log = structlog.get_logger(__name__)
 KEYSET_FILE = "keyset.cose"
 REVOKED_FILE = "revoked.cbor"
 HISTORY_FILE = "keys.cbor"
-"""Every manifest key a keyset brought, ``[kid, alg, key]``: rotated-out keys still verify
-the manifests stored before (the running image's), and a restart must not forget them."""
+"""Every manifest key a keyset brought or retired, ``[kid, alg, key]``: rotated-out keys still
+verify the manifests stored before (the running image's), and neither a restart nor a
+configuration that no longer lists a retired factory key must forget them."""
 
 
 class Trust:
@@ -108,6 +109,9 @@ class Trust:
             self.version = keyset.version
             return
         self._apply(keyset)
+        # A keyset taken by an earlier version retired the configured keys it leaves out only
+        # now: they join the history here, before the configuration may drop them.
+        self._remember(self._configured - set(keyset.keys))
         log.info("keyset_loaded", version=keyset.version, signer=keyset.signer.hex())
 
     def offer(self, raw: bytes) -> ks.Keyset:
@@ -130,10 +134,7 @@ class Trust:
         revoked = self._revoked_by_keysets | keyset.revoked
         if revoked != self._revoked_by_keysets:
             self.ops.write_atomic(self.revoked_path, cbor2.dumps(sorted(revoked)))
-        history = {**self._history, **{kid: _entry(kid, key) for kid, key in keyset.keys.items()}}
-        if history != self._history:
-            self.ops.write_atomic(self.history_path, cbor2.dumps(list(history.values())))
-            self._history = history
+        self._remember(self._configured - set(keyset.keys), keyset.keys)
         self.ops.write_atomic(self.path, raw)
         self._apply(keyset)
         log.info(
@@ -165,6 +166,25 @@ class Trust:
         if not isinstance(data, list):
             raise JournalError(f"{path}: not a CBOR array; restore it or remove it")
         return data
+
+    def _remember(
+        self, retired: Iterable[bytes], added: Mapping[bytes, PublicKey] | None = None
+    ) -> None:
+        """Add keys to the history file: configured ones being retired, a keyset's new ones.
+
+        A configured key is kept because the configuration may drop it once it is retired
+        (tidying up after a rotation), while the running image's manifest is still signed
+        by it and must verify at every start.
+        """
+        entries = {kid: _entry(kid, key) for kid, key in (added or {}).items()}
+        for kid in retired:
+            key = self.trust.get(kid, retired=True)
+            if key is not None and kid not in self._history:
+                entries[kid] = _entry(kid, key)
+        history = {**self._history, **entries}
+        if history != self._history:
+            self.ops.write_atomic(self.history_path, cbor2.dumps(list(history.values())))
+            self._history = history
 
     def _load_history(self) -> None:
         entries = self._read(self.history_path) or []

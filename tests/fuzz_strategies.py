@@ -69,7 +69,7 @@ from fota.errors import (
     TransportError,
 )
 from fota.fileops import FileOps
-from fota.journal import RECORD_NAME, Journal
+from fota.journal import QUARANTINE_DIR, RECORD_NAME, Journal
 from fota.transport import Announcement, Block, truncated, wire
 from fota.transport.coap import CoapTransport
 from fota.transport.window import WindowFetcher
@@ -1010,7 +1010,7 @@ def journal_cases(draw: st.DrawFn) -> JournalCase:
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in directory.iterdir()}
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.name != QUARANTINE_DIR}
 
 
 def check_record_types(record: Record) -> None:
@@ -1051,7 +1051,9 @@ def check_journal(case: JournalCase) -> None:
 
     On success only the documented sweep happened: orphan manifests (those the returned
     record does not name) and temp files are removed; everything else is byte for byte as it
-    was, the record file included (a load never rewrites it).
+    was, the record file included (a load never rewrites it) -- unless the load recovered
+    from damage (issue 17 §2): then every damaged file is in the quarantine byte for byte, the
+    recovery is the last report, and the record it saved loads again without a recovery.
     """
     with tempfile.TemporaryDirectory(prefix="fota-fuzz-") as tmp, watchdog():
         state = Path(tmp) / "state"
@@ -1067,6 +1069,16 @@ def check_journal(case: JournalCase) -> None:
             return
         record = loaded.record
         check_record_types(record)
+        if loaded.recovered:
+            assert record.outbox[-1].result is ResultCode.STATE_RECOVERED
+            assert record.recovered == loaded.recovered
+            moved = state / QUARANTINE_DIR  # absent when nothing was there to move
+            for path in moved.iterdir() if moved.exists() else ():
+                name = path.name.split("-", 1)[1]
+                assert before[name] == path.read_bytes(), f"{name} changed on its way aside"
+            again = Journal(state, TRUST).load()
+            assert again.recovered == "" and again.record == record
+            return
         keep = {f"manifest-{d.hex()}.cose" for d in (record.pending, record.installed) if d}
         # A journal from before issue 16 §3 keeps its old names until the next save.
         keep |= {_manifest_name(m.raw) for m in (loaded.pending, loaded.installed) if m}

@@ -338,8 +338,14 @@ class CoreMachine(RuleBasedStateMachine):
             "no-manifest": None,
         }[which]
         uri = "coap://s/m" if digest is not None else None
+        revivable = self.m.state is S.FAILED and not self.m.record.failure
         step = self.fire(ev.AnnouncementReceived(1, digest, uri))
-        if step.accepted:
+        if step.accepted and which == "pending":
+            # Issue 17 §3: the failed update announced again is retried (after its back-off).
+            assert revivable
+            assert self.m.state in (S.DOWNLOADING, S.DOWNLOAD_HELD)
+            assert self.m.record.attempts == 0
+        elif step.accepted:
             assert which == "new" and digest is not None and uri is not None
             assert step.commands == (C.FetchManifest(uri, digest),)
 
@@ -367,7 +373,13 @@ class CoreMachine(RuleBasedStateMachine):
             floor = max(floor, pending.body.sequence)
         refuse = sequence is None or sequence <= floor
         rec = self.m.record
-        known = digest in {rec.pending, *rec.refused, *rec.rejected, rec.installed}
+        known = digest in {
+            rec.pending,
+            *rec.refused,
+            *rec.rejected,
+            rec.installed,
+            *self.m.local_refused,
+        }
         before = rec
         if self.fire(ev.ManifestFetched(raw, "coap://s/m", digest)).accepted:
             if known:  # pending, refused (or rejected) or running: nothing changes at all
@@ -375,7 +387,10 @@ class CoreMachine(RuleBasedStateMachine):
                 assert self.m.record == before
             elif refuse:  # remembered; a failed update stays pending
                 assert self.m.state is state
-                assert self.m.record.refused[-1] == digest
+                # A local setting's refusal (another device class) is kept in memory only.
+                local = kind == "wrong-class"
+                remembered = self.m.local_refused if local else self.m.record.refused
+                assert remembered[-1] == digest
                 assert self.m.pending is pending
             else:  # adopted as the new pending update, asking first under a polite image
                 assert self.m.pending is not None and self.m.pending.raw == raw

@@ -46,10 +46,13 @@ from fota.core.record import Record, Report
 from fota.core.states import State
 from fota.core.windows import parse_windows
 from fota.errors import (
+    DiskFull,
     ImageChanged,
     InstallError,
     IntegrityError,
+    NotEnoughSpace,
     PermanentServerError,
+    ResourceMissing,
     ResultCode,
     StorageError,
     TransportError,
@@ -810,7 +813,35 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         ev.AnnouncementReceived(10, INSTALLED_POLITE.digest, "coap://fota.example/m/10"),
     ),
-    drop("announce/failed/pending", S.FAILED, ANNOUNCE_PENDING),
+    # Issue 17 §3: the update that failed before its install, announced again, is retried
+    # from its verified fragments; one that failed from its install on is not.
+    Case(
+        "announce/failed/pending-revived",
+        S.FAILED,
+        ANNOUNCE_PENDING,
+        S.DOWNLOADING,
+        (C.SendReports(), C.StartDownload(U)),
+        ((S.DOWNLOADING, R.INITIAL),),
+        start={"attempts": 2, "verified": b"\x01"},
+        after={"attempts": 0, "verified": b"\x01"},
+        via="download_clear",
+    ),
+    Case(
+        "announce/failed/pending-revived-held",
+        S.FAILED,
+        ANNOUNCE_PENDING,
+        S.DOWNLOAD_HELD,
+        (C.SendReports(), C.CheckGates(U, "download")),
+        ((S.DOWNLOAD_HELD, R.INITIAL),),
+        start={"held": ("lock backup",), "locks": LOCKED},
+        policy=GATED,
+    ),
+    drop(
+        "announce/failed/pending-after-rollback",
+        S.FAILED,
+        ANNOUNCE_PENDING,
+        start={"failure": "self-test failed: no detail"},
+    ),
     drop("announce/idle/refused", S.IDLE, ANNOUNCE_NEW, start={"refused": (NEW.digest,)}),
     drop("announce/idle/cancelled", S.IDLE, ANNOUNCE_NEW, start={"cancelled": (NEW.digest,)}),
     drop("announce/idle/no-manifest", S.IDLE, ev.AnnouncementReceived(12, None, None)),
@@ -1565,7 +1596,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         (C.SendReports(),),
         ((S.IDLE, R.UNKNOWN_KEY),),
-        after={"refused": (sha256(RAW_UNKNOWN_KEY),)},
+        after={"refused": ()},  # a local setting's refusal: in memory only (issue 17 §3)
     ),
     Case(
         "fetched/idle/refused-rollback",
@@ -1584,7 +1615,7 @@ CASES: tuple[Case, ...] = (
         (C.SendReports(),),
         ((S.IDLE, R.WRONG_DEVICE_CLASS),),
         installed="none",
-        after={"refused": (sha256(RAW_WRONG_CLASS),)},
+        after={"refused": ()},  # a local setting's refusal: in memory only (issue 17 §3)
     ),
     Case(
         "fetched/idle/refused-oversize-image",
@@ -1593,7 +1624,7 @@ CASES: tuple[Case, ...] = (
         S.IDLE,
         (C.SendReports(),),
         ((S.IDLE, R.OVERSIZE),),
-        after={"refused": (sha256(RAW_OVERSIZE_IMAGE),)},
+        after={"refused": ()},  # a local setting's refusal: in memory only (issue 17 §3)
     ),
     Case(
         "fetched/idle/refused-cut-off",
@@ -1756,7 +1787,7 @@ CASES: tuple[Case, ...] = (
         S.VERIFYING,
         (C.SendReports(),),
         ((S.VERIFYING, R.WRONG_DEVICE_CLASS),),
-        after={"refused": (sha256(RAW_WRONG_CLASS),), "pending": PENDING.digest},
+        after={"refused": (), "pending": PENDING.digest},
         via="manifest_refused",
     ),
     # -- authorized: the application's yes, reported as AUTHORIZED on entering the step ------
@@ -3600,6 +3631,7 @@ CASES: tuple[Case, ...] = (
         S.DOWNLOADING,
         (C.StartTimer("retry", NOW + 1.0, U),),
         after={"attempts": 1},
+        via="may_retry",
     ),
     Case(
         "download-failed/retryable-backoff",
@@ -3609,6 +3641,58 @@ CASES: tuple[Case, ...] = (
         (C.StartTimer("retry", NOW + 2.0, U),),
         start={"attempts": 1},
         after={"attempts": 2},
+        via="may_retry",
+    ),
+    # Issue 17 §3: a stall is waited out without counting an attempt: a 4.04 on the image
+    # (for not_found_budget from the first one), a full disk (until there is room).
+    Case(
+        "download-failed/missing-paused",
+        S.DOWNLOADING,
+        ev.DownloadFailed(U, ResourceMissing("coap://fota.example/fw/11.bin", "4.04")),
+        S.DOWNLOADING,
+        (C.SendReports(), C.StartTimer("retry", NOW + 1.0, U)),
+        ((S.DOWNLOADING, R.INITIAL),),
+        start={"attempts": 2},
+        after={"attempts": 2},
+        via="stalled",
+    ),
+    Case(
+        "download-failed/disk-full-paused",
+        S.DOWNLOADING,
+        ev.DownloadFailed(U, DiskFull("candidate: No space left on device")),
+        S.DOWNLOADING,
+        (C.SendReports(), C.StartTimer("retry", NOW + 1.0, U)),
+        ((S.DOWNLOADING, R.INITIAL),),
+        start={"attempts": 2},
+        after={"attempts": 2},
+        via="stalled",
+    ),
+    Case(
+        "download-failed/missing-no-budget",
+        S.DOWNLOADING,
+        ev.DownloadFailed(U, ResourceMissing("coap://fota.example/fw/11.bin", "4.04")),
+        S.FAILED,
+        (
+            C.SendReports(),
+            *_FAIL,
+            C.NotifyComplete(
+                U, R.INVALID_URI, "coap://fota.example/fw/11.bin: server answered 4.04"
+            ),
+        ),
+        ((S.FAILED, R.INVALID_URI),),
+        policy=replace(POLICY, not_found_budget=0.0),
+    ),
+    Case(
+        "download-failed/no-space-before-the-first-fragment",
+        S.DOWNLOADING,
+        ev.DownloadFailed(U, NotEnoughSpace("image needs 9 more bytes")),
+        S.FAILED,
+        (
+            C.SendReports(),
+            *_FAIL,
+            C.NotifyComplete(U, R.NOT_ENOUGH_SPACE, "image needs 9 more bytes"),
+        ),
+        ((S.FAILED, R.NOT_ENOUGH_SPACE),),
     ),
     Case(
         "download-failed/retryable-exhausted",

@@ -231,7 +231,10 @@ async def test_missing_image_fails_once_without_a_retry_storm(
     published = server.make_manifest(image, "1.0", device_class=DEVICE_CLASS)
     server.faults.missing(published.image_sha256)
     handler = RecordingHandler()
-    config = configure(tmp_path, server, signing, window=window, ack_timeout=0.1)
+    # not_found_budget 0: a 4.04 fails at once (issue 17 §3 waits it out by default).
+    config = configure(
+        tmp_path, server, signing, window=window, ack_timeout=0.1, not_found_budget=0.0
+    )
     async with Client(config, handler=handler) as client:
         server.announce_raw(published.raw, published.sequence)
         report = await server.wait_for_report(lambda r: r[4] == ResultCode.INVALID_URI, 20)

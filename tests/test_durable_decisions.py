@@ -306,7 +306,9 @@ async def test_an_old_journals_byte_digest_still_names_the_manifest(field: str) 
     v12 = _raw(12)
     by_bytes = hashlib.sha256(v12).digest()
     assert by_bytes != _key(v12)
-    model = _model(Record(installed=INSTALLED.digest, provisioned_at=0.0, **{field: (by_bytes,)}))
+    model = _model(
+        Record(installed=INSTALLED.digest, provisioned_at=0.0).evolve(**{field: (by_bytes,)})
+    )
     assert await _fire(model, _announce(v12))  # the identity: not in the list, so fetched
     await _fire(model, _fetched(v12))
     assert _state(model) is State.IDLE and model.pending is None

@@ -196,13 +196,21 @@ async def test_crash_after_every_event_resumes_to_the_same_result(
 
 
 @pytest.mark.parametrize("garbage", [b"", b"\x00", b"not cbor at all"])
-async def test_damaged_journal_refuses_to_start(
+async def test_damaged_journal_starts_and_reports_the_recovery(
     tmp_path: Path, signing: Signing, garbage: bytes
 ) -> None:
-    from fota import JournalError
+    """Issue 17 §2: a damaged journal is moved aside and reported; it never stops the start."""
+    from fota import ResultCode
 
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "journal.cbor").write_bytes(garbage)
     e = engine(tmp_path, signing, FakeTransport(), MemoryInstaller())
-    with pytest.raises(JournalError):
-        await e.start()
+    await e.start()
+    try:
+        assert e.model is not None and e.model.record.recovered
+        assert [r.result for r in e.model.record.outbox] == [ResultCode.STATE_RECOVERED]
+        assert [p.name.split("-", 1)[1] for p in (tmp_path / "quarantine").iterdir()] == [
+            "journal.cbor"
+        ]
+    finally:
+        await e.aclose()

@@ -27,7 +27,7 @@ from fota.core.record import SCHEMA, Record, Report, bitmap_get, bitmap_new, bit
 from fota.core.states import State
 from fota.download import Downloader
 from fota.errors import JournalError, ResultCode
-from fota.journal import CANDIDATE_NAME, RECORD_NAME, FileOps, Journal
+from fota.journal import CANDIDATE_NAME, PREVIOUS_NAME, RECORD_NAME, FileOps, Journal
 from fota.transport import Block, SequentialFetcher
 
 KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -135,7 +135,14 @@ def assert_write_ahead(calls: list[Call], fragments: int) -> None:
     for write, journal in zip(writes, journal_opens, strict=True):
         assert any(write < sync < journal for sync in syncs), (write, journal, calls)
     journal_calls = [c for c in calls if c[1] != CANDIDATE_NAME]
-    assert journal_calls == atomic_write(RECORD_NAME) * fragments
+    assert journal_calls == record_write() * fragments
+
+
+def record_write() -> list[Call]:
+    """The calls of one record save over an existing one: the current generation gets the
+    previous one's name too (a link renamed into place), then the new record is written
+    atomically (docs/journal.md, "Recovery")."""
+    return [("replace", f".{PREVIOUS_NAME}.tmp", PREVIOUS_NAME), *atomic_write(RECORD_NAME)]
 
 
 def atomic_write(name: str, directory: str = "state") -> list[Call]:
@@ -238,7 +245,7 @@ async def test_fragment_is_fsynced_before_the_journal_vouches_for_it(tmp_path: P
 
     harness.save()  # entering DOWNLOADING: the manifest file first, then the record naming it
     manifest_name = manifest_file(tmp_path / "state", manifest).name
-    assert ops.calls == atomic_write(manifest_name) + atomic_write(RECORD_NAME)
+    assert ops.calls == atomic_write(manifest_name) + atomic_write(RECORD_NAME)  # the first
     ops.calls.clear()
 
     await harness.download(FakeTransport(IMAGE, max_block=512))
@@ -340,6 +347,7 @@ def full_record(pending: Manifest, installed: Manifest) -> Record:
             ),
             Report(11, State.FAILED, ResultCode.MALFORMED),
         ),
+        installed_sequence=installed.body.sequence,
     )
 
 
@@ -381,9 +389,13 @@ def test_manifests_are_reverified_against_the_trust_store_on_load(tmp_path: Path
     state_dir = tmp_path / "state"
     saved(state_dir)
     other = TrustStore({KID: ed25519.Ed25519PrivateKey.generate().public_key()})
-    # The key changed: the installed manifest no longer verifies, and that is not ignored.
-    with pytest.raises(JournalError, match="installed manifest"):
-        Journal(state_dir, other).load()
+    # The key changed: the installed manifest no longer verifies, and that is not ignored: it
+    # is moved aside, its sequence number stays the floor, and the recovery is reported.
+    loaded = Journal(state_dir, other).load()
+    assert loaded.installed is None and loaded.record.installed is None
+    assert loaded.record.floor == 8
+    assert "installed manifest invalid" in loaded.recovered
+    assert loaded.record.outbox[-1].result is ResultCode.STATE_RECOVERED
 
 
 def _tamper(path: Path) -> None:
@@ -416,17 +428,24 @@ def test_damaged_pending_manifest_is_dropped_on_load(tmp_path: Path, damage: str
     assert (loaded.record.attempts, loaded.record.restarts) == (0, 0)
     # What is not about the dropped update survives: the installed image and the outbox.
     assert loaded.record.installed == installed.digest
-    assert loaded.record.outbox == record.outbox
-    assert loaded.record.report_seq == record.report_seq
+    # The damage is reported (a manifest that is no longer there or no longer verifies).
+    assert loaded.record.outbox[:-1] == record.outbox
+    assert loaded.record.outbox[-1].result is ResultCode.STATE_RECOVERED
+    assert loaded.record.outbox[-1].detail.startswith("pending manifest")
+    assert loaded.record.report_seq == record.report_seq + 1
 
 
 @pytest.mark.parametrize("damage", ["flipped", "missing"])
-def test_damaged_installed_manifest_raises_journal_error(tmp_path: Path, damage: str) -> None:
+def test_damaged_installed_manifest_is_moved_aside_keeping_its_floor(
+    tmp_path: Path, damage: str
+) -> None:
+    """Issue 17 §2 (was: the load raised JournalError and the daemon stayed down)."""
     state_dir = tmp_path / "state"
     _, _, installed = saved(state_dir)
     DAMAGE[damage](manifest_file(state_dir, installed), installed)
-    with pytest.raises(JournalError, match=installed.digest.hex()):
-        Journal(state_dir, trust()).load()
+    loaded = Journal(state_dir, trust()).load()
+    assert loaded.installed is None and loaded.record.floor == installed.body.sequence
+    assert not manifest_file(state_dir, installed).exists()
 
 
 # -- (c) damaged journal ------------------------------------------------------------------------
@@ -438,8 +457,10 @@ def record_bytes(tmp_path: Path) -> bytes:
 
 
 def load_bytes(state_dir: Path, data: bytes) -> None:
+    """Decode ``data`` as the current generation (``Journal.load`` recovers from damage:
+    tests/test_journal_recovery.py; here the damage must be detected at all)."""
     (state_dir / RECORD_NAME).write_bytes(data)
-    Journal(state_dir, trust()).load()
+    Journal(state_dir, trust()).read_record()
 
 
 def test_truncated_journal_raises_journal_error_at_every_length(tmp_path: Path) -> None:
@@ -647,11 +668,11 @@ def test_manifests_no_longer_named_are_removed_after_the_record_is_durable(tmp_p
     journal.save(Record(State.AWAIT_COMMIT, installed=new.digest), (None, new))
     assert manifest_files(state_dir) == {new_name}
     # The unlink comes after the record that stopped naming the file is durable.
-    assert ops.calls == [*atomic_write(RECORD_NAME), ("unlink", old_name)]
+    assert ops.calls == [*record_write(), ("unlink", old_name)]
 
     ops.calls.clear()
     journal.save(Record(State.IDLE, installed=new.digest), (None, new))
-    assert ops.calls == atomic_write(RECORD_NAME)  # nothing to write again, nothing to remove
+    assert ops.calls == record_write()  # nothing to write again, nothing to remove
 
     journal.save(Record(State.IDLE))
     assert manifest_files(state_dir) == set()
@@ -699,7 +720,9 @@ async def test_state_dir_is_0700_and_files_are_0600(tmp_path: Path) -> None:
     await harness.download(FakeTransport(IMAGE))
 
     files = sorted(p.name for p in state_dir.iterdir())
-    assert files == sorted([RECORD_NAME, CANDIDATE_NAME, manifest_file(state_dir, manifest).name])
+    assert files == sorted(
+        [RECORD_NAME, PREVIOUS_NAME, CANDIDATE_NAME, manifest_file(state_dir, manifest).name]
+    )
     for name in files:
         assert stat.S_IMODE((state_dir / name).stat().st_mode) == 0o600, name
     assert not any(p.name.endswith(".tmp") for p in state_dir.iterdir())

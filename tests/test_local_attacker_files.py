@@ -547,3 +547,14 @@ async def test_swupdate_backup_refuses_a_fifo_or_symlink_without_blocking(
         with pytest.raises(InstallError, match=what):
             await inst.install(candidate(tmp_path), m, Progress())
         assert not (tools / "given").exists()  # swupdate never ran
+
+
+def test_setuid_is_never_kept_from_a_file_with_another_link(tmp_path: Path) -> None:
+    # Where fs.protected_hardlinks is off, a user can hard-link a setuid-root program to a
+    # target's name; its bits must not pass to the file fota writes there.
+    program = tmp_path / "program"
+    program.write_bytes(b"x")
+    os.chmod(program, 0o4755)
+    assert safefs.safe_mode(os.stat(program)) == 0o4755
+    os.link(program, tmp_path / "planted")
+    assert safefs.safe_mode(os.stat(program)) == 0o755

@@ -82,7 +82,7 @@ from typing import Any
 
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from hypothesis import settings
+from hypothesis import Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from transitions.core import MachineError
@@ -121,7 +121,7 @@ from fota.core.policy import (
     must_ask,
     needs_check,
 )
-from fota.core.record import Record, Report, bitmap_get
+from fota.core.record import PROGRESS_RESULTS, Record, Report, bitmap_get
 from fota.core.states import State
 from fota.core.windows import parse_window
 from fota.errors import InstallError, ResultCode, TransportError
@@ -285,12 +285,22 @@ def _wire(report: Report) -> dict[int, Any]:
     return body
 
 
+def _coalesced(sequence: int, report: Report, made: dict[int, Report]) -> bool:
+    """A progress report a later report about its update replaced in a backed-up outbox."""
+    return report.result in PROGRESS_RESULTS and any(
+        later > sequence and other.update_id == report.update_id for later, other in made.items()
+    )
+
+
 @settings(
     max_examples=EXAMPLES,
     stateful_step_count=STEPS,
     deadline=None,
     derandomize=True,
     database=None,
+    # No shrinking: shrinking a 60-step story outlasts the test's timeout, and the story
+    # printed with a failure already shows every step.
+    phases=(Phase.explicit, Phase.generate),
 )
 class PoliteMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
@@ -513,7 +523,12 @@ class PoliteMachine(RuleBasedStateMachine):
 
         # Reports: contiguous new sequence numbers, never one already used.
         new = [r for r in rec.outbox if r.sequence >= record.report_seq]
-        assert [r.sequence for r in new] == list(range(record.report_seq, rec.report_seq)), story
+        # (one replaced in a backed-up outbox by a later one of the same step leaves a gap;
+        # the newest is always kept: record.queue_report)
+        made_now = list(range(record.report_seq, rec.report_seq))
+        seqs = [r.sequence for r in new]
+        assert seqs == [q for q in made_now if q in seqs], story
+        assert not made_now or seqs[-1:] == made_now[-1:], story
         for report in new:
             assert report.sequence not in self.made, f"sequence reused\n{story}"
             self.made[report.sequence] = report
@@ -1032,11 +1047,20 @@ class PoliteMachine(RuleBasedStateMachine):
             self.link(outcomes[i % len(outcomes)])
         story = self.story()
         assert not self.m.record.outbox, f"outbox not delivered\n{story}"
-        assert set(self.server) == {(DEVICE_ID, s) for s in self.made}, story
+        # A progress report replaced in a backed-up outbox (record.queue_report) may be missing;
+        # every other report is there.
+        required = {s for s, r in self.made.items() if not _coalesced(s, r, self.made)}
+        at = {s for d, s in self.server}
+        assert required <= at <= set(self.made), story
         at_server = Counter(
             (R(b[4]), str(b.get(5))) for b in self.server.values() if R(b[4]) in DECISIONS
         )
-        assert at_server == self.decisions, story
+        needed = Counter(
+            (r.result, str(r.update_id))
+            for s, r in self.made.items()
+            if s in required and r.result in DECISIONS
+        )
+        assert needed <= at_server <= self.decisions, story
         finals = Counter(str(b.get(5)) for b in self.server.values() if R(b[4]) in FINAL)
         assert finals == Counter(self.ended), f"final reports at the server\n{story}"
 
@@ -1136,7 +1160,8 @@ class PoliteMachine(RuleBasedStateMachine):
         assert not rec.outbox or self.sending, f"reports nobody sends\n{story}"
         for sequence, report in self.made.items():
             assert sequence not in sequences or rec.outbox[sequences.index(sequence)] == report
-            if sequence not in sequences:  # dropped only after the server acknowledged it
+            if sequence not in sequences and not _coalesced(sequence, report, self.made):
+                # dropped only after the server acknowledged it
                 assert self.server.get((DEVICE_ID, sequence)) == _wire(report), story
         for (device, sequence), body in self.server.items():
             assert device == DEVICE_ID and body == _wire(self.made[sequence]), story

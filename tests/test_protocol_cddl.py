@@ -395,7 +395,7 @@ def _report(**changes: Any) -> dict[Any, Any]:
     [
         pytest.param({**_report(), 3: 4}, id="unknown-state"),
         pytest.param({**_report(), 4: 3}, id="unknown-result"),
-        pytest.param({**_report(), 4: 115}, id="result-past-114"),
+        pytest.param({**_report(), 4: 116}, id="result-past-115"),
         pytest.param({**_report(), 3: 20}, id="state-past-19"),
         pytest.param({**_report(), 1: b"dev"}, id="device-id-bytes"),
         pytest.param({**_report(), 2: -1}, id="negative-sequence"),

@@ -31,6 +31,10 @@ DEFAULT_SOCKET = Path("/run/fota/control.sock")
 SOCKET_ENV = "FOTA_CONTROL_SOCKET"
 """Environment variable that overrides :data:`DEFAULT_SOCKET` for clients."""
 
+_RECONNECT = ("idle", "timeout")
+"""Closes for silence (docs/control.md): the daemon ran none of the requests they cut off, so a
+client that subscribed to nothing sends them again over a new connection."""
+
 
 def default_socket() -> Path:
     """``$FOTA_CONTROL_SOCKET``, else :data:`DEFAULT_SOCKET`."""
@@ -95,6 +99,7 @@ class ControlClient:
         self._next_id = 0
         self._abandoned: set[int] = set()  # ids whose request timed out: late answers ignored
         self._closed: ControlError | None = None
+        self._subscribed = False  # a subscription lives on its connection: never reconnected
 
     # -- connection -------------------------------------------------------------------
 
@@ -195,11 +200,53 @@ class ControlClient:
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request and return its ``result``.
 
+        A connection the daemon closed for silence (``idle``, ``timeout``: a client may hold
+        one open between requests for longer than the daemon's ``idle_timeout``) is opened
+        again for the request, unless it subscribed (events come on that connection only).
+
         Raises:
             ControlError: the daemon's error (its ``code`` and message), or the connection's.
         """
         if self._writer is None:
             await self.connect()
+        elif self._closed is not None and self._may_reconnect(self._closed):
+            await self._reconnect()
+        try:
+            return await self._request(op, args)
+        except ControlError as exc:
+            if not self._may_reconnect(exc):
+                raise
+        # Closed for silence just as the request went out: the daemon read none of it (it
+        # closes only between messages, or before a message's newline), so it goes again.
+        await self._reconnect()
+        return await self._request(op, args)
+
+    def _may_reconnect(self, exc: ControlError) -> bool:
+        return exc.code in _RECONNECT and not self._subscribed
+
+    async def _reconnect(self) -> None:
+        # The daemon hangs up right after saying why, so the old reader ends at that end of
+        # input; it must be over before a new connection exists (it reads self._reader).
+        if self._task is not None:
+            await asyncio.wait({self._task}, timeout=self.timeout)
+            if not self._task.done():
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await self._writer.wait_closed()
+        self._closed = None
+        self._events = asyncio.Queue()  # the old reader queued its end-of-events marker
+        try:
+            await self.connect()
+        except ControlError as exc:
+            self._closed = exc  # every later request says why (no writes to a dead socket)
+            self._events.put_nowait(None)  # and the events have ended
+            raise
+
+    async def _request(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         assert self._writer is not None
         if self._closed is not None:
             raise self._closed
@@ -216,6 +263,14 @@ class ControlClient:
             self._abandoned.add(rid)
             raise ControlError("closed", f"no answer to {op} within {self.timeout:g} s") from None
         except (OSError, ConnectionError) as exc:
+            # The daemon may have said why it closed (idle) just before: that decides whether
+            # the request may go again, so the reader gets to finish first.
+            self._waiting.pop(rid, None)
+            future.cancel()  # no answer comes now; the reader must not fail it unawaited
+            if self._task is not None:
+                await asyncio.wait({self._task}, timeout=self.timeout)
+            if self._closed is not None and self._may_reconnect(self._closed):
+                raise self._closed from None
             raise ControlError("closed", f"{self.path}: {exc}") from None
         finally:
             self._waiting.pop(rid, None)
@@ -241,9 +296,11 @@ class ControlClient:
         authorizations: while none is connected, ``unanswered`` in the daemon's
         configuration decides what a polite update does.
         """
-        return await self.request(
+        status = await self.request(
             "subscribe", events=list(events) if events is not None else None, answers=answers
         )
+        self._subscribed = True
+        return status
 
     async def authorize(self, update_id: str | None = None) -> str:
         """Authorize the waiting step of ``update_id`` (default: the pending update)."""

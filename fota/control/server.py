@@ -120,7 +120,8 @@ def _state_line(s: Status) -> str:
         case State.DOWNLOADING:
             size = s.image_size or 0
             pct = 100 * s.verified_bytes // size if size else 0
-            return f"Downloading {v}: {pct}% ({_mib(s.verified_bytes)} of {_mib(size)} MiB)"
+            paused = f"; paused: {s.paused}" if s.paused else ""
+            return f"Downloading {v}: {pct}% ({_mib(s.verified_bytes)} of {_mib(size)} MiB){paused}"
         case State.VERIFYING:
             return f"Verifying {v}"
         case State.AWAIT_INSTALL_AUTH:
@@ -523,7 +524,10 @@ class ControlServer:
     def _hang_up(self, conn: _Connection, code: str, message: str) -> None:
         """Answer ``code`` to no request; the caller returns, which closes the connection."""
         conn.send(proto.failure(None, code, message))
-        log.warning(f"control_{code}", pid=conn.pid, uid=conn.uid, gid=conn.gid)
+        # A half-written line is a misbehaving peer; a client quiet between requests is not
+        # (``fota inhibit -- COMMAND`` renews every ttl/3 and is closed in between): INFO.
+        emit = log.info if code == "idle" else log.warning
+        emit(f"control_{code}", pid=conn.pid, uid=conn.uid, gid=conn.gid)
 
     # -- requests -----------------------------------------------------------------------
 

@@ -14,9 +14,10 @@ Theory of operation:
   expired, is tampering or a stale replay, whatever the settings say); an unsigned one is
   taken only while signed ones are not required.
 * Replay: one issued before the newest taken is refused (the device keeps that instant in
-  memory; after a restart, expiry alone bounds a replay). Only a *newer* issue renews
-  freshness, so a replay of the newest one keeps nothing fresh past the device's window, even
-  with a wrong wall clock.
+  memory, never later than its clock plus :data:`MAX_CLOCK_SKEW`, so one dated in the future
+  cannot shut out the rest; after a restart, expiry alone bounds a replay). Only a *newer*
+  issue renews freshness, so a replay of the newest one keeps nothing fresh past the device's
+  window, even with a wrong wall clock.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ K_ISSUED_AT = 7
 K_EXPIRES = 8
 MAX_TIME = (1 << 40) - 1
 """Latest instant accepted for ``issued_at`` and ``expires``, epoch seconds (as a deadline)."""
+MAX_CLOCK_SKEW = 300
+"""Seconds an issue instant may lie ahead of the device's clock and still be remembered as it
+is. The replay bar (the newest issue instant taken) is never set later than ``now`` plus this:
+one announcement issued far ahead (a server clock stepped forward for a moment, or a key since
+rotated out signing ``2**40 - 1``) would otherwise make every later, rightly dated one a
+"replay" until the device restarts or its clock gets there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +71,8 @@ class Verdict:
         reason: why it is ignored; None: it is taken.
         fresh: taking it renews freshness (unsigned while not required, or signed and issued
             after the newest taken so far).
-        issued_at: its issue instant, when signed and taken.
+        issued_at: its issue instant, when signed and taken; at most ``now`` plus
+            :data:`MAX_CLOCK_SKEW` (what the device remembers as the newest).
         kid: the key id that signed it, when signed and taken.
     """
 
@@ -181,5 +189,8 @@ def check(
         return Verdict(
             f"issued at {envelope.issued_at}, before the newest taken ({newest}): a replay"
         )
-    fresh = newest is None or envelope.issued_at > newest
-    return Verdict(None, fresh=fresh, issued_at=envelope.issued_at, kid=kid)
+    # Remembered at most MAX_CLOCK_SKEW ahead of the device's clock: an announcement from the
+    # future cannot freeze the device (every later one a "replay") until a restart.
+    issued = min(envelope.issued_at, max(int(now), 0) + MAX_CLOCK_SKEW)
+    fresh = newest is None or issued > newest
+    return Verdict(None, fresh=fresh, issued_at=issued, kid=kid)

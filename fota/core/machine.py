@@ -36,12 +36,21 @@ from fota.core.record import (
     bitmap_get,
     bitmap_new,
     bitmap_set,
+    queue_report,
     remember,
 )
 from fota.core.states import State
 from fota.core.text import show
 from fota.core.uri import allowed, resolve
-from fota.errors import FotaError, ImageChanged, ManifestError, ResultCode
+from fota.errors import (
+    DiskFull,
+    FotaError,
+    ImageChanged,
+    ManifestError,
+    NotEnoughSpace,
+    ResourceMissing,
+    ResultCode,
+)
 
 S = State
 ASK_DOWNLOAD = (S.AWAIT_DOWNLOAD_AUTH, S.DOWNLOAD_DEFERRED)
@@ -116,6 +125,9 @@ TRANSITIONS: tuple[Transition, ...] = (
         after=("fetch_manifest",),
     ),
     T("announcement_received", ADOPTING, None, ("names_cancel",), after=("note_cancel",)),
+    # The failed update announced again (issue 17 §3): try it once more, from its verified
+    # fragments. Only an update that failed before its install; retries back off (revive).
+    *_proceed("announcement_received", (S.FAILED,), "download", ("is_failed_again",), ("revive",)),
     # A fetched manifest: refuse it, ask, or proceed at once (first install, impolite
     # running image, deadline already passed). A pending update it replaces is superseded.
     T(
@@ -307,6 +319,15 @@ TRANSITIONS: tuple[Transition, ...] = (
         S.FAILED,
         ("is_current",),
         after=("count_fetched", "fail"),
+    ),
+    # A stall is waited out, not counted as a failed attempt: the digest-addressed image
+    # answered 4.04 (for up to not_found_budget), or the disk is full (until there is room).
+    T(
+        "download_failed",
+        (S.DOWNLOADING,),
+        None,
+        ("is_current", "stalled"),
+        after=("count_fetched", "pause_download"),
     ),
     # 4.08 or another Size2: the image behind the URI changed; start again from zero at once.
     T(
@@ -561,6 +582,21 @@ class Model:
         happened when it differs from ``record.boot_id``."""
         self._cancel_refused: bytes | None = None
         self._entry: tuple[ResultCode, str] | None = None
+        # Issue 17 §3, kept in memory only (a restart is a fresh start for each):
+        self.stall: tuple[str, float] | None = None
+        """``(kind, since)`` of a download waiting out a stall: ``missing`` (the image
+        answered 4.04) or ``space`` (the disk is full)."""
+        self.revivals = 0
+        """Times the failed pending update was retried on an announcement of it."""
+        self.revive_after = 0.0
+        """Wall-clock time before which an announcement does not retry the failed update."""
+        self.local_refused: tuple[bytes, ...] = ()
+        """Manifests refused because of a local setting (allowed_origins, device_class,
+        max_image_size, keys): not journaled, so they are judged again, by the settings of
+        the time, after a restart."""
+        self.refusal_setting = ""
+        self.last_refusal = ""
+        """The last refusal, for ``fota status``: ``<update id>: <result>: <detail>``."""
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -574,6 +610,11 @@ class Model:
             self.handler_present,
             self._cancel_refused,
             self._entry,
+            self.stall,
+            self.revivals,
+            self.revive_after,
+            self.local_refused,
+            self.last_refusal,
         )
 
     def restore(self, snapshot: tuple[Any, ...]) -> None:
@@ -586,6 +627,11 @@ class Model:
             self.handler_present,
             self._cancel_refused,
             self._entry,
+            self.stall,
+            self.revivals,
+            self.revive_after,
+            self.local_refused,
+            self.last_refusal,
         ) = snapshot
         self.outbox = []
 
@@ -636,7 +682,9 @@ class Model:
             detail=detail[:200],
             until=int(until) if until is not None else None,
         )
-        self.record = rec.evolve(report_seq=rec.report_seq + 1, outbox=(*rec.outbox, report))
+        self.record = rec.evolve(
+            report_seq=rec.report_seq + 1, outbox=queue_report(rec.outbox, report)
+        )
         self.outbox.append(cmd.SendReports())
 
     def sync_state(self, e: Any) -> None:
@@ -646,6 +694,7 @@ class Model:
 
     def _clear_pending(self) -> None:
         self.pending = None
+        self.stall, self.revivals, self.revive_after = None, 0, 0.0
         self.record = self.record.evolve(
             pending=None,
             manifest_uri=None,
@@ -736,7 +785,14 @@ class Model:
         """The announced manifest is not one we have, are doing, refused, rejected or cancelled."""
         a: ev.AnnouncementReceived = e.kwargs["event"]
         rec = self.record
-        known = {rec.installed, rec.pending, *rec.refused, *rec.rejected, *rec.cancelled}
+        known = {
+            rec.installed,
+            rec.pending,
+            *rec.refused,
+            *rec.rejected,
+            *rec.cancelled,
+            *self.local_refused,
+        }
         return (
             a.manifest_digest is not None
             and a.manifest_uri is not None
@@ -748,6 +804,7 @@ class Model:
         return {d for d in (rec.pending, rec.installed) if d is not None} | {
             *rec.refused,
             *rec.rejected,
+            *self.local_refused,
         }
 
     def is_known_manifest(self, e: Any) -> bool:
@@ -761,7 +818,7 @@ class Model:
 
     def candidate_must_ask(self, e: Any) -> bool:
         """The fetched manifest waits for the application (polite image, no deadline passed)."""
-        return must_ask(self.installed) and not self._forcing(e)
+        return self._asks() and not self._forcing(e)
 
     def download_clear(self, e: Any) -> bool:
         """Nothing holds the download (see :func:`fota.core.policy.blockers`)."""
@@ -821,8 +878,17 @@ class Model:
         return self.refusal is not None
 
     def must_ask(self, e: Any) -> bool:
-        """The running image is polite: the application decides."""
-        return must_ask(self.installed)
+        """The running image is polite: the application decides.
+
+        So it does when the running image's manifest was lost and moved aside by a recovery
+        (``record.recovered``): nothing proves that image impolite, and a device that runs
+        an image is not an empty one to install on at once.
+        """
+        return self._asks()
+
+    def _asks(self) -> bool:
+        lost = self.installed is None and bool(self.record.recovered)
+        return must_ask(self.installed) or lost
 
     def is_defer_timer(self, e: Any) -> bool:
         """The timer that fired is the deferral timer."""
@@ -842,6 +908,50 @@ class Model:
         error: FotaError | None = getattr(e.kwargs["event"], "error", None)
         retryable = error.retryable if error is not None else True
         return retryable and self.record.attempts + 1 < self.policy.max_attempts
+
+    def _stall_kind(self, error: FotaError | None) -> str | None:
+        """``missing``, ``space`` or None: whether a download failure is a stall.
+
+        Too little space before the first fragment is final (NOT_ENOUGH_SPACE: the image
+        does not fit); once a fragment is verified, or while waiting for space, it pauses.
+        """
+        if isinstance(error, ResourceMissing):
+            return "missing"
+        if isinstance(error, DiskFull):
+            return "space"
+        if isinstance(error, NotEnoughSpace) and (
+            (self.stall is not None and self.stall[0] == "space")
+            or bitmap_count(self.record.verified) > 0
+        ):
+            return "space"
+        return None
+
+    def stalled(self, e: Any) -> bool:
+        """The download stalled (4.04 within ``not_found_budget``, or a full disk)."""
+        kind = self._stall_kind(getattr(e.kwargs["event"], "error", None))
+        if kind is None:
+            return False
+        if kind == "space":
+            return True
+        now: float = e.kwargs["now"]
+        since = self.stall[1] if self.stall is not None and self.stall[0] == kind else now
+        return now - since < self.policy.not_found_budget
+
+    def is_failed_again(self, e: Any) -> bool:
+        """The failed update is announced again, and may be retried now.
+
+        Only an update that failed before its install, once the back-off since its last
+        retry (``revive_after``) is over.
+        """
+        a: ev.AnnouncementReceived = e.kwargs["event"]
+        rec = self.record
+        return (
+            self.pending is not None
+            and a.manifest_digest is not None
+            and a.manifest_digest == rec.pending
+            and not rec.failure
+            and e.kwargs["now"] >= self.revive_after
+        )
 
     def is_budget_timer(self, e: Any) -> bool:
         """The timer that fired is the download's time budget."""
@@ -901,7 +1011,8 @@ class Model:
     def check_manifest(self, e: Any) -> None:
         """Verify the fetched manifest once, for the conditions that follow."""
         fetched: ev.ManifestFetched = e.kwargs["event"]
-        self._candidate, self.refusal = None, None
+        self._candidate, self.refusal, self.refusal_setting = None, None, ""
+        setting = ""
         if _names(fetched) & self._known():
             return  # is_known_manifest handles it: not refused (nor reported) again
         floor = self.record.floor
@@ -928,6 +1039,7 @@ class Model:
                 raise ManifestError("cancelled", "digest", "the server cancelled this manifest")
             image = resolve(fetched.uri, self._candidate.body.image_uri)
             if self.policy.origins and not allowed(image, self.policy.origins):
+                setting = "allowed_origins"
                 # Signed, but fetching from anywhere would let a leaked key (or a typo) send
                 # the fleet to any host; the configuration says where images may come from.
                 raise ManifestError(
@@ -938,6 +1050,7 @@ class Model:
                 )
         except ManifestError as exc:
             self._candidate, self.refusal = None, exc
+            self.refusal_setting = setting or _local_setting(exc)
 
     # -- callbacks (plain def: change the record, append commands) ------------------------
 
@@ -953,11 +1066,20 @@ class Model:
         """Remember and report a refused manifest; it is not fetched again."""
         fetched: ev.ManifestFetched = e.kwargs["event"]
         assert self.refusal is not None
-        self.record = self.record.evolve(refused=remember(self.record.refused, fetched.digest))
+        if self.refusal_setting:
+            # The device's own settings refused it: remembered until a restart only, so a
+            # fixed setting lets it be fetched and judged again (issue 17 §3).
+            self.local_refused = remember(self.local_refused, fetched.digest)
+        else:
+            self.record = self.record.evolve(refused=remember(self.record.refused, fetched.digest))
         # The report names the manifest's identity (what the server announced), whatever
         # key the refusal is filed under (fetched_key).
         named = envelope_id(fetched.raw) or fetched.digest
         self._report(self.refusal.result, str(self.refusal), refused=named)
+        because = f" (local setting {self.refusal_setting})" if self.refusal_setting else ""
+        self.last_refusal = (
+            f"{update_id_of(named)}: {self.refusal.result.name}: {self.refusal}{because}"
+        )
 
     def adopt_manifest(self, e: Any) -> None:
         """Make the fetched manifest the pending update, with a fresh download state.
@@ -1071,7 +1193,7 @@ class Model:
         uid, step = self.pending.update_id, self._step()
         self._leave_waiting()
         reason = self._forcing(e)
-        if reason and must_ask(self.installed):
+        if reason and self._asks():
             self.record = self.record.evolve(forced=reason)
             self._entry = (ResultCode.FORCED, f"{step}: {reason}")
             self.outbox.append(cmd.NotifyForced(uid, step, reason))
@@ -1249,6 +1371,7 @@ class Model:
         if not 0 <= f.index < self.pending.fragment_count:
             return
         self.record = self.record.evolve(verified=bitmap_set(self.record.verified, f.index))
+        self.stall = None  # progress: a later 4.04 starts a budget of its own
         if self.record.restarts:
             # Progress since the last restart: an interrupted download, not a reboot loop.
             self.record = self.record.evolve(restarts=0)
@@ -1297,6 +1420,40 @@ class Model:
                 now + retry_delay(attempts, self.policy, e.kwargs.get("draw", 0.5)),
                 self.pending.update_id,
             )
+        )
+
+    def pause_download(self, e: Any) -> None:
+        """Wait out a stall: ask again after a back-off, reported once per stall."""
+        assert self.pending is not None
+        error: FotaError = e.kwargs["event"].error
+        now: float = e.kwargs["now"]
+        kind = self._stall_kind(error)
+        assert kind is not None
+        if self.stall is None or self.stall[0] != kind:
+            self.stall = (kind, now)
+            until = (
+                f"for up to {self.policy.not_found_budget:g} s"
+                if kind == "missing"
+                else "when there is room"
+            )
+            self._report(ResultCode.INITIAL, f"download paused: {error}; resuming {until}")
+        since = self.stall[1]
+        delay = pol.stall_delay(now - since, self.policy, e.kwargs.get("draw", 0.5))
+        if kind == "missing":  # one last try when the budget ends
+            delay = min(delay, max(0.0, since + self.policy.not_found_budget - now))
+        self.outbox.append(cmd.StartTimer("retry", now + delay, self.pending.update_id))
+
+    def revive(self, e: Any) -> None:
+        """Retry the failed update from its verified fragments, with fresh attempt counters."""
+        assert self.pending is not None
+        self.revivals += 1
+        self.stall = None
+        self.record = self.record.evolve(attempts=0, restarts=0)
+        # Reported as the step's entry (start_download or hold), with this detail.
+        self._entry = (
+            ResultCode.INITIAL,
+            f"announced again: retrying from {bitmap_count(self.record.verified)} verified"
+            f" of {self.pending.fragment_count} fragments",
         )
 
     def verify_image(self, e: Any) -> None:
@@ -1367,7 +1524,12 @@ class Model:
         uid = self.pending.update_id
         self.installed = self.pending
         # Its sequence number is the floor now (it passed a floor a keyset set, if any).
-        self.record = self.record.evolve(installed=self.pending.digest, floor=None)
+        self.record = self.record.evolve(
+            installed=self.pending.digest,
+            installed_sequence=self.pending.body.sequence,
+            floor=None,
+            recovered="",
+        )
         self._report(ResultCode.SUCCESS)
         self._clear_pending()
         self.outbox += [
@@ -1462,6 +1624,13 @@ class Model:
         else:
             result, detail = ResultCode.FAILED, e.event.name
         self._report(result, detail)
+        # An announcement of this update retries it (revive): the first at once, later ones
+        # after a back-off, so a server announcing it over and over cannot loop it.
+        self.stall = None
+        draw = e.kwargs.get("draw", 0.5)
+        self.revive_after = e.kwargs["now"] + (
+            retry_delay(self.revivals, self.policy, draw) if self.revivals else 0.0
+        )
         self.outbox += [
             cmd.StopDownload(),
             cmd.CancelTimer("retry"),
@@ -1545,6 +1714,7 @@ class Model:
         if k.version <= self.record.keyset_version:
             return
         self.record = self.record.evolve(keyset_version=k.version, refused=())
+        self.local_refused = ()
         if k.floor is not None:
             self.record = self.record.evolve(floor=k.floor)
             self._report(
@@ -1574,6 +1744,20 @@ def table_markdown() -> str:
             f"| {', '.join(t.unless)} | {', '.join((*t.prepare, *t.after))} |"
         )
     return "\n".join(rows)
+
+
+_SETTINGS = {"wrong_device_class": "device_class", "unknown_key": "keys"}
+
+
+def _local_setting(exc: ManifestError) -> str:
+    """The local setting a refusal comes from ("" when it is the manifest's own fault).
+
+    Such refusals are not journaled: they are judged again after a restart, when the setting
+    may have been fixed.
+    """
+    if exc.kind == "oversize" and exc.field == "image_size":
+        return "max_image_size"
+    return _SETTINGS.get(exc.kind, "")
 
 
 def _names(fetched: ev.ManifestFetched) -> set[bytes]:

@@ -67,6 +67,9 @@ class Policy:
         self_test_interval: seconds between self-test attempts until it passes.
         origins: where manifests, keysets and images may be fetched from (as
             :func:`fota.core.uri.origin` spells them); empty: anywhere.
+        not_found_budget: seconds a download keeps retrying an image the server answers
+            4.04 for (it is addressed by its digest: seldom really gone), counted from the
+            first 4.04 since the last verified fragment; then the update fails.
     """
 
     device_class: str
@@ -95,6 +98,7 @@ class Policy:
     self_test_deadline: float = 300.0
     self_test_interval: float = 10.0
     origins: tuple[str, ...] = ()
+    not_found_budget: float = 600.0
 
 
 def must_ask(installed: Manifest | None) -> bool:
@@ -115,6 +119,18 @@ def retry_delay(attempt: int, policy: Policy, draw: float = 0.5) -> float:
     the same moment does not come back at the same moment. 0.5 gives the plain delay.
     """
     base = min(policy.retry_cap, policy.retry_base * (2 ** max(0, attempt - 1)))
+    return float(base * (1 + policy.retry_jitter * (2 * draw - 1)))
+
+
+def stall_delay(elapsed: float, policy: Policy, draw: float = 0.5) -> float:
+    """Delay before asking again for a download that stalled ``elapsed`` seconds ago.
+
+    A stall (the image answered 4.04, the disk is full) is not a failed attempt: it is
+    waited out. Each wait is as long as the stall so far (so the waits double), from
+    ``retry_base`` to ``retry_cap``, spread by ``retry_jitter`` with ``draw`` as in
+    :func:`retry_delay`.
+    """
+    base = min(policy.retry_cap, max(policy.retry_base, elapsed))
     return float(base * (1 + policy.retry_jitter * (2 * draw - 1)))
 
 

@@ -40,6 +40,8 @@ _APPENDED: tuple[Any, ...] = (
     [],
     0,
     None,
+    None,
+    "",
 )
 """Encoded defaults of the fields after the first 16, in order. Fields are only ever appended:
 a record written by an earlier version lacks some of these, and they take their defaults."""
@@ -108,6 +110,36 @@ class Report:
         _check_fields("outbox report", _REPORT_FIELDS, items)
         seq, state, result, uid, mseq, vbytes, detail, until = items
         return cls(seq, State(state), ResultCode(result), uid, mseq, vbytes, detail, until)
+
+
+PROGRESS_RESULTS = frozenset(
+    {ResultCode.INITIAL, ResultCode.DEFERRED, ResultCode.AUTHORIZED, ResultCode.FORCED}
+)
+"""Results of a progress report (a step reached, a decision, a deferral): only the newest of
+an update is worth sending. Every other result is final (an outcome, a refusal, a recovery)
+and is never dropped."""
+COALESCE_FROM = 8
+"""Queued reports from which progress reports are coalesced: below it (a server that answers)
+every report is sent; at it, the server is away and only the newest step of an update is."""
+
+
+def queue_report(outbox: tuple[Report, ...], report: Report) -> tuple[Report, ...]:
+    """``outbox`` with ``report`` appended; progress reports coalesced once it backs up.
+
+    When :data:`COALESCE_FROM` reports or more wait, a new report about an update
+    (``update_id``; None, reports about no update, counts as one) replaces that update's
+    queued progress reports: the server learns the newest step, not every step it missed
+    while away. Final reports are never dropped. So the outbox holds the final reports not
+    yet acknowledged, plus fewer than :data:`COALESCE_FROM` progress reports, plus at most one
+    per update (docs/journal.md, "Bounds"). Sequence numbers of replaced reports are not
+    reused: the server sees the gap.
+    """
+    if len(outbox) < COALESCE_FROM:
+        return (*outbox, report)
+    kept = tuple(
+        r for r in outbox if not (r.result in PROGRESS_RESULTS and r.update_id == report.update_id)
+    )
+    return (*kept, report)
 
 
 # The field checks of docs/journal.md's CDDL. A record with a valid CRC can still be of another
@@ -201,6 +233,8 @@ _RECORD_FIELDS: tuple[_Check, ...] = (
     ("rejected", _is_digests, _DIGESTS),
     ("keyset_version", _is_uint, _UINT),
     ("floor", _optional(_is_uint), f"null or {_UINT}"),
+    ("installed_sequence", _optional(_is_uint), f"null or {_UINT}"),
+    ("recovered", _is_of(str), "text"),
 )
 
 
@@ -261,6 +295,12 @@ class Record:
             stored but not yet noted here is applied again at start).
         floor: the anti-rollback floor a root keyset set (``floor-reset``); while not None it
             replaces the running image's sequence number, until the next update commits.
+        installed_sequence: the sequence number of the manifest ``installed`` names (the
+            journal keeps it in step), so that losing that manifest does not lower the
+            anti-rollback floor: a recovery makes it the ``floor``.
+        recovered: what the last recovery of unreadable state did ("" if none; docs/journal.md,
+            "Recovery"); shown by ``fota status`` until the next update commits. While the
+            running image's manifest is unknown after one, the application decides updates.
     """
 
     state: State = State.IDLE
@@ -294,6 +334,8 @@ class Record:
     rejected: tuple[bytes, ...] = field(default=())
     keyset_version: int = 0
     floor: int | None = None
+    installed_sequence: int | None = None
+    recovered: str = ""
 
     def to_bytes(self) -> bytes:
         """Encode as ``[schema, body, crc32(body)]`` so a bit flip is caught on load."""
@@ -330,6 +372,8 @@ class Record:
                 list(self.rejected),
                 self.keyset_version,
                 self.floor,
+                self.installed_sequence,
+                self.recovered,
             ]
         )
         return cbor2.dumps([SCHEMA, body, zlib.crc32(body)])
@@ -398,6 +442,8 @@ class Record:
                 rejected,
                 keyset_version,
                 floor,
+                installed_sequence,
+                recovered,
             ) = items
             return cls(
                 State(state),
@@ -431,6 +477,8 @@ class Record:
                 tuple(rejected),
                 keyset_version,
                 floor,
+                installed_sequence,
+                recovered,
             )
         except JournalError:
             raise

@@ -112,6 +112,12 @@ writable by no one else (:func:`fota.safefs.check_trusted_path`) unless the tabl
 
 Then D and its copy are exchanged with one ``renameat2(RENAME_EXCHANGE)`` and the parent
 directory is fsynced: at every instant D is the complete old tree or the complete new one.
+Every rename of a unit is made under a descriptor of D's parent opened once per step without
+following a user's link (:func:`fota.safefs.open_dir`), and a tree left beside D is removed
+through such a descriptor only if it is the one recorded (:func:`_remove_side`): a user who
+can write D's parent cannot redirect a rename through a link, block root on a FIFO, or have
+root empty a directory they renamed there. ``root`` is resolved by the same checked walk
+(:func:`fota.safefs.resolve_trusted_dir`), never by ``realpath``.
 The old tree stays at the side path until commit. A unit that did not exist is created by one
 ``rename`` of its staged copy.
 
@@ -176,6 +182,7 @@ import contextlib
 import ctypes
 import errno
 import gzip
+import io
 import os
 import shutil
 import stat
@@ -425,6 +432,11 @@ class _Bundle:
     recipe: Recipe
 
 
+def _shown(name: str, limit: int = 200) -> str:
+    """A member's name for a message: a name may be up to :data:`MAX_READ` bytes long."""
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}... ({len(name)} characters)"
+
+
 def _refusal(member: tarfile.TarInfo) -> str | None:
     if member.isfile() or member.isdir():
         return None
@@ -433,7 +445,7 @@ def _refusal(member: tarfile.TarInfo) -> str | None:
         kind = "symbolic" if member.issym() else "hard"
         escapes = target.startswith("/") or ".." in target.split("/")
         where = "pointing outside the bundle" if escapes else "(links are not allowed)"
-        return f"a {kind} link to {target!r} {where}"
+        return f"a {kind} link to {_shown(target)} {where}"
     if member.ischr() or member.isblk():
         return "a device file"
     if member.isfifo():
@@ -504,19 +516,73 @@ def _extract(image: safefs.VerifiedImage, dest: Path, limits: Limits, where: str
     for magic, name in _MAGIC:
         if head.startswith(magic):
             raise _bad(f"the bundle is {name}-compressed; only plain tar and gzip are accepted")
-    mode: Any = "r:gz" if head.startswith(b"\x1f\x8b") else "r:"
+    stream: Any = gzip.GzipFile(fileobj=raw, mode="rb") if head.startswith(b"\x1f\x8b") else raw
     # The expanded size is bounded while streaming: each member's size is known from its
     # header before a byte of it is written.
     allowed = min(limits.max_unpacked_size, max(RATIO_FLOOR, limits.max_ratio * image.size))
     os.makedirs(dest, 0o755)
     dest_fd = os.open(dest, _DIR_FLAGS)
     try:
-        with tarfile.open(fileobj=raw, mode=mode) as tar:
+        # tarfile reads a long-name or pax header whole, before we see its member: bounded
+        # here, under it, so a header cannot make root hold gigabytes (a gzip of zeros).
+        capped = _Capped(stream, int(allowed) + HEADER_BUDGET, where)
+        with tarfile.open(fileobj=capped, mode="r:") as tar:
             return _extract_members(tar, dest, dest_fd, limits, allowed, image.size, where)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise _bad(f"the image is not a readable tar archive: {exc}") from exc
     finally:
         os.close(dest_fd)
+
+
+MAX_READ = 1 << 20
+"""Bytes tarfile may ask for in one read: a header (long name, pax) larger than this is
+refused before it is read; member data is read in pieces of this size."""
+HEADER_BUDGET = 64 << 20
+"""Decompressed bytes a bundle may hold besides its files' bytes (headers, padding)."""
+
+
+class _Capped(io.RawIOBase):
+    """The (decompressed) bundle as tarfile reads it: each read and all of them bounded."""
+
+    def __init__(self, inner: Any, budget: int, where: str) -> None:
+        self._inner = inner
+        self._budget = budget
+        self._where = where
+        self._read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return int(self._inner.tell())
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return int(self._inner.seek(offset, whence))
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > MAX_READ:
+            raise UnpackLimitError(
+                f"a bundle header (a long name or pax record) of {size} bytes is larger than "
+                f"{MAX_READ} bytes",
+                "max_unpacked_size",
+            )
+        data = bytes(self._inner.read(size))
+        self._read += len(data)
+        if self._read > self._budget:
+            raise UnpackLimitError(
+                f"the bundle unpacks to more than {self._budget} bytes with its headers "
+                f"({self._where}.max_unpacked_size, max_ratio)",
+                "max_unpacked_size",
+            )
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _extract_members(
@@ -536,41 +602,42 @@ def _extract_members(
             raise _bad(f"the bundle has more than {MAX_MEMBERS} members")
         problem = _refusal(member)
         if problem:
-            raise _bad(f"bundle member {member.name!r}: {problem}")
+            raise _bad(f"bundle member {_shown(member.name)}: {problem}")
         try:
             parts = relative_parts(member.name, "bundle member")
         except InstallError as exc:
             if member.name.strip("/.") == "" and member.isdir():
                 continue  # "./", the archive's top directory
-            raise _bad(f"bundle member {member.name!r}: refused ({exc})") from None
+            raise _bad(f"bundle member {_shown(member.name)}: refused ({exc})") from None
         name = "/".join(parts)
         if name in files or (name in dirs and not member.isdir()):
-            raise _bad(f"bundle member {member.name!r}: appears twice")
+            raise _bad(f"bundle member {_shown(member.name)}: appears twice")
         if member.isfile():
             total += member.size
             if total > limits.max_unpacked_size:
                 raise UnpackLimitError(
-                    f"bundle member {member.name!r}: the bundle unpacks to more than "
+                    f"bundle member {_shown(member.name)}: the bundle unpacks to more than "
                     f"{limits.max_unpacked_size} bytes ({where}.max_unpacked_size)",
                     "max_unpacked_size",
                 )
             if total > allowed:
                 raise UnpackLimitError(
-                    f"bundle member {member.name!r}: the bundle unpacks to more than "
+                    f"bundle member {_shown(member.name)}: the bundle unpacks to more than "
                     f"{limits.max_ratio:g} times its {compressed} bytes ({where}.max_ratio)",
                     "max_ratio",
                 )
             free = _free(dest_fd)
             if free - member.size < limits.min_free_space:
                 raise UnpackLimitError(
-                    f"bundle member {member.name!r}: {member.size} bytes would leave less than "
-                    f"{limits.min_free_space} bytes free ({free} free; {where}.min_free_space)",
+                    f"bundle member {_shown(member.name)}: {member.size} bytes would leave "
+                    f"less than {limits.min_free_space} bytes free ({free} free; "
+                    f"{where}.min_free_space)",
                     "min_free_space",
                 )
         for k in range(1, len(parts)):
             sub = "/".join(parts[:k])
             if sub in files:
-                raise _bad(f"bundle member {member.name!r}: {sub!r} is a file")
+                raise _bad(f"bundle member {_shown(member.name)}: {sub!r} is a file")
             if sub not in dirs:
                 os.mkdir(dest.joinpath(*parts[:k]), 0o755)
                 dirs.add(sub)
@@ -654,6 +721,18 @@ def _ident(path: str | Path) -> list[int] | None:
     return [st.st_ino]
 
 
+def _ident_at(dir_fd: int, name: str) -> list[int] | None:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return [st.st_ino]
+
+
+def _lexists_at(dir_fd: int, name: str) -> bool:
+    return _ident_at(dir_fd, name) is not None
+
+
 def _load_renameat2() -> Any:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -672,15 +751,20 @@ class _NoExchange(Exception):
     pass
 
 
-def exchange(a: Path, b: Path) -> None:
+def exchange(a: Path | str, b: Path | str, dir_fd: int = _AT_FDCWD) -> None:
     """Swap two paths atomically with ``renameat2(RENAME_EXCHANGE)``.
+
+    Args:
+        a: a path, or a name in ``dir_fd``.
+        b: the other one.
+        dir_fd: a directory descriptor both are relative to.
 
     Raises:
         OSError: the call failed (ENOSYS or EINVAL: not supported here).
     """
     if _renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available in this C library")
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+    if _renameat2(dir_fd, os.fsencode(a), dir_fd, os.fsencode(b), _RENAME_EXCHANGE) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), str(a), None, str(b))
 
@@ -895,10 +979,93 @@ def _package_path(bundle: _Bundle, name: str, where: str) -> str:
 
 
 def _remove_tree(path: str | Path) -> None:
+    """Remove a path in fota's own state directory (only root can write there)."""
     if os.path.islink(path) or os.path.isfile(path):
         os.unlink(path)
     elif os.path.lexists(path):
         shutil.rmtree(path)
+
+
+def _empty_dir(fd: int, shown: str, depth: int = 0) -> None:
+    """Remove every entry of the open directory ``fd``, descriptor-relatively.
+
+    Nothing but a directory is ever opened (``O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK``): a
+    symlink, a FIFO or a device is unlinked by name, never followed and never blocked on.
+    """
+    if depth > MAX_DEPTH:
+        raise _bad(f"{shown}: more than {MAX_DEPTH} directory levels to remove")
+    with os.scandir(fd) as it:
+        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    for name, is_dir in entries:
+        if is_dir:
+            try:
+                sub = os.open(name, _DIR_FLAGS | os.O_NONBLOCK, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                os.unlink(name, dir_fd=fd)  # swapped for a link or a file meanwhile
+                continue
+            try:
+                _empty_dir(sub, f"{shown}/{name}", depth + 1)
+            finally:
+                os.close(sub)
+            os.rmdir(name, dir_fd=fd)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+
+
+def _remove_side(path: str | Path, expect: list[int] | None) -> None:
+    """Remove the tree fota left at ``path`` (a staged copy or an old tree) beside a target.
+
+    The parent may be a directory a user can write (``allow_writable_target``, or a sticky
+    one above root): they can rename what is at ``path`` or plant something there. So the
+    name is opened ``O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK`` under a descriptor of the parent
+    (a FIFO cannot block it, a link is not followed), the tree is judged by that descriptor
+    (its inode is ``expect``; with no record, root owns it, as every copy fota makes) and
+    emptied through it (:func:`_empty_dir`). ``shutil.rmtree`` would open a FIFO planted at
+    the name and block forever, and would empty any directory renamed there, a root-owned
+    one the user cannot otherwise change included.
+
+    Raises:
+        InstallError: something else is at ``path``; it is left alone, named.
+    """
+    path = Path(path)
+    try:
+        parent = safefs.open_dir(path.parent)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            fd = os.open(path.name, _DIR_FLAGS | os.O_NONBLOCK, dir_fd=parent)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            st = os.stat(path.name, dir_fd=parent, follow_symlinks=False)
+            raise _bad(
+                f"{path} is a {safefs.file_type(st)}, not the tree fota left there; left alone"
+            ) from exc
+        try:
+            st = os.fstat(fd)
+            if [st.st_ino] != expect if expect is not None else st.st_uid != os.geteuid():
+                raise _bad(
+                    f"{path} is not the tree fota left there (inode {st.st_ino}, owner "
+                    f"{st.st_uid}); left alone"
+                )
+            _empty_dir(fd, str(path))
+            with contextlib.suppress(FileNotFoundError):
+                here = os.stat(path.name, dir_fd=parent, follow_symlinks=False)
+                if here.st_ino == st.st_ino:  # still the one emptied (renamed: left, empty)
+                    os.rmdir(path.name, dir_fd=parent)
+        finally:
+            os.close(fd)
+        safefs.fsync_dir(parent)
+    finally:
+        os.close(parent)
 
 
 # -- the installer ------------------------------------------------------------------------
@@ -931,7 +1098,8 @@ def _allow_list(
     """
     if isinstance(entries, str | bytes) or not isinstance(entries, Sequence):
         raise ConfigError(f"{where}.allowed_commands: expected a list of argument lists")
-    programs = {argv[0] for argv in managers.values() if argv}
+    # By base name: "/usr/bin/pip" is the configured "pip" (or the other way round).
+    programs = {os.path.basename(argv[0]) for argv in managers.values() if argv}
     tops = {os.path.normpath(root), os.path.realpath(root)}
     out: set[tuple[str, ...]] = set()
     for i, entry in enumerate(entries):
@@ -957,7 +1125,7 @@ def _allow_list(
             raise ConfigError(
                 f"{at}: {program!r} is under root {root}, where the bundle can replace it"
             )
-        if program in programs:
+        if os.path.basename(program) in programs:
             raise ConfigError(
                 f"{at}: {program!r} is a package manager; allow package steps with "
                 f"{where}.allowed_managers, not as a hook (a hook could install anything)"
@@ -1099,9 +1267,14 @@ class ArchiveInstaller:
     # -- planning and staging -----------------------------------------------------------
 
     def _plan(self, manifest: Manifest, recipe: Recipe) -> _Txn:
-        root = Path(os.path.realpath(self.root))
-        if not root.is_dir():
-            raise _bad(f"root {self.root} is not a directory")
+        # Resolved by a checked walk, not realpath: a user's symlink on the way (or a
+        # directory they can write before one) must not choose where root installs.
+        try:
+            root = safefs.resolve_trusted_dir(
+                self.root, allow_writable=self.allow_writable_target, what=self.where
+            )
+        except (NotADirectoryError, FileNotFoundError) as exc:
+            raise _bad(f"root {self.root} is not a directory") from exc
         chosen: set[tuple[str, ...]] = set()
         checked: set[Path] = set()
         for f in recipe.files:
@@ -1164,17 +1337,17 @@ class ArchiveInstaller:
         copy = _Copy(self.limits, self.where)
         for unit in txn.units:
             path, side = Path(unit.path), Path(unit.side)
-            _remove_tree(side)  # an earlier run's unfinished copy
+            _remove_side(side, unit.new)  # an earlier run's unfinished copy, by its identity
             parent = safefs.open_dir(path.parent)
             try:
-                placed += self._stage_unit(unit, parent, root, bundle, copy)
+                placed += self._stage_unit(unit, parent, root, bundle, copy, txn)
             finally:
                 os.close(parent)
         if placed != len(bundle.recipe.files):
             raise _bad("the recipe's targets do not match the planned directories")
 
     def _stage_unit(
-        self, unit: _Unit, parent: int, root: Path, bundle: _Bundle, copy: _Copy
+        self, unit: _Unit, parent: int, root: Path, bundle: _Bundle, copy: _Copy, txn: _Txn
     ) -> int:
         """Build the staged copy of one unit in ``parent``; return how many files it placed."""
         path, side = Path(unit.path), Path(unit.side)
@@ -1194,6 +1367,10 @@ class ArchiveInstaller:
                 made = os.fstat(dst)
                 if made.st_uid != os.geteuid() or os.listdir(dst):
                     raise _bad(f"{side} changed while the update was staged")
+                # Journaled before anything goes in: whoever removes it later (a re-run, the
+                # undo) removes this directory, not one a user renamed to its name.
+                unit.new = [made.st_ino]
+                self._save(txn)
                 if src is not None and top is not None:
                     copy.tree(src, dst, str(path), top.st_dev)
                 placed = self._place_files(unit, dst, root, bundle)
@@ -1203,7 +1380,6 @@ class ArchiveInstaller:
                     os.fchmod(dst, 0o755)  # whatever fota's umask: new directories are 0755
                 os.fsync(dst)
                 os.fsync(parent)
-                unit.new = [made.st_ino]  # the directory made here, whatever its name holds now
             finally:
                 os.close(dst)
         finally:
@@ -1237,18 +1413,29 @@ class ArchiveInstaller:
 
     # -- swapping -----------------------------------------------------------------------
 
+    # The unit's parent may be a directory a user can write (allow_writable_target): every
+    # rename happens under a descriptor of it, opened once per step without following a
+    # user's link, so replacing a directory above it with a link to another one (/etc)
+    # cannot move that one's entries.
+
     def _settle(self, unit: _Unit) -> bool:
         """Finish an interrupted three-rename exchange; return whether the unit is swapped."""
         path, side, tmp = Path(unit.path), Path(unit.side), Path(unit.tmp)
-        if os.path.lexists(tmp):
-            if not os.path.lexists(path):
-                os.rename(tmp, path)  # between the first two renames: the exchange did not happen
-            elif not os.path.lexists(side):
-                os.rename(tmp, side)  # between the last two: the exchange is finished
-            else:
-                raise _bad(f"{tmp}: left over beside {path} and {side}")
-            self._ops.fsync_dir(path.parent)
-        ident = _ident(path)
+        parent = safefs.open_dir(path.parent)
+        try:
+            if _lexists_at(parent, tmp.name):
+                if not _lexists_at(parent, path.name):
+                    # Between the first two renames: the exchange did not happen.
+                    os.rename(tmp.name, path.name, src_dir_fd=parent, dst_dir_fd=parent)
+                elif not _lexists_at(parent, side.name):
+                    # Between the last two: the exchange is finished.
+                    os.rename(tmp.name, side.name, src_dir_fd=parent, dst_dir_fd=parent)
+                else:
+                    raise _bad(f"{tmp}: left over beside {path} and {side}")
+                safefs.fsync_dir(parent)
+            ident = _ident_at(parent, path.name)
+        finally:
+            os.close(parent)
         if ident is None and unit.absent:
             return False
         if ident is not None and ident == unit.new:
@@ -1257,32 +1444,37 @@ class ArchiveInstaller:
             return False
         raise _bad(f"{path} is neither the old nor the new tree (changed outside fota?)")
 
-    def _exchange(self, unit: _Unit) -> None:
-        path, side, tmp = Path(unit.path), Path(unit.side), Path(unit.tmp)
+    def _exchange(self, unit: _Unit, parent: int) -> None:
+        path, side, tmp = Path(unit.path).name, Path(unit.side).name, Path(unit.tmp).name
         if self.use_exchange:
             try:
-                exchange(path, side)
+                exchange(path, side, parent)
                 return
             except OSError as exc:
                 if exc.errno not in (errno.ENOSYS, errno.EINVAL):
                     raise
-                log.warning("archive_no_exchange", path=str(path), error=str(exc))
+                log.warning("archive_no_exchange", path=unit.path, error=str(exc))
                 self.use_exchange = False
-        os.rename(path, tmp)
-        os.rename(side, path)
-        os.rename(tmp, side)
+        os.rename(path, tmp, src_dir_fd=parent, dst_dir_fd=parent)
+        os.rename(side, path, src_dir_fd=parent, dst_dir_fd=parent)
+        os.rename(tmp, side, src_dir_fd=parent, dst_dir_fd=parent)
 
     def _swap(self, unit: _Unit, forward: bool) -> None:
         path, side = Path(unit.path), Path(unit.side)
-        if unit.absent and forward:
-            os.rename(side, path)
-        elif unit.absent:
-            if os.path.lexists(side):
-                raise _bad(f"{side} exists; cannot move {path} back out of the way")
-            os.rename(path, side)  # then removed with the staged copies
-        else:
-            self._exchange(unit)
-        self._ops.fsync_dir(path.parent)
+        parent = safefs.open_dir(path.parent)
+        try:
+            if unit.absent and forward:
+                os.rename(side.name, path.name, src_dir_fd=parent, dst_dir_fd=parent)
+            elif unit.absent:
+                if _lexists_at(parent, side.name):
+                    raise _bad(f"{side} exists; cannot move {path} back out of the way")
+                # Then removed with the staged copies.
+                os.rename(path.name, side.name, src_dir_fd=parent, dst_dir_fd=parent)
+            else:
+                self._exchange(unit, parent)
+            safefs.fsync_dir(parent)
+        finally:
+            os.close(parent)
         unit.swapped = forward
         log.info("archive_swapped", path=str(path), new=forward)
 
@@ -1308,9 +1500,10 @@ class ArchiveInstaller:
             if restored == 1 and len(txn.units) > 1:
                 crashpoints.point("archive:restored_one")
         for unit in txn.units:  # the staged copies (and the new trees of absent units)
-            if os.path.lexists(unit.side):
-                _remove_tree(unit.side)
-                self._ops.fsync_dir(Path(unit.side).parent)
+            try:
+                _remove_side(unit.side, unit.new)
+            except InstallError as exc:  # the files are back; what is left there is not ours
+                log.warning("archive_cleanup_refused", path=unit.side, error=str(exc))
 
     # -- commands -----------------------------------------------------------------------
 
@@ -1504,8 +1697,8 @@ class ArchiveInstaller:
         for unit in txn.units:
             try:
                 self._settle(unit)  # a fallback exchange cut short by a crash
-                _remove_tree(unit.side)
-                self._ops.fsync_dir(Path(unit.side).parent)
+                # The old tree, judged by its identity (an absent unit left none: [])
+                _remove_side(unit.side, [] if unit.absent else unit.old)
             except (OSError, InstallError) as exc:
                 log.warning("archive_cleanup_failed", path=unit.side, error=str(exc))
 

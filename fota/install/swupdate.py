@@ -437,7 +437,20 @@ class SwupdateInstaller:
         return done.code == 0
 
     async def _swupdate(self, image: safefs.VerifiedImage) -> None:
-        tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="fota-swu-", dir=self.tmpdir))
+        # The private directory is made in tmpdir and then used by path (swupdate gets paths).
+        # A user who can write tmpdir could rename it and put theirs in its place, with the
+        # image and swupdate's IPC sockets in it: tmpdir must be root's and writable by no one
+        # else, or sticky (/tmp: only root renames root's entries there), and so up to /.
+        try:
+            parent = await asyncio.to_thread(
+                safefs.resolve_trusted_dir,
+                self.tmpdir,
+                allow_writable=False,
+                what="swupdate installer tmpdir",
+            )
+        except OSError as exc:
+            raise InstallError(f"swupdate installer: tmpdir {self.tmpdir}: {exc}") from exc
+        tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="fota-swu-", dir=parent))
         lines: list[str] = []
 
         def collect(line: str) -> None:

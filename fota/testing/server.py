@@ -9,7 +9,9 @@ default: the OS picks one, see :attr:`UpdateServer.port`):
 * announcements per device (or for every device) are observable, and may withdraw (cancel) a
   manifest; with ``sign_announcements`` each is a COSE_Sign1 signed when it is sent, issued
   at :attr:`UpdateServer.clock` and valid for ``announcement_lifetime`` seconds (a test turns
-  the clock back to serve expired ones, or the signing off to serve unsigned ones);
+  the clock back to serve expired ones, or the signing off to serve unsigned ones); a dead
+  observer (a killed or restarted client) is dropped without costing a live one its
+  notification (see ``_Wire``);
 * every request and every status report is recorded for tests to assert on;
 * a seeded :class:`FaultPlan` injects faults into image requests: corrupt or truncated
   blocks, request loss, response delay (fixed + jitter, or answers one at a time), duplicated
@@ -23,6 +25,7 @@ default: the OS picks one, see :attr:`UpdateServer.port`):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import os
 import random
@@ -676,11 +679,24 @@ class _Wire:
     passed through), so these faults happen where they happen in a network: after aiocoap
     encoded the response. A response is found by its token, which the resource registered
     in :attr:`UpdateServer._wire_faults` while answering the request.
+
+    It also keeps one client's death from deafening another (issue 17 §4). A notification to
+    a client that is gone (killed, restarted on another port) draws an ICMP port-unreachable.
+    Linux queues it with its address on the socket's error queue (aiocoap reads that and drops
+    the dead client's exchanges: right) and also leaves it pending on the socket, where it fails
+    the *next* ``sendmsg``, to whomever it goes. aiocoap's transport blames that send's
+    destination, the live client, and ends its observation from inside the send, which
+    re-enters aiocoap's pipe and crashes it (``TypeError: 'bool' object is not iterable`` in
+    ``pipe.py``): the live client's notification is lost and it is deaf until it re-registers.
+    So a failed send is tried once more (the failed call cleared the pending error and sent
+    nothing); only an error that fails it again is about this datagram, and it is handed to
+    aiocoap on the next loop step, outside the send.
     """
 
-    def __init__(self, inner: Any, server: UpdateServer) -> None:
+    def __init__(self, inner: Any, server: UpdateServer, protocol: Any) -> None:
         self._inner = inner
         self._server = server
+        self._protocol = protocol
         self._held: tuple[bytes, Any, int, Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -709,7 +725,20 @@ class _Wire:
         self._release(True)
 
     def _send(self, data: bytes, ancdata: Any, flags: int, address: Any) -> None:
-        self._inner.sendmsg(data, ancdata, flags, address)
+        sock = self._inner.get_extra_info("socket")
+        try:
+            sock.sendmsg((data,), ancdata, flags, address)
+        except OSError:
+            try:
+                sock.sendmsg((data,), ancdata, flags, address)
+            except OSError as exc:
+                # About this datagram (no route, a full buffer): aiocoap's handling, with the
+                # destination it is sending to (a context variable, hence the copy), but not
+                # from inside the pipe that is sending.
+                asyncio.get_running_loop().call_soon(
+                    self._protocol.error_received, exc, context=contextvars.copy_context()
+                )
+                return
         if self._server.wire_hook is not None:
             self._server.wire_hook(bytes(data))
 
@@ -731,23 +760,31 @@ class _Announcements(aiocoap.resource.ObservableResource, aiocoap.resource.PathC
     def __init__(self, server: UpdateServer) -> None:
         super().__init__()
         self.server = server
-        self.by_device: dict[str, set[Any]] = {}
+        self.by_device: dict[str, dict[Any, Any]] = {}
+        """Per device, its live observations and the address each was registered from."""
 
     async def add_observation(self, request: Any, serverobservation: Any) -> None:
         device = "/".join(request.opt.uri_path)
         if not self.server._authorized(request, device):
             return  # not accepted: render_get refuses it, and that ends the observation
-        watchers = self.by_device.setdefault(device, set())
-        watchers.add(serverobservation)
+        watchers = self.by_device.setdefault(device, {})
+        # A device that registers from another address has most likely restarted: notify
+        # its older observations once, so that a dead one draws its ICMP error now and is
+        # dropped (a live one just hears the current announcement again). Without this, a
+        # killed device stays listed as observing until the next announcement.
+        older = [obs for obs, remote in watchers.items() if remote != request.remote]
+        watchers[serverobservation] = request.remote
 
         def gone() -> None:
-            watchers.discard(serverobservation)
+            watchers.pop(serverobservation, None)
             self.server._observers_changed(device, len(watchers))
 
         serverobservation.accept(gone)
         # aiocoap calls this before render_get; the change is told once, with the count.
         self.server._seen_device(device, request, tell=False)
         self.server._observers_changed(device, len(watchers))
+        for observation in older:
+            observation.trigger()
 
     def notify(self, devices: Iterable[str]) -> None:
         targets = set(devices)
@@ -938,7 +975,7 @@ class UpdateServer:
             )
         for interface in self._ctx.request_interfaces:
             messages = interface.token_interface.message_interface
-            messages.transport = _Wire(messages.transport, self)
+            messages.transport = _Wire(messages.transport, self, messages)
         log.info("update_server_started", uri=self.uri)
 
     async def stop(self) -> None:

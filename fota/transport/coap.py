@@ -29,6 +29,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.optiontypes import BlockOption
 
+from fota.core import codes
 from fota.core.announce_sig import open_envelope
 from fota.core.text import show
 from fota.core.uri import check_uri_reference, origin, path_segments, resolve
@@ -38,6 +39,7 @@ from fota.errors import (
     ImageChanged,
     ManifestError,
     PermanentServerError,
+    ResourceMissing,
     TransportError,
 )
 from fota.transport import Announcement, Block, BlockFetcher, ConcurrentFetcher, truncated
@@ -49,19 +51,12 @@ from fota.transport.window import WindowFetcher
 log = structlog.get_logger(__name__)
 
 CF_CBOR = 60
+MAX_REMOTES = 16
+"""Most URIs whose resolved remote is kept (least recently used out). The hot ones are few:
+the image being downloaded, the report and announcement resources; every manifest and image
+URI of past updates would otherwise stay for good (250 updates: +2.7 MiB)."""
 CF_COSE_SIGN1 = 18
 """``application/cose; cose-type="cose-sign1"``: a signed announcement (docs/protocol.md)."""
-PERMANENT = frozenset(
-    {
-        Code.BAD_REQUEST,
-        Code.FORBIDDEN,
-        Code.NOT_FOUND,
-        Code.UNSUPPORTED_CONTENT_FORMAT,
-        Code.METHOD_NOT_ALLOWED,
-        Code.UNAUTHORIZED,
-        Code.BAD_OPTION,
-    }
-)
 
 
 def tuning(ack_timeout: float, max_retransmit: int) -> TransportTuning:
@@ -90,15 +85,23 @@ def szx_for(block_size: int) -> int:
 
 
 def classify(uri: str, response: Any) -> None:
-    """Raise the fota error for a non-success response."""
-    code = response.code
-    if code.is_successful():
-        return
-    if code == Code.REQUEST_ENTITY_INCOMPLETE:
-        raise ImageChanged(f"{uri}: server answered {code} (the resource changed)")
-    if code in PERMANENT:
-        raise PermanentServerError(uri, str(code))
-    raise TransportError(f"{uri}: server answered {code}")
+    """Raise the fota error for an answer to a GET that carries no data (fota.core.codes)."""
+    raise_for(uri, int(response.code), codes.for_get(int(response.code)))
+
+
+def raise_for(uri: str, code: int, verdict: codes.Verdict) -> None:
+    """Raise the fota error a verdict of :mod:`fota.core.codes` names; return for data/ack."""
+    said = f"{codes.text(code)}"
+    match verdict:
+        case codes.Verdict.DATA | codes.Verdict.ACK:
+            return
+        case codes.Verdict.CHANGED:
+            raise ImageChanged(f"{uri}: server answered {said} (the resource changed)")
+        case codes.Verdict.MISSING:
+            raise ResourceMissing(uri, said)
+        case codes.Verdict.PERMANENT:
+            raise PermanentServerError(uri, said)
+    raise TransportError(f"{uri}: server answered {said}")
 
 
 def _parse_announcement(payload: bytes, content_format: int | None, base: str) -> Announcement:
@@ -170,6 +173,40 @@ def _parse_announcement(payload: bytes, content_format: int | None, base: str) -
     return Announcement(seq, digest, uri, cancel, keyset_version, keyset_uri, signed)
 
 
+DEREGISTER_WAIT = 1.0
+"""Longest wait (seconds; ACK_TIMEOUT if shorter) for the answer to a deregistration."""
+
+
+def _udp_socket(ctx: Any) -> Any:
+    """The UDP socket of an aiocoap client context (aiocoap has no public call for it)."""
+    for interface in ctx.request_interfaces:
+        with contextlib.suppress(AttributeError):
+            return interface.token_interface.message_interface.transport.get_extra_info("socket")
+    return None
+
+
+class _Observation:
+    """An announcement observation: aiocoap's request, and the answer that accepted it."""
+
+    __slots__ = ("closed", "request", "response")
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.response: Any = None
+        self.closed = False
+
+
+class _Outcome:
+    """How one observation ended (see ``CoapTransport._observe``)."""
+
+    __slots__ = ("detail", "established", "kind")
+
+    def __init__(self) -> None:
+        self.kind = ""
+        self.detail = ""
+        self.established: float | None = None  # loop time the server accepted it
+
+
 class CoapTransport:
     """The :class:`~fota.transport.Transport` for ``coap://`` servers.
 
@@ -180,9 +217,14 @@ class CoapTransport:
         max_retransmit: CoAP MAX_RETRANSMIT (RFC 7252 default 4).
         poll_interval: poll the announcement this often instead of observing (sleepy
             devices); None observes.
-        observe_refresh: re-register an observation that was silent this long (seconds).
+        observe_refresh: re-register an observation that was silent this long (seconds);
+            also the poll interval when the server answers without Observe.
         poll_jitter: each poll interval is drawn uniformly in ``poll_interval * (1 ± jitter)``
             (0 <= jitter < 1), so a fleet does not poll in lockstep.
+        backoff_base: the first wait after a failed observation or poll (seconds); each
+            further failure doubles it.
+        backoff_cap: the longest wait between failed attempts (seconds; a polling device's
+            is at least its poll interval).
         oscore: directory of the OSCORE security context shared with the server
             (``fota.transport.oscore``); every request is then protected, and a URI outside
             the server's origin is refused rather than sent in plaintext.
@@ -192,7 +234,8 @@ class CoapTransport:
         min_rto: CoCoA's lower bound on the timeout, seconds.
 
     Raises:
-        ValueError: ``poll_jitter`` is outside 0..1.
+        ValueError: ``poll_jitter`` is outside 0..1, or the back-off is not
+            0 < ``backoff_base`` <= ``backoff_cap``.
         ConfigError: ``oscore`` with a ``coap+tcp://`` server, or an unusable context.
     """
 
@@ -206,6 +249,8 @@ class CoapTransport:
         poll_interval: float | None = None,
         observe_refresh: float = 300.0,
         poll_jitter: float = 0.1,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
         oscore: Path | None = None,
         retransmission: str = "cocoa",
         congestion: str = "aimd",
@@ -213,6 +258,12 @@ class CoapTransport:
     ) -> None:
         if not 0 <= poll_jitter < 1:
             raise ValueError(f"poll_jitter {poll_jitter} must be in 0..1 (1 excluded)")
+        if not 0 < backoff_base <= backoff_cap < math.inf:
+            raise ValueError(
+                f"backoff_base {backoff_base} and backoff_cap {backoff_cap}: "
+                "need 0 < backoff_base <= backoff_cap (finite)"
+            )
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.server = server.rstrip("/")
         self.retransmission, self.congestion, self.min_rto = retransmission, congestion, min_rto
         self._oscore: Any = None
@@ -235,8 +286,11 @@ class CoapTransport:
         self._ctx: Any = None
         self._ctx_lock = asyncio.Lock()
         # Resolved remote per URI: building a request from a URI string re-parses and
-        # re-resolves it every time, a measurable share of per-block CPU.
+        # re-resolves it every time, a measurable share of per-block CPU. At most
+        # MAX_REMOTES, in order of use (a dict keeps insertion order: a hit moves to the end).
         self._remotes: dict[str, tuple[Any, tuple[str, ...]]] = {}
+        # The announcement observation the server holds for us, if any (aclose ends it).
+        self._observing: _Observation | None = None
 
     async def _context(self) -> Any:
         async with self._ctx_lock:
@@ -281,7 +335,13 @@ class CoapTransport:
             raise PermanentServerError(uri, "outside the OSCORE-protected server's origin")
 
     async def aclose(self) -> None:
-        """Shut the client context down (and release the OSCORE context, if any)."""
+        """Deregister the observation, shut the client context down (and release OSCORE).
+
+        The observation is deregistered here too, not only when the watcher is left: a
+        watcher its user stopped iterating may be finalized only after the context is gone.
+        """
+        if self._observing is not None:
+            await self._forget(self._observing)
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             await ctx.shutdown()
@@ -289,7 +349,9 @@ class CoapTransport:
         self._oscore = None
 
     def _message(self, uri: str, **options: Any) -> Any:
-        cached = self._remotes.get(uri)
+        cached = self._remotes.pop(uri, None)
+        if cached is not None:
+            self._remotes[uri] = cached  # the most recently used now
         if cached is None:
             return aiocoap.Message(uri=uri, transport_tuning=self._tuning, **options)
         remote, path = cached
@@ -322,6 +384,8 @@ class CoapTransport:
             # Not with OSCORE: a request must go through the OSCORE transport again, and the
             # response's remote is that transport's address, not the server's.
             self._remotes[uri] = (response.remote, tuple(msg.opt.uri_path))
+            while len(self._remotes) > MAX_REMOTES:
+                del self._remotes[next(iter(self._remotes))]  # the least recently used
         return response
 
     async def fetch_block(self, uri: str, offset: int, block_size: int) -> Block:
@@ -411,11 +475,17 @@ class CoapTransport:
                     )
 
     async def post_report(self, body: bytes) -> None:
-        """POST a report; any 2.xx is an acknowledgement."""
+        """POST a report; only 2.01 and 2.04 acknowledge it (fota.core.codes).
+
+        Raises:
+            PermanentServerError: the server refuses the report for good (drop it).
+            TransportError: anything else that is not an acknowledgement (send it again).
+        """
         response = await self._request(
             self.report_uri, code=Code.POST, payload=body, content_format=CF_CBOR
         )
-        classify(self.report_uri, response)
+        code = int(response.code)
+        raise_for(self.report_uri, code, codes.for_report(code))
 
     def _decode_announcement(self, response: Any) -> Announcement | None:
         if self._unprotected(response):
@@ -458,53 +528,174 @@ class CoapTransport:
         """Observe (or poll) the announcement; yield every usable one, forever.
 
         :meth:`check_now` makes it fetch (GET) and yield the announcement at once, in both
-        modes. Network errors are retried with a capped back-off so the watcher never dies;
-        they are logged at INFO because a gateway losing its uplink is an expected event.
+        modes. Network errors and error answers (a 4.04 before anything was announced) are
+        retried with a jittered exponential back-off from ``backoff_base`` to ``backoff_cap``,
+        which only a working observation (or poll) resets, so the watcher never dies and never
+        hammers; they are logged at INFO because a gateway losing its uplink is an expected
+        event. A server that answers without Observe is polled every ``observe_refresh``,
+        each poll offering to observe again (with ``poll_interval`` set, polling is plain GETs
+        at that interval). Leaving the generator (or :meth:`aclose`) deregisters the
+        observation (docs/protocol.md, "Issue 17 §4").
         """
-        backoff = 1.0
+        failures = 0
+        unobservable = False
         while True:
+            outcome = _Outcome()
             try:
                 if self.poll_interval is not None:
                     ann = await self._get_announcement()
-                    backoff = 1.0
+                    failures = 0
                     if ann is not None:
                         yield ann
                     await self._pause(self.next_poll_delay())
                     continue
-                ctx = await self._context()
-                msg = aiocoap.Message(
-                    code=Code.GET, uri=self.announce_uri, observe=0, transport_tuning=self._tuning
-                )
-                self._check.clear()  # the registration's answer is a fresh announcement
-                self._guard(ctx, msg, self.announce_uri)
-                request = ctx.request(msg)
-                try:
-                    response = await request.response
-                    backoff = 1.0
-                    ann = self._decode_announcement(response)
-                    if ann is not None:
+                rounds = self._observe(outcome)
+                async with contextlib.aclosing(rounds):
+                    async for ann in rounds:
                         yield ann
-                    notes = self._notifications(request.observation)
-                    async with contextlib.aclosing(notes):
-                        async for note in notes:
-                            if note is None:  # silent too long: re-register at once
-                                backoff = 0.0
-                                break
-                            yield note
-                finally:
-                    if not request.observation.cancelled:
-                        request.observation.cancel()
             except (aiocoap.error.Error, OSError, FotaError) as exc:
                 # FotaError too: an unusable URI or a missing OSCORE context must not end the
                 # watcher; it backs off and tries again.
-                log.info("announcement_retry", uri=self.announce_uri, error=str(exc), delay=backoff)
-            # Back-off between re-registrations (a timer, not synchronisation), with jitter so
-            # that a fleet does not come back in lockstep after an outage; check_now() cuts it
-            # short. A polling (sleepy) device backs off up to its poll interval, not to the
-            # observer's minute.
-            await self._pause(poll_delay(backoff, self.poll_jitter, self._random))
-            cap = max(60.0, self.poll_interval) if self.poll_interval is not None else 60.0
-            backoff = min(max(backoff, 0.5) * 2, cap)
+                failures = 1 if self._healthy(outcome) else failures + 1
+                delay = self._backoff(failures)
+                log.info("announcement_retry", uri=self.announce_uri, error=str(exc), delay=delay)
+            else:
+                if outcome.kind == "unobservable":
+                    # Not an error, and nothing to back off from: the server cannot notify,
+                    # so look as often as a device that was told to poll.
+                    failures = 0
+                    interval = self.observe_refresh
+                    delay = poll_delay(interval, self.poll_jitter, self._random)
+                    if not unobservable:
+                        log.info("observe_unsupported", uri=self.announce_uri, interval=interval)
+                elif outcome.kind == "silent":
+                    failures, delay = 0, 0.0  # re-register at once: the server may have restarted
+                else:  # "refused" (an error answer) or "ended" (by the server)
+                    failures = 1 if self._healthy(outcome) else failures + 1
+                    delay = self._backoff(failures)
+                    log.info(
+                        "announcement_retry",
+                        uri=self.announce_uri,
+                        error=outcome.detail,
+                        delay=delay,
+                    )
+                unobservable = outcome.kind == "unobservable"
+            # A timer, not synchronisation; check_now() cuts it short.
+            await self._pause(delay)
+
+    def _backoff(self, failures: int) -> float:
+        """The wait after ``failures`` (>= 1) consecutive failed attempts, with jitter.
+
+        Doubles from ``backoff_base`` up to ``backoff_cap`` (a polling, sleepy device: up to
+        its poll interval if that is longer, not to the observer's minute). Always jittered
+        (at least ±10 %), so a fleet that lost its server together does not return together.
+        """
+        cap = self.backoff_cap
+        if self.poll_interval is not None:
+            cap = max(cap, self.poll_interval)
+        nominal = min(cap, self.backoff_base * 2.0 ** min(failures - 1, 64))
+        return poll_delay(nominal, max(self.poll_jitter, 0.1), self._random)
+
+    def _healthy(self, outcome: _Outcome) -> bool:
+        """Whether an observation worked: the server kept it for ``backoff_cap`` or longer.
+
+        Only then does the back-off start over: a server that accepts and at once ends every
+        observation (with a last notification, even) must not be asked every
+        ``backoff_base`` seconds.
+        """
+        if outcome.established is None:
+            return False
+        return asyncio.get_running_loop().time() - outcome.established >= self.backoff_cap
+
+    async def _observe(self, outcome: _Outcome) -> AsyncGenerator[Announcement, None]:
+        """One observation of the announcement: register, yield what it brings, deregister.
+
+        Sets ``outcome.kind``: ``refused`` (an error answer), ``unobservable`` (an answer
+        without Observe), ``silent`` (nothing for ``observe_refresh``) or ``ended`` (by the
+        server); a network error is raised.
+        """
+        ctx = await self._context()
+        msg = aiocoap.Message(
+            code=Code.GET, uri=self.announce_uri, observe=0, transport_tuning=self._tuning
+        )
+        self._check.clear()  # the registration's answer is a fresh announcement
+        self._guard(ctx, msg, self.announce_uri)
+        observation = _Observation(ctx.request(msg))
+        self._observing = observation
+        try:
+            response = await observation.request.response
+            if not response.code.is_successful():
+                outcome.kind, outcome.detail = "refused", f"server answered {response.code}"
+                return
+            ann = self._decode_announcement(response)
+            if response.opt.observe is None:
+                outcome.kind = "unobservable"
+                if ann is not None:
+                    yield ann
+                return
+            observation.response = response
+            outcome.established = asyncio.get_running_loop().time()
+            if ann is not None:
+                yield ann
+            notes = self._notifications(observation.request.observation)
+            async with contextlib.aclosing(notes):
+                async for note in notes:
+                    if note is None:  # silent too long
+                        outcome.kind = "silent"
+                        return
+                    yield note
+            outcome.kind, outcome.detail = "ended", "the server ended the observation"
+        finally:
+            await self._forget(observation)
+
+    async def _forget(self, observation: _Observation) -> None:
+        """End an observation here, and at the server if it still holds it (RFC 7641 §3.6).
+
+        A client that just goes away leaves its observation at the server until a notification
+        bounces off its closed port; deregistering keeps the server's list true and spares it
+        that ICMP error (which some servers blame on the next client they send to). Waits
+        (briefly) for the server's answer, so that the answer does not bounce either.
+        """
+        if observation.closed:
+            return
+        observation.closed = True
+        if self._observing is observation:
+            self._observing = None
+        client_side = observation.request.observation
+        if client_side.cancelled:
+            return  # the server ended it, or it failed: the server holds nothing
+        if observation.response is not None and self._deregister(observation.response):
+            ended = asyncio.Event()
+            client_side.on_cancel(ended.set)  # the answer ends the observation
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(self._tuning.ACK_TIMEOUT, DEREGISTER_WAIT)):
+                    await ended.wait()
+        if not client_side.cancelled:
+            client_side.cancel()
+
+    def _deregister(self, response: Any) -> bool:
+        """Send a deregistration (a NON GET with Observe: 1 and the observation's token).
+
+        It must come from the registration's socket with its token, which aiocoap's request
+        API cannot do, so it is encoded here and sent on aiocoap's socket. Not with OSCORE
+        (it would have to be protected); the server then drops the observation when a
+        notification bounces. Returns whether it was sent.
+        """
+        sock = _udp_socket(self._ctx) if self._ctx is not None and self._oscore is None else None
+        address = getattr(response.remote, "sockaddr", None)
+        if sock is None or address is None:
+            return False
+        message = aiocoap.Message(code=Code.GET, uri=self.announce_uri, observe=1)
+        message.mtype = aiocoap.NON
+        message.mid = self._random.getrandbits(16)
+        message.token = response.token
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as exc:
+            log.debug("observation_deregister_failed", uri=self.announce_uri, error=str(exc))
+            return False
+        log.debug("observation_deregistered", uri=self.announce_uri)
+        return True
 
     async def _notifications(self, observation: Any) -> AsyncGenerator[Announcement | None, None]:
         """The usable notifications of one observation, and a GET's answer per check_now().

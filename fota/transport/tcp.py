@@ -19,11 +19,12 @@ Theory of operation:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -70,6 +71,22 @@ def encode_csm(max_message_size: int) -> bytes:
     return encode(CSM, b"", options)
 
 
+class _Stop(threading.Event):
+    """The transfer thread's stop flag; setting it also wakes a thread blocked on the socket.
+
+    The thread otherwise notices a stop only between socket timeouts (30 s by default): a
+    SIGTERM or a cancelled download would wait that long.
+    """
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def set(self) -> None:
+        super().set()
+        self._wake()
+
+
 class TcpFetcher:
     """Fetch byte ranges of one ``coap+tcp://`` resource with BERT Block2 requests.
 
@@ -96,7 +113,11 @@ class TcpFetcher:
         self.timeout = timeout
         self._path_options = wire.encode_path(path)
         self._urgent: deque[tuple[int, int]] = deque()
-        self._stop = threading.Event()
+        self._stop = _Stop(self._wake)
+        # The socket the thread uses now; shut down (never closed: its number could be
+        # reused under the thread) from another thread to wake a blocked connect or recv.
+        self._sock: socket.socket | None = None
+        self._sock_lock = threading.Lock()
         self.requests = 0
 
     @classmethod
@@ -126,13 +147,60 @@ class TcpFetcher:
         worker = loop.run_in_executor(None, self._blocking_run, plan, on_block)
         await finish_thread(worker, self._stop)
 
+    def _wake(self) -> None:
+        with self._sock_lock:
+            if self._sock is not None:
+                with contextlib.suppress(OSError):  # not connected yet, or already reset
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
     # -- the transfer thread --------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        """Connect like ``socket.create_connection``, with each socket wakeable by a stop."""
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise TransportError(f"{self.uri}: {exc}") from exc
+        error: OSError = OSError(f"no address for {self.host}")
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            with self._sock_lock:
+                self._sock = sock
+            try:
+                if self._stop.is_set():  # stopped before the socket could be woken
+                    raise TransportError(f"{self.uri}: stopped")
+                sock.settimeout(self.timeout)
+                sock.connect(address)
+                return sock
+            except OSError as exc:
+                error = exc
+                self._forget(sock)
+            except BaseException:
+                self._forget(sock)
+                raise
+        if self._stop.is_set():
+            raise TransportError(f"{self.uri}: stopped")
+        raise TransportError(f"{self.uri}: {error}") from error
+
+    def _forget(self, sock: socket.socket) -> None:
+        with self._sock_lock:
+            self._sock = None
+        sock.close()
 
     def _blocking_run(self, plan: Iterator[tuple[int, int]], on_block: OnBlock) -> None:
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        except OSError as exc:
-            raise TransportError(f"{self.uri}: {exc}") from exc
+            self._transfer(plan, on_block)
+        except (OSError, TransportError) as exc:
+            if self._stop.is_set():
+                # Stopped (the shutdown that woke us caused this): the caller raises its
+                # CancelledError; an error here would read as a failed download instead.
+                return
+            if isinstance(exc, OSError):
+                raise TransportError(f"{self.uri}: {exc}") from exc
+            raise
+
+    def _transfer(self, plan: Iterator[tuple[int, int]], on_block: OnBlock) -> None:
+        sock = self._connect()
         self._buffer = bytearray(self.max_message_size + 16)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -153,21 +221,20 @@ class TcpFetcher:
                     if not more or got == 0:
                         break
                     offset += got
-        except OSError as exc:
-            raise TransportError(f"{self.uri}: {exc}") from exc
         finally:
-            sock.close()
+            self._forget(sock)
 
     def _fetch(
         self, sock: socket.socket, offset: int, end: int, on_block: OnBlock
     ) -> tuple[int, bool]:
         self.requests += 1
         token = os.urandom(4)
-        block = wire.encode_uint(((offset // UNIT) << 4) | BERT_SZX)
-        options = self._path_options + bytes(
-            [((wire.OPT_BLOCK2 - (wire.OPT_URI_PATH if self.path else 0)) << 4) | len(block)]
-        )
-        sock.sendall(encode(wire.GET, token, options + block))
+        # The UDP encoder's options (behind its 4-byte header: no token here): with no Uri-Path
+        # the Block2 option delta is 23, which needs an extended delta byte.
+        options = wire.encode_block_get(
+            0, b"", self._path_options, offset // UNIT, BERT_SZX, has_path=bool(self.path)
+        )[4:]
+        sock.sendall(encode(wire.GET, token, options))
         while True:
             code, rtoken, body = self._read(sock)
             if code == PING:
@@ -214,6 +281,8 @@ class TcpFetcher:
             if self._stop.is_set():
                 raise TransportError(f"{self.uri}: stopped")
             n = sock.recv_into(view[got:], count - got)
+            if n == 0 and self._stop.is_set():  # woken by a shutdown (_Stop.set)
+                raise TransportError(f"{self.uri}: stopped")
             if n == 0:
                 raise TransportError(f"{self.uri}: connection closed by the server")
             got += n

@@ -30,8 +30,9 @@ Theory of operation:
   answers in any order are fine: each carries its own offset.
 * 5.03 with Max-Age pauses sending for Max-Age seconds (the server asked for it), and counts
   as one of that request's tries, so a server that only ever answers 5.03 ends the transfer
-  like a silent one; other 5.xx are retried like a loss; 4.04 / 4.03 / 4.00 / 4.15 stop the
-  transfer (PermanentServerError); 4.08 raises ImageChanged.
+  like a silent one; other transient answers are retried like a loss; fota.core.codes
+  decides the rest: a permanent refusal stops the transfer (PermanentServerError), 4.04
+  raises ResourceMissing, 4.08 raises ImageChanged.
 """
 
 from __future__ import annotations
@@ -49,15 +50,14 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from fota.core import codes
 from fota.core.uri import path_segments
-from fota.errors import ImageChanged, PermanentServerError, TransportError
+from fota.errors import ImageChanged, PermanentServerError, ResourceMissing, TransportError
 from fota.transport import Block, truncated, wire
 from fota.transport.congestion import AimdWindow, CocoaRto, FixedWindow, Rfc7252Rto, Rto, Window
 
 log = structlog.get_logger(__name__)
 
-PERMANENT_CODES = {0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x8F}  # 4.00-4.05, 4.15
-REQUEST_INCOMPLETE = 0x88  # 4.08
 SERVICE_UNAVAILABLE = 0xA3  # 5.03
 MAX_PAUSE = 300.0
 """Longest pause a 5.03's Max-Age buys, seconds."""
@@ -92,11 +92,19 @@ async def finish_thread(worker: asyncio.Future[None], stop: threading.Event) -> 
 
 
 def classify_code(uri: str, code: int) -> None:
-    """Raise the fota error for a permanent refusal or a changed resource; else return."""
-    if code in PERMANENT_CODES:
-        raise PermanentServerError(uri, wire.code_text(code))
-    if code == REQUEST_INCOMPLETE:
-        raise ImageChanged(f"{uri}: server answered 4.08 (the resource changed)")
+    """Raise the fota error for a refusal, a missing image or a changed one; else return.
+
+    fota.core.codes decides: a transient answer returns (the caller asks again).
+    """
+    match codes.for_get(code):
+        case codes.Verdict.PERMANENT:
+            raise PermanentServerError(uri, wire.code_text(code))
+        case codes.Verdict.MISSING:
+            raise ResourceMissing(uri, wire.code_text(code))
+        case codes.Verdict.CHANGED:
+            raise ImageChanged(
+                f"{uri}: server answered {wire.code_text(code)} (the resource changed)"
+            )
 
 
 def szx_of(size: int) -> int:
