@@ -569,6 +569,9 @@ class Model:
         self.pending = pending
         self.installed = installed
         self.state = self.record.state
+        # The update a recovery left pending: its commit keeps the recovery's note, so the
+        # operator still sees it after the resumed update finishes (a new update clears it).
+        self._resumed_after_recovery = self.record.pending if self.record.recovered else None
         self.outbox: list[cmd.Command] = []
         # Set by check_manifest (a prepare callback) for the conditions that follow it.
         self._candidate: Manifest | None = None
@@ -1528,7 +1531,11 @@ class Model:
             installed=self.pending.digest,
             installed_sequence=self.pending.body.sequence,
             floor=None,
-            recovered="",
+            recovered=(
+                self.record.recovered
+                if self.pending.digest == self._resumed_after_recovery
+                else ""
+            ),
         )
         self._report(ResultCode.SUCCESS)
         self._clear_pending()
