@@ -116,7 +116,8 @@ class Config:
         report_retry_cap: longest delay between report delivery attempts, seconds.
         not_found_budget: seconds a download keeps retrying (with back-off) an image the
             server answers 4.04 for, from the first 4.04 since the last verified fragment;
-            then the update fails (7). 0: fail at the first 4.04.
+            then the update fails (7). 0: fail at the first 4.04. A manifest or keyset
+            fetch waits out a 4.04 for as long, from its first 4.04, then stops.
         poll_jitter: each poll interval is spread randomly by this fraction either way.
         max_deferral: cumulative deferral allowed per severity (``optional``, ``mandatory``,
             ``critical``), seconds, across restarts; None: unbounded. A manifest's

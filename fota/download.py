@@ -7,11 +7,21 @@ Theory of operation:
 * The remaining fragments are handed to the transport's :class:`~fota.transport.BlockFetcher`
   as byte ranges; blocks come back in any order and land in a per-fragment buffer at their
   offset. Memory is bounded by the fragments with blocks in flight, not by the image.
-* A complete fragment is hashed; if it matches its signed digest it is written to the candidate
-  at its byte offset with one ``pwrite``. Every ``fsync_every`` fragments (and at the end) the
-  candidate is fsynced in a worker thread while blocks keep arriving, and only then is
-  ``FragmentVerified`` emitted for them (write-ahead order: the journal marks a fragment after
-  its bytes are durable). A fragment that fails its digest is asked for again.
+* Blocks go to the candidate as they arrive, a page (:data:`CHUNK`) at a time: a page is
+  written with one ``pwrite`` once all its bytes are in the fragment's buffer, so each byte is
+  written once and no page is dirtied twice. The buffer is kept for hashing: a complete
+  fragment costs no second write.
+* A complete fragment is hashed against its signed digest. Every ``fsync_every`` fragments (and
+  at the end) the candidate is fsynced in a worker thread while blocks keep arriving, and only
+  then is ``FragmentVerified`` emitted for them (write-ahead order: the journal marks a fragment
+  after its bytes are durable). A fragment that fails its digest is asked for again, whole.
+* Partial fragments survive a kill (issue 17 §6): when a sync is submitted, the pages written
+  so far of the fragments still incomplete are noted (``partial``: a CBOR list of
+  ``[offset, length]`` runs, at most :data:`MAX_RUNS`), and the ``FragmentVerified`` event
+  emitted after that fsync carries the note to the journal, in the record write that happens
+  anyway. No extra file, no extra fsync. A restart reads those runs back from the candidate
+  into the fragment buffers and asks only for the rest; the fragment digest still decides (a
+  fragment that fails after a resume is fetched again, whole).
 * Only fragment-level events reach the state machine, never one per block.
 """
 
@@ -27,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cbor2
 import structlog
 
 from fota.core import events as ev
@@ -56,6 +67,67 @@ FRAGMENT_TRIES = 3
 """Times one fragment may fail its digest in one download run before the run fails."""
 UNIT = 16
 """Smallest CoAP block; received bytes are tracked in these units."""
+CHUNK = 4096
+"""Bytes written to the candidate at once (a page, aligned in the image): a page written
+whole, once, is never dirtied twice (a 1 KiB write per block would rewrite a page that an
+fsync cleaned in between)."""
+ALIGN = 1024
+"""Ranges asked for when a partial fragment resumes start and end on this boundary (or the
+fragment's): every fetcher turns them into whole blocks (BERT over TCP counts in 1 KiB)."""
+MAX_RUNS = 64
+"""Most ``[offset, length]`` runs of partial fragments noted per snapshot (about 10 bytes
+each: the journal record grows by at most ~700 bytes). The longest runs are kept; a run left
+out is only fetched again."""
+
+Runs = list[tuple[int, int]]
+"""Byte runs ``(offset, length)`` of the image held in the candidate."""
+
+
+def encode_runs(runs: Runs) -> bytes:
+    """The ``partial`` note: a CBOR list of ``[offset, length]``, b"" for none.
+
+    At most :data:`MAX_RUNS` runs, the longest ones (dropping a run is always safe).
+    """
+    if not runs:
+        return b""
+    if len(runs) > MAX_RUNS:
+        runs = sorted(sorted(runs, key=lambda r: -r[1])[:MAX_RUNS])
+    return cbor2.dumps([[offset, length] for offset, length in runs])
+
+
+def decode_runs(data: bytes, layout: Layout) -> Runs:
+    """The usable runs of a ``partial`` note; anything doubtful is left out (fetched again).
+
+    A run must lie inside the image and start on a :data:`UNIT` boundary and end on one (or at
+    the image's end); runs are cut at fragment boundaries. Never raises: a damaged note costs
+    only a re-fetch.
+    """
+    if not data:
+        return []
+    try:
+        items = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types on damaged bytes
+        log.warning("partial_runs_ignored", update_id=layout.update_id, error=str(exc))
+        return []
+    if not isinstance(items, list):
+        return []
+    runs: Runs = []
+    for item in items[:MAX_RUNS]:
+        if not (isinstance(item, list) and len(item) == 2):
+            continue
+        offset, length = item
+        if type(offset) is not int or type(length) is not int:
+            continue
+        end = offset + length
+        if offset < 0 or length <= 0 or end > layout.image_size or offset % UNIT:
+            continue
+        if end % UNIT and end != layout.image_size:
+            continue
+        while offset < end:  # one run per fragment it touches
+            cut = min(end, (offset // layout.fragment_size + 1) * layout.fragment_size)
+            runs.append((offset, cut - offset))
+            offset = cut
+    return runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +180,7 @@ def _recheck(fd: int, layout: Layout, verified: bytes) -> list[int]:
 
 
 class _Assembly:
-    """Puts blocks into fragment buffers, verifies, writes and syncs complete fragments."""
+    """Puts blocks into fragment buffers, writes whole pages, verifies and syncs fragments."""
 
     def __init__(
         self,
@@ -120,6 +192,7 @@ class _Assembly:
         wanted: list[int],
         fsync_every: int,
         budget: tuple[int, int] | None = None,
+        align: int = ALIGN,
     ) -> None:
         self.m = layout
         self.budget = budget
@@ -132,21 +205,92 @@ class _Assembly:
         self.fsync_every = max(1, fsync_every)
         self.size = layout.image_size
         self.frag = layout.fragment_size
+        self.align = max(ALIGN, align)
         self.buffers: dict[int, bytearray] = {}
-        self.masks: dict[int, bytearray] = {}
+        self.masks: dict[int, bytearray] = {}  # per UNIT: received
+        self.pages: dict[int, bytearray] = {}  # per CHUNK of the fragment: written
         self.missing: dict[int, int] = {}  # units of 16 bytes still missing per fragment
         self.tries: dict[int, int] = {}
         self.unsynced: list[tuple[int, int]] = []  # (fragment, bytes received for it)
         self.received = 0  # bytes received and not yet reported in an event
+        self.resumed = 0  # bytes of partial fragments read back from the candidate
         self.sync_error: OSError | None = None
         self.syncs: list[concurrent.futures.Future[None]] = []
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fota-fsync")
         self.etag: bytes | None = None
         self.loop = asyncio.get_running_loop()
+        self.stopped_partial = b""  # the note of a sync after the transfer stopped early
 
     def plan(self) -> Iterator[tuple[int, int]]:
         for index in sorted(self.wanted):
-            yield self.m.span(index)
+            if index not in self.wanted:
+                continue  # completed meanwhile (a large BERT block brought it)
+            mask = self.masks.get(index)
+            if mask is None:
+                yield self.m.span(index)
+                continue
+            # A resumed partial fragment: only its holes, widened to whole blocks.
+            start, length = self.m.span(index)
+            end = start + length
+            wide: list[tuple[int, int]] = []
+            for lo, hi in _holes(mask):
+                a = start + (lo * UNIT) // self.align * self.align
+                b = min(end, start + -(-(hi * UNIT) // self.align) * self.align)
+                if wide and a <= wide[-1][1]:
+                    wide[-1] = (wide[-1][0], max(b, wide[-1][1]))  # one block, asked once
+                else:
+                    wide.append((a, b))
+            for a, b in wide:
+                yield a, b - a
+
+    def _buffer(self, index: int) -> tuple[bytearray, bytearray, int]:
+        start, length = self.m.span(index)
+        buffer = self.buffers.get(index)
+        if buffer is None:
+            buffer = self.buffers[index] = bytearray(length)
+            self.masks[index] = bytearray((length + UNIT - 1) // UNIT)
+            self.pages[index] = bytearray(self._page_count(start, length))
+            self.missing[index] = len(self.masks[index])
+        return buffer, self.masks[index], start
+
+    @staticmethod
+    def _page_count(start: int, length: int) -> int:
+        return (start + length - 1) // CHUNK - start // CHUNK + 1
+
+    def resume(self, runs: Runs) -> None:
+        """Read runs of partial fragments back from the candidate (a worker thread's job).
+
+        Only fragments still wanted take them; their pages count as written. A fragment that
+        the runs complete is checked at once, like one whose last block just came.
+        """
+        for offset, length in runs:
+            index = offset // self.frag
+            if index not in self.wanted:
+                continue
+            data = os.pread(self.fd, length, offset)
+            if len(data) != length:
+                continue  # a candidate shorter than the note: fetch it again
+            buffer, mask, start = self._buffer(index)
+            rel = offset - start
+            first, last = rel // UNIT, (rel + length + UNIT - 1) // UNIT
+            new = mask.count(0, first, last)
+            if not new:
+                continue
+            buffer[rel : rel + length] = data
+            mask[first:last] = b"\x01" * (last - first)
+            self.missing[index] -= new
+            self.resumed += length
+        for index, pages in self.pages.items():
+            # A page all of whose bytes came from the runs is on disk; one they cover in part
+            # is written (again, with the same bytes) when it fills.
+            start, length = self.m.span(index)
+            mask = self.masks[index]
+            for page in range(len(pages)):
+                a = max((start // CHUNK + page) * CHUNK, start) - start
+                b = min((start // CHUNK + page + 1) * CHUNK - start, length)
+                pages[page] = 0 not in mask[a // UNIT : (b + UNIT - 1) // UNIT]
+        for index in [i for i, m in self.missing.items() if m == 0]:
+            self._complete(index, self.m.span(index)[0])
 
     def on_block(self, block: Block) -> None:
         if block.size2 is not None and block.size2 != self.size:
@@ -190,14 +334,8 @@ class _Assembly:
         index = offset // self.frag
         if index not in self.wanted:
             return  # a late duplicate of a fragment already done
-        start, length = self.m.span(index)
-        buffer = self.buffers.get(index)
-        if buffer is None:
-            buffer = self.buffers[index] = bytearray(length)
-            self.masks[index] = bytearray((length + UNIT - 1) // UNIT)
-            self.missing[index] = len(self.masks[index])
+        buffer, mask, start = self._buffer(index)
         rel = offset - start
-        mask = self.masks[index]
         # Track 16-byte units, so duplicates and blocks of a changed size count exactly once.
         first, last = rel // UNIT, (rel + len(data) + UNIT - 1) // UNIT
         new = mask.count(0, first, last)
@@ -208,11 +346,35 @@ class _Assembly:
         self.missing[index] -= new
         if self.missing[index] == 0:
             self._complete(index, start)
+        else:
+            self._write_pages(index, start, offset, offset + len(data))
+
+    def _write_pages(self, index: int, start: int, lo: int, hi: int) -> None:
+        """Write the pages of ``[lo, hi)`` whose bytes are all in the buffer, once each."""
+        buffer, mask, pages = self.buffers[index], self.masks[index], self.pages[index]
+        base = start // CHUNK
+        for page in range(lo // CHUNK, (hi - 1) // CHUNK + 1):
+            if pages[page - base]:
+                continue
+            a = max(page * CHUNK, start) - start
+            b = min((page + 1) * CHUNK - start, len(buffer))
+            if 0 in mask[a // UNIT : (b + UNIT - 1) // UNIT]:
+                continue
+            try:
+                self.ops.pwrite(self.fd, bytes(buffer[a:b]), start + a)
+            except OSError as exc:
+                raise storage_error(f"candidate: {exc}", exc) from exc
+            pages[page - base] = 1
 
     def _complete(self, index: int, start: int) -> None:
-        buffer = self.buffers.pop(index)
-        del self.masks[index], self.missing[index]
-        if not self.m.matches(index, buffer):
+        buffer = self.buffers[index]
+        ok = self.m.matches(index, buffer)
+        if ok:
+            # The pages still unwritten, the last one among them, go only after the digest
+            # matched: a fragment that fits one page never reaches the disk when corrupt.
+            self._write_pages(index, start, start, start + len(buffer))
+        del self.buffers[index], self.masks[index], self.missing[index], self.pages[index]
+        if not ok:
             tries = self.tries[index] = self.tries.get(index, 0) + 1
             log.warning("fragment_corrupt", update_id=self.m.update_id, fragment=index, tries=tries)
             if tries >= FRAGMENT_TRIES:
@@ -220,27 +382,47 @@ class _Assembly:
             self.fetcher.want(start, len(buffer))
             return
         self.wanted.discard(index)
-        try:
-            self.ops.pwrite(self.fd, bytes(buffer), start)
-        except OSError as exc:
-            raise storage_error(f"candidate: {exc}", exc) from exc
         self.unsynced.append((index, self.received))
         self.received = 0
         if len(self.unsynced) >= self.fsync_every:
             self.sync()
 
+    def partial(self) -> bytes:
+        """The note of the pages written so far of the fragments still incomplete.
+
+        Called where the pages are written (the transfer's thread) before the fsync that
+        will cover them is submitted: every run it names is durable once that fsync is done.
+        """
+        runs: Runs = []
+        for index, pages in self.pages.items():
+            start, length = self.m.span(index)
+            end, base = start + length, start // CHUNK
+            page = 0
+            while page < len(pages):
+                if not pages[page]:
+                    page += 1
+                    continue
+                first = page
+                while page < len(pages) and pages[page]:
+                    page += 1
+                lo = max((base + first) * CHUNK, start)
+                hi = min((base + page) * CHUNK, end)
+                runs.append((lo, hi - lo))
+        return encode_runs(sorted(runs))
+
     def sync(self) -> None:
         """Sync the candidate in the sync thread, then vouch for the fragments it covered.
 
         One sync thread per download keeps the syncs, and so the events, in order; the
-        transfer goes on meanwhile.
+        transfer goes on meanwhile. The events carry the note of the partial fragments
+        taken now, which the same fsync makes durable.
         """
         if not self.unsynced:
             return
         covered, self.unsynced = self.unsynced, []
-        self.syncs.append(self.executor.submit(self._sync_and_vouch, covered))
+        self.syncs.append(self.executor.submit(self._sync_and_vouch, covered, self.partial()))
 
-    def _sync_and_vouch(self, covered: list[tuple[int, int]]) -> None:
+    def _sync_and_vouch(self, covered: list[tuple[int, int]], partial: bytes) -> None:
         if self.sync_error is not None:
             return  # after a failed fsync nothing is vouched for (Linux may forget the error)
         try:
@@ -249,17 +431,41 @@ class _Assembly:
             self.sync_error = exc
             raise
         for index, fetched in covered:
-            event = ev.FragmentVerified(self.m.update_id, index, fetched)
+            event = ev.FragmentVerified(self.m.update_id, index, fetched, partial)
             self.loop.call_soon_threadsafe(self.emit, event)
 
-    async def finish(self) -> None:
-        """Sync what is left and wait for every sync (its error, if any, is raised)."""
+    def _sync_partial(self, partial: bytes) -> None:
+        if self.sync_error is None:
+            self.ops.fsync(self.fd)
+            self.stopped_partial = partial
+
+    async def finish(self, stopped: bool = False) -> None:
+        """Sync what is left and wait for every sync (its error, if any, is raised).
+
+        ``stopped``: the transfer ended early (an error or a cancellation); the pages of the
+        partial fragments are synced too and their note kept in :attr:`stopped_partial`.
+        """
         try:
             self.sync()
+            if stopped and self.pages:
+                self.syncs.append(self.executor.submit(self._sync_partial, self.partial()))
             for future in self.syncs:
                 await asyncio.wrap_future(future)
         finally:
             self.executor.shutdown(wait=True)
+
+
+def _holes(mask: bytearray) -> Iterator[tuple[int, int]]:
+    """``[lo, hi)`` unit ranges of ``mask`` that are still 0."""
+    at, count = 0, len(mask)
+    while at < count:
+        lo = mask.find(0, at)
+        if lo < 0:
+            return
+        hi = mask.find(1, lo)
+        hi = count if hi < 0 else hi
+        yield lo, hi
+        at = hi
 
 
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -320,6 +526,11 @@ class Downloader:
         self.window = window
         self.fsync_every = fsync_every
         self.unreported = 0
+        self.resumed = 0
+        """Bytes of partial fragments the last run read back from the candidate."""
+        self.stopped_partial = b""
+        """The ``partial`` note of the last run if it stopped early (error or cancellation),
+        taken after a final fsync; b"" otherwise. ``fota fetch`` keeps it in its state."""
 
     async def run(
         self,
@@ -327,6 +538,7 @@ class Downloader:
         image_uri: str,
         verified: bytes,
         *,
+        partial: bytes = b"",
         budget: tuple[int, int] | None = None,
     ) -> None:
         """Download until every fragment is verified; report the outcome as an event.
@@ -335,11 +547,13 @@ class Downloader:
             manifest: the update's manifest.
             image_uri: the resolved image URI.
             verified: the bitmap of fragments already verified.
+            partial: the journal's note of the pages of partial fragments already in the
+                candidate (``FragmentVerified.partial``); they are read back, not fetched.
             budget: ``(bytes received before this run, the data budget)``: the run stops
                 itself once it is over (DATA_BUDGET_EXCEEDED), rather than leave the check to
                 the core, which hears of bytes only per verified fragment, later.
         """
-        await self.fetch(Layout.of(manifest), image_uri, verified, budget=budget)
+        await self.fetch(Layout.of(manifest), image_uri, verified, partial=partial, budget=budget)
 
     async def fetch(
         self,
@@ -347,13 +561,16 @@ class Downloader:
         image_uri: str,
         verified: bytes,
         *,
+        partial: bytes = b"",
         budget: tuple[int, int] | None = None,
     ) -> None:
         """Download ``layout``'s missing fragments; report the outcome as an event."""
         uid = layout.update_id
         self.unreported = 0
+        self.resumed = 0
+        self.stopped_partial = b""
         try:
-            await self._run(layout, image_uri, verified, budget)
+            await self._run(layout, image_uri, verified, partial, budget)
         except asyncio.CancelledError:
             raise
         except FotaError as exc:
@@ -389,7 +606,12 @@ class Downloader:
             )
 
     async def _run(
-        self, layout: Layout, image_uri: str, verified: bytes, budget: tuple[int, int] | None
+        self,
+        layout: Layout,
+        image_uri: str,
+        verified: bytes,
+        partial: bytes,
+        budget: tuple[int, int] | None,
     ) -> None:
         uid = layout.update_id
         fd = self.ops.open(self.candidate, os.O_RDWR | os.O_CREAT)
@@ -407,16 +629,32 @@ class Downloader:
             self._check_space(layout, todo)
             fetcher = self.fetchers(image_uri, window=self.window, block_size=self.block_size)
             assembly = _Assembly(
-                layout, fd, self.ops, self.emit, fetcher, todo, self.fsync_every, budget
+                layout,
+                fd,
+                self.ops,
+                self.emit,
+                fetcher,
+                todo,
+                self.fsync_every,
+                budget,
+                self.block_size,
             )
+            runs = decode_runs(partial, layout)
+            if runs:
+                await asyncio.to_thread(assembly.resume, runs)
+                self.resumed = assembly.resumed
+                log.debug("partial_fragments_resumed", update_id=uid, bytes=assembly.resumed)
+            stopped = True
             try:
                 await fetcher.run(assembly.plan(), assembly.on_block)
+                stopped = False
             finally:
                 try:
-                    await assembly.finish()
+                    await assembly.finish(stopped)
                 finally:
                     # Bytes of fragments never completed still count against the data budget.
                     self.unreported = assembly.received
+                    self.stopped_partial = assembly.stopped_partial
             if assembly.wanted:
                 raise IntegrityError(
                     f"server ended the transfer with {len(assembly.wanted)} fragments missing"

@@ -58,7 +58,9 @@ from fota.errors import (
     JournalError,
     ManifestError,
     PermanentServerError,
+    ResourceMissing,
     ResultCode,
+    StorageError,
     TaskCrashed,
 )
 from fota.fileops import seal_candidate
@@ -763,13 +765,21 @@ class Engine:
                 uid = model.pending.update_id
                 self._spawn(
                     "download",
-                    self.downloader.run(model.pending, uri, model.record.verified, budget=budget),
+                    self.downloader.run(
+                        model.pending,
+                        uri,
+                        model.record.verified,
+                        partial=model.record.partial,  # pages of partial fragments on disk
+                        budget=budget,
+                    ),
                     lambda error: ev.DownloadFailed(uid, error, 0),
                 )
             case cmd.StopDownload():
                 self._cancel("download")
             case cmd.VerifyImage(update_id=uid):
-                self._spawn("verify", self._verify(uid), lambda error: ev.ImageChecked(uid, False))
+                self._spawn(
+                    "verify", self._verify(uid), lambda error: ev.ImageChecked(uid, False, error)
+                )
             case cmd.Install(update_id=uid):
                 self._spawn(
                     "install", self._install(uid), lambda error: ev.InstallFinished(uid, error)
@@ -1030,9 +1040,14 @@ class Engine:
         return ann
 
     async def _update_keys(self, uri: str, version: int) -> None:
-        """Fetch the announced keyset and apply it; a bad one changes nothing."""
+        """Fetch the announced keyset and apply it; a bad one changes nothing.
+
+        A 4.04 is waited out for ``not_found_budget`` (:meth:`_wait_missing`), within the
+        announcement's own bound (``KEYSET_WAIT``).
+        """
         policy = self.config.policy()
-        for attempt in range(1, policy.max_attempts + 1):
+        attempt, missing_since = 1, None
+        while attempt <= policy.max_attempts:
             try:
                 raw = await self.transport.fetch(uri, limit=MAX_KEYSET_BYTES)
                 keyset = self.trust.offer(raw)
@@ -1041,12 +1056,18 @@ class Engine:
                     "keyset_refused", uri=uri, announced=version, kind=exc.kind, error=str(exc)
                 )
                 return
+            except ResourceMissing as exc:
+                missing_since = await self._wait_missing("keyset", uri, exc, missing_since)
+                if missing_since is None:
+                    return
+                continue  # not a failed attempt: the keyset is addressed by its digest
             except PermanentServerError as exc:
                 log.warning("keyset_fetch_failed", uri=uri, error=str(exc))
                 return
             except (FotaError, OSError) as exc:
                 log.info("keyset_fetch_retry", uri=uri, error=str(exc), attempt=attempt)
                 await asyncio.sleep(pol.retry_delay(attempt, policy, self._random.random()))
+                attempt += 1
                 continue
             if keyset.version != version:
                 log.info("keyset_version_differs", announced=version, applied=keyset.version)
@@ -1054,11 +1075,52 @@ class Engine:
             self.post(ev.KeysetApplied(keyset.version, keyset.floor_reset))
             return
 
+    async def _wait_missing(
+        self, what: str, uri: str, error: ResourceMissing, since: float | None
+    ) -> float | None:
+        """Wait out a 4.04 on a manifest or keyset (issue 17 §3); None: the budget is spent.
+
+        Both are addressed by a digest the announcement names, so a 4.04 is far more often
+        "not here for a moment" (a server restarted and refilling its files) than "gone". As
+        for the image (``Model.pause_download``): each wait is as long as the stall so far,
+        ``retry_base`` to ``retry_cap``, jittered by this device's own draw, with one last
+        try when ``not_found_budget`` (counted from the first 4.04, on the monotonic clock)
+        ends. Past it the fetch stops as it always did: logged ``<what>_fetch_failed``, and
+        the next announcement fetches it again.
+
+        Returns:
+            When the first 4.04 came (pass it back in), or None when the budget is spent.
+        """
+        policy = self.config.policy()
+        now = time.monotonic()
+        since = now if since is None else since
+        left = since + policy.not_found_budget - now
+        if left <= 0:
+            log.warning(
+                f"{what}_fetch_failed",
+                uri=uri,
+                error=str(error),
+                missing_for=round(now - since, 3),
+            )
+            return None
+        delay = min(pol.stall_delay(now - since, policy, self._random.random()), left)
+        log.info(f"{what}_missing", uri=uri, error=str(error), retry_in=round(delay, 3))
+        await asyncio.sleep(delay)  # the back-off itself, not synchronisation
+        return since
+
     async def _fetch_manifest(self, uri: str, digest: bytes) -> None:
         policy = self.config.policy()
-        for attempt in range(1, policy.max_attempts + 1):
+        attempt, missing_since = 0, None
+        while attempt < policy.max_attempts:
+            attempt += 1
             try:
                 raw = await self.transport.fetch(uri, limit=MAX_MANIFEST_BYTES)
+            except ResourceMissing as exc:
+                missing_since = await self._wait_missing("manifest", uri, exc, missing_since)
+                if missing_since is None:
+                    return
+                attempt -= 1  # not a failed attempt: the manifest is addressed by its digest
+                continue
             except PermanentServerError as exc:
                 log.warning("manifest_fetch_failed", uri=uri, error=str(exc))
                 return
@@ -1120,15 +1182,17 @@ class Engine:
         model = self.model
         assert model is not None and model.pending is not None
         manifest = model.pending
+        path = self.journal.candidate_path
         try:
-            digest = await asyncio.to_thread(
-                seal_candidate, self.journal.candidate_path, manifest.body.image_size
-            )
-            ok = digest == manifest.body.image_sha256
+            digest = await asyncio.to_thread(seal_candidate, path, manifest.body.image_size)
         except OSError as exc:
+            # Not a mismatch: the storage failed under the image. Reported as what it is
+            # (FAILED, with the error), not as INTEGRITY_FAILURE, and not refetched in full.
             log.error("candidate_unreadable", error=str(exc))
-            ok = False
-        self.post(ev.ImageChecked(update_id, ok))
+            error = StorageError(f"candidate unreadable: {type(exc).__name__}: {exc}")
+            self.post(ev.ImageChecked(update_id, False, error))
+            return
+        self.post(ev.ImageChecked(update_id, digest == manifest.body.image_sha256))
 
     def _pending(self, update_id: str) -> Manifest:
         model = self.model

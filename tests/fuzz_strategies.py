@@ -597,6 +597,7 @@ def valid_reports(draw: st.DrawFn) -> ReceivedReport:
         verified_bytes=draw(st.none() | uint),
         detail=draw(st.text(max_size=MAX_DETAIL)),
         until=draw(st.none() | st.integers(0, MAX_UNTIL)),
+        attempt=draw(uint),
     )
     return ReceivedReport(device, report)
 

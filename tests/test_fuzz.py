@@ -264,8 +264,9 @@ def test_decode_report_takes_an_explicit_empty_detail_as_none_given() -> None:
         ({8: "x" * 201}, "detail", "at most 200"),
         ({8: None}, "detail", "expected text"),
         ({9: 2**40}, "until", str(2**40 - 1)),
-        ({10: 1}, "key 10", "1..9"),
-        ({"1": "gw"}, "key '1'", "1..9"),
+        ({10: -1}, "attempt", "unsigned integer"),
+        ({11: 1}, "key 11", "1..10"),
+        ({"1": "gw"}, "key '1'", "1..10"),
     ],
 )
 def test_decode_report_names_the_field_and_the_limit(

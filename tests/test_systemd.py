@@ -345,6 +345,39 @@ def test_unit_file_has_the_settings_the_daemon_relies_on() -> None:
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
+def _seconds(value: str) -> float:
+    """A systemd time span of the forms the example uses (``30``, ``30s``, ``5min``)."""
+    m = re.fullmatch(r"(\d+)\s*(s|sec|min|)", value)
+    assert m, f"time span {value!r}"
+    return int(m.group(1)) * (60 if m.group(2) == "min" else 1)
+
+
+def test_unit_file_restarts_forever_but_not_after_a_configuration_error() -> None:
+    # Issue 17: exit 75 (another instance holds the state directory's lock) or any other
+    # failure repeated quickly must never leave the unit failed for good. Before: 5 starts in
+    # 10 minutes (StartLimitBurst=5), then the unit stayed down until a person reset it.
+    from fota.statedir import LOCKED_EXIT
+
+    unit = _unit_keys(UNIT.read_text())
+    start = {k: v[-1] for k, v in unit["Unit"].items()}
+    service = {k: v[-1] for k, v in unit["Service"].items()}
+    # No start rate limit at all (absent would mean systemd's default: 5 starts in 10 s).
+    assert start.get("StartLimitIntervalSec") == "0", start
+    assert "StartLimitAction" not in start and "FailureAction" not in service
+    for key in ("StartLimitIntervalSec", "StartLimitBurst"):
+        assert key not in service, f"{key} belongs in [Unit]"
+    # Every failure but a configuration error (2) is restarted: 75 and 1 are failures.
+    assert service["Restart"] == "on-failure"
+    assert unit["Service"]["RestartPreventExitStatus"] == ["2"]
+    assert LOCKED_EXIT == 75
+    assert "SuccessExitStatus" not in service, "a success is never restarted"
+    assert "RestartForceExitStatus" not in service
+    # Paced: a daemon failing at every start does not spin (and systemd 252 has no growing
+    # delay: RestartSteps= and RestartMaxDelaySec= are 254+, unknown keys here).
+    assert 10 <= _seconds(service["RestartSec"]) <= 120
+    assert "RestartSteps" not in service and "RestartMaxDelaySec" not in service
+
+
 def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

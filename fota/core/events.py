@@ -108,6 +108,10 @@ class FragmentVerified(Event):
     fetched: int = 0
     """Bytes received since the previous event of this download (counts toward the data
     budget, duplicates and corrupt blocks included)."""
+    partial: bytes = b""
+    """Pages of the fragments still incomplete that the same fsync made durable: a CBOR
+    list of ``[offset, length]`` runs (``fota.download.encode_runs``, at most 64), journaled
+    as ``Record.partial`` so a restart fetches only the rest (issue 17 §6)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +135,16 @@ class DownloadFailed(Event):
 
 @dataclass(frozen=True, slots=True)
 class ImageChecked(Event):
-    """The whole image was hashed; ``ok`` says whether it matched the manifest."""
+    """The whole image was hashed; ``ok`` says whether it matched the manifest.
+
+    ``error``: the image could not be checked at all (the candidate unreadable, the verify
+    task crashed): not a digest mismatch, and reported with its own result and detail.
+    """
 
     trigger: ClassVar[str] = "image_checked"
     update_id: str
     ok: bool
+    error: FotaError | None = None
 
 
 @dataclass(frozen=True, slots=True)

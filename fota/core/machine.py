@@ -589,8 +589,8 @@ class Model:
         self.stall: tuple[str, float] | None = None
         """``(kind, since)`` of a download waiting out a stall: ``missing`` (the image
         answered 4.04) or ``space`` (the disk is full)."""
-        self.revivals = 0
-        """Times the failed pending update was retried on an announcement of it."""
+        # The retries of a failed update are counted in the record (``revived``): each is an
+        # attempt of its own, which its reports carry, so that count must survive a restart.
         self.revive_after = 0.0
         """Wall-clock time before which an announcement does not retry the failed update."""
         self.local_refused: tuple[bytes, ...] = ()
@@ -614,7 +614,6 @@ class Model:
             self._cancel_refused,
             self._entry,
             self.stall,
-            self.revivals,
             self.revive_after,
             self.local_refused,
             self.last_refusal,
@@ -631,7 +630,6 @@ class Model:
             self._cancel_refused,
             self._entry,
             self.stall,
-            self.revivals,
             self.revive_after,
             self.local_refused,
             self.last_refusal,
@@ -684,6 +682,9 @@ class Model:
             verified_bytes=self.verified_bytes() if about else None,
             detail=detail[:200],
             until=int(until) if until is not None else None,
+            # Which attempt of the update (0: the first; see revive). A refusal is about
+            # another manifest, whose first attempt it ends.
+            attempt=rec.revived if about else 0,
         )
         self.record = rec.evolve(
             report_seq=rec.report_seq + 1, outbox=queue_report(rec.outbox, report)
@@ -697,13 +698,14 @@ class Model:
 
     def _clear_pending(self) -> None:
         self.pending = None
-        self.stall, self.revivals, self.revive_after = None, 0, 0.0
+        self.stall, self.revive_after = None, 0.0
         self.record = self.record.evolve(
             pending=None,
             manifest_uri=None,
             fetched=0,
             download_started=None,
             verified=b"",
+            partial=b"",
             etag=None,
             defer_until=None,
             defer_reason="",
@@ -719,6 +721,7 @@ class Model:
             commit_by=None,
             tested=False,
             failure="",
+            revived=0,
         )
 
     def _step(self) -> str:
@@ -1373,7 +1376,10 @@ class Model:
         assert self.pending is not None
         if not 0 <= f.index < self.pending.fragment_count:
             return
-        self.record = self.record.evolve(verified=bitmap_set(self.record.verified, f.index))
+        # The note of partial fragments rides on this write (fsynced with the fragment).
+        self.record = self.record.evolve(
+            verified=bitmap_set(self.record.verified, f.index), partial=f.partial
+        )
         self.stall = None  # progress: a later 4.04 starts a budget of its own
         if self.record.restarts:
             # Progress since the last restart: an interrupted download, not a reboot loop.
@@ -1397,7 +1403,9 @@ class Model:
         assert self.pending is not None
         error = e.kwargs["event"].error
         self.record = self.record.evolve(
-            attempts=self.record.attempts + 1, verified=bitmap_new(self.pending.fragment_count)
+            attempts=self.record.attempts + 1,
+            verified=bitmap_new(self.pending.fragment_count),
+            partial=b"",
         )
         self._report(ResultCode.INITIAL, f"image changed, restarting from zero: {error}")
         self.outbox.append(cmd.StartDownload(self.pending.update_id))
@@ -1447,11 +1455,16 @@ class Model:
         self.outbox.append(cmd.StartTimer("retry", now + delay, self.pending.update_id))
 
     def revive(self, e: Any) -> None:
-        """Retry the failed update from its verified fragments, with fresh attempt counters."""
+        """Retry the failed update from its verified fragments, with fresh attempt counters.
+
+        A new attempt of the update: the failure was reported as final (the server must
+        learn it whether or not it ever announces the update again), so the reports from here
+        on carry the next attempt number (report key 10), and this attempt ends with a final
+        report of its own.
+        """
         assert self.pending is not None
-        self.revivals += 1
         self.stall = None
-        self.record = self.record.evolve(attempts=0, restarts=0)
+        self.record = self.record.evolve(attempts=0, restarts=0, revived=self.record.revived + 1)
         # Reported as the step's entry (start_download or hold), with this detail.
         self._entry = (
             ResultCode.INITIAL,
@@ -1463,6 +1476,7 @@ class Model:
         """Check the whole image (the download and its time budget are over)."""
         assert self.pending is not None
         self._report(ResultCode.INITIAL)
+        self.record = self.record.evolve(partial=b"")  # the download is over
         if self.policy.max_download_time is not None:
             self.outbox.append(cmd.CancelTimer("budget"))
         self.outbox.append(cmd.VerifyImage(self.pending.update_id))
@@ -1532,9 +1546,7 @@ class Model:
             installed_sequence=self.pending.body.sequence,
             floor=None,
             recovered=(
-                self.record.recovered
-                if self.pending.digest == self._resumed_after_recovery
-                else ""
+                self.record.recovered if self.pending.digest == self._resumed_after_recovery else ""
             ),
         )
         self._report(ResultCode.SUCCESS)
@@ -1607,7 +1619,10 @@ class Model:
         assert self.pending is not None
         event = e.kwargs["event"]
         error: FotaError | None = getattr(event, "error", None)
-        if isinstance(event, ev.ImageChecked):
+        if isinstance(event, ev.ImageChecked) and error is not None:
+            # The image could not be checked (unreadable candidate, a crashed task).
+            result, detail = error.result, f"verify failed: {error}"
+        elif isinstance(event, ev.ImageChecked):
             result, detail = ResultCode.INTEGRITY_FAILURE, "image digest mismatch"
         elif isinstance(event, ev.TimerFired):
             result = ResultCode.TIME_BUDGET_EXCEEDED
@@ -1631,12 +1646,14 @@ class Model:
         else:
             result, detail = ResultCode.FAILED, e.event.name
         self._report(result, detail)
+        self.record = self.record.evolve(partial=b"")
         # An announcement of this update retries it (revive): the first at once, later ones
         # after a back-off, so a server announcing it over and over cannot loop it.
         self.stall = None
         draw = e.kwargs.get("draw", 0.5)
+        revived = self.record.revived
         self.revive_after = e.kwargs["now"] + (
-            retry_delay(self.revivals, self.policy, draw) if self.revivals else 0.0
+            retry_delay(revived, self.policy, draw) if revived else 0.0
         )
         self.outbox += [
             cmd.StopDownload(),
@@ -1686,7 +1703,9 @@ class Model:
             }
         if self.state is S.DOWNLOADING and self.pending is not None:
             if self.policy.resume == "restart":  # Config.resume: start over after a restart
-                self.record = self.record.evolve(verified=bitmap_new(self.pending.fragment_count))
+                self.record = self.record.evolve(
+                    verified=bitmap_new(self.pending.fragment_count), partial=b""
+                )
             self._arm_time_budget()
         asking = self.state in (S.AWAIT_DOWNLOAD_AUTH, S.AWAIT_INSTALL_AUTH)
         # Past its deadline (the device was off when it came) an update is not asked about:

@@ -233,6 +233,17 @@ def holds_apply(step: str, installed: Manifest | None, policy: Policy) -> bool:
     return installed is not None and (step == "install" or policy.gates_download)
 
 
+def in_quiet_period(now: float, record: Record, policy: Policy) -> bool:
+    """Whether ``now`` is within ``quiet_period`` seconds after the first start.
+
+    A wall clock earlier than the first start is a clock that was stepped back (the first
+    start was read from it): that is no quiet period, or a step back of days would hold every
+    update for days, and with ``quiet_period = 0`` too (found by tests/test_chaos.py).
+    """
+    start = record.provisioned_at
+    return start is not None and start <= now < start + policy.quiet_period
+
+
 def blockers(
     now: float,
     step: str,
@@ -248,7 +259,7 @@ def blockers(
     if not holds_apply(step, installed, policy):
         return ()
     found: list[str] = []
-    if record.provisioned_at is not None and now < record.provisioned_at + policy.quiet_period:
+    if in_quiet_period(now, record, policy):
         found.append("quiet period")
     if not in_window(now, policy.windows, policy.tz):
         found.append("maintenance window")
@@ -275,10 +286,9 @@ def next_check(
     re-check and the deadline.
     """
     found: list[float] = []
-    if record.provisioned_at is not None:
-        quiet_end = record.provisioned_at + policy.quiet_period
-        if quiet_end > now:
-            found.append(quiet_end)
+    start = record.provisioned_at
+    if start is not None and in_quiet_period(now, record, policy):
+        found.append(start + policy.quiet_period)
     opens = next_open(now, policy.windows, policy.tz)
     if opens is not None:
         found.append(opens)

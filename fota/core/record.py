@@ -42,6 +42,8 @@ _APPENDED: tuple[Any, ...] = (
     None,
     None,
     "",
+    b"",
+    0,
 )
 """Encoded defaults of the fields after the first 16, in order. Fields are only ever appended:
 a record written by an earlier version lacks some of these, and they take their defaults."""
@@ -70,6 +72,9 @@ class Report:
     verified_bytes: int | None = None
     detail: str = ""
     until: int | None = None
+    attempt: int = 0
+    """The update's attempt (``Record.revived`` when queued): 0 for the first, +1 each time
+    the failed update was retried on an announcement of it. Sent as key 10 when not 0."""
 
     def to_cbor(self, device_id: str) -> bytes:
         """Encode the report for the server, omitting absent optional fields."""
@@ -85,6 +90,7 @@ class Report:
             (7, self.verified_bytes),
             (8, self.detail or None),
             (9, self.until),
+            (10, self.attempt or None),
         )
         body.update((k, v) for k, v in optional if v is not None)
         return cbor2.dumps(body)
@@ -99,17 +105,21 @@ class Report:
             self.verified_bytes,
             self.detail,
             self.until,
+            self.attempt,
         ]
 
     @classmethod
     def _from_list(cls, items: Any) -> Report:
+        # A report queued by an earlier version has no attempt (appended): it was the first.
+        if isinstance(items, list) and len(items) == len(_REPORT_FIELDS) - 1:
+            items = [*items, 0]
         if not isinstance(items, list) or len(items) != len(_REPORT_FIELDS):
             raise JournalError(
                 f"journal record: outbox: a report is an array of {len(_REPORT_FIELDS)} fields"
             )
         _check_fields("outbox report", _REPORT_FIELDS, items)
-        seq, state, result, uid, mseq, vbytes, detail, until = items
-        return cls(seq, State(state), ResultCode(result), uid, mseq, vbytes, detail, until)
+        seq, state, result, uid, mseq, vbytes, detail, until, attempt = items
+        return cls(seq, State(state), ResultCode(result), uid, mseq, vbytes, detail, until, attempt)
 
 
 PROGRESS_RESULTS = frozenset(
@@ -189,6 +199,9 @@ _RESULTS = frozenset(int(r) for r in ResultCode)
 _UINT = "an unsigned integer below 2**64"
 _TIME = "a finite number of seconds (float or int)"
 _DIGESTS = f"an array of at most {MAX_REMEMBERED} digests (1..64 bytes each)"
+MAX_PARTIAL = 1024
+"""Most bytes of ``partial`` (the downloader notes at most 64 runs, about 700 bytes)."""
+_PARTIAL = f"bytes, at most {MAX_PARTIAL}"
 
 _REPORT_FIELDS: tuple[_Check, ...] = (
     ("sequence", _is_uint, _UINT),
@@ -199,6 +212,7 @@ _REPORT_FIELDS: tuple[_Check, ...] = (
     ("verified_bytes", _optional(_is_uint), f"null or {_UINT}"),
     ("detail", _is_of(str), "text"),
     ("until", _optional(_is_uint), f"null or {_UINT}"),
+    ("attempt", _is_uint, _UINT),
 )
 
 _RECORD_FIELDS: tuple[_Check, ...] = (
@@ -235,6 +249,8 @@ _RECORD_FIELDS: tuple[_Check, ...] = (
     ("floor", _optional(_is_uint), f"null or {_UINT}"),
     ("installed_sequence", _optional(_is_uint), f"null or {_UINT}"),
     ("recovered", _is_of(str), "text"),
+    ("partial", lambda v: type(v) is bytes and len(v) <= MAX_PARTIAL, _PARTIAL),
+    ("revived", _is_uint, _UINT),
 )
 
 
@@ -301,6 +317,14 @@ class Record:
         recovered: what the last recovery of unreadable state did ("" if none; docs/journal.md,
             "Recovery"); shown by ``fota status`` until the next update commits. While the
             running image's manifest is unknown after one, the application decides updates.
+        partial: the pages of fragments not yet verified that are in the candidate and were
+            fsynced: a CBOR list of ``[offset, length]`` runs (b"": none), from the last
+            ``FragmentVerified``. A restart reads them back instead of fetching them; the
+            fragment digests still decide. Cleared when the download ends or starts over.
+        revived: times the pending update, failed before its install, was retried on an
+            announcement of it: its attempt number, which its reports carry (report key 10),
+            so the server tells the final report of each attempt apart (docs/protocol.md,
+            "Reports").
     """
 
     state: State = State.IDLE
@@ -336,6 +360,8 @@ class Record:
     floor: int | None = None
     installed_sequence: int | None = None
     recovered: str = ""
+    partial: bytes = b""
+    revived: int = 0
 
     def to_bytes(self) -> bytes:
         """Encode as ``[schema, body, crc32(body)]`` so a bit flip is caught on load."""
@@ -374,6 +400,8 @@ class Record:
                 self.floor,
                 self.installed_sequence,
                 self.recovered,
+                self.partial,
+                self.revived,
             ]
         )
         return cbor2.dumps([SCHEMA, body, zlib.crc32(body)])
@@ -444,6 +472,8 @@ class Record:
                 floor,
                 installed_sequence,
                 recovered,
+                partial,
+                revived,
             ) = items
             return cls(
                 State(state),
@@ -479,6 +509,8 @@ class Record:
                 floor,
                 installed_sequence,
                 recovered,
+                partial,
+                revived,
             )
         except JournalError:
             raise

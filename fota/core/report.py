@@ -34,7 +34,7 @@ MAX_UNTIL = (1 << 40) - 1
 
 _STATES = {s.value: s for s in State}
 _RESULTS = {int(r): r for r in ResultCode}
-_KEYS = range(1, 10)
+_KEYS = range(1, 11)
 _NAMES = {
     1: "device_id",
     2: "sequence",
@@ -45,6 +45,7 @@ _NAMES = {
     7: "verified_bytes",
     8: "detail",
     9: "until",
+    10: "attempt",
 }
 
 
@@ -68,7 +69,7 @@ class ReceivedReport:
 
     Attributes:
         device_id: key 1, the sender's device id.
-        report: keys 2..9, as the client's durable outbox held them.
+        report: keys 2..10, as the client's durable outbox held them.
     """
 
     device_id: str
@@ -129,7 +130,7 @@ def decode_report(raw: bytes) -> ReceivedReport:
         raise ReportError("bytes", "expected a CBOR map")
     for key in body:
         if type(key) is not int or key not in _KEYS:
-            raise ReportError(f"key {show(key)}", "keys are the integers 1..9")
+            raise ReportError(f"key {show(key)}", "keys are the integers 1..10")
     device_id = _text(body, 1, MAX_DEVICE_ID)
     if not device_id or "/" in device_id:
         raise ReportError("device_id", f"expected 1..{MAX_DEVICE_ID} characters without '/'")
@@ -149,5 +150,7 @@ def decode_report(raw: bytes) -> ReceivedReport:
         # The client leaves an empty detail out; both spellings decode the same.
         detail=_text(body, 8, MAX_DETAIL) or "",
         until=_uint(body, 9, MAX_UNTIL),
+        # Absent: the update's first attempt (a client sends it only from the first retry).
+        attempt=_uint(body, 10) or 0,
     )
     return ReceivedReport(device_id, report)
