@@ -21,9 +21,14 @@ fetcher's 8-byte token, whose last 5 bytes are the block's offset) that reached 
   (each block once): what the kill cost. Blocks whose answer was lost are not "held", so
   asking again for them is the loss's cost, not the kill's.
 * restart to first new byte: from starting the process to the first delivered answer of a
-  block not delivered before (interpreter start-up included).
+  block not delivered before (interpreter start-up included), and split in two at the
+  process's first image request as the relay saw it: start-up (interpreter, imports, the
+  journal; in ``run`` also the engine's start and its first exchanges with the server) and
+  the client's own wait (first image request to first new byte: a probe's timeout, a lost
+  request's retry).
 * write amplification: bytes the client processes wrote (``ru_oublock`` of each, from GNU
-  time's ``%O``, killed ones too) over the image size.
+  time's ``%O``, killed ones too) over the image size. The client's tree is byte-compiled
+  first (``compileall``), so no process writes ``.pyc`` files that would count here.
 
 ``--pythonpath DIR`` runs the client from another tree (``git archive`` of an older commit):
 the paired "before" numbers. Not a test: numbers go to docs/benchmarks.md.
@@ -67,6 +72,7 @@ class Epoch:
     pid: int = 0
     delivered: list[tuple[float, int]] = field(default_factory=list)
     written: int = 0
+    first_request: float | None = None  # the first image request the relay saw
 
 
 class CountingProxy(Proxy):
@@ -78,6 +84,14 @@ class CountingProxy(Proxy):
         self.held: set[int] = set()
         self.changed = asyncio.Event()
         self.dead: set[Any] = set()
+
+    def from_client(self, data: bytes, client: Any) -> None:
+        epoch = self.epoch
+        if epoch is not None and epoch.first_request is None and client not in self.dead:
+            request = wire.decode(data)
+            if request is not None and request.block2 is not None and len(request.token) == 8:
+                epoch.first_request = time.monotonic()
+        super().from_client(data, client)
 
     def bury(self) -> None:
         """The client is about to be killed: answers to its addresses reach nobody."""
@@ -178,6 +192,11 @@ async def bench(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work)}
     if args.pythonpath:
         env["PYTHONPATH"] = args.pythonpath
+    # .pyc files written by the first client would count as its writes.
+    tree = Path(args.pythonpath) if args.pythonpath else HERE.parent
+    subprocess.run(  # noqa: ASYNC221 - set-up, before anything is timed
+        [sys.executable, "-m", "compileall", "-q", str(tree / "fota")], check=True
+    )
     server: subprocess.Popen[bytes]
     if mode == "fetch":
         server = start_libcoap(port)
@@ -260,6 +279,9 @@ async def bench(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             if args.logs:
                 Path(args.logs).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - after the run
                 (Path(args.logs) / f"{mode}-{k}.log").write_bytes(b"".join(err))
+                state = work / ("out.bin.fota-fetch" if mode == "fetch" else "state")
+                if state.is_file():
+                    shutil.copy(state, Path(args.logs) / f"{mode}-{k}.journal")
             print(f"{mode}: run {k} ended, {len(proxy.held)}/{blocks} blocks", file=sys.stderr)
     finally:
         front.close()
@@ -270,11 +292,14 @@ async def bench(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     for k, epoch in enumerate(epochs):
         again = {o for _, o in epoch.delivered if o in seen}
         first_new = next((t for t, o in epoch.delivered if o not in seen), None)
+        asked = epoch.first_request
         rows.append(
             {
                 "run": k,
                 "refetched_kib": len(again) * BLOCK / 1024,
                 "first_new_s": None if first_new is None else first_new - epoch.started,
+                "startup_s": None if asked is None else asked - epoch.started,
+                "wait_s": None if first_new is None or asked is None else first_new - asked,
                 "new_blocks": len({o for _, o in epoch.delivered} - seen),
                 "written": epoch.written,
             }
@@ -299,12 +324,21 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
         + (f", client from {args.pythonpath}" if args.pythonpath else "")
     )
     print()
-    print("| run | re-fetched after the restart | restart to first new byte | new blocks |")
-    print("|---|---|---|---|")
+    print(
+        "| run | re-fetched after the restart | restart to first new byte "
+        "| of it start-up | of it the client's wait | new blocks |"
+    )
+    print("|---|---|---|---|---|---|")
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f} s"
+
     for row in rows:
-        first = "-" if row["first_new_s"] is None else f"{row['first_new_s']:.2f} s"
         again = "(first run)" if row["run"] == 0 else f"{row['refetched_kib']:.0f} KiB"
-        print(f"| {row['run']} | {again} | {first} | {row['new_blocks']} |")
+        print(
+            f"| {row['run']} | {again} | {secs(row['first_new_s'])} | {secs(row['startup_s'])}"
+            f" | {secs(row['wait_s'])} | {row['new_blocks']} |"
+        )
     restarts = rows[1:]
     if not restarts:
         print(f"\nno kills; write amplification {result['write_amplification']:.3f}")
@@ -312,12 +346,16 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
         return
     refetched = [r["refetched_kib"] for r in restarts]
     firsts = [r["first_new_s"] for r in restarts if r["first_new_s"] is not None]
+    waits = [r["wait_s"] for r in restarts if r["wait_s"] is not None]
+    startups = [r["startup_s"] for r in restarts if r["startup_s"] is not None]
     print()
     print(
         f"re-fetched per kill: median {statistics.median(refetched):.0f} KiB, "
         f"max {max(refetched):.0f} KiB ({max(refetched) / fragment:.2f} fragments); "
         f"restart to first new byte: median {statistics.median(firsts):.2f} s, "
-        f"max {max(firsts):.2f} s; image answers delivered {result['answers']} for "
+        f"max {max(firsts):.2f} s (start-up median {statistics.median(startups):.2f} s, "
+        f"client's wait median {statistics.median(waits):.2f} s, max {max(waits):.2f} s); "
+        f"image answers delivered {result['answers']} for "
         f"{result['blocks']} blocks; write amplification "
         f"{result['write_amplification']:.3f}"
     )

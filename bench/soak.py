@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/soak.py [--updates 1000] [--warmup 100] [--seed 1] [--json]
                                    [--auth control|auto] [--inprocess] [--keep DIR]
+                                   [--no-unit-env]
 
 What runs (issue 17: "nothing grows with the number of updates"):
 
@@ -16,6 +17,8 @@ What runs (issue 17: "nothing grows with the number of updates"):
   answering application: one subscriber connection that authorizes every
   ``authorization_needed`` (download and install) as it comes; or ``--auth auto``. The first
   install does not ask (an empty device). Readiness is ``READY=1`` on a ``NOTIFY_SOCKET``.
+  Its environment is this one plus the ``Environment=`` assignments of
+  ``examples/fota.service`` (printed; none at present), so it runs as the unit runs it.
 - ``--updates`` images (16..64 KiB, seeded sizes and bytes, 8 KiB fragments: 2..8 fragments
   each) are published one after the other; the next is published when the previous one's
   final report is at the server (event-driven: the server child waits on its report hook).
@@ -23,7 +26,9 @@ What runs (issue 17: "nothing grows with the number of updates"):
 After each final report, and a control ``status`` round trip (the daemon answered it, so the
 report's acknowledgement has been handled), the coordinator samples the daemon from outside:
 ``VmRSS`` and ``Threads`` from ``/proc/PID/status``, the entries of ``/proc/PID/fd``, and the
-state directory's total size and file count (``os.scandir``, no links followed). The first
+state directory's total size and file count (``os.scandir``, no links followed), and the
+size of CPython's interned-string table (:class:`InternedProbe`, 3.11 only: insertions after
+warm-up are names interned per update, whose deleted slots make the table reallocate). The first
 ``--warmup`` updates are warm-up (imports, caches, the allocator's arenas settle); the verdicts
 apply to the samples after it:
 
@@ -40,7 +45,8 @@ starts ``tracemalloc`` and counts objects by type (``gc``); at the end it prints
 allocations still alive that were made after warm-up, and the types whose counts grew. Its
 RSS includes tracemalloc's own bookkeeping, so use the daemon's numbers for the verdict.
 
-Exit status: 0 when every verdict passes, 1 when one fails, 2 when the soak itself broke.
+Each verdict is printed as PASS or FAIL, then ``soak: PASS`` or ``soak: FAIL``. Exit status:
+0 when every verdict passes, 1 when one fails, 2 when the soak itself broke.
 Not a test: numbers go to docs/benchmarks.md.
 """
 
@@ -51,6 +57,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import itertools
 import json
 import os
 import random
@@ -58,6 +65,8 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,7 +86,11 @@ DEVICE_CLASS = "soak-gw"
 DEVICE_ID = "soak-1"
 RSS_BOUND = 2 * MiB
 """Issue 17: RSS after warm-up stays within 2 MiB."""
+UNIT = ROOT / "examples" / "fota.service"
+"""The daemon runs with the ``Environment=`` this unit sets (``--no-unit-env``: without)."""
 LINE_LIMIT = 1 << 20
+SETTLE_TRIES = 50
+"""Control round trips at most per sample until the state directory holds still."""
 
 
 # -- the server child ---------------------------------------------------------------------
@@ -215,6 +228,8 @@ class Sample:
     reports_pending: int
     py_blocks: int = 0
     """In-process only: ``sys.getallocatedblocks()`` (objects gc does not track count too)."""
+    interned: tuple[int, int, int] | None = None
+    """The interned-string table (:class:`InternedProbe`): entries, slots filled, log2 size."""
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -258,6 +273,103 @@ def smaps_growth(
         if grown:
             rows.append((grown, f"{grown / KiB:+.0f} KiB  {key} (mapping {size / KiB:.0f} KiB)"))
     return [text for _, text in sorted(rows, reverse=True)[:12]]
+
+
+class InternedProbe:
+    """Reads CPython 3.11's table of interned strings in another process (``/proc/PID/mem``).
+
+    Why: a string interned once per update (pathlib interns every part of every path it
+    parses) fills the table with deleted slots when it is freed, and the table is reallocated
+    every few hundred updates: a step of RSS that no Python object shows. The table is the
+    static ``interned`` dict of ``Objects/unicodeobject.c``; its address comes from the symbol
+    table of the binary or ``libpython`` that maps it (``nm``, binutils), its fields from the
+    3.11 layout: ``PyDictObject.ma_used`` (+16), ``ma_keys`` (+32); ``PyDictKeysObject``
+    ``dk_log2_size`` (+8), ``dk_nentries`` (+24, the slots filled since the last resize,
+    deleted ones included). Any other version, or no ``nm``, reads nothing (``None``).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.address: int | None = None
+        if sys.version_info[:2] != (3, 11) or shutil.which("nm") is None:
+            return
+        real = os.path.realpath(sys.executable)
+        bases: dict[str, int] = {}
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                cols = line.split()
+                mapped = len(cols) >= 6 and cols[2] == "00000000"
+                if mapped and ("libpython" in cols[5] or cols[5] == real):
+                    bases.setdefault(cols[5], int(cols[0].partition("-")[0], 16))
+        for path, base in bases.items():
+            out = subprocess.run(["nm", path], capture_output=True, text=True, check=False)
+            for line in out.stdout.splitlines():
+                cols = line.split()
+                if len(cols) == 3 and cols[2] == "interned" and cols[1] in "bBdD":
+                    self.address = base + int(cols[0], 16)
+                    return
+
+    def read(self) -> tuple[int, int, int] | None:
+        """(entries, slots filled since the last resize, log2 of the table size), or None."""
+        if self.address is None:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as mem:
+
+                def word(at: int) -> int:
+                    mem.seek(at)
+                    value: int = struct.unpack("<q", mem.read(8))[0]
+                    return value
+
+                table = word(self.address)
+                keys = word(table + 32)
+                mem.seek(keys + 8)
+                log2 = mem.read(1)[0]
+                return word(table + 16), word(keys + 24), log2
+        except (OSError, struct.error, IndexError):
+            return None
+
+
+def interned_growth(samples: list[Sample]) -> dict[str, int] | None:
+    """Insertions into the interned-string table between the first and last sample, resizes."""
+    seen = [s.interned for s in samples if s.interned is not None]
+    if len(seen) < 2:
+        return None
+    inserted = resizes = 0
+    for (used0, filled0, log0), (_, filled1, log1) in itertools.pairwise(seen):
+        if filled1 < filled0 or log1 != log0:  # reallocated: the new table holds what was live
+            resizes += 1
+            inserted += max(0, filled1 - used0)
+        else:
+            inserted += filled1 - filled0
+    return {
+        "entries_first": seen[0][0],
+        "entries_last": seen[-1][0],
+        "inserted": inserted,
+        "resizes": resizes,
+        "table_log2": seen[-1][2],
+    }
+
+
+def unit_environment(unit: Path) -> dict[str, str]:
+    """The ``Environment=`` assignments of a unit file's ``[Service]`` section (simple form).
+
+    ``KEY=VALUE`` words, optionally quoted as a whole (``"KEY=VALUE"``); a later assignment
+    wins, as in systemd. Specifiers and ``EnvironmentFile=`` are not read (the example unit
+    uses neither).
+    """
+    env: dict[str, str] = {}
+    section = ""
+    for raw in unit.read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line
+        elif section == "[Service]" and line.startswith("Environment="):
+            for word in line.partition("=")[2].split():
+                key, sep, value = word.strip('"').partition("=")
+                if sep:
+                    env[key] = value
+    return env
 
 
 def fd_count(pid: int) -> int:
@@ -363,9 +475,17 @@ class Updater:
 
 
 class DaemonUpdater(Updater):
-    def __init__(self, work: Path, config: Path, answer: bool, timeout: float) -> None:
+    def __init__(
+        self,
+        work: Path,
+        config: Path,
+        answer: bool,
+        timeout: float,
+        env: dict[str, str] | None = None,
+    ) -> None:
         from fota.control import ControlClient
 
+        self.env = env or {}
         self.work = work
         self.config = config
         self.answer = answer
@@ -391,7 +511,7 @@ class DaemonUpdater(Updater):
                 stdout=log,
                 stderr=log,
                 cwd=self.work,
-                env={**os.environ, "NOTIFY_SOCKET": str(self.notify.path)},
+                env={**os.environ, **self.env, "NOTIFY_SOCKET": str(self.notify.path)},
             )
         self.pid = self.proc.pid
         await self.notify.ready(self.timeout)
@@ -561,10 +681,17 @@ class Result:
     seconds: float = 0.0
     samples: list[Sample] = field(default_factory=list)
     state_files_final: list[str] = field(default_factory=list)
+    state_files_over: list[tuple[int, list[str]]] = field(default_factory=list)
+    """Samples after warm-up with more files than any during warm-up: (update, names)."""
+    state_files_most: tuple[int, list[str]] = (0, [])
+    unsettled: int = 0
+    """Looks at the state directory that differed from the one before (a save in flight)."""
+    """The first sample with the most files (update, names): what a transient file is."""
     tally: dict[str, Any] = field(default_factory=dict)
     answers: int = 0
     leaks: dict[str, Any] = field(default_factory=dict)
     mappings: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def _type_counts() -> collections.Counter[str]:
@@ -587,13 +714,16 @@ async def soak(args: argparse.Namespace, work: Path) -> Result:
     elif args.inprocess == "daemon":
         updater = InProcessDaemon(work, config, args.auth == "control", args.timeout)
     else:
-        updater = DaemonUpdater(work, config, args.auth == "control", args.timeout)
+        result.env = unit_environment(UNIT) if args.unit_env else {}
+        updater = DaemonUpdater(work, config, args.auth == "control", args.timeout, result.env)
     state = work / "state"
     maps_before: dict[str, tuple[int, int]] = {}
     counts_before: collections.Counter[str] | None = None
     snapshot: tracemalloc.Snapshot | None = None
+    warm_files = 0
     try:
         await updater.start()
+        probe = InternedProbe(updater.pid)
         start = time.perf_counter()
         for i in range(args.updates):
             began = time.perf_counter()
@@ -604,10 +734,23 @@ async def soak(args: argparse.Namespace, work: Path) -> Result:
             final = await server.expect("final", args.timeout)
             pending = await updater.quiesce()
             took = time.perf_counter() - began
+            # The daemon runs on while we look (the report's acknowledgement may still be
+            # queued behind the status answer, and its save follows): sample the state
+            # directory once two looks, one control round trip apart, agree, so a file in
+            # flight (a save's temporary, the manifest it collects) is not counted as growth.
+            # Bounded: at most SETTLE_TRIES round trips.
+            size_bytes, files, names = tree_size(state)
+            for _ in range(SETTLE_TRIES):
+                pending = await updater.quiesce()
+                again = tree_size(state)
+                if again[2] == names:
+                    break
+                result.unsettled += 1
+                size_bytes, files, names = again
+                await asyncio.sleep(0.01)
             if args.inprocess:
                 gc.collect()
             status = proc_status(updater.pid)
-            size_bytes, files, names = tree_size(state)
             result.samples.append(
                 Sample(
                     i + 1,
@@ -622,9 +765,16 @@ async def soak(args: argparse.Namespace, work: Path) -> Result:
                     final["result"],
                     pending,
                     sys.getallocatedblocks() if args.inprocess else 0,
+                    probe.read(),
                 )
             )
             result.state_files_final = names
+            if files > len(result.state_files_most[1]):
+                result.state_files_most = (i + 1, names)
+            if i + 1 <= args.warmup:
+                warm_files = max(warm_files, files)
+            elif files > warm_files and len(result.state_files_over) < 10:
+                result.state_files_over.append((i + 1, names))
             if i + 1 == args.warmup:
                 maps_before = smaps(updater.pid)
             if args.inprocess and i + 1 == args.warmup:
@@ -691,6 +841,7 @@ def summarize(result: Result) -> dict[str, Any]:
     times = [s.seconds for s in result.samples]
     out: dict[str, Any] = {
         "mode": result.mode,
+        "environment": result.env,
         "auth": result.auth,
         "updates": result.updates,
         "warmup": result.warmup,
@@ -713,6 +864,9 @@ def summarize(result: Result) -> dict[str, Any]:
         "state_files_warmup_max": warm_files,
         "state_files": [min(s.state_files for s in after), max(s.state_files for s in after)],
         "state_files_final": result.state_files_final,
+        "state_files_over": result.state_files_over,
+        "state_files_most": result.state_files_most,
+        "state_unsettled": result.unsettled,
         "reports_per_update": [min(reports), statistics.median(reports), max(reports)],
         "finals_per_update": [min(finals), max(finals)],
         "updates_at_server": len(tally_updates),
@@ -742,6 +896,7 @@ def summarize(result: Result) -> dict[str, Any]:
     out["verdicts"] = verdicts
     out["ok"] = all(verdicts.values())
     out["mappings_grown"] = result.mappings
+    out["interned"] = interned_growth([base, *after])
     if result.leaks:
         out["leaks"] = result.leaks
     return out
@@ -753,6 +908,10 @@ def print_table(s: dict[str, Any]) -> None:
 
     rows = [
         ("updater", f"{s['mode']} (authorization: {s['auth']})"),
+        (
+            f"environment added ({UNIT.relative_to(ROOT)} Environment=)",
+            " ".join(f"{k}={v}" for k, v in s["environment"].items()) or "none",
+        ),
         ("updates (warm-up)", f"{s['updates']} ({s['warmup']})"),
         ("RSS after the first update", mib(s["rss_first"])),
         ("RSS at warm-up end", mib(s["rss_warmup_end"])),
@@ -778,6 +937,18 @@ def print_table(s: dict[str, Any]) -> None:
         ),
         ("state dir at the end", ", ".join(s["state_files_final"])),
         (
+            "state dir looks that changed under a sample (a save in flight; resampled)",
+            str(s["state_unsettled"]),
+        ),
+        (
+            "first sample with the most state files (update: names)",
+            f"{s['state_files_most'][0]}: {', '.join(s['state_files_most'][1])}",
+        ),
+        (
+            "samples after warm-up with more state files than warm-up's largest",
+            "; ".join(f"{u}: {', '.join(names)}" for u, names in s["state_files_over"]) or "none",
+        ),
+        (
             "reports per update at the server (min / median / max)",
             " / ".join(str(x) for x in s["reports_per_update"]),
         ),
@@ -790,12 +961,26 @@ def print_table(s: dict[str, Any]) -> None:
         ("total time; updates per second", f"{s['seconds']} s; {s['updates_per_second']}"),
         ("per update p50 / p95 / max", " / ".join(f"{x} ms" for x in s["update_ms"])),
     ]
+    interned = s.get("interned")
+    if interned is not None:
+        rows.append(
+            (
+                "interned strings after warm-up: entries (warm-up end -> end); insertions; resizes",
+                f"{interned['entries_first']} -> {interned['entries_last']}; "
+                f"{interned['inserted']} ({interned['inserted'] / (s['updates'] - s['warmup']):.2f}"
+                f" per update); {interned['resizes']} (table 2^{interned['table_log2']})",
+            )
+        )
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
     print()
     for name, ok in s["verdicts"].items():
-        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+        detail = ""
+        if name == "rss_growth_within_2_MiB":
+            detail = f" ({s['rss_growth'] / KiB:+.0f} KiB, bound {RSS_BOUND // KiB} KiB)"
+        print(f"{'PASS' if ok else 'FAIL'}  {name}{detail}")
+    print(f"\nsoak: {'PASS' if s['ok'] else 'FAIL'}")
     print("\nresident memory by mapping, warm-up end to the end (/proc/PID/smaps):")
     for line in s["mappings_grown"]:
         print(f"  {line}")
@@ -835,6 +1020,12 @@ def main() -> int:
         help="--inprocess without tracemalloc (its bookkeeping inflates RSS)",
     )
     p.add_argument("--fragment", type=int, default=8, help="fragment size, KiB")
+    p.add_argument(
+        "--no-unit-env",
+        dest="unit_env",
+        action="store_false",
+        help=f"run the daemon without the Environment= of {UNIT.relative_to(ROOT)}",
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per update")
     p.add_argument("--log-level", default="warning", help="the updater's log level")
     p.add_argument("--every", type=int, default=50, help="progress line every N updates")

@@ -109,6 +109,8 @@ def transport_for(config: Config) -> CoapTransport:
         max_retransmit=config.max_retransmit,
         poll_interval=config.poll_interval,
         observe_refresh=config.observe_refresh,
+        backoff_base=config.observe_backoff_base,
+        backoff_cap=config.observe_backoff_cap,
         poll_jitter=config.poll_jitter,
         oscore=config.oscore,
         retransmission=config.retransmission,

@@ -75,6 +75,9 @@ class Config:
         poll_interval: poll the announcement every this many seconds instead of observing.
         observe_refresh: re-register an observation silent this long (a restarted server
             forgets its observers without telling them).
+        observe_backoff_base: first wait after a failed observation or poll of the
+            announcement, seconds (doubling, jittered, to ``observe_backoff_cap``).
+        observe_backoff_cap: longest wait between failed observations or polls, seconds.
         require_signed_announcements: ignore (log) announcements that are not signed by a
             trusted manifest key; a signed one is checked (signature, expiry, replay)
             whatever this says (docs/security.md, freshness).
@@ -114,6 +117,9 @@ class Config:
         resume: after a restart mid-download: ``resume`` (from the verified fragments),
             ``restart`` (from zero) or ``none`` (the update fails and is reported).
         report_retry_cap: longest delay between report delivery attempts, seconds.
+        journal_retry: pause before an event whose journal write failed (a full disk, an I/O
+            error) is handled again, and before an installer step that met a full disk runs
+            again (up to ``max_attempts`` tries), seconds.
         not_found_budget: seconds a download keeps retrying (with back-off) an image the
             server answers 4.04 for, from the first 4.04 since the last verified fragment;
             then the update fails (7). 0: fail at the first 4.04. A manifest or keyset
@@ -170,6 +176,8 @@ class Config:
     target: Path | None = None
     poll_interval: float | None = None
     observe_refresh: float = 300.0
+    observe_backoff_base: float = 1.0
+    observe_backoff_cap: float = 60.0
     require_signed_announcements: bool = False
     freshness_window: float | None = None
     block_size: int = 1024
@@ -193,6 +201,7 @@ class Config:
     max_download_time: float | None = None
     resume: str = "resume"
     report_retry_cap: float = 60.0
+    journal_retry: float = 5.0
     not_found_budget: float = 600.0
     poll_jitter: float = 0.1
     max_deferral: dict[str, float | None] = field(default_factory=_default_max_deferral)
@@ -246,8 +255,10 @@ class Config:
         for name in (
             "ack_timeout",
             "observe_refresh",
+            "observe_backoff_base",
             "retry_base",
             "report_retry_cap",
+            "journal_retry",
             "max_lock_ttl",
             "condition_recheck",
             "hook_timeout",
@@ -263,6 +274,11 @@ class Config:
         if _finite("retry_cap", self.retry_cap) < self.retry_base:
             raise ConfigError(
                 f"retry_cap: {self.retry_cap} must be at least retry_base ({self.retry_base})"
+            )
+        if _finite("observe_backoff_cap", self.observe_backoff_cap) < self.observe_backoff_base:
+            raise ConfigError(
+                f"observe_backoff_cap: {self.observe_backoff_cap} must be at least "
+                f"observe_backoff_base ({self.observe_backoff_base})"
             )
         _integer_in("max_retransmit", self.max_retransmit, 0, MAX_RETRANSMIT_LIMIT)
         _integer_in("max_image_size", self.max_image_size, 1)

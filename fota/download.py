@@ -22,6 +22,15 @@ Theory of operation:
   anyway. No extra file, no extra fsync. A restart reads those runs back from the candidate
   into the fragment buffers and asks only for the rest; the fragment digest still decides (a
   fragment that fails after a resume is fetched again, whole).
+* Completions alone would leave those pages unnoted for as long as a lost block waits for its
+  retries while the window goes on (at 5 % loss a kill cost up to 2.2 fragments). So once
+  pages of incomplete fragments worth :data:`NOTE_AFTER` fragments were written since the last
+  sync, a sync is due anyway: after it, the last fragment verified (by this run, or re-checked
+  on disk before it) is vouched for again (``FragmentVerified`` repeats its index; the journal
+  only marks it again) and the event carries the new note (``fota fetch`` passes ``noted``
+  and journals the note itself, also before any fragment is done).
+  A kill then costs at most about that many pages, plus the blocks of pages a lost block
+  leaves unfilled, plus what arrives during one fsync and journal write.
 * Only fragment-level events reach the state machine, never one per block.
 """
 
@@ -74,6 +83,13 @@ fsync cleaned in between)."""
 ALIGN = 1024
 """Ranges asked for when a partial fragment resumes start and end on this boundary (or the
 fragment's): every fetcher turns them into whole blocks (BERT over TCP counts in 1 KiB)."""
+NOTE_AFTER = 1.0
+"""Fragments' worth of pages of incomplete fragments written since the last sync that make a
+sync due though no fragment completed. Each such sync costs a journal write (about a 4 KiB
+block): at 5 % loss with 64 KiB fragments the client's write amplification without kills was
+1.16 with half a fragment, 1.10 with one and 1.085 with one and a half (1.067 without these
+syncs); with one and a half a kill cost up to 2.2 fragments (`bench/resume.py`, 30 kills),
+with one up to 1.2."""
 MAX_RUNS = 64
 """Most ``[offset, length]`` runs of partial fragments noted per snapshot (about 10 bytes
 each: the journal record grows by at most ~700 bytes). The longest runs are kept; a run left
@@ -193,8 +209,11 @@ class _Assembly:
         fsync_every: int,
         budget: tuple[int, int] | None = None,
         align: int = ALIGN,
+        noted: Callable[[bytes], None] | None = None,
+        vouched: int | None = None,
     ) -> None:
         self.m = layout
+        self.noted = noted
         self.budget = budget
         self.total = 0  # bytes received in this run (duplicates and corrupt blocks too)
         self.fd = fd
@@ -220,6 +239,10 @@ class _Assembly:
         self.etag: bytes | None = None
         self.loop = asyncio.get_running_loop()
         self.stopped_partial = b""  # the note of a sync after the transfer stopped early
+        self.unnoted = 0  # bytes of pages of incomplete fragments written since the last sync
+        self.note_after = int(self.frag * NOTE_AFTER)
+        # The last fragment verified and synced (by this run, or checked on disk before it).
+        self.vouched = vouched
 
     def plan(self) -> Iterator[tuple[int, int]]:
         for index in sorted(self.wanted):
@@ -348,6 +371,8 @@ class _Assembly:
             self._complete(index, start)
         else:
             self._write_pages(index, start, offset, offset + len(data))
+            if self.unnoted >= self.note_after:
+                self.note()
 
     def _write_pages(self, index: int, start: int, lo: int, hi: int) -> None:
         """Write the pages of ``[lo, hi)`` whose bytes are all in the buffer, once each."""
@@ -365,6 +390,7 @@ class _Assembly:
             except OSError as exc:
                 raise storage_error(f"candidate: {exc}", exc) from exc
             pages[page - base] = 1
+            self.unnoted += b - a
 
     def _complete(self, index: int, start: int) -> None:
         buffer = self.buffers[index]
@@ -382,6 +408,7 @@ class _Assembly:
             self.fetcher.want(start, len(buffer))
             return
         self.wanted.discard(index)
+        self.vouched = index
         self.unsynced.append((index, self.received))
         self.received = 0
         if len(self.unsynced) >= self.fsync_every:
@@ -420,6 +447,34 @@ class _Assembly:
         if not self.unsynced:
             return
         covered, self.unsynced = self.unsynced, []
+        self.unnoted = 0
+        self._submit(covered)
+
+    def note(self) -> None:
+        """A sync for the pages of incomplete fragments written since the last one.
+
+        With fragments waiting to be synced it is their sync. With a ``noted`` callback, it is
+        called (on the event loop) with the note after the fsync. Otherwise the last fragment
+        verified (by this run, or re-checked on disk before it started) is vouched for again
+        after the fsync, its event carrying the new note (and the bytes received since the last
+        event); with none verified yet, nothing can carry a note and the pages wait for the
+        first completion.
+        """
+        if self.unsynced:
+            self.sync()
+            return
+        covered: list[tuple[int, int]] = []
+        if self.noted is None:
+            if self.vouched is None:
+                return
+            covered, self.received = [(self.vouched, self.received)], 0
+        self.unnoted = 0
+        self._submit(covered)
+
+    def _submit(self, covered: list[tuple[int, int]]) -> None:
+        # Syncs that ended well are forgotten (the list stays as short as the syncs in
+        # progress); a failed one stays for finish() to raise.
+        self.syncs = [f for f in self.syncs if not f.done() or f.exception() is not None]
         self.syncs.append(self.executor.submit(self._sync_and_vouch, covered, self.partial()))
 
     def _sync_and_vouch(self, covered: list[tuple[int, int]], partial: bytes) -> None:
@@ -433,6 +488,8 @@ class _Assembly:
         for index, fetched in covered:
             event = ev.FragmentVerified(self.m.update_id, index, fetched, partial)
             self.loop.call_soon_threadsafe(self.emit, event)
+        if not covered and self.noted is not None:
+            self.loop.call_soon_threadsafe(self.noted, partial)
 
     def _sync_partial(self, partial: bytes) -> None:
         if self.sync_error is None:
@@ -501,6 +558,9 @@ class Downloader:
         free_space: bytes free for an unprivileged writer in the file system holding a path
             (injectable: tests, or a device whose storage needs its own probe).
         reserve: bytes that must stay free after the image (logs, the journal, the OS).
+        noted: called on the event loop with a note of partial fragments made durable by a
+            sync that vouched for no fragment (``fota fetch`` journals it; without it such a
+            note rides on a repeated ``FragmentVerified`` of the last fragment verified).
     """
 
     def __init__(
@@ -515,7 +575,9 @@ class Downloader:
         fsync_every: int = 1,
         free_space: Callable[[Path], int] | None = None,
         reserve: int = 0,
+        noted: Callable[[bytes], None] | None = None,
     ) -> None:
+        self.noted = noted
         self.free_space = free_space or available_bytes
         self.reserve = reserve
         self.fetchers = fetchers
@@ -628,6 +690,10 @@ class Downloader:
                 return
             self._check_space(layout, todo)
             fetcher = self.fetchers(image_uri, window=self.window, block_size=self.block_size)
+            # A fragment re-checked on disk above can carry notes before this run completes
+            # one (a run killed again soon after its restart).
+            held = (i for i in range(layout.count - 1, -1, -1) if bitmap_get(verified, i))
+            checked = next((i for i in held if i not in bad), None)
             assembly = _Assembly(
                 layout,
                 fd,
@@ -638,6 +704,8 @@ class Downloader:
                 self.fsync_every,
                 budget,
                 self.block_size,
+                self.noted,
+                checked,
             )
             runs = decode_runs(partial, layout)
             if runs:

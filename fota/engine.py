@@ -23,12 +23,13 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from transitions.core import MachineError
@@ -48,7 +49,7 @@ from fota.core.record import Record
 from fota.core.states import State
 from fota.core.text import show
 from fota.core.uri import allowed, resolve
-from fota.download import Downloader
+from fota.download import NO_SPACE, Downloader
 from fota.errors import (
     ConfigError,
     FotaError,
@@ -88,11 +89,9 @@ TIMER_RECHECK = 30.0
 device or a stepped clock must not make a deferral or a deadline late by more than this."""
 
 _STOP = object()
-JOURNAL_RETRY = 5.0
 RESTART_RETRY = 30.0
 RESTART_RETRY_CAP = 600.0
 """Pauses between runs of a restart command that failed (doubling, capped)."""
-"""Seconds before an event whose journal write failed is handled again."""
 GATES_CRASHED = "check_crashed"
 """The failing condition a crashed condition check reports (the reason is in the log)."""
 SUPERVISE_RETRY = 1.0
@@ -102,6 +101,7 @@ delivery) runs again, seconds: doubling from ``SUPERVISE_RETRY`` to the cap, wit
 REPORT_RETRY = 0.2
 """First pause between report delivery attempts, seconds (doubling to ``report_retry_cap``)."""
 
+_T = TypeVar("_T")
 Failure = Callable[[TaskCrashed], "ev.Event | None"]
 """What a supervised child task's crash stands for: the failure event of its command (None:
 the crash is only logged, e.g. a notification hook)."""
@@ -229,7 +229,8 @@ class Engine:
         self._inbox: asyncio.Queue[tuple[Any, asyncio.Future[None] | None]] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loose: set[asyncio.Task[None]] = set()
-        self._timers: dict[str, tuple[float, str]] = {}
+        # name -> (wall-clock instant, update id, monotonic instant or inf: StartTimer.within)
+        self._timers: dict[str, tuple[float, str, float]] = {}
         # Timers that fired and wait in the inbox. A StartTimer or CancelTimer of the same
         # name handled before them makes them stale: they are dropped, not acted on.
         self._fired: dict[str, ev.TimerFired] = {}
@@ -476,7 +477,7 @@ class Engine:
 
     def timers(self) -> dict[str, float]:
         """The timers armed now: name -> wall-clock instant (for status displays and tests)."""
-        return {name: at for name, (at, _) in self._timers.items()}
+        return {name: at for name, (at, _, _) in self._timers.items()}
 
     def check_timers(self) -> None:
         """Look at the timers now (the wall clock may have jumped: resume from suspend)."""
@@ -485,15 +486,16 @@ class Engine:
     async def _run_timers(self) -> None:
         # Timers are wall-clock instants (a deferral until 02:00 UTC means that instant, even
         # across a suspend, when the monotonic clock of call_later stands still).
+        # A back-off (StartTimer.within) also fires on the monotonic clock, whichever first.
         while True:
-            now = self.clock()
-            for name, (at, uid) in sorted(self._timers.items(), key=lambda x: x[1][0]):
-                if at <= now:
+            now, mono = self.clock(), time.monotonic()
+            for name, (at, uid, due) in sorted(self._timers.items(), key=lambda x: x[1][0]):
+                if at <= now or due <= mono:
                     del self._timers[name]
                     fired = self._fired[name] = ev.TimerFired(name, uid)
                     self.post(fired)
-            nearest = min((at for at, _ in self._timers.values()), default=None)
-            delay = TIMER_RECHECK if nearest is None else min(TIMER_RECHECK, nearest - now)
+            waits = [min(at - now, due - mono) for at, _, due in self._timers.values()]
+            delay = min([TIMER_RECHECK, *waits])
             self._timer_wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timer_wake.wait(), max(0.0, delay))
@@ -594,7 +596,9 @@ class Engine:
                     # (a timer's firing stays current until a newer timer of its name).
                     if isinstance(event, ev.TimerFired) and event.name not in self._fired:
                         self._fired[event.name] = event
-                    asyncio.get_running_loop().call_later(JOURNAL_RETRY, self.post, event)
+                    asyncio.get_running_loop().call_later(
+                        self.config.journal_retry, self.post, event
+                    )
                 return
             _crash_after_save(before[1], model.record)
         if isinstance(event, ev.ManifestFetched) and model.refusal is not None:
@@ -811,9 +815,10 @@ class Engine:
             case cmd.DiscardCandidate():
                 self._cancel("download")
                 self.journal.ops.unlink(self.journal.candidate_path)
-            case cmd.StartTimer(name=name, at=at, update_id=uid):
+            case cmd.StartTimer(name=name, at=at, update_id=uid, within=within):
                 if not self._closing:
-                    self._timers[name] = (at, uid)
+                    due = math.inf if within is None else time.monotonic() + within
+                    self._timers[name] = (at, uid, due)
                     self._fired.pop(name, None)
                     self._timer_wake.set()
             case cmd.CancelTimer(name=name):
@@ -1175,7 +1180,7 @@ class Engine:
                 log.info("answer_dropped", step=step, error=str(exc))
             except JournalError:
                 # Not recorded: ask again later rather than lose the answer.
-                await asyncio.sleep(JOURNAL_RETRY)
+                await asyncio.sleep(self.config.journal_retry)
                 self._spawn("ask", self._ask(update_id, download=download))
 
     async def _verify(self, update_id: str) -> None:
@@ -1211,8 +1216,12 @@ class Engine:
             )
             if digest != manifest.body.image_sha256:
                 raise IntegrityError("candidate no longer matches the manifest's image_sha256")
-            outcome = await self.installer.install(
-                self.journal.candidate_path, manifest, self._install_progress(manifest)
+            outcome = await self._until_room(
+                "install",
+                update_id,
+                lambda: self.installer.install(
+                    self.journal.candidate_path, manifest, self._install_progress(manifest)
+                ),
             )
         except Exception as exc:
             error = (
@@ -1301,10 +1310,35 @@ class Engine:
             ok, detail = False, f"boot check failed: {exc}"
         self.post(ev.BootChecked(update_id, ok, detail))
 
+    async def _until_room(self, step: str, update_id: str, run: Callable[[], Awaitable[_T]]) -> _T:
+        """Run an installer step; a full disk (ENOSPC, EDQUOT) it meets is waited out.
+
+        A full disk is seldom for good (a log rotated, a download elsewhere finished): the
+        step runs again ``journal_retry`` seconds later, up to ``max_attempts`` tries, before
+        the error counts (an install, commit or rollback that failed for good). Installers
+        allow a step to run again (``installers.md``). Anything else is raised at once.
+        """
+        tries = 1
+        while True:
+            try:
+                return await run()
+            except OSError as exc:
+                if exc.errno not in NO_SPACE or tries >= self.config.max_attempts:
+                    raise
+                log.warning(
+                    "installer_disk_full",
+                    step=step,
+                    error=str(exc),
+                    delay=self.config.journal_retry,
+                    update_id=update_id,
+                )
+            await asyncio.sleep(self.config.journal_retry)  # a pause, not a synchronisation
+            tries += 1
+
     async def _commit(self, update_id: str) -> None:
         manifest = self._pending(update_id)
         try:
-            await self.installer.commit(manifest)
+            await self._until_room("commit", update_id, lambda: self.installer.commit(manifest))
         except FotaError as exc:
             self.post(ev.CommitFinished(update_id, exc))
         except Exception as exc:
@@ -1315,7 +1349,9 @@ class Engine:
     async def _rollback(self, update_id: str) -> None:
         manifest = self._pending(update_id)
         try:
-            outcome = await self.installer.rollback(manifest)
+            outcome = await self._until_room(
+                "rollback", update_id, lambda: self.installer.rollback(manifest)
+            )
         except FotaError as exc:
             log.error("rollback_failed", error=str(exc), update_id=update_id)
             self.post(ev.RollbackFinished(update_id, exc))

@@ -3,9 +3,11 @@
 Like ``coap-client-notls -o FILE URI``, but the transfer survives a kill: fragments that were
 written and fsynced are recorded in a small journal beside the output (``FILE.fota-fetch``,
 written atomically after the fsync that covers them), with the pages of the fragments still
-incomplete that the same fsync covered (``partial``, as in the client's journal), and a second
-run with the same URI fetches only the rest. The bytes go to ``FILE.part`` and become ``FILE``
-only after the whole image's SHA-256 was computed (and matched ``--sha256`` when given).
+incomplete that the same fsync covered (``partial``, as in the client's journal; also after a
+sync the downloader makes once a fragment's worth of such pages is written with no fragment
+done), and a second run with the same URI fetches only the rest. The bytes go to
+``FILE.part`` and become ``FILE`` only after the whole image's SHA-256 was computed (and
+matched ``--sha256`` when given).
 
 A resumed run asks for no probe first: the whole window starts at once with the size the
 journal holds. The first answers decide whether it is the same resource: a ``Size2`` that
@@ -391,6 +393,16 @@ async def _transfer(
         elif isinstance(event, ev.DownloadFailed):
             failure.append(event.error)
 
+    def noted(partial: bytes) -> None:
+        # After a sync that covered pages of incomplete fragments only (no fragment done
+        # since the last one): the journal may name them now. A failed write costs only
+        # their re-fetch after a kill (the next write tries again).
+        state.partial = partial
+        try:
+            ops.write_atomic(journal, state.to_cbor())
+        except OSError as exc:
+            log.warning("fetch_journal_write_failed", path=str(journal), error=str(exc))
+
     def make(uri: str, *, window: int, block_size: int) -> BlockFetcher:
         inner = fetchers(uri, window=window, block_size=block_size)
         return inner if checked is None else checked(inner)
@@ -403,6 +415,7 @@ async def _transfer(
         block_size=block_size,
         window=window,
         fsync_every=fsync_every,
+        noted=noted,
     )
     try:
         await downloader.fetch(layout, uri, state.done, partial=partial)

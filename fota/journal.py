@@ -34,10 +34,10 @@ import structlog
 
 from fota.core.keyset import MAX_FLOOR
 from fota.core.manifest import Manifest, TrustStore, verify
-from fota.core.record import Record, Report
+from fota.core.record import Record, Report, take_report_seq
 from fota.core.states import State
 from fota.errors import FotaError, JournalError, ManifestError, ResultCode
-from fota.fileops import FileOps
+from fota.fileops import FileOps, join
 
 __all__ = [
     "CANDIDATE_NAME",
@@ -60,9 +60,15 @@ QUARANTINE_DIR = "quarantine"
 MAX_QUARANTINED = 16
 """Files kept in the quarantine; the oldest goes first (repeated faults cannot fill the disk)."""
 REPORT_SEQ_GAP = 64
-"""How far the report sequence jumps after a fall back to the previous generation: the lost
-record may have sent reports with the next numbers, and a server de-duplicates by number (one
-event queues far fewer reports than this)."""
+"""After a fall back to the previous generation, how far above the numbers the lost record
+may have used its recovery's report is numbered: the lost record is one save ahead, and one
+save queues far fewer reports than this. The replayed generation numbers its own reports as
+the lost one did (a server de-duplicates by number), skipping the recovery's
+(``Record.reserved``)."""
+
+REPORT_SEQ_RANDOM_BITS = 62
+"""When no generation of the record can be read, the report numbering starts again at a random
+number of this many bits: the lost record's numbers are unknown (docs/journal.md, "Recovery")."""
 
 
 @dataclass(slots=True)
@@ -109,8 +115,13 @@ class Journal:
         """Where the image being downloaded lives."""
         return self.dir / CANDIDATE_NAME
 
-    def _manifest_path(self, digest: bytes) -> Path:
-        return self.dir / f"manifest-{digest.hex()}.cose"
+    @staticmethod
+    def _manifest_name(digest: bytes) -> str:
+        return f"manifest-{digest.hex()}.cose"
+
+    def _manifest_path(self, digest: bytes) -> str:
+        """A plain ``str``: a new name at every update is kept out of pathlib (fileops.join)."""
+        return join(self.dir, self._manifest_name(digest))
 
     def _load_manifest(
         self, digest: bytes | None, what: str, *, revoked_ok: bool
@@ -124,21 +135,20 @@ class Journal:
             return None, ""
         path = self._manifest_path(digest)
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                raw = f.read()
             manifest = verify(raw, self.trust, revoked_ok=revoked_ok)
         except FileNotFoundError:
-            log.error("stored_manifest_unusable", which=what, path=str(path), error="missing")
+            log.error("stored_manifest_unusable", which=what, path=path, error="missing")
             return None, "missing"
         except (OSError, FotaError) as exc:
-            log.error("stored_manifest_unusable", which=what, path=str(path), error=str(exc))
+            log.error("stored_manifest_unusable", which=what, path=path, error=str(exc))
             revoked = isinstance(exc, ManifestError) and exc.kind == "revoked_key"
             return None, "" if revoked else "invalid"
         if digest not in (manifest.digest, hashlib.sha256(raw).digest()):
             # (A journal written before issue 16 §3 names a manifest by the SHA-256 of its
             # bytes; load() moves the record to the manifest's identity.)
-            log.error(
-                "stored_manifest_unusable", which=what, path=str(path), error="digest mismatch"
-            )
+            log.error("stored_manifest_unusable", which=what, path=path, error="digest mismatch")
             return None, "invalid"
         self._written.add(digest)
         return manifest, ""
@@ -175,7 +185,7 @@ class Journal:
             JournalError: damaged state could not be moved aside (the disk refuses writes).
         """
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        record, recovered = self._read_generations()
+        record, recovered, replay = self._read_generations()
         # The running image stays trusted after its key was revoked or rotated out; a pending
         # update does only once its install has begun (it cannot be undone half-way): before
         # that, a revoked key drops it.
@@ -188,7 +198,7 @@ class Journal:
         if record.pending is not None and pending is None:
             log.error("pending_update_dropped", digest=record.pending.hex())
             if pending_fault:
-                moved = self._quarantine(self._manifest_path(record.pending).name)
+                moved = self._quarantine(self._manifest_name(record.pending))
                 recovered.append(f"pending manifest {pending_fault}{moved}: update dropped")
             record = record.evolve(
                 state=State.IDLE,
@@ -212,14 +222,22 @@ class Journal:
         record, pending = self._identities(record, pending, installed)
         detail = "; ".join(recovered)[:200]  # a report's detail is at most 200 characters
         if detail:
-            record = self._note_recovery(record, detail)
+            record = self._note_recovery(record, detail, replay=replay)
             # Durable at once: the damaged files are gone from their places already, and the
-            # report and the floor must not depend on the engine's first save.
-            self.save(record, (pending, installed))
+            # report and the floor must not depend on the engine's first save. A disk that
+            # refuses the write (full) must not keep the updater down either: the record is
+            # used as it is, and the engine's next save (retried) makes it durable.
+            try:
+                self.save(record, (pending, installed))
+            except OSError as exc:
+                log.error("recovery_not_saved", error=str(exc))
         return Loaded(record, pending, installed, detail)
 
-    def _read_generations(self) -> tuple[Record, list[str]]:
-        """The newest good generation of the record, and what was recovered on the way."""
+    def _read_generations(self) -> tuple[Record, list[str], bool]:
+        """The newest good generation, what was recovered, and whether it is the previous one.
+
+        The previous generation is one step behind: the lost record's step is replayed.
+        """
         recovered: list[str] = []
         try:
             current = self.read_record(RECORD_NAME)
@@ -228,7 +246,7 @@ class Journal:
             recovered.append(f"{RECORD_NAME} {_why(exc)}{self._quarantine(RECORD_NAME)}")
             current = None
         if current is not None:
-            return current, recovered
+            return current, recovered, False
         try:
             previous = self.read_record(PREVIOUS_NAME)
         except JournalError as exc:
@@ -237,17 +255,17 @@ class Journal:
             previous = None
         if previous is not None:
             # A save never leaves journal.cbor missing: it was damaged, or deleted. The lost
-            # record may have sent reports under the next numbers already.
+            # record may have sent reports under the next numbers already: the replay sends
+            # the same step's reports under the same numbers (_note_recovery).
             if not recovered:
                 recovered.append(f"{RECORD_NAME} missing")
-            previous = previous.evolve(report_seq=previous.report_seq + REPORT_SEQ_GAP)
             recovered.insert(0, "previous generation used")
             log.warning("journal_previous_generation_used", state=previous.state.name)
-            return previous, recovered
+            return previous, recovered, True
         stored = self._stored_manifests()
         if not recovered and not stored:
-            return Record(), recovered  # a new device
-        return self._without_record(stored, recovered)
+            return Record(), recovered, False  # a new device
+        return (*self._without_record(stored, recovered), False)
 
     def _stored_manifests(self) -> list[tuple[Path, Manifest | None]]:
         found: list[tuple[Path, Manifest | None]] = []
@@ -277,12 +295,15 @@ class Journal:
             "no readable journal: started empty"
             + (f", anti-rollback floor {floor} (stored manifests)" if floor is not None else ""),
         )
-        return Record(floor=floor), recovered
+        # The numbers the lost records used are unknown, and a server de-duplicates reports
+        # by (device, number): starting again from 0 would have every report taken for one it
+        # has (a final report lost). A random start is far from them (2**62: no collision).
+        return Record(floor=floor, report_seq=secrets.randbits(REPORT_SEQ_RANDOM_BITS)), recovered
 
     def _lost_installed(self, record: Record, fault: str) -> tuple[Record, str]:
         """The running image's manifest is gone: move it aside, keep its floor."""
         assert record.installed is not None
-        moved = self._quarantine(self._manifest_path(record.installed).name)
+        moved = self._quarantine(self._manifest_name(record.installed))
         if record.floor is not None:
             floor, why = record.floor, "the floor a keyset set"
         elif record.installed_sequence is not None:
@@ -302,20 +323,32 @@ class Journal:
         record = record.evolve(installed=None, installed_sequence=None, floor=floor)
         return record, f"installed manifest {fault}{moved}: anti-rollback floor {floor} ({why})"
 
-    def _note_recovery(self, record: Record, detail: str) -> Record:
-        """Note the recovery in the record and queue its report (result STATE_RECOVERED)."""
+    def _note_recovery(self, record: Record, detail: str, *, replay: bool) -> Record:
+        """Note the recovery in the record and queue its report (result STATE_RECOVERED).
+
+        ``replay``: ``record`` is the previous generation, whose next step the lost record had
+        taken, perhaps sending its reports (numbered from ``record.report_seq``) already. The
+        replayed step must send them under the same numbers, so that the server, which
+        de-duplicates by (device, sequence), keeps one of each (one final report, not two).
+        So the numbering is left as it is, and the recovery's own report takes a number
+        :data:`REPORT_SEQ_GAP` above the highest the lost record could have reached (its
+        start, or the end of a reservation it would have jumped to), reserved in
+        ``record.reserved`` so that nothing later takes it again.
+        """
         log.error("state_recovered", detail=detail, state=record.state.name)
+        if replay:
+            first, end = record.reserved or (None, record.report_seq)
+            sequence = max(end, record.report_seq) + REPORT_SEQ_GAP
+            record = record.evolve(reserved=(sequence if first is None else first, sequence + 1))
+        else:
+            sequence, record = take_report_seq(record)
         report = Report(
-            sequence=record.report_seq,
+            sequence=sequence,
             state=record.state,
             result=ResultCode.STATE_RECOVERED,
             detail=detail,
         )
-        return record.evolve(
-            recovered=detail,
-            report_seq=record.report_seq + 1,
-            outbox=(*record.outbox, report),
-        )
+        return record.evolve(recovered=detail, outbox=(*record.outbox, report))
 
     def _quarantine(self, name: str) -> str:
         """Move ``name`` (in the state directory) into the quarantine; " (moved to ...)" or "".
@@ -381,8 +414,8 @@ class Journal:
                 record = record.evolve(installed_sequence=manifest.body.sequence)
         self._keep_previous()
         self.ops.write_atomic(self.dir / RECORD_NAME, record.to_bytes())
-        self._last = record
-        self._collect(record)
+        previous, self._last = self._last, record
+        self._collect(record, previous)
 
     def _keep_previous(self) -> None:
         """Make the current record the previous generation too, without ever unnaming it.
@@ -394,7 +427,7 @@ class Journal:
         names durable; whichever subset of these renames a power cut keeps, at least one good
         generation remains (docs/journal.md, "Recovery").
         """
-        tmp = self.dir / f".{PREVIOUS_NAME}.{secrets.token_hex(16)}.tmp"
+        tmp = join(self.dir, f".{PREVIOUS_NAME}.{secrets.token_hex(16)}.tmp")  # not interned
         try:
             os.link(self.dir / RECORD_NAME, tmp, follow_symlinks=False)
         except FileNotFoundError:
@@ -406,17 +439,32 @@ class Journal:
                 os.unlink(tmp)
             raise
 
-    def _collect(self, record: Record) -> None:
-        """Remove manifest files the record no longer names (after the record is durable)."""
+    def _collect(self, record: Record, previous: Record | None = None) -> None:
+        """Remove manifest files the record no longer names (after the record is durable).
+
+        Those ``previous`` names stay: it is ``journal.prev.cbor`` now, which a damaged
+        record falls back to ("Recovery"); the next save removes them.
+        """
         keep = {record.pending, record.installed}
+        if previous is not None:
+            keep |= {previous.pending, previous.installed}
         for digest in list(self._written):
             if digest not in keep:
                 self.ops.unlink(self._manifest_path(digest))
                 self._written.discard(digest)
 
     def _sweep(self, record: Record) -> None:
-        """At load: remove what an interrupted save left behind (temp files, orphan manifests)."""
-        keep = {self._manifest_path(d).name for d in (record.pending, record.installed) if d}
+        """At load: remove what an interrupted save left behind (temp files, orphan manifests).
+
+        The manifests the previous generation names stay (it may be fallen back to).
+        """
+        named = {record.pending, record.installed}
+        with contextlib.suppress(JournalError):
+            previous = self.read_record(PREVIOUS_NAME)
+            if previous is not None:
+                self._written |= {d for d in (previous.pending, previous.installed) if d}
+                named |= {previous.pending, previous.installed}
+        keep = {self._manifest_name(d) for d in named if d}
         for path in self.dir.glob("manifest-*.cose"):
             if path.name not in keep:
                 log.info("orphan_removed", path=str(path))

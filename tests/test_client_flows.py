@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import os
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from fota import (
 from fota.core import manifest as mf
 from fota.core.manifest import ManifestBody, kid_for
 from fota.install.base import Outcome, Progress
-from fota.testing import Published, UpdateServer
+from fota.testing import ManualClock, Published, UpdateServer
 from tests.conftest import DEVICE_CLASS, RecordingHandler, Signing, make_config
 
 MiB = 1024 * 1024
@@ -226,6 +227,35 @@ async def test_corrupted_block_is_refetched_and_installed_once(
     assert server.faults.corrupt_blocks == {100: 0}
 
 
+class FullDiskOnce(FileInstaller):
+    """Its first commit meets a full disk, as a command installer writing its manifest did."""
+
+    def __init__(self, target: Path) -> None:
+        super().__init__(target)
+        self.commits = 0
+
+    async def commit(self, manifest: Manifest) -> None:
+        self.commits += 1
+        if self.commits == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await super().commit(manifest)
+
+
+async def test_a_full_disk_when_the_commit_starts_is_waited_out(
+    tmp_path: Path, server: UpdateServer, signing: Signing
+) -> None:
+    """Found by chaos (issue 17): the disk full for a second as the commit started made the
+    update fail, and the rollback that followed too: ROLLBACK_FAILED, for a transient fault."""
+    config = make_config(tmp_path, server, signing, journal_retry=0.05)
+    installer = FullDiskOnce(config.target)  # type: ignore[arg-type]
+    async with Client(config, installer=installer) as client:
+        published = server.publish(os.urandom(4096), "1.0", device_class=DEVICE_CLASS)
+        await client.wait_for(idle_with("1.0"), 30)
+    assert installer.commits == 2
+    finals = [r[4] for r in server.reports if r.get(5) == published.update_id]
+    assert finals[-1] == ResultCode.SUCCESS and ResultCode.ROLLBACK_FAILED not in finals
+
+
 # -- refused manifests ----------------------------------------------------------------------
 
 
@@ -349,3 +379,25 @@ async def test_data_budget_exceeded_fails_the_update_with_its_own_code(
     # verified fragment, so waiting for it let a busy machine fetch far past the budget).
     fetched = 1024 * len(server.image_requests(published.image_sha256))
     assert fetched <= 300_000 + 1024 + config.window * 1024
+
+
+async def test_a_retry_is_not_stretched_by_a_wall_clock_stepped_back(
+    tmp_path: Path, server: UpdateServer, signing: Signing
+) -> None:
+    """Found by chaos (issue 17): the wall clock stepped back an hour (an RTC corrected)
+    while a download waited to retry a 4.04: its retry, a wall-clock instant, was an hour
+    away, and the update sat in DOWNLOADING. A back-off also runs on the monotonic clock."""
+    clock = ManualClock()  # stands still unless told: only the monotonic clock moves
+    config = make_config(tmp_path, server, signing)
+    image = os.urandom(4096)
+    server.faults.missing(hashlib.sha256(image).digest())
+    async with Client(config, clock=clock) as client:
+        published = server.publish(image, "1.0", device_class=DEVICE_CLASS)
+        await server.wait_for_report(
+            lambda r: r.get(5) == published.update_id and "paused" in r.get(8, "")
+        )
+        clock.advance(-3600)
+        server.faults.missing_images.clear()
+        await client.wait_for(idle_with("1.0"), 30)
+    finals = [r[4] for r in server.reports if r.get(5) == published.update_id]
+    assert finals[-1] == ResultCode.SUCCESS

@@ -27,6 +27,7 @@ from fota.core.record import SCHEMA, Record, Report, bitmap_get, bitmap_new, bit
 from fota.core.states import State
 from fota.download import Downloader
 from fota.errors import JournalError, ResultCode
+from fota.fileops import StrPath
 from fota.journal import CANDIDATE_NAME, PREVIOUS_NAME, RECORD_NAME, FileOps, Journal
 from fota.transport import Block, SequentialFetcher
 
@@ -73,9 +74,9 @@ def manifest_files(state_dir: Path) -> set[str]:
 _TEMP = re.compile(r"^(\..+)\.[0-9a-f]{32}(\.tmp)$")
 
 
-def _shown(path: Path) -> str:
+def _shown(path: StrPath) -> str:
     """A file's name, with a temporary file's random part left out (``.record.tmp``)."""
-    return _TEMP.sub(r"\1\2", Path(path).name)
+    return _TEMP.sub(r"\1\2", os.path.basename(path))
 
 
 class RecordingOps(FileOps):
@@ -89,7 +90,7 @@ class RecordingOps(FileOps):
         self.calls: list[Call] = []
         self.names: dict[int, str] = {}
 
-    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+    def open(self, path: StrPath, flags: int, mode: int = 0o600) -> int:
         fd = super().open(path, flags, mode)
         self.names[fd] = _shown(path)
         self.calls.append(("open", _shown(path)))
@@ -107,16 +108,16 @@ class RecordingOps(FileOps):
         self.calls.append(("close", self.names.pop(fd)))
         super().close(fd)
 
-    def replace(self, src: Path, dst: Path) -> None:
-        self.calls.append(("replace", _shown(src), dst.name))
+    def replace(self, src: StrPath, dst: StrPath) -> None:
+        self.calls.append(("replace", _shown(src), os.path.basename(dst)))
         super().replace(src, dst)
 
-    def fsync_dir(self, path: Path) -> None:
-        self.calls.append(("fsync_dir", path.name))
+    def fsync_dir(self, path: StrPath) -> None:
+        self.calls.append(("fsync_dir", os.path.basename(path)))
         super().fsync_dir(path)
 
-    def unlink(self, path: Path) -> None:
-        self.calls.append(("unlink", path.name))
+    def unlink(self, path: StrPath) -> None:
+        self.calls.append(("unlink", os.path.basename(path)))
         super().unlink(path)
 
 
@@ -596,8 +597,8 @@ class FailingOps(FileOps):
         if self.fail == (op, name):
             raise OSError(f"simulated failure: {op} {name}")
 
-    def replace(self, src: Path, dst: Path) -> None:
-        self._check("replace", dst.name)
+    def replace(self, src: StrPath, dst: StrPath) -> None:
+        self._check("replace", os.path.basename(dst))
         super().replace(src, dst)
 
     def fsync(self, fd: int) -> None:
@@ -666,6 +667,13 @@ def test_manifests_no_longer_named_are_removed_after_the_record_is_durable(tmp_p
 
     ops.calls.clear()
     journal.save(Record(State.AWAIT_COMMIT, installed=new.digest), (None, new))
+    # The previous generation (journal.prev.cbor, which a damaged record falls back to)
+    # still names the old one: it stays until the next save.
+    assert manifest_files(state_dir) == {old_name, new_name}
+    assert ops.calls == record_write()
+
+    ops.calls.clear()
+    journal.save(Record(State.IDLE, installed=new.digest), (None, new))
     assert manifest_files(state_dir) == {new_name}
     # The unlink comes after the record that stopped naming the file is durable.
     assert ops.calls == [*record_write(), ("unlink", old_name)]
@@ -674,6 +682,8 @@ def test_manifests_no_longer_named_are_removed_after_the_record_is_durable(tmp_p
     journal.save(Record(State.IDLE, installed=new.digest), (None, new))
     assert ops.calls == record_write()  # nothing to write again, nothing to remove
 
+    journal.save(Record(State.IDLE))
+    assert manifest_files(state_dir) == {new_name}  # the previous generation names it
     journal.save(Record(State.IDLE))
     assert manifest_files(state_dir) == set()
     assert Journal(state_dir, trust()).load().record == Record(State.IDLE)
@@ -685,6 +695,7 @@ def test_manifests_named_before_a_restart_are_removed_after_it(tmp_path: Path) -
 
     journal = Journal(state_dir, trust())  # a new process: it learns the files from load()
     journal.load()
+    journal.save(Record(State.IDLE, installed=pending.digest), (None, pending))
     journal.save(Record(State.IDLE, installed=pending.digest), (None, pending))
     assert manifest_files(state_dir) == {manifest_file(state_dir, pending).name}
     assert not manifest_file(state_dir, installed).exists()

@@ -10,19 +10,21 @@ Now a damaged record falls back to the previous generation, damaged state is mov
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fota import Client, ResultCode, State
 from fota.cli_control import status_rows
 from fota.control.server import status_dict
-from fota.core.record import Record
-from fota.fileops import FileOps
+from fota.core.record import Record, take_report_seq
+from fota.fileops import FileOps, StrPath
 from fota.journal import (
     MAX_QUARANTINED,
     PREVIOUS_NAME,
@@ -33,7 +35,7 @@ from fota.journal import (
 )
 from fota.testing import UpdateServer
 from tests.conftest import DEVICE_CLASS, RecordingHandler, Signing, make_config
-from tests.test_daemon import Daemon, daemon, provision, rundir  # noqa: F401
+from tests.test_daemon import Daemon, daemon, provision, publish, rundir  # noqa: F401
 from tests.test_journal import make_manifest, manifest_file, trust
 
 BOUND = 30.0
@@ -94,15 +96,108 @@ def test_damaged_record_falls_back_to_the_previous_generation(tmp_path: Path, da
     assert loaded.record.installed == first.installed
     assert "previous generation used" in loaded.recovered
     assert loaded.record.recovered == loaded.recovered
-    # Reported, under a number the lost record cannot have used.
+    # Reported, under a number the lost record cannot have used, and that the numbering
+    # skips; the replayed step numbers its reports as the lost record did.
     report = loaded.record.outbox[-1]
     assert report.result is ResultCode.STATE_RECOVERED
     assert report.sequence == first.report_seq + REPORT_SEQ_GAP
+    assert loaded.record.report_seq == first.report_seq
+    assert loaded.record.reserved == (report.sequence, report.sequence + 1)
     assert report.detail.startswith("previous generation used; journal.cbor")
     assert quarantined(state_dir) == [RECORD_NAME]
     # The recovery is durable at once: the next start loads cleanly, with nothing to report.
     again = Journal(state_dir, trust()).load()
     assert again.recovered == "" and again.record == loaded.record
+
+
+def test_the_numbering_skips_what_a_recovery_reserved() -> None:
+    seq, record = take_report_seq(Record(report_seq=5, reserved=(7, 8)))
+    assert (seq, record.report_seq, record.reserved) == (5, 6, (7, 8))
+    seq, record = take_report_seq(record)
+    assert (seq, record.report_seq, record.reserved) == (6, 8, None)
+    seq, record = take_report_seq(record)
+    assert (seq, record.report_seq) == (8, 9)
+
+
+def test_a_second_fall_back_reserves_above_the_first_and_numbers_the_replay_alike(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    first, _ = two_generations(state_dir)
+    current = state_dir / RECORD_NAME
+    current.write_bytes(_truncate(current.read_bytes()))
+    once = Journal(state_dir, trust()).load().record
+    recovery = once.outbox[-1].sequence
+    assert once.report_seq == first.report_seq and once.reserved == (recovery, recovery + 1)
+    # The replayed step saves (a report queued), and that record is lost too.
+    journal = Journal(state_dir, trust())
+    journal.load()
+    seq, stepped = take_report_seq(once)
+    assert seq == first.report_seq
+    journal.save(stepped)
+    current.write_bytes(b"")
+    twice = Journal(state_dir, trust()).load().record
+    second = twice.outbox[-1]
+    assert second.result is ResultCode.STATE_RECOVERED
+    # Above every number the lost records could have reached, the first recovery's included.
+    assert second.sequence == recovery + 1 + REPORT_SEQ_GAP
+    assert twice.report_seq == first.report_seq
+    assert twice.reserved == (recovery, second.sequence + 1)
+    numbers = [take_report_seq(twice)[0]]
+    record = twice
+    for _ in range(REPORT_SEQ_GAP * 2 + 2):
+        seq, record = take_report_seq(record)
+        numbers.append(seq)
+    assert recovery not in numbers and second.sequence not in numbers
+
+
+def test_a_fall_back_past_a_commit_still_finds_the_manifest_it_names(tmp_path: Path) -> None:
+    """The commit's save stopped naming the old image's manifest; the previous generation,
+    before the commit, names it: it stays while that generation may be fallen back to (the
+    old code removed it, and the fall back reported the running image's manifest lost)."""
+    state_dir = tmp_path / "state"
+    old, new = make_manifest(8), make_manifest(9)
+    journal = Journal(state_dir, trust())
+    journal.load()
+    before = Record(State.AWAIT_COMMIT, pending=new.digest, installed=old.digest)
+    journal.save(before, (new, old))
+    journal.save(Record(State.IDLE, installed=new.digest), (None, new))
+    Journal(state_dir, trust()).load()  # a clean start sweeps orphans, not these
+    current = state_dir / RECORD_NAME
+    current.write_bytes(_truncate(current.read_bytes()))
+
+    loaded = Journal(state_dir, trust()).load()
+    assert loaded.record.state is State.AWAIT_COMMIT
+    assert loaded.installed is not None and loaded.installed.body.sequence == 8
+    assert loaded.pending is not None and loaded.pending.body.sequence == 9
+    assert loaded.recovered.startswith("previous generation used")
+    assert "installed manifest" not in loaded.recovered
+
+
+class FullDiskOps(FileOps):
+    """Every atomic write fails as on a full disk (renames and removals still work)."""
+
+    def write_atomic(self, path: StrPath, data: bytes, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_recovery_on_a_full_disk_starts_and_is_saved_by_the_next_save(tmp_path: Path) -> None:
+    """Found by chaos (issue 17): the recovery's save met a full disk and the daemon crashed
+    at start (OSError out of Journal.load): down until the disk had room."""
+    state_dir = tmp_path / "state"
+    first, _ = two_generations(state_dir)
+    current = state_dir / RECORD_NAME
+    current.write_bytes(_truncate(current.read_bytes()))
+
+    loaded = Journal(state_dir, trust(), FullDiskOps()).load()
+    assert loaded.recovered.startswith("previous generation used")
+    assert loaded.record.outbox[-1].result is ResultCode.STATE_RECOVERED
+    assert not current.exists()  # moved to the quarantine; the previous generation remains
+    # The next start recovers the same way, with the same report number (no second one).
+    again = Journal(state_dir, trust())
+    reloaded = again.load()
+    assert reloaded.record.outbox[-1].sequence == loaded.record.outbox[-1].sequence
+    assert reloaded.record.report_seq == first.report_seq
 
 
 class KilledOps(FileOps):
@@ -116,7 +211,7 @@ class KilledOps(FileOps):
         if self.count == self.stop_at:
             raise KeyboardInterrupt  # a BaseException: nothing after it runs, as after kill -9
 
-    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+    def open(self, path: StrPath, flags: int, mode: int = 0o600) -> int:
         self._step()
         return super().open(path, flags, mode)
 
@@ -124,11 +219,11 @@ class KilledOps(FileOps):
         self._step()
         super().fsync(fd)
 
-    def replace(self, src: Path, dst: Path) -> None:
+    def replace(self, src: StrPath, dst: StrPath) -> None:
         self._step()
         super().replace(src, dst)
 
-    def fsync_dir(self, path: Path) -> None:
+    def fsync_dir(self, path: StrPath) -> None:
         self._step()
         super().fsync_dir(path)
 
@@ -173,6 +268,10 @@ def test_both_generations_damaged_starts_empty_with_the_floor_of_the_stored_mani
     assert loaded.record.floor == 8  # the stored manifest's number: never lowered
     assert "no readable journal" in loaded.recovered
     assert loaded.record.outbox[-1].result is ResultCode.STATE_RECOVERED
+    # The lost records' report numbers are unknown: numbering starts far from them (from 0,
+    # on the old code, the server took every new report for one it had).
+    assert loaded.record.outbox[-1].sequence >= 2**20
+    assert loaded.record.report_seq == loaded.record.outbox[-1].sequence + 1
     assert quarantined(state_dir) == sorted(
         [RECORD_NAME, PREVIOUS_NAME, manifest_file(state_dir, make_manifest(8)).name]
     )
@@ -275,4 +374,78 @@ async def test_daemon_with_a_damaged_journal_starts_and_fota_status_shows_it(
     # The detail may wrap inside the table's cell (its width follows the socket path's).
     flat = " ".join(re.sub(r"[│╭╮╰╯─┬┴┼├┤]", " ", out).split())
     assert "Recovered" in out and "previous generation used" in flat, out
+    assert await daemon.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+async def test_a_final_report_delivered_then_its_generation_lost_reaches_the_server_once(
+    daemon: Daemon,  # noqa: F811
+) -> None:
+    """Found by chaos (issue 17): kill -9 after the server had the SUCCESS report and before
+    the journal noted its acknowledgement, then ``journal.cbor`` lost. The previous generation
+    (before the commit) commits again. On the old code its SUCCESS took a new number (the
+    recovery's report had taken the lost one's, +64): the server counted two final reports.
+    Now the replay sends the report the server has, under the same number."""
+    daemon.write_config(extra='[authorization]\nmode = "auto"\n')
+    await daemon.start()
+    await provision(daemon)
+    server = daemon.server
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    loop = asyncio.get_running_loop()
+    posted: list[dict[int, Any]] = []  # the update's reports that reached the store
+    replayed = asyncio.Event()
+    store = server._record_report
+
+    def successes() -> list[dict[int, Any]]:
+        # Those the store saw, de-duplicated there or not.
+        return [r for r in posted if r[4] == ResultCode.SUCCESS]
+
+    def spy(device: str, report: dict[int, Any]) -> None:
+        if report.get(5) == v2.update_id:
+            posted.append(report)
+            if report[4] == ResultCode.SUCCESS and len(successes()) == 1:
+                # Delivered: the server has it; the daemon dies before it hears the answer.
+                os.kill(pid, signal.SIGKILL)
+        store(device, report)
+
+    def on_request(entry: Any) -> None:
+        if entry.path.startswith("/fota/report/"):  # after the POST is handled
+            loop.call_soon(lambda: replayed.set() if len(successes()) >= 2 else None)
+
+    server._record_report = spy  # type: ignore[method-assign]
+    server.request_hook = on_request
+    v2 = publish(server, "2.0")
+    assert await asyncio.wait_for(daemon.proc.wait(), BOUND) == -signal.SIGKILL
+    daemon.proc = None
+    state = daemon.dir / "state"
+    # The situation: the newest generation has the commit, the previous one is before it (the
+    # commit is done again), or, when the acknowledgement of an earlier report was saved
+    # after the commit, has it too with the SUCCESS report not yet acknowledged (it is sent
+    # again). Either way the server has the report already.
+    previous = Record.from_bytes((state / PREVIOUS_NAME).read_bytes())
+    before_commit = previous.pending == v2.digest and previous.installed != v2.digest
+    unacknowledged = previous.installed == v2.digest and any(
+        r.result is ResultCode.SUCCESS for r in previous.outbox
+    )
+    assert before_commit or unacknowledged, previous
+    current = state / RECORD_NAME
+    current.write_bytes(_truncate(current.read_bytes()))
+
+    await daemon.start()
+    await asyncio.wait_for(replayed.wait(), BOUND)
+    first, again = successes()
+    # The replay sent the report the server has (the same number), not a second one.
+    assert again[2] == first[2], (first, again)
+    finals = [r for r in server.reports if r.get(5) == v2.update_id and r[4] == ResultCode.SUCCESS]
+    assert finals == [first]
+    # Numbers stay unique per device: the recovery's report has one of its own.
+    recovered = [r for r in server.reports_for("gw-daemon") if r[4] == ResultCode.STATE_RECOVERED]
+    assert len(recovered) == 1
+    numbers = [r[2] for r in server.reports_for("gw-daemon")]
+    assert len(numbers) == len(set(numbers))
+    async with daemon.control() as control:
+        status = await control.status()
+    assert status["installed_version"] == "2.0"
     assert await daemon.stop(signal.SIGTERM) == 0

@@ -412,6 +412,11 @@ def test_a_journal_naming_manifests_by_their_bytes_loads_and_moves_to_identities
     # Until the next save the old pair stays on disk, consistent.
     assert (state / f"manifest-{legacy.hex()}.cose").exists()
     journal.save(loaded.record, (None, loaded.installed))
+    # The previous generation (journal.prev.cbor) still names the old file, and a damaged
+    # record falls back to it: the save after the next removes it.
+    both = {f"manifest-{legacy.hex()}.cose", f"manifest-{identity.hex()}.cose"}
+    assert {p.name for p in state.glob("manifest-*")} == both
+    journal.save(loaded.record, (None, loaded.installed))
     assert sorted(p.name for p in state.glob("manifest-*")) == [f"manifest-{identity.hex()}.cose"]
     again = Journal(state, TRUST).load()
     assert again.record.installed == identity and again.installed is not None

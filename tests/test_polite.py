@@ -1048,12 +1048,9 @@ async def test_the_quiet_period_does_not_hold_the_first_install_of_an_empty_devi
 async def test_a_deferral_timer_that_fires_while_the_disk_is_full_is_offered_again(
     tmp_path: Path, server: UpdateServer, signing: Signing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fota.engine
-
-    monkeypatch.setattr(fota.engine, "JOURNAL_RETRY", 0.05)
     clock = ManualClock(START)
     handler = Recorder(install=[Decision.defer(at(clock, 60), "busy")])
-    config = make_config(tmp_path, server, signing)
+    config = make_config(tmp_path, server, signing, journal_retry=0.05)
     async with Client(config, handler=handler, clock=clock) as client:
         await provision(client, server)
         publish(server, "2.0")

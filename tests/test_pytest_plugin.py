@@ -140,3 +140,44 @@ def test_faults_are_seeded_and_a_failure_names_the_seed(pytester: pytest.Pyteste
     chosen = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", "-s", "--fota-seed", "7")
     assert [line for line in chosen.outlines if line.startswith("SEED ")] == ["SEED 7"]
     chosen.stdout.fnmatch_lines(["*repeat with --fota-seed 7*"])
+
+
+class _Received:
+    """What `Reports` reads from a server: the raw reports of one device."""
+
+    def __init__(self, reports: list[dict[int, object]]) -> None:
+        self.reports = reports
+
+    def reports_for(self, device: str) -> list[dict[int, object]]:
+        return self.reports
+
+
+def test_assert_final_takes_one_final_report_per_attempt() -> None:
+    from fota import ResultCode, State
+    from fota.testing.pytest_plugin import Reports
+
+    uid = "ab" * 8
+
+    def report(seq: int, state: State, result: ResultCode, attempt: int = 0) -> dict[int, object]:
+        raw: dict[int, object] = {1: "dev", 2: seq, 3: state, 4: result, 5: uid}
+        if attempt:
+            raw[10] = attempt
+        return raw
+
+    failed = report(0, State.FAILED, ResultCode.INVALID_URI)
+    revived = report(2, State.IDLE, ResultCode.SUCCESS, attempt=1)
+    step = report(1, State.DOWNLOADING, ResultCode.AUTHORIZED, attempt=1)
+    reports = Reports(_Received([failed, step, revived]), "dev")  # type: ignore[arg-type]
+    reports.assert_final(uid, ResultCode.SUCCESS)  # attempt 0 failed, attempt 1 succeeded
+    with pytest.raises(AssertionError, match=r"INVALID_URI \(attempt 1\), got \['SUCCESS'\]"):
+        reports.assert_final(uid, ResultCode.INVALID_URI)
+    twice = Reports(_Received([failed, revived, {**revived, 2: 3}]), "dev")  # type: ignore[arg-type]
+    with pytest.raises(
+        AssertionError, match=r"SUCCESS \(attempt 1\), got \['SUCCESS', 'SUCCESS'\]"
+    ):
+        twice.assert_final(uid, ResultCode.SUCCESS)
+    twice_first = Reports(_Received([failed, failed, revived]), "dev")  # type: ignore[arg-type]
+    with pytest.raises(AssertionError, match="one final report per attempt"):
+        twice_first.assert_final(uid, ResultCode.SUCCESS)
+    with pytest.raises(AssertionError, match=r"got \[\]"):
+        Reports(_Received([step]), "dev").assert_final(uid, ResultCode.SUCCESS)  # type: ignore[arg-type]

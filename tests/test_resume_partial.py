@@ -22,7 +22,15 @@ from structlog.testing import capture_logs
 
 from fota.core import events as ev
 from fota.core.record import bitmap_new, bitmap_set
-from fota.download import UNIT, Downloader, Layout, decode_runs, encode_runs
+from fota.download import (
+    CHUNK,
+    NOTE_AFTER,
+    UNIT,
+    Downloader,
+    Layout,
+    decode_runs,
+    encode_runs,
+)
 from fota.fetch import FRAGMENT as FETCH_FRAGMENT
 from fota.fetch import fetch
 from fota.fileops import FileOps
@@ -186,6 +194,56 @@ async def test_a_corrupt_byte_in_a_resumed_run_costs_that_fragment_only(
     assert not [o for o in asked if overlaps(o, 1024, other)]
 
 
+async def test_pages_are_noted_while_every_open_fragment_waits_for_a_retry(
+    tmp_path: Path, server: UpdateServer
+) -> None:
+    """Under loss every open fragment waits for a lost block while the window goes on, and no
+    fragment completes for a while: the pages written meanwhile are noted all the same, a
+    fragment's worth at a time (before, only at the next completion: a kill cost them all)."""
+    image = os.urandom(1 * MiB)
+    layout = layout_of(image)
+    _, sha = server.store_image(image)
+    image_path = f"/fota/img/{sha.hex()}"
+    uri = f"{server.uri}{image_path}"
+    stuck = range(1, 7)
+    # The first block of fragments 1..6 comes back cut short 7 times (the fetcher tries 8):
+    # those fragments stay open while the window moves on through all of them.
+    for fragment in stuck:
+        server.faults.truncate(fragment * FRAGMENT // 1024, times=7, keep=100)
+    far = asyncio.Event()
+
+    def on_request(entry: RequestLog) -> None:
+        if entry.path == image_path and (entry.offset or 0) >= 7 * FRAGMENT:
+            far.set()
+
+    server.request_hook = on_request
+    events: list[ev.Event] = []
+    downloader = Downloader(Stopping(), FileOps(), tmp_path / "c.bin", events.append, window=16)
+    task = asyncio.create_task(downloader.fetch(layout, uri, bitmap_new(layout.count)))
+    await asyncio.wait_for(far.wait(), 60)
+    task.cancel()  # the events so far are what a kill -9 now would leave journaled
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    answered = {
+        r.offset
+        for r in server.requests
+        if r.path == image_path and r.offset is not None and not r.faults
+    }
+    assert all(b * FRAGMENT not in answered for b in stuck), "a stuck fragment completed"
+    verified, note = journal_at_last_note(events, layout.count)
+    held = decode_runs(note, layout) + [
+        layout.span(i) for i in range(layout.count) if verified[i >> 3] & (1 << (i & 7))
+    ]
+    lost = [o for o in answered if not overlaps(o, 1024, held)]
+    # At most NOTE_AFTER fragments since the last note, the pages the stuck blocks keep
+    # unfilled and a window of answers on their way (before: all six open fragments).
+    bound = NOTE_AFTER * FRAGMENT + (len(stuck) + 1) * CHUNK + 16 * KiB
+    assert len(lost) * KiB <= bound, f"{len(lost)} KiB answered and not noted"
+    repeated = [e.index for e in events if isinstance(e, ev.FragmentVerified)]
+    assert set(repeated) == {0}, repeated  # only fragment 0 completed; notes repeat it
+
+
 def test_the_note_is_bounded_and_keeps_the_longest_runs() -> None:
     runs = [(i * 8192, 4096 + (i % 3) * 16) for i in range(200)]
     note = encode_runs(runs)
@@ -255,6 +313,59 @@ async def test_fetch_killed_mid_transfer_re_asks_at_most_two_fragments(
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
+    answered = {
+        r.offset
+        for r in server.requests
+        if r.path == image_path and r.offset is not None and not r.faults
+    }
+    before = len(server.requests)
+
+    result = await fetch(uri, out, sha256=sha, ack_timeout=0.2)
+
+    assert result.sha256 == sha and out.read_bytes() == image
+    again = [
+        r.offset
+        for r in server.requests[before:]
+        if r.path == image_path and r.offset is not None and r.offset in answered
+    ]
+    assert len(again) * 1024 <= 2 * FETCH_FRAGMENT, f"{len(again)} KiB asked again"
+
+
+async def test_fetch_notes_pages_before_any_fragment_is_done(
+    tmp_path: Path, server: UpdateServer
+) -> None:
+    """The first fragments all wait for a retry: the journal names their pages anyway (before,
+    nothing was journaled until a fragment was done, and a kill cost the whole run)."""
+    image = os.urandom(4 * MiB)
+    _, sha = server.store_image(image)
+    image_path = f"/fota/img/{sha.hex()}"
+    uri = f"{server.uri}{image_path}"
+    out = tmp_path / "image.bin"
+    state = tmp_path / "image.bin.fota-fetch"
+    # The second block of each of the first six fragments comes back cut short 4 times (the
+    # fetcher tries 5), so none of them is done for seconds while the window goes on.
+    for fragment in range(6):
+        server.faults.truncate(fragment * FETCH_FRAGMENT // 1024 + 1, times=4, keep=100)
+    journaled = asyncio.Event()
+
+    def on_request(entry: RequestLog) -> None:
+        if entry.path == image_path and state.exists():
+            journaled.set()
+
+    server.request_hook = on_request
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fota", "--log-level", "warning", "fetch", uri, "--out", str(out),
+        "--ack-timeout", "0.5", "--min-rto", "0.5",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await asyncio.wait_for(journaled.wait(), 60)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    saved = cbor2.loads(state.read_bytes())
+    assert not any(saved["done"]), "a fragment was done: the stuck blocks came through"
+    assert decode_runs(saved["partial"], Layout("fetch", len(image), FETCH_FRAGMENT, None))
     answered = {
         r.offset
         for r in server.requests

@@ -114,11 +114,18 @@ class DiscardCandidate(Command):
 
 @dataclass(frozen=True, slots=True)
 class StartTimer(Command):
-    """Fire ``TimerFired(name, update_id)`` at wall-clock ``at``; replaces a timer of that name."""
+    """Fire ``TimerFired(name, update_id)`` at wall-clock ``at``; replaces a timer of that name.
+
+    ``within``: a back-off, not an instant. The timer also fires once this many seconds have
+    passed on the monotonic clock, whichever comes first: a wall clock stepped back (an RTC
+    corrected by NTP) must not stretch a retry by the size of the step (found by chaos,
+    issue 17). None: an instant only (a deferral until 02:00 UTC means that instant).
+    """
 
     name: str
     at: float
     update_id: str
+    within: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

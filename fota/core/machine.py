@@ -38,6 +38,7 @@ from fota.core.record import (
     bitmap_set,
     queue_report,
     remember,
+    take_report_seq,
 )
 from fota.core.states import State
 from fota.core.text import show
@@ -671,10 +672,10 @@ class Model:
         ``refused`` is the digest of a refused manifest: the report is then about it, not about
         the pending update.
         """
-        rec = self.record
+        sequence, rec = take_report_seq(self.record)
         about = None if refused is not None else self.pending
         report = Report(
-            sequence=rec.report_seq,
+            sequence=sequence,
             state=self.state,
             result=result,
             update_id=update_id_of(refused) if refused is not None else self.update_id,
@@ -686,9 +687,7 @@ class Model:
             # another manifest, whose first attempt it ends.
             attempt=rec.revived if about else 0,
         )
-        self.record = rec.evolve(
-            report_seq=rec.report_seq + 1, outbox=queue_report(rec.outbox, report)
-        )
+        self.record = rec.evolve(outbox=queue_report(rec.outbox, report))
         self.outbox.append(cmd.SendReports())
 
     def sync_state(self, e: Any) -> None:
@@ -1425,13 +1424,8 @@ class Model:
         self.record = self.record.evolve(attempts=attempts)
         now: float = e.kwargs["now"]
         assert self.pending is not None
-        self.outbox.append(
-            cmd.StartTimer(
-                "retry",
-                now + retry_delay(attempts, self.policy, e.kwargs.get("draw", 0.5)),
-                self.pending.update_id,
-            )
-        )
+        delay = retry_delay(attempts, self.policy, e.kwargs.get("draw", 0.5))
+        self.outbox.append(cmd.StartTimer("retry", now + delay, self.pending.update_id, delay))
 
     def pause_download(self, e: Any) -> None:
         """Wait out a stall: ask again after a back-off, reported once per stall."""
@@ -1452,7 +1446,7 @@ class Model:
         delay = pol.stall_delay(now - since, self.policy, e.kwargs.get("draw", 0.5))
         if kind == "missing":  # one last try when the budget ends
             delay = min(delay, max(0.0, since + self.policy.not_found_budget - now))
-        self.outbox.append(cmd.StartTimer("retry", now + delay, self.pending.update_id))
+        self.outbox.append(cmd.StartTimer("retry", now + delay, self.pending.update_id, delay))
 
     def revive(self, e: Any) -> None:
         """Retry the failed update from its verified fragments, with fresh attempt counters.

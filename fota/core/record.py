@@ -44,6 +44,7 @@ _APPENDED: tuple[Any, ...] = (
     "",
     b"",
     0,
+    None,
 )
 """Encoded defaults of the fields after the first 16, in order. Fields are only ever appended:
 a record written by an earlier version lacks some of these, and they take their defaults."""
@@ -203,6 +204,16 @@ MAX_PARTIAL = 1024
 """Most bytes of ``partial`` (the downloader notes at most 64 runs, about 700 bytes)."""
 _PARTIAL = f"bytes, at most {MAX_PARTIAL}"
 
+
+def _is_reserved(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(_is_uint(v) for v in value)
+        and value[0] < value[1]
+    )
+
+
 _REPORT_FIELDS: tuple[_Check, ...] = (
     ("sequence", _is_uint, _UINT),
     ("state", lambda v: _is_uint(v) and v in _STATES, "a state code"),
@@ -251,6 +262,7 @@ _RECORD_FIELDS: tuple[_Check, ...] = (
     ("recovered", _is_of(str), "text"),
     ("partial", lambda v: type(v) is bytes and len(v) <= MAX_PARTIAL, _PARTIAL),
     ("revived", _is_uint, _UINT),
+    ("reserved", _optional(_is_reserved), "null or [uint, uint], the first below the second"),
 )
 
 
@@ -325,6 +337,12 @@ class Record:
             announcement of it: its attempt number, which its reports carry (report key 10),
             so the server tells the final report of each attempt apart (docs/protocol.md,
             "Reports").
+        reserved: ``(first, end)``: report sequence numbers the numbering skips (None: none).
+            When ``report_seq`` reaches ``first`` it continues at ``end``. A fall back to the
+            previous generation sets it: the generation replayed numbers its reports as the
+            lost one did (so the server, de-duplicating by sequence, takes a replayed report
+            for the one it has), and the recovery's report takes a number above everything
+            the lost generation could have used (docs/journal.md, "Recovery").
     """
 
     state: State = State.IDLE
@@ -362,6 +380,7 @@ class Record:
     recovered: str = ""
     partial: bytes = b""
     revived: int = 0
+    reserved: tuple[int, int] | None = None
 
     def to_bytes(self) -> bytes:
         """Encode as ``[schema, body, crc32(body)]`` so a bit flip is caught on load."""
@@ -402,6 +421,7 @@ class Record:
                 self.recovered,
                 self.partial,
                 self.revived,
+                None if self.reserved is None else list(self.reserved),
             ]
         )
         return cbor2.dumps([SCHEMA, body, zlib.crc32(body)])
@@ -474,6 +494,7 @@ class Record:
                 recovered,
                 partial,
                 revived,
+                reserved,
             ) = items
             return cls(
                 State(state),
@@ -511,6 +532,7 @@ class Record:
                 recovered,
                 partial,
                 revived,
+                None if reserved is None else (reserved[0], reserved[1]),
             )
         except JournalError:
             raise
@@ -544,6 +566,17 @@ def _from_v2(items: list[Any]) -> list[Any]:
     if cancelled is None or type(cancelled) is bytes:
         items[_CANCELLED] = [] if cancelled is None else [cancelled]
     return items
+
+
+def take_report_seq(record: Record) -> tuple[int, Record]:
+    """The sequence number of the next report, and ``record`` with it taken.
+
+    The numbering rises by one and jumps over ``record.reserved`` (then forgotten).
+    """
+    seq, following = record.report_seq, record.report_seq + 1
+    if record.reserved is not None and following >= record.reserved[0]:
+        return seq, record.evolve(report_seq=max(following, record.reserved[1]), reserved=None)
+    return seq, record.evolve(report_seq=following)
 
 
 def bitmap_new(count: int) -> bytes:

@@ -77,11 +77,16 @@ class Report:
     result: ResultCode
     update_id: str | None
     detail: str
+    attempt: int = 0
+    """The update's attempt (report key 10): a failed update the server announced again is
+    retried as its next attempt, which ends with its own final report."""
 
     @classmethod
     def of(cls, raw: dict[int, Any]) -> Report:
         """Decode the server's record of one report."""
-        return cls(raw[2], State(raw[3]), ResultCode(raw[4]), raw.get(5), raw.get(8, ""))
+        return cls(
+            raw[2], State(raw[3]), ResultCode(raw[4]), raw.get(5), raw.get(8, ""), raw.get(10, 0)
+        )
 
 
 class Reports:
@@ -127,18 +132,26 @@ class Reports:
     """Results of step reports; every other result ends an update."""
 
     def assert_final(self, update: Published | str, result: ResultCode) -> None:
-        """The update ended with exactly one final report, and it is ``result``.
+        """Each attempt of the update ended with exactly one final report; the last is ``result``.
 
         A ROLLING_BACK report carries the failure's code but is a step: the rollback's own
-        report (ROLLED_BACK or ROLLBACK_FAILED) is the final one.
+        report (ROLLED_BACK or ROLLBACK_FAILED) is the final one. An update that failed and was
+        announced again has one final report per attempt (docs/protocol.md, "Result codes"):
+        the highest attempt's is the update's outcome.
         """
-        final = [
-            r.result
-            for r in self.of(update)
-            if r.result not in self.STEPS and r.state is not State.ROLLING_BACK
-        ]
-        assert final == [result], (
-            f"{self.device}: expected one final report {result.name}, got {[r.name for r in final]}"
+        finals: dict[int, list[ResultCode]] = {}
+        for r in self.of(update):
+            if r.result not in self.STEPS and r.state is not State.ROLLING_BACK:
+                finals.setdefault(r.attempt, []).append(r.result)
+        last = max(finals, default=0)
+        got = [c.name for c in finals.get(last, [])]
+        which = f" (attempt {last})" if last else ""
+        assert got == [result.name], (
+            f"{self.device}: expected one final report {result.name}{which}, got {got}"
+        )
+        shown = {a: [c.name for c in codes] for a, codes in sorted(finals.items())}
+        assert all(len(codes) == 1 for codes in finals.values()), (
+            f"{self.device}: expected one final report per attempt, got {shown}"
         )
 
     def assert_no_duplicates(self) -> None:
