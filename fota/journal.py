@@ -290,6 +290,10 @@ class Journal:
         for path, _ in stored:
             self._quarantine(path.name)
         floor = max(sequences) if sequences else None
+        # The manifest at the floor may be taken again (Record.floor_identity): it may be the
+        # pending update's, which must not wait for a new signature to complete.
+        at_floor = {m.digest for _, m in stored if m is not None and m.body.sequence == floor}
+        identity = at_floor.pop() if len(at_floor) == 1 else None
         recovered.insert(
             0,
             "no readable journal: started empty"
@@ -298,7 +302,8 @@ class Journal:
         # The numbers the lost records used are unknown, and a server de-duplicates reports
         # by (device, number): starting again from 0 would have every report taken for one it
         # has (a final report lost). A random start is far from them (2**62: no collision).
-        return Record(floor=floor, report_seq=secrets.randbits(REPORT_SEQ_RANDOM_BITS)), recovered
+        seq = secrets.randbits(REPORT_SEQ_RANDOM_BITS)
+        return Record(floor=floor, floor_identity=identity, report_seq=seq), recovered
 
     def _lost_installed(self, record: Record, fault: str) -> tuple[Record, str]:
         """The running image's manifest is gone: move it aside, keep its floor."""

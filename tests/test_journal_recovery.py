@@ -266,6 +266,7 @@ def test_both_generations_damaged_starts_empty_with_the_floor_of_the_stored_mani
     loaded = Journal(state_dir, trust()).load()
     assert loaded.installed is None
     assert loaded.record.floor == 8  # the stored manifest's number: never lowered
+    assert loaded.record.floor_identity == make_manifest(8).digest  # it may be taken again
     assert "no readable journal" in loaded.recovered
     assert loaded.record.outbox[-1].result is ResultCode.STATE_RECOVERED
     # The lost records' report numbers are unknown: numbering starts far from them (from 0,
@@ -449,3 +450,36 @@ async def test_a_final_report_delivered_then_its_generation_lost_reaches_the_ser
         status = await control.status()
     assert status["installed_version"] == "2.0"
     assert await daemon.stop(signal.SIGTERM) == 0
+
+
+async def test_a_pending_update_completes_after_both_generations_are_lost(
+    tmp_path: Path, server: UpdateServer, signing: Signing
+) -> None:
+    """Found by chaos (issue 17): a journal damaged while the previous generation still shared
+    its file lost both; the pending update's sequence number became the floor (never lowered),
+    and its manifest, announced again, was refused as a rollback: stranded until signed again.
+    The manifest found at the floor may be taken at it; another of that number may not."""
+    from fota import AutoAuthorize, Decision
+
+    config = make_config(tmp_path, server, signing)
+    async with Client(config) as client:
+        server.publish(os.urandom(4096), "1.0", device_class=DEVICE_CLASS, sequence=1)
+        await client.wait_for(lambda s: s.installed_version == "1.0" and s.reports_pending == 0, 30)
+    handler = RecordingHandler(download=[Decision.pending()])
+    async with Client(config, handler=handler) as client:
+        v2 = server.publish(os.urandom(5000), "2.0", device_class=DEVICE_CLASS, sequence=2)
+        await client.wait_for(lambda s: s.state is State.AWAIT_DOWNLOAD_AUTH, 30)
+    state_dir = config.state_dir
+    (state_dir / RECORD_NAME).write_bytes(b"")
+    (state_dir / PREVIOUS_NAME).write_bytes(b"")
+    async with Client(config, handler=AutoAuthorize()) as client:
+        await client.wait_for(lambda s: s.installed_version == "2.0", 30)
+    assert client.status().installed_version == "2.0"
+    finals = [r[4] for r in server.reports if r.get(5) == v2.update_id]
+    assert finals[-1] == ResultCode.SUCCESS
+    # Another manifest of that number is still refused: the floor was not lowered.
+    v2b = server.publish(os.urandom(3000), "2.0b", device_class=DEVICE_CLASS, sequence=2)
+    async with Client(config, handler=AutoAuthorize()) as client:
+        report = await server.wait_for_report(lambda r: r.get(5) == v2b.update_id)
+        assert report[4] == ResultCode.ROLLBACK
+        assert client.status().installed_version == "2.0"

@@ -1033,7 +1033,10 @@ class Model:
                 pending=self.pending if self.state in CANCELLABLE else None,
                 max_image_size=self.policy.max_image_size,
             )
-            if floor is not None and self._candidate.body.sequence <= floor:
+            sequence = self._candidate.body.sequence
+            # The manifest a recovery found at the floor may be taken at it (floor_identity).
+            again = sequence == floor and self.record.floor_identity in _names(fetched)
+            if floor is not None and sequence <= floor and not again:
                 raise ManifestError(
                     "rollback",
                     "sequence",

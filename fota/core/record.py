@@ -45,6 +45,7 @@ _APPENDED: tuple[Any, ...] = (
     b"",
     0,
     None,
+    None,
 )
 """Encoded defaults of the fields after the first 16, in order. Fields are only ever appended:
 a record written by an earlier version lacks some of these, and they take their defaults."""
@@ -263,6 +264,7 @@ _RECORD_FIELDS: tuple[_Check, ...] = (
     ("partial", lambda v: type(v) is bytes and len(v) <= MAX_PARTIAL, _PARTIAL),
     ("revived", _is_uint, _UINT),
     ("reserved", _optional(_is_reserved), "null or [uint, uint], the first below the second"),
+    ("floor_identity", _optional(_is_of(bytes)), "bytes or null"),
 )
 
 
@@ -343,6 +345,11 @@ class Record:
             lost one did (so the server, de-duplicating by sequence, takes a replayed report
             for the one it has), and the recovery's report takes a number above everything
             the lost generation could have used (docs/journal.md, "Recovery").
+        floor_identity: the identity of the stored manifest whose sequence number became
+            ``floor`` when no generation of the record could be read (None: none). It may be
+            taken at the floor: it was the running image's or the pending update's, and taking
+            the newest manifest the device ever had again is no rollback, while refusing it
+            would strand a pending update until it is signed again.
     """
 
     state: State = State.IDLE
@@ -381,6 +388,7 @@ class Record:
     partial: bytes = b""
     revived: int = 0
     reserved: tuple[int, int] | None = None
+    floor_identity: bytes | None = None
 
     def to_bytes(self) -> bytes:
         """Encode as ``[schema, body, crc32(body)]`` so a bit flip is caught on load."""
@@ -422,6 +430,7 @@ class Record:
                 self.partial,
                 self.revived,
                 None if self.reserved is None else list(self.reserved),
+                self.floor_identity,
             ]
         )
         return cbor2.dumps([SCHEMA, body, zlib.crc32(body)])
@@ -495,6 +504,7 @@ class Record:
                 partial,
                 revived,
                 reserved,
+                floor_identity,
             ) = items
             return cls(
                 State(state),
@@ -533,6 +543,7 @@ class Record:
                 partial,
                 revived,
                 None if reserved is None else (reserved[0], reserved[1]),
+                floor_identity,
             )
         except JournalError:
             raise
