@@ -1739,7 +1739,8 @@ class Model:
         self.record = self.record.evolve(keyset_version=k.version, refused=())
         self.local_refused = ()
         if k.floor is not None:
-            self.record = self.record.evolve(floor=k.floor)
+            # A floor set by the root key replaces the one a recovery inferred, exemption too.
+            self.record = self.record.evolve(floor=k.floor, floor_identity=None)
             self._report(
                 ResultCode.INITIAL,
                 f"anti-rollback floor reset to {k.floor} by keyset {k.version}",
