@@ -280,6 +280,17 @@ class _Assembly:
     def _page_count(start: int, length: int) -> int:
         return (start + length - 1) // CHUNK - start // CHUNK + 1
 
+    @staticmethod
+    def _page_bounds(start: int, length: int, k: int) -> tuple[int, int]:
+        """Fragment-relative ``[a, b)`` of the fragment's ``k``-th page (cut to the fragment)."""
+        page = start // CHUNK + k
+        return max(page * CHUNK, start) - start, min((page + 1) * CHUNK - start, length)
+
+    @staticmethod
+    def _filled(mask: bytearray, a: int, b: int) -> bool:
+        """Every byte of ``[a, b)`` is in the buffer (``mask`` counts :data:`UNIT` s)."""
+        return 0 not in mask[a // UNIT : (b + UNIT - 1) // UNIT]
+
     def resume(self, runs: Runs) -> None:
         """Read runs of partial fragments back from the candidate (a worker thread's job).
 
@@ -308,10 +319,8 @@ class _Assembly:
             # is written (again, with the same bytes) when it fills.
             start, length = self.m.span(index)
             mask = self.masks[index]
-            for page in range(len(pages)):
-                a = max((start // CHUNK + page) * CHUNK, start) - start
-                b = min((start // CHUNK + page + 1) * CHUNK - start, length)
-                pages[page] = 0 not in mask[a // UNIT : (b + UNIT - 1) // UNIT]
+            for k in range(len(pages)):
+                pages[k] = self._filled(mask, *self._page_bounds(start, length, k))
         for index in [i for i, m in self.missing.items() if m == 0]:
             self._complete(index, self.m.span(index)[0])
 
@@ -378,18 +387,17 @@ class _Assembly:
         """Write the pages of ``[lo, hi)`` whose bytes are all in the buffer, once each."""
         buffer, mask, pages = self.buffers[index], self.masks[index], self.pages[index]
         base = start // CHUNK
-        for page in range(lo // CHUNK, (hi - 1) // CHUNK + 1):
-            if pages[page - base]:
+        for k in range(lo // CHUNK - base, (hi - 1) // CHUNK - base + 1):
+            if pages[k]:
                 continue
-            a = max(page * CHUNK, start) - start
-            b = min((page + 1) * CHUNK - start, len(buffer))
-            if 0 in mask[a // UNIT : (b + UNIT - 1) // UNIT]:
+            a, b = self._page_bounds(start, len(buffer), k)
+            if not self._filled(mask, a, b):
                 continue
             try:
                 self.ops.pwrite(self.fd, bytes(buffer[a:b]), start + a)
             except OSError as exc:
                 raise storage_error(f"candidate: {exc}", exc) from exc
-            pages[page - base] = 1
+            pages[k] = 1
             self.unnoted += b - a
 
     def _complete(self, index: int, start: int) -> None:
@@ -423,7 +431,6 @@ class _Assembly:
         runs: Runs = []
         for index, pages in self.pages.items():
             start, length = self.m.span(index)
-            end, base = start + length, start // CHUNK
             page = 0
             while page < len(pages):
                 if not pages[page]:
@@ -432,9 +439,9 @@ class _Assembly:
                 first = page
                 while page < len(pages) and pages[page]:
                     page += 1
-                lo = max((base + first) * CHUNK, start)
-                hi = min((base + page) * CHUNK, end)
-                runs.append((lo, hi - lo))
+                lo = self._page_bounds(start, length, first)[0]
+                hi = self._page_bounds(start, length, page - 1)[1]
+                runs.append((start + lo, hi - lo))
         return encode_runs(sorted(runs))
 
     def sync(self) -> None:
