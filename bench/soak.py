@@ -63,7 +63,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -79,6 +78,7 @@ from typing import Any
 SELF = Path(__file__).resolve()
 ROOT = SELF.parent.parent
 sys.path.insert(0, str(ROOT))
+from tests.chaos_rig import NotifySocket  # noqa: E402 (the chaos rig's sd_notify side)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -398,40 +398,6 @@ def tree_size(path: Path) -> tuple[int, int, list[str]]:
 # -- the updater under test ---------------------------------------------------------------
 
 
-class Notify:
-    """The systemd side of sd_notify: READY=1 is awaited, not slept for."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setblocking(False)
-        self.path = path
-
-        self._ready = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
-
-    async def _read(self) -> None:
-        # Read for as long as it runs, as systemd does: a full socket would make every
-        # STATUS= send fail, a path the daemon does not take in production.
-        loop = asyncio.get_running_loop()
-        while True:
-            data = await loop.sock_recv(self.sock, 4096)
-            if b"READY=1" in data.split(b"\n"):
-                self._ready.set()
-
-    async def ready(self, timeout: float) -> None:
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read(), name="soak-notify")
-        await asyncio.wait_for(self._ready.wait(), timeout)
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        self.sock.close()
-
-
 def write_config(work: Path, uri: str, trust: str, auth: str, log_level: str) -> Path:
     config = work / "fota.toml"
     config.write_text(
@@ -490,7 +456,7 @@ class DaemonUpdater(Updater):
         self.config = config
         self.answer = answer
         self.timeout = timeout
-        self.notify = Notify(work / "notify")
+        self.notify = NotifySocket(work / "notify")
         self.log = work / "daemon.log"
         self.proc: asyncio.subprocess.Process | None = None
         self.control = ControlClient(work / "ctl.sock", timeout=timeout)
@@ -514,7 +480,7 @@ class DaemonUpdater(Updater):
                 env={**os.environ, **self.env, "NOTIFY_SOCKET": str(self.notify.path)},
             )
         self.pid = self.proc.pid
-        await self.notify.ready(self.timeout)
+        await asyncio.wait_for(self.notify.ready(), self.timeout)
         await self.control.connect()
         await self.control.subscribe(["authorization_needed"], answers=self.answer)
         self._events = asyncio.create_task(self._answer(), name="soak-answer")
@@ -548,7 +514,7 @@ class DaemonUpdater(Updater):
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-        await self.notify.close()
+        self.notify.close()
 
 
 class InProcessUpdater(Updater):
@@ -589,7 +555,7 @@ class InProcessDaemon(Updater):
 
         notifier = Notifier(str(self.outside.notify.path))
         self._task = asyncio.create_task(serve(self.settings, notifier=notifier), name="daemon")
-        await self.outside.notify.ready(self.outside.timeout)
+        await asyncio.wait_for(self.outside.notify.ready(), self.outside.timeout)
         await self.outside.control.connect()
         await self.outside.control.subscribe(["authorization_needed"], answers=self.outside.answer)
         self.outside._events = asyncio.create_task(self.outside._answer(), name="soak-answer")

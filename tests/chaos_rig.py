@@ -394,7 +394,7 @@ async def until_stopped(pids: list[int], timeout: float = BOUND) -> None:
         await asyncio.sleep(0.005)  # polling the kernel's answer, not a guess at a duration
 
 
-class _Notify:
+class NotifySocket:
     """The systemd side of sd_notify: a datagram socket the daemon sends to, read all along.
 
     Every datagram is read as it comes (a full socket buffer would make the daemon's sends
@@ -537,7 +537,7 @@ class ChaosRig:
         self.fault_counts: Counter[str] = Counter()
         self.results: list[CycleResult] = []
         self._mounted = False
-        self._notify: _Notify | None = None
+        self._notify: NotifySocket | None = None
         self._hooks = _HookEvents()
         self._hook_transport: asyncio.DatagramTransport | None = None
         self._lock = asyncio.Lock()
@@ -601,7 +601,7 @@ class ChaosRig:
         await self.server.start()
         self.server.request_hook = self._on_request
         self._write_config(trust, events)
-        self._notify = _Notify(self.rundir / "notify")
+        self._notify = NotifySocket(self.rundir / "notify")
         await self.start_daemon()
         first = await self.cycle(0)
         if first.violations:
@@ -1229,6 +1229,7 @@ __all__ = [
     "ChaosRig",
     "CycleResult",
     "Fault",
+    "NotifySocket",
     "RigError",
     "draw_faults",
     "final_violations",
