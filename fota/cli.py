@@ -23,11 +23,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
 
-from fota.errors import ConfigError, FotaError, StateDirLocked
-from fota.logs import configure
-from fota.statedir import LOCKED_EXIT
+def _structlog_without_rich() -> None:
+    """Import structlog first, without letting it import rich.
+
+    structlog imports rich, when it is installed, only to pretty-print tracebacks on a
+    terminal: about 80 ms of every start of the updater, and so of a restarted download's time
+    to its first new byte (``bench/resume.py``). fota's console lines use plain tracebacks
+    anyway (``fota.logs``), and rich stays importable afterwards for the views that draw with
+    it. Does nothing when either is imported already (fota used as a library).
+    """
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # `import rich` fails meanwhile
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]
+
+
+_structlog_without_rich()
+
+import structlog  # noqa: E402
+
+from fota.errors import ConfigError, FotaError, StateDirLocked  # noqa: E402
+from fota.logs import configure  # noqa: E402
+from fota.statedir import LOCKED_EXIT  # noqa: E402
 
 if TYPE_CHECKING:
     from fota.config import Config

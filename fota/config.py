@@ -86,8 +86,10 @@ class Config:
             report); None: not watched.
         block_size: CoAP Block2 size asked for, 16..1024.
         window: most image block requests in flight (NON requests; see docs/protocol.md).
-        fsync_every: fsync the candidate every this many verified fragments (and at the end);
-            a fragment is journaled only after the fsync that covers it.
+        fsync_every: fsync the candidate (and write the journal) once this many fragments'
+            worth of bytes were written to it since the last time (and at the end); a
+            fragment is journaled only after the fsync that covers it, and so are the pages
+            of fragments still incomplete (the ``partial`` note).
         ack_timeout: CoAP ACK_TIMEOUT in seconds (RFC 7252: 2.0).
         max_retransmit: CoAP MAX_RETRANSMIT (RFC 7252: 4), 0..20.
         retransmission: the image download's retransmission timeout: ``cocoa`` (adaptive,

@@ -11,10 +11,11 @@ Theory of operation:
   written with one ``pwrite`` once all its bytes are in the fragment's buffer, so each byte is
   written once and no page is dirtied twice. The buffer is kept for hashing: a complete
   fragment costs no second write.
-* A complete fragment is hashed against its signed digest. Every ``fsync_every`` fragments (and
-  at the end) the candidate is fsynced in a worker thread while blocks keep arriving, and only
-  then is ``FragmentVerified`` emitted for them (write-ahead order: the journal marks a fragment
-  after its bytes are durable). A fragment that fails its digest is asked for again, whole.
+* A complete fragment is hashed against its signed digest. Once ``fsync_every`` fragments'
+  worth of bytes were written since the last sync (and at the end) the candidate is fsynced in
+  a worker thread while blocks keep arriving, and only then is ``FragmentVerified`` emitted for
+  the fragments it completed (write-ahead order: the journal marks a fragment after its bytes
+  are durable). A fragment that fails its digest is asked for again, whole.
 * Partial fragments survive a kill (issue 17 §6): when a sync is submitted, the pages written
   so far of the fragments still incomplete are noted (``partial``: a CBOR list of
   ``[offset, length]`` runs, at most :data:`MAX_RUNS`), and the ``FragmentVerified`` event
@@ -22,13 +23,15 @@ Theory of operation:
   anyway. No extra file, no extra fsync. A restart reads those runs back from the candidate
   into the fragment buffers and asks only for the rest; the fragment digest still decides (a
   fragment that fails after a resume is fetched again, whole).
-* Completions alone would leave those pages unnoted for as long as a lost block waits for its
-  retries while the window goes on (at 5 % loss a kill cost up to 2.2 fragments). So once
-  pages of incomplete fragments worth :data:`NOTE_AFTER` fragments were written since the last
-  sync, a sync is due anyway: after it, the last fragment verified (by this run, or re-checked
-  on disk before it) is vouched for again (``FragmentVerified`` repeats its index; the journal
-  only marks it again) and the event carries the new note (``fota fetch`` passes ``noted``
-  and journals the note itself, also before any fragment is done).
+* The sync is due on bytes written, not on fragments completed: completions alone would
+  leave those pages unnoted for as long as a lost block waits for its retries while the window
+  goes on (at 5 % loss a kill cost up to 2.2 fragments). Counting every page written, whether
+  it completed a fragment or not, makes one sync (one fsync, one journal write) per
+  ``fsync_every`` fragments' worth of bytes, lossy link or not. When no fragment completed
+  since the last sync, the last fragment verified (by this run, or re-checked on disk before
+  it) is vouched for again (``FragmentVerified`` repeats its index; the journal only marks it
+  again) and the event carries the new note (``fota fetch`` passes ``noted`` and journals the
+  note itself, also before any fragment is done).
   A kill then costs at most about that many pages, plus the blocks of pages a lost block
   leaves unfilled, plus what arrives during one fsync and journal write.
 * Only fragment-level events reach the state machine, never one per block.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import hashlib
 import os
@@ -83,13 +87,6 @@ fsync cleaned in between)."""
 ALIGN = 1024
 """Ranges asked for when a partial fragment resumes start and end on this boundary (or the
 fragment's): every fetcher turns them into whole blocks (BERT over TCP counts in 1 KiB)."""
-NOTE_AFTER = 1.0
-"""Fragments' worth of pages of incomplete fragments written since the last sync that make a
-sync due though no fragment completed. Each such sync costs a journal write (about a 4 KiB
-block): at 5 % loss with 64 KiB fragments the client's write amplification without kills was
-1.16 with half a fragment, 1.10 with one and 1.085 with one and a half (1.067 without these
-syncs); with one and a half a kill cost up to 2.2 fragments (`bench/resume.py`, 30 kills),
-with one up to 1.2."""
 MAX_RUNS = 64
 """Most ``[offset, length]`` runs of partial fragments noted per snapshot (about 10 bytes
 each: the journal record grows by at most ~700 bytes). The longest runs are kept; a run left
@@ -211,8 +208,13 @@ class _Assembly:
         align: int = ALIGN,
         noted: Callable[[bytes], None] | None = None,
         vouched: int | None = None,
+        compare: bool = False,
     ) -> None:
         self.m = layout
+        # A run that starts with bytes in the candidate (a restart) reads each page before
+        # writing it: one a killed run wrote but never noted is fetched again but not
+        # written again (at 5 % loss, 10 kills in 10 MiB rewrote about 0.06 of the image).
+        self.compare = compare
         self.noted = noted
         self.budget = budget
         self.total = 0  # bytes received in this run (duplicates and corrupt blocks too)
@@ -239,8 +241,12 @@ class _Assembly:
         self.etag: bytes | None = None
         self.loop = asyncio.get_running_loop()
         self.stopped_partial = b""  # the note of a sync after the transfer stopped early
-        self.unnoted = 0  # bytes of pages of incomplete fragments written since the last sync
-        self.note_after = int(self.frag * NOTE_AFTER)
+        self.unsynced_bytes = 0  # bytes of pages written since the last sync was submitted
+        # Each sync costs an fsync and a journal write (a 4 KiB block at least): one per
+        # fsync_every fragments' worth of bytes written. Before (a sync per completed fragment
+        # and another per fragment's worth of pages of incomplete ones) `fota run` wrote 1.110
+        # bytes per image byte at 5 % loss (`bench/resume.py`, no kills).
+        self.sync_after = self.frag * self.fsync_every
         # The last fragment verified and synced (by this run, or checked on disk before it).
         self.vouched = vouched
 
@@ -380,7 +386,7 @@ class _Assembly:
             self._complete(index, start)
         else:
             self._write_pages(index, start, offset, offset + len(data))
-            if self.unnoted >= self.note_after:
+            if self.unsynced_bytes >= self.sync_after:
                 self.note()
 
     def _write_pages(self, index: int, start: int, lo: int, hi: int) -> None:
@@ -394,11 +400,13 @@ class _Assembly:
             if not self._filled(mask, a, b):
                 continue
             try:
-                self.ops.pwrite(self.fd, bytes(buffer[a:b]), start + a)
+                data = bytes(buffer[a:b])
+                if not (self.compare and os.pread(self.fd, b - a, start + a) == data):
+                    self.ops.pwrite(self.fd, data, start + a)
             except OSError as exc:
                 raise storage_error(f"candidate: {exc}", exc) from exc
             pages[k] = 1
-            self.unnoted += b - a
+            self.unsynced_bytes += b - a
 
     def _complete(self, index: int, start: int) -> None:
         buffer = self.buffers[index]
@@ -419,7 +427,7 @@ class _Assembly:
         self.vouched = index
         self.unsynced.append((index, self.received))
         self.received = 0
-        if len(self.unsynced) >= self.fsync_every:
+        if self.unsynced_bytes >= self.sync_after:
             self.sync()
 
     def partial(self) -> bytes:
@@ -454,7 +462,7 @@ class _Assembly:
         if not self.unsynced:
             return
         covered, self.unsynced = self.unsynced, []
-        self.unnoted = 0
+        self.unsynced_bytes = 0
         self._submit(covered)
 
     def note(self) -> None:
@@ -475,7 +483,7 @@ class _Assembly:
             if self.vouched is None:
                 return
             covered, self.received = [(self.vouched, self.received)], 0
-        self.unnoted = 0
+        self.unsynced_bytes = 0
         self._submit(covered)
 
     def _submit(self, covered: list[tuple[int, int]]) -> None:
@@ -492,10 +500,15 @@ class _Assembly:
         except OSError as exc:
             self.sync_error = exc
             raise
-        for index, fetched in covered:
-            event = ev.FragmentVerified(self.m.update_id, index, fetched, partial)
+        if covered:
+            # One event per fsync: the journal writes once for all the fragments it covered.
+            *also, (index, _) = covered
+            fetched = sum(n for _, n in covered)
+            event = ev.FragmentVerified(
+                self.m.update_id, index, fetched, partial, tuple(i for i, _ in also)
+            )
             self.loop.call_soon_threadsafe(self.emit, event)
-        if not covered and self.noted is not None:
+        elif self.noted is not None:
             self.loop.call_soon_threadsafe(self.noted, partial)
 
     def _sync_partial(self, partial: bytes) -> None:
@@ -536,6 +549,22 @@ NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 """Errors of a full file system (or quota): the download pauses until there is room."""
 
 
+def no_readahead(fd: int) -> None:
+    """Read only the pages asked for from the candidate, none ahead of them.
+
+    Readahead fills the page cache ahead of a read with large folios (up to the device's
+    ``read_ahead_kb``, 8 MiB here), the holes of a sparse candidate included. A page written
+    later into such a folio dirties all of it, and writeback writes all of it: a restart's
+    re-checks and page comparisons made the candidate's writes 3 to 9 times its bytes
+    (``/proc/<pid>/io`` ``write_bytes``, Linux 6.18, ext4). Without readahead the cache holds
+    the pages read, and a 4 KiB write dirties 4 KiB.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        with contextlib.suppress(OSError):  # only advice: a file system may not take it
+            advise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+
 def storage_error(message: str, exc: OSError) -> StorageError:
     """The fota error for a failed candidate write: :class:`DiskFull` when the disk is full."""
     return DiskFull(message) if exc.errno in NO_SPACE else StorageError(message)
@@ -561,7 +590,8 @@ class Downloader:
         emit: puts an event into the engine's inbox.
         block_size: CoAP block size asked for (the server may answer smaller).
         window: most block requests in flight.
-        fsync_every: fsync the candidate every this many fragments (and at the end).
+        fsync_every: fsync the candidate every this many fragments' worth of bytes written
+            (and at the end); each fsync is one ``FragmentVerified`` for what it covered.
         free_space: bytes free for an unprivileged writer in the file system holding a path
             (injectable: tests, or a device whose storage needs its own probe).
         reserve: bytes that must stay free after the image (logs, the journal, the OS).
@@ -685,6 +715,8 @@ class Downloader:
         uid = layout.update_id
         fd = self.ops.open(self.candidate, os.O_RDWR | os.O_CREAT)
         try:
+            no_readahead(fd)
+            restart = os.fstat(fd).st_size > 0  # pages may be on disk already
             # Exactly the image's size: stale bytes of an older candidate must not linger.
             os.ftruncate(fd, layout.image_size)
             bad = await asyncio.to_thread(_recheck, fd, layout, verified)
@@ -713,6 +745,7 @@ class Downloader:
                 self.block_size,
                 self.noted,
                 checked,
+                restart,
             )
             runs = decode_runs(partial, layout)
             if runs:

@@ -31,7 +31,7 @@ import structlog
 
 from fota.core import events as ev
 from fota.core.record import bitmap_get, bitmap_new, bitmap_set
-from fota.download import Downloader, Layout, decode_runs
+from fota.download import Downloader, Layout, decode_runs, no_readahead
 from fota.errors import FotaError, ImageChanged, IntegrityError, JournalError, TransportError
 from fota.fileops import FileOps, sha256_prefix
 from fota.statedir import lock_file
@@ -354,6 +354,7 @@ def _checker(state: _State, candidate: Path, block_size: int) -> Callable[[Block
             state.done, state.partial, witness = bitmap_new(layout.count), b"", None
         else:
             try:
+                no_readahead(fd)  # the pages after it are about to be written
                 expected = os.pread(fd, block_size, witness)
             finally:
                 os.close(fd)
@@ -385,7 +386,8 @@ async def _transfer(
 
     def emit(event: ev.Event) -> None:
         if isinstance(event, ev.FragmentVerified):
-            state.done = bitmap_set(state.done, event.index)
+            for index in event.indexes:
+                state.done = bitmap_set(state.done, index)
             # After the fsync that covered the fragment and the partial pages: the journal
             # may vouch for them now.
             state.partial = event.partial

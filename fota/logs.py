@@ -94,7 +94,13 @@ def configure(level: str = "info", format: str = "auto", *, json: bool | None = 
         ]
     else:
         # The console renderer formats exc_info itself (and warns if it was rendered before).
-        final.append(structlog.dev.ConsoleRenderer(colors=_isatty(sys.stderr)))
+        # Plain tracebacks whether or not rich is installed: the same lines everywhere, and
+        # `fota` starts without importing rich (fota.cli).
+        final.append(
+            structlog.dev.ConsoleRenderer(
+                colors=_isatty(sys.stderr), exception_formatter=structlog.dev.plain_traceback
+            )
+        )
 
     structlog.configure(
         processors=[

@@ -1708,9 +1708,11 @@ async def _assemble(case: AssemblyCase, path: Path) -> None:
         ops.close(fd)
     # No byte is vouched for that does not match its signed digest.
     for event in events:
-        assert isinstance(event, ev.FragmentVerified) and event.index in case.wanted
-        start, length = layout.span(event.index)
-        assert on_disk[start : start + length] == case.image[start : start + length]
+        assert isinstance(event, ev.FragmentVerified)
+        for index in event.indexes:
+            assert index in case.wanted
+            start, length = layout.span(index)
+            assert on_disk[start : start + length] == case.image[start : start + length]
 
 
 def check_assembly(case: AssemblyCase) -> None:

@@ -3530,6 +3530,23 @@ CASES: tuple[Case, ...] = (
         after={"verified": b"\x04", "progress": 0},
     ),
     Case(
+        # One fsync covered three fragments: one event, one journal write, every bit set.
+        "fragment/several-in-one-event",
+        S.DOWNLOADING,
+        ev.FragmentVerified(U, 1, also=(2, 0)),
+        S.DOWNLOADING,
+        (C.NotifyProgress(U, 2560, 2560),),
+        after={"verified": FULL, "progress": 100},
+    ),
+    Case(
+        "fragment/several-some-out-of-range",
+        S.DOWNLOADING,
+        ev.FragmentVerified(U, 9, also=(2, -1)),
+        S.DOWNLOADING,
+        (),
+        after={"verified": b"\x04", "progress": 0},
+    ),
+    Case(
         "fragment/completes",
         S.DOWNLOADING,
         ev.FragmentVerified(U, 1),

@@ -430,7 +430,7 @@ async def download_verified(
     finally:
         await transport.aclose()
     assert isinstance(events[-1], ev.DownloadFinished), events[-1]
-    verified = sorted(e.index for e in events if isinstance(e, ev.FragmentVerified))
+    verified = sorted(i for e in events if isinstance(e, ev.FragmentVerified) for i in e.indexes)
     assert verified == list(range(manifest.fragment_count))
     assert sha(candidate) == body.image_sha256
 

@@ -210,13 +210,14 @@ class Harness:
         self.events.append(event)
         if isinstance(event, ev.FragmentVerified):
             # The downloader says the bytes are durable: they must be on disk already.
-            offset, length = self.manifest.fragment_span(event.index)
-            with open(self.journal.candidate_path, "rb") as f:
-                f.seek(offset)
-                on_disk = f.read(length)
-            expected = self.manifest.body.fragment_sha256[event.index]
-            self.vouched_on_disk.append(hashlib.sha256(on_disk).digest() == expected)
-            self.record = self.record.evolve(verified=bitmap_set(self.record.verified, event.index))
+            for index in event.indexes:
+                offset, length = self.manifest.fragment_span(index)
+                with open(self.journal.candidate_path, "rb") as f:
+                    f.seek(offset)
+                    on_disk = f.read(length)
+                expected = self.manifest.body.fragment_sha256[index]
+                self.vouched_on_disk.append(hashlib.sha256(on_disk).digest() == expected)
+                self.record = self.record.evolve(verified=bitmap_set(self.record.verified, index))
             self.save()
         elif isinstance(event, ev.FragmentsInvalid):
             verified = self.record.verified

@@ -227,3 +227,27 @@ def test_unknown_level_or_format_is_refused_before_anything_changes() -> None:
         configure("info", format="yaml")
     with pytest.raises(ValueError, match="log level: expected one of"):
         configure("loud")
+
+
+def test_the_command_starts_without_rich_and_leaves_it_importable() -> None:
+    """structlog imports rich (when installed) only for pretty tracebacks: about 80 ms of every
+    start of `fota run`, `fota daemon` and `fota fetch`. `fota.cli` imports structlog without
+    it; rich still imports afterwards for the views that draw with it, and the console lines
+    keep their plain traceback."""
+    program = (
+        "import sys, fota.cli, structlog.dev\n"
+        "assert 'rich' not in sys.modules, 'rich imported at start'\n"
+        "assert structlog.dev.rich is None\n"
+        "import rich.console\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+    # And console lines look the same when rich was imported first (this program imports
+    # structlog itself, so structlog found rich): a plain traceback, not rich's box.
+    text = run("console", "info").stderr
+    assert "Traceback (most recent call last):" in text and 'File "' in text
+    assert "\u256d" not in text and "\u2500" not in text

@@ -112,6 +112,14 @@ class FragmentVerified(Event):
     """Pages of the fragments still incomplete that the same fsync made durable: a CBOR
     list of ``[offset, length]`` runs (``fota.download.encode_runs``, at most 64), journaled
     as ``Record.partial`` so a restart fetches only the rest (issue 17 §6)."""
+    also: tuple[int, ...] = ()
+    """Other fragments the same fsync covered, verified before ``index``: one event, so one
+    journal write, per fsync (a journal write costs a 4 KiB block however small the record)."""
+
+    @property
+    def indexes(self) -> tuple[int, ...]:
+        """Every fragment this event vouches for, in the order they were verified."""
+        return (*self.also, self.index)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1376,12 +1376,14 @@ class Model:
         """Record a verified fragment; tell the application every ``progress_step`` percent."""
         f: ev.FragmentVerified = e.kwargs["event"]
         assert self.pending is not None
-        if not 0 <= f.index < self.pending.fragment_count:
+        indexes = [i for i in f.indexes if 0 <= i < self.pending.fragment_count]
+        if not indexes:
             return
-        # The note of partial fragments rides on this write (fsynced with the fragment).
-        self.record = self.record.evolve(
-            verified=bitmap_set(self.record.verified, f.index), partial=f.partial
-        )
+        verified = self.record.verified
+        for index in indexes:
+            verified = bitmap_set(verified, index)
+        # The note of partial fragments rides on this write (fsynced with the fragments).
+        self.record = self.record.evolve(verified=verified, partial=f.partial)
         self.stall = None  # progress: a later 4.04 starts a budget of its own
         if self.record.restarts:
             # Progress since the last restart: an interrupted download, not a reboot loop.
