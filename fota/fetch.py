@@ -36,8 +36,7 @@ from fota.errors import FotaError, ImageChanged, IntegrityError, JournalError, T
 from fota.fileops import FileOps, sha256_prefix
 from fota.statedir import lock_file
 from fota.transport import Block, BlockFetcher
-from fota.transport.tcp import TcpFetcher
-from fota.transport.window import WindowFetcher
+from fota.transport.image import ImageSettings, image_fetcher
 
 log = structlog.get_logger(__name__)
 
@@ -269,21 +268,12 @@ async def _fetch(
             oscore=oscore,
         )
 
+    settings = ImageSettings(ack_timeout, max_retransmit, retransmission, congestion, min_rto)
+
     def fetchers(uri: str, *, window: int, block_size: int) -> BlockFetcher:
         if secured is not None:
             return secured.block_fetcher(uri, window=window, block_size=block_size)
-        if uri.startswith("coap+tcp://"):
-            return TcpFetcher.for_uri(uri)
-        return WindowFetcher.for_uri(
-            uri,
-            window=window,
-            block_size=block_size,
-            timeout=ack_timeout,
-            max_tries=max_retransmit + 1,
-            retransmission=retransmission,
-            congestion=congestion,
-            min_rto=min_rto,
-        )
+        return image_fetcher(uri, window=window, block_size=block_size, settings=settings)
 
     try:
         state = _load_state(journal, uri)

@@ -35,8 +35,8 @@ from fota.errors import (
     TransportError,
 )
 from fota.testing.server import bound_port
+from fota.transport import BLOCK_SIZES, raise_for, szx
 from fota.transport.coap import CoapTransport
-from fota.transport.window import classify_code
 from tests.test_core_table import PENDING, build
 
 pytestmark = pytest.mark.timeout(30)
@@ -83,17 +83,33 @@ def test_each_code_means_one_thing(code: str, get: Verdict, report: Verdict) -> 
     assert codes.for_report(value) is report
 
 
-def test_the_window_fetcher_follows_the_table() -> None:
+def test_every_transport_raises_what_the_table_says() -> None:
+    """One mapping from verdict to error for UDP (aiocoap, the window fetcher) and TCP."""
+
+    def get(klass: int, detail: int) -> None:
+        raise_for(URI, codes.code(klass, detail), codes.for_get(codes.code(klass, detail)))
+
     with pytest.raises(ResourceMissing, match=r"4\.04"):
-        classify_code(URI, codes.code(4, 4))
+        get(4, 4)
     for permanent in ((4, 1), (4, 2), (4, 5)):
         with pytest.raises(PermanentServerError) as info:
-            classify_code(URI, codes.code(*permanent))
+            get(*permanent)
         assert not isinstance(info.value, ResourceMissing)
     with pytest.raises(ImageChanged):
-        classify_code(URI, codes.code(4, 8))
-    classify_code(URI, codes.code(4, 29))  # transient: returns, the block is asked again
-    classify_code(URI, codes.code(5, 0))
+        get(4, 8)
+    for transient in ((4, 29), (5, 0), (5, 3)):
+        with pytest.raises(TransportError) as retry:
+            get(*transient)  # retryable: the window fetcher leaves the block in flight
+        assert type(retry.value) is TransportError, retry.value
+    get(2, 5)  # data: returns
+    raise_for(URI, codes.code(2, 4), codes.for_report(codes.code(2, 4)))  # an acknowledgement
+
+
+def test_one_szx_for_every_transport() -> None:
+    assert [szx(size) for size in BLOCK_SIZES] == list(range(7))
+    for bad in (0, 8, 48, 2048, -16):
+        with pytest.raises(ValueError, match=f"block_size {bad} must be a power of two"):
+            szx(bad)
 
 
 class _Answer(aiocoap.resource.Resource):  # type: ignore[misc]  # aiocoap is untyped
@@ -249,3 +265,27 @@ async def test_an_update_that_failed_from_its_install_on_is_not_retried() -> Non
     announce = ev.AnnouncementReceived(11, PENDING.digest, "coap://fota.example/m/11")
     assert not await _fire(model, announce, 0.0)
     assert model.state is State.FAILED
+
+
+def test_one_image_path_for_the_client_and_fota_fetch() -> None:
+    """`CoapTransport.block_fetcher` and `fota fetch` pick the fetcher in one place, and a
+    setting means the same on both: the window fetcher gets ACK_TIMEOUT and MAX_RETRANSMIT."""
+    from fota.transport.image import ImageSettings, image_fetcher
+    from fota.transport.tcp import TcpFetcher
+    from fota.transport.window import WindowFetcher
+
+    settings = ImageSettings(ack_timeout=0.5, max_retransmit=2, min_rto=0.1)
+    udp = image_fetcher("coap://127.0.0.1:5683/a/b", window=4, block_size=256, settings=settings)
+    assert isinstance(udp, WindowFetcher)
+    assert (udp.host, udp.port, udp.path) == ("127.0.0.1", 5683, ("a", "b"))
+    assert (udp.block_size, udp.max_tries) == (256, 3)
+    tcp = image_fetcher("coap+tcp://[::1]:61616/i", window=4, block_size=256, settings=settings)
+    assert isinstance(tcp, TcpFetcher)
+    for bad, why in (
+        ("http://h/x", "coap:// only"),
+        ("coap://h:99999/x", "malformed port"),
+        ("coap://h/a/../x", "not requested"),
+        ("coap+tcp:///x", "not a coap\\+tcp:// URI"),
+    ):
+        with pytest.raises(PermanentServerError, match=why):
+            image_fetcher(bad, window=4, block_size=256, settings=settings)

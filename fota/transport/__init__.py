@@ -12,6 +12,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
+
+from fota.core import codes
+from fota.core.uri import path_segments
+from fota.errors import ImageChanged, PermanentServerError, ResourceMissing, TransportError
 
 if TYPE_CHECKING:
     # Not at run time: `fota fetch` imports this module and must stay light (no cryptography).
@@ -61,6 +66,64 @@ class Block:
     more: bool
     size2: int | None = None
     etag: bytes | None = None
+
+
+def endpoint(uri: str, scheme: str, refusal: str) -> tuple[str, int, tuple[str, ...]]:
+    """``(host, port, Uri-Path segments)`` of a ``scheme://host[:port]/path`` URI.
+
+    The one URI-to-options reading of the image fetchers (UDP and TCP).
+
+    Raises:
+        PermanentServerError: another scheme or no host (``refusal`` says why), a malformed
+            port, or a path with a "." or ".." segment (RFC 7252 §5.10.1).
+    """
+    parts = urlsplit(uri)
+    if parts.scheme != scheme or not parts.hostname:
+        raise PermanentServerError(uri, refusal)
+    try:
+        port = parts.port or 5683
+    except ValueError:  # "h:x", "h:99999": urllib raises only when the port is read
+        raise PermanentServerError(uri, "malformed port in the URI") from None
+    try:
+        path = path_segments(uri)
+    except ValueError as exc:
+        raise PermanentServerError(uri, f"not requested: {exc}") from None
+    return parts.hostname, port, path
+
+
+BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+"""The block sizes of RFC 7959 (SZX 0..6; SZX 7 is BERT, over TCP only)."""
+
+
+def szx(block_size: int) -> int:
+    """The Block2 SZX of ``block_size``, for every transport.
+
+    Raises:
+        ValueError: not a power of two from 16 to 1024.
+    """
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} must be a power of two from 16 to 1024")
+    return block_size.bit_length() - 5
+
+
+def raise_for(uri: str, code: int, verdict: codes.Verdict) -> None:
+    """Raise the fota error that a verdict of :mod:`fota.core.codes` names.
+
+    The one mapping from an answer's meaning to an error, for UDP (aiocoap and the window
+    fetcher) and TCP alike. Returns for data and acknowledgements; a transient answer is a
+    ``TransportError`` (retryable).
+    """
+    said = codes.text(code)
+    match verdict:
+        case codes.Verdict.DATA | codes.Verdict.ACK:
+            return
+        case codes.Verdict.CHANGED:
+            raise ImageChanged(f"{uri}: server answered {said} (the resource changed)")
+        case codes.Verdict.MISSING:
+            raise ResourceMissing(uri, said)
+        case codes.Verdict.PERMANENT:
+            raise PermanentServerError(uri, said)
+    raise TransportError(f"{uri}: server answered {said}")
 
 
 def truncated(payload: bytes, more: bool, start: int, size: int, size2: int | None) -> bool:

@@ -36,17 +36,22 @@ from fota.core.uri import check_uri_reference, origin, path_segments, resolve
 from fota.errors import (
     ConfigError,
     FotaError,
-    ImageChanged,
     ManifestError,
     PermanentServerError,
-    ResourceMissing,
     TransportError,
 )
-from fota.transport import Announcement, Block, BlockFetcher, ConcurrentFetcher, truncated
+from fota.transport import (
+    Announcement,
+    Block,
+    BlockFetcher,
+    ConcurrentFetcher,
+    raise_for,
+    truncated,
+)
+from fota.transport import szx as block_szx
+from fota.transport.image import ImageSettings, image_fetcher
 from fota.transport.oscore import close_context as close_oscore
 from fota.transport.oscore import load_context as load_oscore
-from fota.transport.tcp import TcpFetcher
-from fota.transport.window import WindowFetcher
 
 log = structlog.get_logger(__name__)
 
@@ -77,31 +82,9 @@ def poll_delay(interval: float, jitter: float, rng: random.Random) -> float:
     return interval * rng.uniform(1.0 - jitter, 1.0 + jitter)
 
 
-def szx_for(block_size: int) -> int:
-    """The SZX exponent for a block size of 16..1024 bytes (a power of two)."""
-    if block_size not in (16, 32, 64, 128, 256, 512, 1024):
-        raise ValueError(f"block_size {block_size} must be a power of two from 16 to 1024")
-    return int(math.log2(block_size)) - 4
-
-
 def classify(uri: str, response: Any) -> None:
     """Raise the fota error for an answer to a GET that carries no data (fota.core.codes)."""
     raise_for(uri, int(response.code), codes.for_get(int(response.code)))
-
-
-def raise_for(uri: str, code: int, verdict: codes.Verdict) -> None:
-    """Raise the fota error a verdict of :mod:`fota.core.codes` names; return for data/ack."""
-    said = f"{codes.text(code)}"
-    match verdict:
-        case codes.Verdict.DATA | codes.Verdict.ACK:
-            return
-        case codes.Verdict.CHANGED:
-            raise ImageChanged(f"{uri}: server answered {said} (the resource changed)")
-        case codes.Verdict.MISSING:
-            raise ResourceMissing(uri, said)
-        case codes.Verdict.PERMANENT:
-            raise PermanentServerError(uri, said)
-    raise TransportError(f"{uri}: server answered {said}")
 
 
 def _parse_announcement(payload: bytes, content_format: int | None, base: str) -> Announcement:
@@ -397,7 +380,7 @@ class CoapTransport:
             PermanentServerError: 4.04 and the like.
             ImageChanged: 4.08.
         """
-        szx = szx_for(block_size)
+        szx = block_szx(block_size)
         response = await self._request(
             uri, code=Code.GET, block2=BlockOption.BlockwiseTuple(offset // block_size, False, szx)
         )
@@ -440,20 +423,17 @@ class CoapTransport:
         """
         if uri.startswith("coap+tcp://"):
             self._protected(uri)
-            return TcpFetcher.for_uri(uri)
-        if self._oscore is not None:
+        elif self._oscore is not None:
             # The raw windowed fetcher builds its own datagrams; OSCORE's are aiocoap's.
             return ConcurrentFetcher(self, uri, window=window, block_size=block_size)
-        return WindowFetcher.for_uri(
-            uri,
-            window=window,
-            block_size=block_size,
-            timeout=self._tuning.ACK_TIMEOUT,
-            max_tries=self._tuning.MAX_RETRANSMIT + 1,
-            retransmission=self.retransmission,
-            congestion=self.congestion,
-            min_rto=self.min_rto,
+        settings = ImageSettings(
+            self._tuning.ACK_TIMEOUT,
+            self._tuning.MAX_RETRANSMIT,
+            self.retransmission,
+            self.congestion,
+            self.min_rto,
         )
+        return image_fetcher(uri, window=window, block_size=block_size, settings=settings)
 
     async def fetch(self, uri: str, *, limit: int) -> bytes:
         """Fetch a small resource with explicit Block2 requests, at most ``limit + 1`` bytes."""

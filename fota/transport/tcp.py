@@ -26,14 +26,13 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 
-from fota.core.uri import path_segments
-from fota.errors import PermanentServerError, TransportError
-from fota.transport import Block, wire
-from fota.transport.window import OnBlock, classify_code, finish_thread
+from fota.core import codes
+from fota.errors import TransportError
+from fota.transport import Block, endpoint, raise_for, wire
+from fota.transport.window import OnBlock, finish_thread
 
 log = structlog.get_logger(__name__)
 
@@ -123,18 +122,8 @@ class TcpFetcher:
     @classmethod
     def for_uri(cls, uri: str, **options: Any) -> TcpFetcher:
         """A fetcher for ``coap+tcp://host[:port]/path``."""
-        parts = urlsplit(uri)
-        if parts.scheme != "coap+tcp" or not parts.hostname:
-            raise PermanentServerError(uri, "not a coap+tcp:// URI")
-        try:
-            port = parts.port or 5683
-        except ValueError:  # "h:x", "h:99999": urllib raises only when the port is read
-            raise PermanentServerError(uri, "malformed port in the URI") from None
-        try:
-            path = path_segments(uri)  # never a "." or ".." Uri-Path (RFC 7252 §5.10.1)
-        except ValueError as exc:
-            raise PermanentServerError(uri, f"not requested: {exc}") from None
-        return cls(parts.hostname, port, path, **options)
+        host, port, path = endpoint(uri, "coap+tcp", "not a coap+tcp:// URI")
+        return cls(host, port, path, **options)
 
     def want(self, offset: int, length: int) -> None:
         """Ask (again) for a byte range before the rest of the plan."""
@@ -250,7 +239,7 @@ class TcpFetcher:
         if response is None:
             raise TransportError(f"{self.uri}: malformed response")
         if code != wire.CONTENT:
-            classify_code(self.uri, code)
+            raise_for(self.uri, code, codes.for_get(code))
             raise TransportError(f"{self.uri}: server answered {wire.code_text(code)}")
         payload = response.payload
         more = bool(response.block2 and response.block2[1])

@@ -46,14 +46,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 
 from fota.core import codes
-from fota.core.uri import path_segments
-from fota.errors import ImageChanged, PermanentServerError, ResourceMissing, TransportError
-from fota.transport import Block, truncated, wire
+from fota.errors import TransportError
+from fota.transport import Block, endpoint, raise_for, truncated, wire
+from fota.transport import szx as block_szx
 from fota.transport.congestion import AimdWindow, CocoaRto, FixedWindow, Rfc7252Rto, Rto, Window
 
 log = structlog.get_logger(__name__)
@@ -89,27 +88,6 @@ async def finish_thread(worker: asyncio.Future[None], stop: threading.Event) -> 
     if cancelled:
         raise asyncio.CancelledError
     worker.result()
-
-
-def classify_code(uri: str, code: int) -> None:
-    """Raise the fota error for a refusal, a missing image or a changed one; else return.
-
-    fota.core.codes decides: a transient answer returns (the caller asks again).
-    """
-    match codes.for_get(code):
-        case codes.Verdict.PERMANENT:
-            raise PermanentServerError(uri, wire.code_text(code))
-        case codes.Verdict.MISSING:
-            raise ResourceMissing(uri, wire.code_text(code))
-        case codes.Verdict.CHANGED:
-            raise ImageChanged(
-                f"{uri}: server answered {wire.code_text(code)} (the resource changed)"
-            )
-
-
-def szx_of(size: int) -> int:
-    """SZX for a block size of 16..1024."""
-    return size.bit_length() - 5
 
 
 class WindowFetcher:
@@ -187,18 +165,8 @@ class WindowFetcher:
         Raises:
             PermanentServerError: not a ``coap://`` URI with a host.
         """
-        parts = urlsplit(uri)
-        if parts.scheme != "coap" or not parts.hostname:
-            raise PermanentServerError(uri, "unsupported URI for an image (coap:// only)")
-        try:
-            port = parts.port or 5683
-        except ValueError:  # "h:x", "h:99999": urllib raises only when the port is read
-            raise PermanentServerError(uri, "malformed port in the URI") from None
-        try:
-            path = path_segments(uri)  # never a "." or ".." Uri-Path (RFC 7252 §5.10.1)
-        except ValueError as exc:
-            raise PermanentServerError(uri, f"not requested: {exc}") from None
-        return cls(parts.hostname, port, path, **options)
+        host, port, path = endpoint(uri, "coap", "unsupported URI for an image (coap:// only)")
+        return cls(host, port, path, **options)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -303,7 +271,7 @@ class WindowFetcher:
             token,
             self._path_options,
             offset // size,
-            szx_of(size),
+            block_szx(size),
             has_path=bool(self.path),
         )
         try:
@@ -369,8 +337,10 @@ class WindowFetcher:
                 self._busy_tries[offset] = tries
                 self._urgent.appendleft((offset, size))
                 return None
-            classify_code(self.uri, code)
-            # Other errors (5.xx): leave it in flight; the timeout sends it again.
+            verdict = codes.for_get(code)
+            if verdict is not codes.Verdict.RETRY:
+                raise_for(self.uri, code, verdict)
+            # Transient errors (5.xx): leave it in flight; the timeout sends it again.
             log.info("block_error_response", uri=self.uri, code=wire.code_text(code), offset=offset)
             return None
         if response.block2 is None:

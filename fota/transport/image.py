@@ -1,0 +1,57 @@
+"""One image path: which fetcher serves an image URI, and with which settings.
+
+``CoapTransport.block_fetcher`` (the update client) and ``fota fetch`` both pick the fetcher
+here, so a setting means the same on either path: BERT over TCP for ``coap+tcp://``
+(RFC 8323), else the windowed NON Block2 fetcher over UDP (``fota.transport.window``). A
+secured path (OSCORE today, DTLS next) is chosen by the caller that holds its security
+context, before this plain one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fota.transport import BlockFetcher
+from fota.transport.tcp import TcpFetcher
+from fota.transport.window import WindowFetcher
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSettings:
+    """How the UDP image fetcher retransmits and paces (``Config`` and ``fota fetch``).
+
+    Attributes:
+        ack_timeout: CoAP ACK_TIMEOUT, seconds: the first retransmission timeout.
+        max_retransmit: CoAP MAX_RETRANSMIT: a block is asked for at most this plus one times.
+        retransmission: ``cocoa`` or ``rfc7252`` (``fota.transport.congestion``).
+        congestion: ``aimd`` or ``fixed`` window.
+        min_rto: the adaptive timeout's floor, seconds.
+    """
+
+    ack_timeout: float = 2.0
+    max_retransmit: int = 4
+    retransmission: str = "cocoa"
+    congestion: str = "aimd"
+    min_rto: float = 0.2
+
+
+def image_fetcher(
+    uri: str, *, window: int, block_size: int, settings: ImageSettings
+) -> BlockFetcher:
+    """The plain (unsecured) fetcher for an image URI.
+
+    Raises:
+        PermanentServerError: a URI neither fetcher can serve.
+    """
+    if uri.startswith("coap+tcp://"):
+        return TcpFetcher.for_uri(uri)
+    return WindowFetcher.for_uri(
+        uri,
+        window=window,
+        block_size=block_size,
+        timeout=settings.ack_timeout,
+        max_tries=settings.max_retransmit + 1,
+        retransmission=settings.retransmission,
+        congestion=settings.congestion,
+        min_rto=settings.min_rto,
+    )
