@@ -43,7 +43,7 @@ from fota.errors import ConfigError, ResultCode
 
 # The daemon's TOML reader: its parser puts the line first in a syntax error, and its locator
 # knows the line each key is written on, so these messages read like the daemon's.
-from fota.settings import _show, _Source
+from fota.settings import TomlSource, show_toml
 from fota.testing.server import ALL_DEVICES, DEFAULT_FRAGMENT
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ class _Options:
         self.path = path
         self.defaults: dict[str, Any] = {}
         self.images: dict[str, dict[str, Any]] = {}
-        self._source: _Source | None = None
+        self._source: TomlSource | None = None
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -205,7 +205,7 @@ class _Options:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason})") from exc
-        self._source = _Source(text, path, resolve_paths=False)
+        self._source = TomlSource(text, path, resolve_paths=False)
         table = self._source.parse()
         for name, value in table.items():
             if name not in ("defaults", "images"):
@@ -225,12 +225,12 @@ class _Options:
         return ConfigError(f"{where}{_dotted(key)}: {message}")
 
     def _bad(self, key: Sequence[str | int], expected: str, value: Any) -> ConfigError:
-        return self.error(key, f"expected {expected}, got {_show(value)}")
+        return self.error(key, f"expected {expected}, got {show_toml(value)}")
 
     def _unknown(self, where: Sequence[str], key: str, known: Sequence[str]) -> ConfigError:
         # A typo must not be silently ignored: name the key, the closest one and the rest.
         close = difflib.get_close_matches(key, known, n=1)
-        hint = f"; did you mean {_show(close[0])}?" if close else ""
+        hint = f"; did you mean {show_toml(close[0])}?" if close else ""
         scope = f" in {_dotted(where)}" if where else ""
         return self.error((*where, key), f"unknown key{scope}{hint} (known: {', '.join(known)})")
 
@@ -258,7 +258,7 @@ class _Options:
             enum: type[Severity] | type[Component] = Severity if name == "severity" else Component
             names = [e.name.lower() for e in enum]
             if not isinstance(value, str) or value not in names:
-                raise self._bad(key, "one of " + ", ".join(_show(n) for n in names), value)
+                raise self._bad(key, "one of " + ", ".join(show_toml(n) for n in names), value)
             return enum[value.upper()]
         if name == "devices":
             if not isinstance(value, list):

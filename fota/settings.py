@@ -185,12 +185,12 @@ def parse_settings(text: str, *, path: Path | None = None) -> Settings:
     Raises:
         ConfigError: as :func:`load_settings`.
     """
-    source = _Source(text, path)
+    source = TomlSource(text, path)
     table = source.parse()
     sections = {name: table.pop(name, {}) for name in SECTIONS}
     for name, section in sections.items():
         if not isinstance(section, dict):
-            raise source.error((name,), f"expected a table, got {_show(section)}")
+            raise source.error((name,), f"expected a table, got {show_toml(section)}")
     kwargs, trust_keys = _config_kwargs(source, table, known_extra=SECTIONS, full=True)
     config = _make_config(source, kwargs, defaulted_id="device_id" not in table)
     _check_installers(source, config)
@@ -234,7 +234,7 @@ def parse_config_keys(
     Raises:
         ConfigError: naming the file, the line and the key.
     """
-    source = _Source(text, path, resolve_paths=resolve_paths)
+    source = TomlSource(text, path, resolve_paths=resolve_paths)
     table = source.parse()
     allowed = tuple(keys)
     for key in table:
@@ -488,8 +488,12 @@ class _Locator:
 # -- the file being read ---------------------------------------------------------------------
 
 
-class _Source:
-    """One configuration text: its table, where messages point, the base of relative paths."""
+class TomlSource:
+    """One configuration text: its table, where messages point, the base of relative paths.
+
+    Shared with the `fota server` view (``fota.server_view``), which reads its own TOML file
+    with the same errors (the field and the line they point at).
+    """
 
     def __init__(self, text: str, path: Path | None, *, resolve_paths: bool = True) -> None:
         self.text = text
@@ -525,13 +529,13 @@ class _Source:
 
     def bad(self, key: _Key, expected: str, value: Any) -> ConfigError:
         """A ``ConfigError`` for a value of the wrong type or out of range."""
-        return self.error(key, f"expected {expected}, got {_show(value)}")
+        return self.error(key, f"expected {expected}, got {show_toml(value)}")
 
     def unknown(self, where: _Key, key: str, known: Iterable[str]) -> ConfigError:
         """A ``ConfigError`` for a key nobody reads (a typo must not be silently ignored)."""
         known = list(known)
         close = difflib.get_close_matches(key, known, n=1)
-        hint = f"; did you mean {_show(close[0])}?" if close else ""
+        hint = f"; did you mean {show_toml(close[0])}?" if close else ""
         listed = ", ".join(known) if known else "none"
         scope = f" in {_dotted(where)}" if where else ""
         return ConfigError(
@@ -558,14 +562,14 @@ class _Source:
         return path if self.base is None or path.is_absolute() else self.base / path
 
 
-def _show(value: Any) -> str:
-    """A value as it is written in TOML, shortened."""
+def show_toml(value: Any) -> str:
+    """A value as it is written in TOML, shortened (for messages that name a bad value)."""
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, dict):
         text = "a table"
     elif isinstance(value, list):
-        text = "[" + ", ".join(_show(v) for v in value) + "]"
+        text = "[" + ", ".join(show_toml(v) for v in value) + "]"
     elif isinstance(value, str):
         text = json.dumps(value, ensure_ascii=False)
     else:
@@ -580,7 +584,9 @@ _NONE = "none"
 not None), the string ``"none"`` stands for it: TOML has no null."""
 
 
-def _convert(source: _Source, key: _Key, value: Any, hint: Any, known: Iterable[str] = ()) -> Any:
+def _convert(
+    source: TomlSource, key: _Key, value: Any, hint: Any, known: Iterable[str] = ()
+) -> Any:
     """``value`` checked against ``hint`` (a type from ``get_type_hints``).
 
     Args:
@@ -616,7 +622,7 @@ def _convert(source: _Source, key: _Key, value: Any, hint: Any, known: Iterable[
         try:
             number = float(value)
         except OverflowError:  # an integer too large for a float
-            raise source.error(key, f"{_show(value)} is too large for a number") from None
+            raise source.error(key, f"{show_toml(value)} is too large for a number") from None
         _refuse_non_finite(source, key, number)
         return number
     if hint is str:
@@ -646,14 +652,14 @@ def _convert(source: _Source, key: _Key, value: Any, hint: Any, known: Iterable[
     raise TypeError(f"{_dotted(key)}: no TOML mapping for {hint}")  # pragma: no cover
 
 
-def _refuse_non_finite(source: _Source, key: _Key, value: Any) -> None:
+def _refuse_non_finite(source: TomlSource, key: _Key, value: Any) -> None:
     """TOML's ``nan`` and ``inf`` are floats, but no setting has a use for them.
 
     Also inside lists and tables passed on as they are (``installers``), so that nothing
     downstream sees one.
     """
     if isinstance(value, float) and not math.isfinite(value):
-        raise source.error(key, f"{_show(value)} is not a finite number")
+        raise source.error(key, f"{show_toml(value)} is not a finite number")
     if isinstance(value, dict):
         for name, item in value.items():
             _refuse_non_finite(source, (*key, name), item)
@@ -666,7 +672,7 @@ def _of(item: Any) -> str:
     return " of strings" if item is str else ""
 
 
-def _argv(source: _Source, key: _Key, value: Any) -> tuple[str, ...]:
+def _argv(source: TomlSource, key: _Key, value: Any) -> tuple[str, ...]:
     """A command: a list of non-empty strings, never a shell string."""
     if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
         raise source.bad(key, "a non-empty list of strings (an argument list)", value)
@@ -698,7 +704,7 @@ def _config_fields() -> dict[str, tuple[Any, tuple[str, ...]]]:
 
 
 def _config_kwargs(
-    source: _Source, table: dict[str, Any], *, known_extra: tuple[str, ...], full: bool
+    source: TomlSource, table: dict[str, Any], *, known_extra: tuple[str, ...], full: bool
 ) -> tuple[dict[str, Any], tuple[tuple[str, Path], ...]]:
     """The top-level keys as ``Config`` keyword arguments, in the file's order.
 
@@ -733,7 +739,7 @@ def _config_kwargs(
 
 
 def _trust(
-    source: _Source, value: Any, *, name: str = "trust"
+    source: TomlSource, value: Any, *, name: str = "trust"
 ) -> tuple[TrustStore, tuple[tuple[str, Path], ...]]:
     """``trust`` (or ``trust_roots``): a list of PEM public key files, as a trust store."""
     from fota import keys
@@ -759,7 +765,7 @@ def _trust(
     return store, tuple(found)
 
 
-def _windows(source: _Source, value: Any) -> list[str]:
+def _windows(source: TomlSource, value: Any) -> list[str]:
     """``maintenance_windows``, each entry checked here so its message points at its line."""
     from fota.core.windows import parse_window
 
@@ -773,18 +779,20 @@ def _windows(source: _Source, value: Any) -> list[str]:
     return list(texts)
 
 
-def _make_config(source: _Source, kwargs: dict[str, Any], *, defaulted_id: bool) -> Config:
+def _make_config(source: TomlSource, kwargs: dict[str, Any], *, defaulted_id: bool) -> Config:
     """``Config(**kwargs)``, its own checks' errors pointed at the line of the key."""
     try:
         return Config(**kwargs)
     except ConfigError as exc:
         note = ""
         if defaulted_id and str(exc).startswith("device_id:"):
-            note = f" (device_id is not set; the host name {_show(kwargs['device_id'])} was used)"
+            note = (
+                f" (device_id is not set; the host name {show_toml(kwargs['device_id'])} was used)"
+            )
         raise source.relocate(exc, note) from exc
 
 
-def _check_installers(source: _Source, config: Config) -> None:
+def _check_installers(source: TomlSource, config: Config) -> None:
     """Build the installers once (no side effects) so a bad table fails now, not at start."""
     from fota.install import Context, from_config
 
@@ -801,7 +809,7 @@ def _check_installers(source: _Source, config: Config) -> None:
 # -- the daemon's tables ---------------------------------------------------------------------
 
 
-def _section(source: _Source, name: str, cls: Any, table: dict[str, Any]) -> dict[str, Any]:
+def _section(source: TomlSource, name: str, cls: Any, table: dict[str, Any]) -> dict[str, Any]:
     """A table's keys converted by the dataclass's type hints (mode, group: the caller's)."""
     hints = get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
@@ -820,7 +828,7 @@ _RAW = {("control", "mode"), ("control", "group"), ("authorization", "command")}
 _RAW |= {("authorization", "event_command")}
 
 
-def _control(source: _Source, table: dict[str, Any]) -> ControlSettings:
+def _control(source: TomlSource, table: dict[str, Any]) -> ControlSettings:
     values = _section(source, "control", ControlSettings, table)
     if "mode" in values:
         values["mode"] = _file_mode(source, values["mode"])
@@ -841,7 +849,7 @@ def _control(source: _Source, table: dict[str, Any]) -> ControlSettings:
     return ControlSettings(**values)
 
 
-def _file_mode(source: _Source, value: Any) -> int:
+def _file_mode(source: TomlSource, value: Any) -> int:
     """``control.mode``: ``"0660"``, ``"660"``, ``"0o660"`` or an integer (``0o660``)."""
     key = ("control", "mode")
     if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{1,4}", value.strip()):
@@ -857,7 +865,7 @@ def _file_mode(source: _Source, value: Any) -> int:
     return mode
 
 
-def _group(source: _Source, value: Any) -> int:
+def _group(source: TomlSource, value: Any) -> int:
     """``control.group``: a group name, resolved to its gid now, or a gid."""
     key = ("control", "group")
     low, high = GID_RANGE
@@ -870,7 +878,7 @@ def _group(source: _Source, value: Any) -> int:
     try:
         return grp.getgrnam(value).gr_gid
     except KeyError:
-        raise source.error(key, f"no group named {_show(value)} on this system") from None
+        raise source.error(key, f"no group named {show_toml(value)} on this system") from None
 
 
 def _group_name(gid: int | None) -> str:
@@ -882,7 +890,7 @@ def _group_name(gid: int | None) -> str:
         return f"gid {gid}"
 
 
-def _authorization(source: _Source, table: dict[str, Any]) -> AuthorizationSettings:
+def _authorization(source: TomlSource, table: dict[str, Any]) -> AuthorizationSettings:
     values = _section(source, "authorization", AuthorizationSettings, table)
     mode = values.get("mode", "control")
     if mode not in AUTHORIZATION_MODES:
@@ -905,7 +913,7 @@ def _authorization(source: _Source, table: dict[str, Any]) -> AuthorizationSetti
     return AuthorizationSettings(**values)
 
 
-def _log(source: _Source, table: dict[str, Any]) -> LogSettings:
+def _log(source: TomlSource, table: dict[str, Any]) -> LogSettings:
     values = _section(source, "log", LogSettings, table)
     if "level" in values:
         values["level"] = values["level"].lower()

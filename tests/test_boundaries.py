@@ -115,11 +115,8 @@ TOOLS = ("fota.testing", "fota.server_view", "fota.demo")
 
 KNOWN_LIBRARY_TO_APPLICATION = {("fota.config", "fota.settings")}
 """Issue 18 §4: the config <-> settings cycle."""
-KNOWN_PRIVATE = {
-    ("fota.server_view", "fota.settings", "_show"),
-    ("fota.server_view", "fota.settings", "_Source"),
-}
-"""Issue 18 §4: the `fota server` view borrows two private names of the settings."""
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
+"""None left (the `fota server` view borrowed two private names of the settings)."""
 
 
 def _module(path: Path) -> str:
@@ -211,5 +208,4 @@ def test_no_module_imports_another_ones_private_names() -> None:
         for source, name in names
         if name.startswith("_") and not name.startswith("__")
     }
-    assert found - KNOWN_PRIVATE == set(), sorted(found)
-    assert found >= KNOWN_PRIVATE, "an exception is gone: drop it from the list"
+    assert found == KNOWN_PRIVATE, sorted(found)

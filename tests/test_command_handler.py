@@ -352,10 +352,24 @@ async def test_event_command_failures_are_logged_not_raised(tmp_path: Path) -> N
 
 
 async def test_without_an_event_command_notifications_do_nothing(tmp_path: Path) -> None:
-    h = handler(script(tmp_path, "exit 0"))
-    await h.on_complete(INFO, ResultCode.SUCCESS, "")
-    await h.on_forced(INFO, "install", "deadline")
-    await h.drain()
+    """No command runs (not the authorization command either), no task is left behind and
+    nothing is logged; with an event command the same calls run it (the control case)."""
+    marker = tmp_path / "ran"
+    argv = script(tmp_path, f"echo ran >> {marker}")
+    h = handler(argv)
+    before = asyncio.all_tasks()
+    with capture_logs() as logs:
+        await h.on_complete(INFO, ResultCode.SUCCESS, "")
+        await h.on_forced(INFO, "install", "deadline")
+        await h.drain()
+    assert not marker.exists()
+    assert not h._events and asyncio.all_tasks() == before
+    assert logs == []
+    control = handler(["true"], event_command=argv)
+    await control.on_complete(INFO, ResultCode.SUCCESS, "")
+    await control.on_forced(INFO, "install", "deadline")
+    await control.drain()
+    assert marker.read_text() == "ran\nran\n"
 
 
 # -- configuration -----------------------------------------------------------------------
