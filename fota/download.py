@@ -329,6 +329,8 @@ class _Assembly:
                 pages[k] = self._filled(mask, *self._page_bounds(start, length, k))
         for index in [i for i, m in self.missing.items() if m == 0]:
             self._complete(index, self.m.span(index)[0])
+        if self.unsynced_bytes >= self.sync_after:
+            self.note()
 
     def on_block(self, block: Block) -> None:
         if block.size2 is not None and block.size2 != self.size:
@@ -386,8 +388,8 @@ class _Assembly:
             self._complete(index, start)
         else:
             self._write_pages(index, start, offset, offset + len(data))
-            if self.unsynced_bytes >= self.sync_after:
-                self.note()
+        if self.unsynced_bytes >= self.sync_after:
+            self.note()
 
     def _write_pages(self, index: int, start: int, lo: int, hi: int) -> None:
         """Write the pages of ``[lo, hi)`` whose bytes are all in the buffer, once each."""
@@ -427,8 +429,6 @@ class _Assembly:
         self.vouched = index
         self.unsynced.append((index, self.received))
         self.received = 0
-        if self.unsynced_bytes >= self.sync_after:
-            self.sync()
 
     def partial(self) -> bytes:
         """The note of the pages written so far of the fragments still incomplete.
@@ -466,7 +466,7 @@ class _Assembly:
         self._submit(covered)
 
     def note(self) -> None:
-        """A sync for the pages of incomplete fragments written since the last one.
+        """The sync due once ``fsync_every`` fragments' worth of bytes were written.
 
         With fragments waiting to be synced it is their sync. With a ``noted`` callback, it is
         called (on the event loop) with the note after the fsync. Otherwise the last fragment

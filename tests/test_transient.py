@@ -275,9 +275,10 @@ def test_one_image_path_for_the_client_and_fota_fetch() -> None:
     from fota.transport.window import WindowFetcher
 
     settings = ImageSettings(ack_timeout=0.5, max_retransmit=2, min_rto=0.1)
-    udp = image_fetcher("coap://127.0.0.1:5683/a/b", window=4, block_size=256, settings=settings)
+    # Only parsed, never bound or sent to.
+    udp = image_fetcher("coap://127.0.0.1:61617/a/b", window=4, block_size=256, settings=settings)
     assert isinstance(udp, WindowFetcher)
-    assert (udp.host, udp.port, udp.path) == ("127.0.0.1", 5683, ("a", "b"))
+    assert (udp.host, udp.port, udp.path) == ("127.0.0.1", 61617, ("a", "b"))
     assert (udp.block_size, udp.max_tries) == (256, 3)
     tcp = image_fetcher("coap+tcp://[::1]:61616/i", window=4, block_size=256, settings=settings)
     assert isinstance(tcp, TcpFetcher)
