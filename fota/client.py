@@ -15,7 +15,8 @@ from fota.core import events as ev
 from fota.core import policy as pol
 from fota.core.machine import Model
 from fota.core.states import State
-from fota.engine import Condition, Engine, SelfTest
+from fota.effects import Condition, SelfTest
+from fota.engine import Engine
 from fota.errors import ConfigError, InvalidTransition, PolicyError
 from fota.handler import UpdateHandler
 from fota.install import Context, FileInstaller, Installer, from_config

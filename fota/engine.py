@@ -22,50 +22,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
-from transitions.core import MachineError
-from transitions.extensions.asyncio import AsyncMachine
 
-from fota import crashpoints, hooks
+from fota import crashpoints
 from fota.config import Config
 from fota.core import announce_sig
 from fota.core import commands as cmd
 from fota.core import events as ev
 from fota.core import policy as pol
-from fota.core.keyset import MAX_KEYSET_BYTES
-from fota.core.machine import LEGAL, Model, machine_kwargs
-from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest, envelope_id, fetched_key, verify
-from fota.core.policy import must_ask
+from fota.core.machine import Machine, Model
+from fota.core.manifest import Manifest, verify
 from fota.core.record import Record
 from fota.core.states import State
 from fota.core.text import show
 from fota.core.uri import allowed, resolve
-from fota.download import NO_SPACE, Downloader
+from fota.download import Downloader
+from fota.effects import Condition, Effects, SelfTest
 from fota.errors import (
     ConfigError,
     FotaError,
-    InstallError,
-    IntegrityError,
     InvalidTransition,
     JournalError,
     ManifestError,
     PermanentServerError,
-    ResourceMissing,
     ResultCode,
-    StorageError,
     TaskCrashed,
 )
-from fota.fileops import seal_candidate
-from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo, UpdateReason
+from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo
 from fota.install import Installer
 from fota.journal import Journal
 from fota.notices import Listener, Notice
@@ -79,19 +69,12 @@ KEYSET_WAIT = 30.0
 KEYSET_RETRY = 600.0
 """After a keyset failed, the same one is not fetched again for this long, seconds."""
 
-SelfTest = Callable[[Manifest], Awaitable[tuple[bool, str]]]
-"""A post-install health check: returns (passed, detail)."""
-Condition = Callable[[], Awaitable[bool]]
-"""A local condition (battery, mains power, network type): True when an update may proceed."""
 
 TIMER_RECHECK = 30.0
 """Longest real sleep of the timer task: timers are wall-clock instants, and a suspended
 device or a stepped clock must not make a deferral or a deadline late by more than this."""
 
 _STOP = object()
-RESTART_RETRY = 30.0
-RESTART_RETRY_CAP = 600.0
-"""Pauses between runs of a restart command that failed (doubling, capped)."""
 GATES_CRASHED = "check_crashed"
 """The failing condition a crashed condition check reports (the reason is in the log)."""
 SUPERVISE_RETRY = 1.0
@@ -101,7 +84,6 @@ delivery) runs again, seconds: doubling from ``SUPERVISE_RETRY`` to the cap, wit
 REPORT_RETRY = 0.2
 """First pause between report delivery attempts, seconds (doubling to ``report_retry_cap``)."""
 
-_T = TypeVar("_T")
 Failure = Callable[[TaskCrashed], "ev.Event | None"]
 """What a supervised child task's crash stands for: the failure event of its command (None:
 the crash is only logged, e.g. a notification hook)."""
@@ -117,33 +99,6 @@ def decision_event(update_id: str, decision: Decision) -> ev.Event | None:
         assert decision.until is not None
         return ev.Deferred(update_id, decision.until.timestamp(), decision.reason)
     return None
-
-
-async def _run_check(
-    name: str, argv: list[str], timeout: float, env: dict[str, str] | None = None
-) -> tuple[bool, str]:
-    """Run a check command (condition, self-test, restart); exit 0 passes.
-
-    Any other exit, a timeout or a missing program fails, with a detail saying which.
-    """
-    try:
-        done = await hooks.run(argv, name=name, timeout=timeout, env=env)
-    except hooks.CommandNotFound as exc:
-        log.warning("command_missing", command=name, error=str(exc))
-        return False, str(exc)
-    except Exception as exc:  # the check must end with an answer, or the update waits forever
-        log.error("command_crashed", command=name, error=repr(exc))
-        return False, f"{name}: {exc!r}"
-    return done.ok, "" if done.ok else hooks.describe(name, done, timeout)
-
-
-def _manifest_env(manifest: Manifest) -> dict[str, str]:
-    """What a self-test or restart command learns about the update."""
-    return {
-        "FOTA_UPDATE_ID": manifest.update_id,
-        "FOTA_VERSION": manifest.body.version,
-        "FOTA_COMPONENT": manifest.body.component.name.lower(),
-    }
 
 
 _DURABLE_STATES = {
@@ -245,6 +200,7 @@ class Engine:
         self.handled = 0
         """Events handled so far (tests stop the engine after a given number)."""
         self.model: Model | None = None
+        self.machine: Machine | None = None
         self._handling_since: float | None = None
         self._listeners: list[Listener] = []
         self._current: UpdateInfo | None = None
@@ -265,6 +221,16 @@ class Engine:
             config.state_dir,
             journal.ops,
             revoked=[bytes.fromhex(kid) for kid in config.revoked_keys],
+        )
+        self.effects = Effects(
+            config,
+            transport=transport,
+            journal=journal,
+            installer=installer,
+            trust=self.trust,
+            rng=self._random,
+            self_test=self_test,
+            conditions=self.conditions,
         )
         self.downloader = Downloader(
             transport.block_fetcher,
@@ -302,7 +268,7 @@ class Engine:
             pending=loaded.pending,
             installed=installed,
         )
-        AsyncMachine(model=self.model, **machine_kwargs(record.state))
+        self.machine = Machine(self.model)
         log.info(
             "engine_started",
             state=record.state.name,
@@ -413,56 +379,16 @@ class Engine:
             except Exception:  # a listener's bug must not stop the engine
                 log.exception("listener_failed", notice=kind)
 
-    def _tell_changes(self, before: tuple[State, Record], ok: bool) -> None:
-        """The notices one handled event gives: state, new update, authorization, deferral."""
-        model = self.model
-        assert model is not None
-        state, rec, uid = model.state, model.record, model.update_id
-        version = model.pending.body.version if model.pending else None
-        if ok and state is not before[0]:
-            self._tell("state", uid, state=state.name, previous=before[0].name, version=version)
-            notice = self.authorization_notice()
-            if notice is not None:
-                self._tell(notice.kind, notice.update_id, **notice.fields)
-        if state in (State.DOWNLOAD_DEFERRED, State.INSTALL_DEFERRED) and (
-            state is not before[0] or rec.defer_until != before[1].defer_until
-        ):
-            self._tell(
-                "deferred",
-                uid,
-                step="download" if state is State.DOWNLOAD_DEFERRED else "install",
-                until=rec.defer_until,
-                reason=rec.defer_reason,
-            )
-        if rec.held != before[1].held:
-            self._tell("held", uid, held=list(rec.held))
-
     def authorization_notice(self) -> Notice | None:
         """The ``authorization_needed`` notice when an answer is awaited now, else None.
 
-        Told when the client starts waiting; the control socket also sends it to a
-        connection that subscribes while the client waits (the application missed the first).
+        The control socket sends it to a connection that subscribes while the client waits
+        (the application missed the one told when the wait began).
         """
-        model = self.model
-        if model is None or model.state not in (
-            State.AWAIT_DOWNLOAD_AUTH,
-            State.AWAIT_INSTALL_AUTH,
-        ):
+        asking = self.model.authorization_needed(self.clock()) if self.model else None
+        if asking is None:
             return None
-        info = self._info()
-        return Notice(
-            "authorization_needed",
-            self.clock(),
-            info.update_id,
-            {
-                "step": "download" if model.state is State.AWAIT_DOWNLOAD_AUTH else "install",
-                "version": info.version,
-                "polite": info.polite,
-                "deferred": info.deferred,
-                "deferral_limit": info.deferral_limit,
-                "deadline": info.deadline.timestamp() if info.deadline else None,
-            },
-        )
+        return Notice(asking.kind, self.clock(), asking.update_id, asking.fields)
 
     def _bind_log_context(self) -> None:
         # Every line the runner logs from here on, and every child task it spawns (they copy
@@ -556,37 +482,21 @@ class Engine:
                     future.set_result(None)
                 return
             del self._fired[event.name]
-        before = (model.state, model.record)
-        snapshot = model.snapshot()
-        try:
-            ok = (model.state, event.trigger) in LEGAL and await model.trigger(
-                event.trigger, event=event, now=self.clock(), draw=self._random.random()
-            )
-        except MachineError:
-            ok = False
-        except Exception:
-            # transitions leaves the state changed when a callback raises: put it back.
-            model.restore(snapshot)
-            raise
-        if not ok:
-            model.take_commands()
+        assert self.machine is not None
+        handled = await self.machine.handle(event, self.clock(), self._random.random())
+        if not handled.accepted:
             if event.from_api:
-                problem = InvalidTransition(
-                    f"{type(event).__name__} is not valid in state {model.state.name}"
-                    f" for update {getattr(event, 'update_id', None)!r}"
-                    f" (current update: {model.update_id!r})"
-                )
                 if future is not None:
-                    future.set_exception(problem)
+                    future.set_exception(InvalidTransition(handled.refusal))
                 return
             # Announcements repeat (re-registrations, polls): dropping one is the normal case.
             level = log.debug if isinstance(event, ev.AnnouncementReceived) else log.info
             level("event_dropped", fact=type(event).__name__, state=model.state.name)
-        elif model.record != before[1]:
+        elif model.record != handled.before:
             try:
                 self.journal.save(model.record, (model.pending, model.installed))
             except (OSError, JournalError) as exc:
-                model.restore(snapshot)
+                self.machine.undo(handled)
                 log.error("journal_write_failed", error=str(exc), fact=type(event).__name__)
                 if future is not None:
                     future.set_exception(JournalError(f"journal write failed: {exc}"))
@@ -596,11 +506,9 @@ class Engine:
                     # (a timer's firing stays current until a newer timer of its name).
                     if isinstance(event, ev.TimerFired) and event.name not in self._fired:
                         self._fired[event.name] = event
-                    asyncio.get_running_loop().call_later(
-                        self.config.journal_retry, self.post, event
-                    )
+                    asyncio.get_running_loop().call_later(self._journal_pause(), self.post, event)
                 return
-            _crash_after_save(before[1], model.record)
+            _crash_after_save(handled.before, model.record)
         if isinstance(event, ev.ManifestFetched) and model.refusal is not None:
             refusal = model.refusal
             log.warning(
@@ -618,39 +526,27 @@ class Engine:
                 error=str(error),
                 state=model.state.name,
             )
-        if model.pending is not None and (
-            self._current is None or self._current.update_id != model.pending.update_id
-        ):
-            # Kept for on_complete, which runs after the record has forgotten the update (the
-            # previous one too: a superseded update is told after its successor took over).
-            self._previous, self._current = self._current, self._info()
-            info = self._current
-            self._tell(
-                "update_available",
-                info.update_id,
-                version=info.version,
-                installed_version=info.installed_version,
-                reason=info.reason.value,
-                component=info.component.name.lower(),
-                severity=info.severity.name.lower(),
-                polite=info.polite,
-                image_size=info.image_size,
-                deadline=info.deadline.timestamp() if info.deadline else None,
-            )
-        self._tell_changes(before, ok)
+        for notice in handled.notices:
+            if notice.kind == "update_available":
+                # Kept for on_complete, which runs after the record has forgotten the update
+                # (the previous one too: a superseded update is told after its successor).
+                self._previous, self._current = self._current, self._info()
+            self._tell(notice.kind, notice.update_id, **notice.fields)
         self._bind_log_context()
-        if ok and model.state is not before[0]:
+        if model.state is not handled.previous:
             log.info(
-                "state_changed", old=before[0].name, new=model.state.name, update_id=model.update_id
+                "state_changed",
+                old=handled.previous.name,
+                new=model.state.name,
+                update_id=model.update_id,
             )
-        commands = model.take_commands()
         log.debug(
             "event_handled",
             fact=type(event).__name__,
             state=model.state.name,
-            commands=[type(c).__name__ for c in commands],
+            commands=[type(c).__name__ for c in handled.commands],
         )
-        for command in commands:
+        for command in handled.commands:
             self._execute(command)
         if future is not None and not future.done():
             future.set_result(None)
@@ -713,7 +609,7 @@ class Engine:
         self._spawn(name, self._keep(name, run))
 
     async def _keep(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        pause = SUPERVISE_RETRY
+        crashes = 0
         while True:
             try:
                 await run()
@@ -722,7 +618,10 @@ class Engine:
                 raise
             except Exception as exc:
                 # Jitter: a bug that crashes a fleet at once must not restart it in lockstep.
-                delay = pause * (0.5 + self._random.random())
+                crashes += 1
+                delay = pol.backoff(
+                    crashes, SUPERVISE_RETRY, SUPERVISE_RETRY_CAP, self._random.random(), 0.5
+                )
                 log.error(
                     "task_crashed",
                     task=name,
@@ -731,7 +630,6 @@ class Engine:
                     exc_info=exc,
                 )
                 await asyncio.sleep(delay)  # back-off before the task runs again
-                pause = min(pause * 2, SUPERVISE_RETRY_CAP)
 
     def _retire(self, task: asyncio.Task[None]) -> None:
         task.cancel()
@@ -748,7 +646,7 @@ class Engine:
         assert model is not None
         match c:
             case cmd.FetchManifest(uri=uri, digest=digest):
-                self._spawn("manifest", self._fetch_manifest(uri, digest))
+                self._spawn("manifest", self._posting(self.effects.fetch_manifest(uri, digest)))
             case cmd.AskDownloadAuthorization(update_id=uid):
                 self._spawn("ask", self._ask(uid, download=True))
             case cmd.AskInstallAuthorization(update_id=uid):
@@ -782,33 +680,42 @@ class Engine:
                 self._cancel("download")
             case cmd.VerifyImage(update_id=uid):
                 self._spawn(
-                    "verify", self._verify(uid), lambda error: ev.ImageChecked(uid, False, error)
+                    "verify",
+                    self._posting(self.effects.verify(self._pending(uid))),
+                    lambda error: ev.ImageChecked(uid, False, error),
                 )
             case cmd.Install(update_id=uid):
+                manifest = self._pending(uid)
                 self._spawn(
-                    "install", self._install(uid), lambda error: ev.InstallFinished(uid, error)
+                    "install",
+                    self._posting(self.effects.install(manifest, self._install_progress(manifest))),
+                    lambda error: ev.InstallFinished(uid, error),
                 )
             case cmd.RunSelfTest(update_id=uid):
                 self._spawn(
                     "selftest",
-                    self._self_test(uid),
+                    self._posting(self.effects.self_test(self._pending(uid))),
                     lambda error: ev.SelfTestFinished(uid, False, str(error)),
                 )
             case cmd.RequestRestart(update_id=uid):
-                self._spawn("restart", self._request_restart(uid))
+                self._spawn("restart", self.effects.request_restart(self._pending(uid)))
             case cmd.CheckBoot(update_id=uid):
                 self._spawn(
                     "install",
-                    self._check_boot(uid),
+                    self._posting(self.effects.check_boot(self._pending(uid))),
                     lambda error: ev.BootChecked(uid, False, str(error)),
                 )
             case cmd.Commit(update_id=uid):
                 self._spawn(
-                    "install", self._commit(uid), lambda error: ev.CommitFinished(uid, error)
+                    "install",
+                    self._posting(self.effects.commit(self._pending(uid))),
+                    lambda error: ev.CommitFinished(uid, error),
                 )
             case cmd.Rollback(update_id=uid):
                 self._spawn(
-                    "install", self._rollback(uid), lambda error: ev.RollbackFinished(uid, error)
+                    "install",
+                    self._posting(self.effects.rollback(self._pending(uid))),
+                    lambda error: ev.RollbackFinished(uid, error),
                 )
             case cmd.CheckAnnouncement():
                 self.transport.check_now()
@@ -829,7 +736,9 @@ class Engine:
                 # at the next hold timer), never lets it through.
                 self._spawn(
                     "gates",
-                    self._check_gates(uid, step),
+                    self._posting(
+                        self.effects.check_gates(uid, step, model.installed, model.policy)
+                    ),
                     lambda error: ev.GatesChecked(uid, (GATES_CRASHED,)),
                 )
             case cmd.Inform(update_id=uid, step=step):
@@ -872,31 +781,32 @@ class Engine:
             case _:
                 raise AssertionError(f"unhandled command {c!r}")
 
-    def _info(self) -> UpdateInfo:
+    def _journal_pause(self) -> float:
+        """The pause before an event or answer the journal could not take is offered again.
+
+        ``journal_retry`` jittered, not doubled: the disk may have room at any moment.
+        """
+        retry = self.config.journal_retry
+        return pol.backoff(1, retry, retry, self._random.random(), self.config.retry_jitter)
+
+    async def _posting(self, work: Awaitable[ev.Event | None]) -> None:
+        """Run one effect; the event it ends with goes into the inbox."""
+        event = await work
+        if event is not None:
+            self.post(event)
+
+    def _pending(self, update_id: str) -> Manifest:
+        """The pending update's manifest, which a command about ``update_id`` works on."""
         model = self.model
-        assert model is not None
-        m = model.pending or model.installed
-        assert m is not None
-        installed = model.installed
-        if installed is m:
-            installed = None
-        pending = m is model.pending
-        deadline = pol.deadline_of(m, model.record, model.policy) if pending else None
-        return UpdateInfo(
-            update_id=m.update_id,
-            version=m.body.version,
-            sequence=m.body.sequence,
-            component=m.body.component,
-            severity=m.body.severity,
-            image_size=m.body.image_size,
-            installed_version=installed.body.version if installed else None,
-            polite=must_ask(installed),
-            reason=UpdateReason.of(m.body.component),
-            deadline=datetime.fromtimestamp(deadline, UTC) if deadline is not None else None,
-            deferred=pol.deferred_so_far(model.record, self.clock()) if pending else 0.0,
-            deferral_limit=pol.deferral_bound(m, model.policy),
-            forced=model.record.forced if pending else "",
-        )
+        assert model is not None and model.pending is not None
+        assert model.pending.update_id == update_id
+        return model.pending
+
+    def _info(self) -> UpdateInfo:
+        assert self.model is not None
+        info = self.model.info(self.clock())
+        assert info is not None
+        return info
 
     async def _notify_complete(self, info: UpdateInfo, result: ResultCode, detail: str) -> None:
         assert self.handler is not None
@@ -928,26 +838,6 @@ class Engine:
                 decision=decision.kind.value,
                 why="the running image is not polite",
             )
-
-    async def _check_gates(self, update_id: str, step: str) -> None:
-        """Evaluate the conditions (callbacks, then commands) and report which fail."""
-        model = self.model
-        assert model is not None
-        failing: list[str] = []
-        if pol.needs_check(step, model.installed, model.policy):
-            for name, condition in self.conditions.items():
-                try:
-                    ok = bool(await asyncio.wait_for(condition(), self.config.hook_timeout))
-                except Exception as exc:  # a broken condition holds the update; say why
-                    log.warning("condition_failed", condition=name, error=repr(exc))
-                    ok = False
-                if not ok:
-                    failing.append(name)
-            for name, argv in self.config.condition_commands.items():
-                ok, _ = await _run_check(f"condition {name}", argv, self.config.hook_timeout)
-                if not ok:
-                    failing.append(name)
-        self.post(ev.GatesChecked(update_id, tuple(failing)))
 
     # -- child tasks --------------------------------------------------------------------
 
@@ -1025,7 +915,10 @@ class Engine:
             return
         try:
             async with asyncio.timeout(KEYSET_WAIT):
-                await self._update_keys(uri, version)
+                applied = await self.effects.fetch_keyset(uri, version)
+            if applied is not None:
+                # Before the announcement it came with: its manifest is judged after this.
+                self.post(applied)
         except TimeoutError:
             log.warning("keyset_fetch_timed_out", uri=uri, seconds=KEYSET_WAIT)
         if version > self.trust.version:
@@ -1043,113 +936,6 @@ class Engine:
                 else:
                     ann = dataclasses.replace(ann, keyset_uri=None, keyset_version=None)
         return ann
-
-    async def _update_keys(self, uri: str, version: int) -> None:
-        """Fetch the announced keyset and apply it; a bad one changes nothing.
-
-        A 4.04 is waited out for ``not_found_budget`` (:meth:`_wait_missing`), within the
-        announcement's own bound (``KEYSET_WAIT``).
-        """
-        policy = self.config.policy()
-        attempt, missing_since = 1, None
-        while attempt <= policy.max_attempts:
-            try:
-                raw = await self.transport.fetch(uri, limit=MAX_KEYSET_BYTES)
-                keyset = self.trust.offer(raw)
-            except ManifestError as exc:
-                log.warning(
-                    "keyset_refused", uri=uri, announced=version, kind=exc.kind, error=str(exc)
-                )
-                return
-            except ResourceMissing as exc:
-                missing_since = await self._wait_missing("keyset", uri, exc, missing_since)
-                if missing_since is None:
-                    return
-                continue  # not a failed attempt: the keyset is addressed by its digest
-            except PermanentServerError as exc:
-                log.warning("keyset_fetch_failed", uri=uri, error=str(exc))
-                return
-            except (FotaError, OSError) as exc:
-                log.info("keyset_fetch_retry", uri=uri, error=str(exc), attempt=attempt)
-                await asyncio.sleep(pol.retry_delay(attempt, policy, self._random.random()))
-                attempt += 1
-                continue
-            if keyset.version != version:
-                log.info("keyset_version_differs", announced=version, applied=keyset.version)
-            # Before the announcement it came with: its manifest is judged after this.
-            self.post(ev.KeysetApplied(keyset.version, keyset.floor_reset))
-            return
-
-    async def _wait_missing(
-        self, what: str, uri: str, error: ResourceMissing, since: float | None
-    ) -> float | None:
-        """Wait out a 4.04 on a manifest or keyset (issue 17 §3); None: the budget is spent.
-
-        Both are addressed by a digest the announcement names, so a 4.04 is far more often
-        "not here for a moment" (a server restarted and refilling its files) than "gone". As
-        for the image (``Model.pause_download``): each wait is as long as the stall so far,
-        ``retry_base`` to ``retry_cap``, jittered by this device's own draw, with one last
-        try when ``not_found_budget`` (counted from the first 4.04, on the monotonic clock)
-        ends. Past it the fetch stops as it always did: logged ``<what>_fetch_failed``, and
-        the next announcement fetches it again.
-
-        Returns:
-            When the first 4.04 came (pass it back in), or None when the budget is spent.
-        """
-        policy = self.config.policy()
-        now = time.monotonic()
-        since = now if since is None else since
-        left = since + policy.not_found_budget - now
-        if left <= 0:
-            log.warning(
-                f"{what}_fetch_failed",
-                uri=uri,
-                error=str(error),
-                missing_for=round(now - since, 3),
-            )
-            return None
-        delay = min(pol.stall_delay(now - since, policy, self._random.random()), left)
-        log.info(f"{what}_missing", uri=uri, error=str(error), retry_in=round(delay, 3))
-        await asyncio.sleep(delay)  # the back-off itself, not synchronisation
-        return since
-
-    async def _fetch_manifest(self, uri: str, digest: bytes) -> None:
-        policy = self.config.policy()
-        attempt, missing_since = 0, None
-        while attempt < policy.max_attempts:
-            attempt += 1
-            try:
-                raw = await self.transport.fetch(uri, limit=MAX_MANIFEST_BYTES)
-            except ResourceMissing as exc:
-                missing_since = await self._wait_missing("manifest", uri, exc, missing_since)
-                if missing_since is None:
-                    return
-                attempt -= 1  # not a failed attempt: the manifest is addressed by its digest
-                continue
-            except PermanentServerError as exc:
-                log.warning("manifest_fetch_failed", uri=uri, error=str(exc))
-                return
-            except FotaError as exc:
-                log.info("manifest_fetch_retry", uri=uri, error=str(exc), attempt=attempt)
-                await asyncio.sleep(pol.retry_delay(attempt, policy, self._random.random()))
-                continue
-            key = digest  # past the size limit: refused as oversize, never hashed
-            if len(raw) <= MAX_MANIFEST_BYTES:
-                # The announcement names the manifest's identity (or, from an older server,
-                # the SHA-256 of its bytes).
-                if digest not in (hashlib.sha256(raw).digest(), envelope_id(raw)):
-                    # Not the announced manifest: corrupted on the way (fetch again, like a
-                    # lost block), or changed on the server (then the attempts run out and
-                    # the next announcement brings the new digest). Bytes nobody announced
-                    # are never judged.
-                    log.warning("manifest_digest_mismatch", uri=uri, attempt=attempt)
-                    await asyncio.sleep(pol.retry_delay(attempt, policy, self._random.random()))
-                    continue
-                # The core files it under its identity only once a trusted signature
-                # vouches for it (issue 16 §3): see fetched_key.
-                key = fetched_key(raw, self.config.trust)
-            self.post(ev.ManifestFetched(raw, uri, key))
-            return
 
     async def _ask(self, update_id: str, *, download: bool) -> None:
         step = "download" if download else "install"
@@ -1180,62 +966,8 @@ class Engine:
                 log.info("answer_dropped", step=step, error=str(exc))
             except JournalError:
                 # Not recorded: ask again later rather than lose the answer.
-                await asyncio.sleep(self.config.journal_retry)
+                await asyncio.sleep(self._journal_pause())
                 self._spawn("ask", self._ask(update_id, download=download))
-
-    async def _verify(self, update_id: str) -> None:
-        model = self.model
-        assert model is not None and model.pending is not None
-        manifest = model.pending
-        path = self.journal.candidate_path
-        try:
-            digest = await asyncio.to_thread(seal_candidate, path, manifest.body.image_size)
-        except OSError as exc:
-            # Not a mismatch: the storage failed under the image. Reported as what it is
-            # (FAILED, with the error), not as INTEGRITY_FAILURE, and not refetched in full.
-            log.error("candidate_unreadable", error=str(exc))
-            error = StorageError(f"candidate unreadable: {type(exc).__name__}: {exc}")
-            self.post(ev.ImageChecked(update_id, False, error))
-            return
-        self.post(ev.ImageChecked(update_id, digest == manifest.body.image_sha256))
-
-    def _pending(self, update_id: str) -> Manifest:
-        model = self.model
-        assert model is not None and model.pending is not None
-        assert model.pending.update_id == update_id
-        return model.pending
-
-    async def _install(self, update_id: str) -> None:
-        manifest = self._pending(update_id)
-        try:
-            # Check again right before installing: a restart (days after VERIFYING, perhaps)
-            # must not hand the installer bytes nobody checked since. Sealing cuts any tail
-            # past the signed size: RAUC and a command installer read the whole file by path.
-            digest = await asyncio.to_thread(
-                seal_candidate, self.journal.candidate_path, manifest.body.image_size
-            )
-            if digest != manifest.body.image_sha256:
-                raise IntegrityError("candidate no longer matches the manifest's image_sha256")
-            outcome = await self._until_room(
-                "install",
-                update_id,
-                lambda: self.installer.install(
-                    self.journal.candidate_path, manifest, self._install_progress(manifest)
-                ),
-            )
-        except Exception as exc:
-            error = (
-                exc
-                if isinstance(exc, FotaError)
-                else InstallError(f"candidate: {exc}")
-                if isinstance(exc, OSError)
-                # A third-party installer's bug must not strand the update.
-                else InstallError(f"installer crashed: {exc!r}")
-            )
-            log.error("install_failed", error=str(error), update_id=update_id)
-            self.post(ev.InstallFinished(update_id, error))
-        else:
-            self.post(ev.InstallFinished(update_id, restart=outcome.restart))
 
     def _install_progress(self, manifest: Manifest) -> Callable[[int], None]:
         loop = asyncio.get_running_loop()
@@ -1257,116 +989,12 @@ class Engine:
 
         return progress
 
-    async def _self_test(self, update_id: str) -> None:
-        """One attempt: the in-process check, then ``Config.self_test_command``."""
-        manifest = self._pending(update_id)
-        ok, detail = True, ""
-        timeout = self.config.hook_timeout
-        if self.self_test is not None:
-            try:
-                ok, detail = await asyncio.wait_for(self.self_test(manifest), timeout)
-            except TimeoutError:
-                ok, detail = False, f"self-test timed out after {timeout:g} s"
-            except Exception as exc:
-                ok, detail = False, f"self-test crashed: {exc!r}"
-        if ok and self.config.self_test_command:
-            ok, detail = await _run_check(
-                "self-test", self.config.self_test_command, timeout, _manifest_env(manifest)
-            )
-        log.info("self_test_finished", ok=ok, detail=detail, update_id=update_id)
-        self.post(ev.SelfTestFinished(update_id, ok, detail))
-
-    async def _request_restart(self, update_id: str) -> None:
-        """Run ``Config.restart_command`` until the device restarts (which ends this task).
-
-        A command that fails is run again, with a growing pause: the update cannot go on
-        until the restart, and the reboot that kills fota is what ends the loop.
-        """
-        manifest = self._pending(update_id)
-        argv = self.config.restart_command
-        if not argv:
-            log.warning(
-                "restart_required", update_id=update_id, why="no restart_command configured"
-            )
-            return
-        pause = RESTART_RETRY
-        while True:
-            log.info("restarting_device", argv=argv, update_id=update_id)
-            ok, detail = await _run_check(
-                "restart", argv, self.config.hook_timeout, _manifest_env(manifest)
-            )
-            if ok:  # the device is going down; if it does not, the next start asks again
-                return
-            log.error("restart_failed", detail=detail, update_id=update_id, retry_in=pause)
-            await asyncio.sleep(pause)  # a back-off timer between attempts
-            pause = min(pause * 2, RESTART_RETRY_CAP)
-
-    async def _check_boot(self, update_id: str) -> None:
-        manifest = self._pending(update_id)
-        try:
-            ok = await self.installer.booted(manifest)
-            detail = "" if ok else "the device runs the previous image"
-        except Exception as exc:
-            ok, detail = False, f"boot check failed: {exc}"
-        self.post(ev.BootChecked(update_id, ok, detail))
-
-    async def _until_room(self, step: str, update_id: str, run: Callable[[], Awaitable[_T]]) -> _T:
-        """Run an installer step; a full disk (ENOSPC, EDQUOT) it meets is waited out.
-
-        A full disk is seldom for good (a log rotated, a download elsewhere finished): the
-        step runs again ``journal_retry`` seconds later, up to ``max_attempts`` tries, before
-        the error counts (an install, commit or rollback that failed for good). Installers
-        allow a step to run again (``installers.md``). Anything else is raised at once.
-        """
-        tries = 1
-        while True:
-            try:
-                return await run()
-            except OSError as exc:
-                if exc.errno not in NO_SPACE or tries >= self.config.max_attempts:
-                    raise
-                log.warning(
-                    "installer_disk_full",
-                    step=step,
-                    error=str(exc),
-                    delay=self.config.journal_retry,
-                    update_id=update_id,
-                )
-            await asyncio.sleep(self.config.journal_retry)  # a pause, not a synchronisation
-            tries += 1
-
-    async def _commit(self, update_id: str) -> None:
-        manifest = self._pending(update_id)
-        try:
-            await self._until_room("commit", update_id, lambda: self.installer.commit(manifest))
-        except FotaError as exc:
-            self.post(ev.CommitFinished(update_id, exc))
-        except Exception as exc:
-            self.post(ev.CommitFinished(update_id, InstallError(f"commit crashed: {exc!r}")))
-        else:
-            self.post(ev.CommitFinished(update_id))
-
-    async def _rollback(self, update_id: str) -> None:
-        manifest = self._pending(update_id)
-        try:
-            outcome = await self._until_room(
-                "rollback", update_id, lambda: self.installer.rollback(manifest)
-            )
-        except FotaError as exc:
-            log.error("rollback_failed", error=str(exc), update_id=update_id)
-            self.post(ev.RollbackFinished(update_id, exc))
-        except Exception as exc:
-            log.error("rollback_failed", error=repr(exc), update_id=update_id)
-            self.post(ev.RollbackFinished(update_id, InstallError(f"rollback crashed: {exc!r}")))
-        else:
-            self.post(ev.RollbackFinished(update_id, restart=outcome.restart))
-
     async def _deliver_reports(self) -> None:
         """Send the outbox, oldest first, until it is empty (run under ``_spawn_kept``)."""
         # The task outlives the state it was spawned in: its lines say which report they are
         # about (update and state of the report), not the context of its spawning.
         structlog.contextvars.unbind_contextvars("update_id", "version", "state")
-        backoff = REPORT_RETRY
+        failures = 0
         while True:
             model = self.model
             assert model is not None
@@ -1383,9 +1011,10 @@ class Engine:
             except PermanentServerError as exc:
                 log.warning("report_refused", error=str(exc), **about)
             except FotaError as exc:
-                log.info("report_retry", error=str(exc), delay=backoff, **about)
-                await asyncio.sleep(backoff)  # back-off between delivery attempts
-                backoff = min(backoff * 2, self.config.report_retry_cap)
+                failures += 1
+                delay = self._report_backoff(failures)
+                log.info("report_retry", error=str(exc), delay=round(delay, 3), **about)
+                await asyncio.sleep(delay)  # back-off between delivery attempts
                 continue
             crashpoints.point("report:acknowledged")
             try:
@@ -1394,8 +1023,14 @@ class Engine:
                 # The server has it, the journal does not say so yet: send it again after a
                 # pause (the server de-duplicates by sequence) rather than end the task and
                 # leave the outbox waiting for the next report to be queued.
-                log.warning("report_not_dropped", error=str(exc), delay=backoff, **about)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.report_retry_cap)
+                failures += 1
+                delay = self._report_backoff(failures)
+                log.warning("report_not_dropped", error=str(exc), delay=round(delay, 3), **about)
+                await asyncio.sleep(delay)
                 continue
-            backoff = REPORT_RETRY
+            failures = 0
+
+    def _report_backoff(self, failures: int) -> float:
+        cap = max(REPORT_RETRY, self.config.report_retry_cap)
+        jitter = self.config.retry_jitter
+        return pol.backoff(failures, REPORT_RETRY, cap, self._random.random(), jitter)

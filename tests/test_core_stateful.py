@@ -3,7 +3,8 @@
 Random event sequences (current and stale update ids, valid and refused manifests, timers,
 fragments, failures, installs with and without a restart, boot checks, self-tests, commits,
 rollbacks, restarts with and without a reboot, report acknowledgements) are fed to a Model
-inside an AsyncMachine built exactly as the engine builds it. After every step:
+inside the core's :class:`~fota.core.machine.Machine`, handled as the engine handles them
+(``Machine.handle``). After every step:
 
 (a) no ``Install`` is emitted unless the triggering event is an ``Authorized`` for that same
     update accepted in AWAIT_INSTALL_AUTH / INSTALL_DEFERRED, or a forcing rule applies (no
@@ -42,12 +43,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from transitions.core import MachineError
-from transitions.extensions.asyncio import AsyncMachine
 
 from fota.core import commands as C
 from fota.core import events as ev
-from fota.core.machine import CANCELLABLE, INSTALL_STEPS, Model, machine_kwargs
+from fota.core.machine import CANCELLABLE, INSTALL_STEPS, Machine, Model
 from fota.core.manifest import (
     Component,
     Manifest,
@@ -124,13 +123,6 @@ FINAL = (ResultCode.SUCCESS, ResultCode.ROLLED_BACK, ResultCode.ROLLBACK_FAILED)
 """The result of an update that reached INSTALLING: exactly one of these ends it."""
 
 
-async def _trigger(model: Model, event: ev.Event, now: float) -> bool:
-    try:
-        return bool(await model.trigger(event.trigger, event=event, now=now))
-    except MachineError:
-        return False
-
-
 @dataclass(frozen=True)
 class Step:
     """One handled event, kept for the failure message."""
@@ -154,6 +146,7 @@ class CoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.model: Model | None = None
+        self.machine: Machine | None = None
         self.now = START
         self.steps: list[Step] = []
         self.install_authorized: set[str] = set()
@@ -221,7 +214,7 @@ class CoreMachine(RuleBasedStateMachine):
             installed=inst,
         )
         model.boot_id = f"boot-{self.boots}"
-        AsyncMachine(model=model, **machine_kwargs(state))
+        self.machine = Machine(model)
         self.model = model
 
     # -- driving ----------------------------------------------------------------------------
@@ -238,11 +231,12 @@ class CoreMachine(RuleBasedStateMachine):
 
     def fire(self, event: ev.Event) -> Step:
         model = self.m
+        assert self.machine is not None
         self.now += 7.0
         state, record = model.state, model.record
         pending, installed = model.pending, model.installed
-        accepted = self.loop.run_until_complete(_trigger(model, event, self.now))
-        commands = tuple(model.take_commands())
+        handled = self.loop.run_until_complete(self.machine.handle(event, self.now))
+        accepted, commands = handled.accepted, handled.commands
         if (
             accepted
             and isinstance(event, ev.Authorized)

@@ -21,12 +21,10 @@ from typing import Any, Literal
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from transitions.core import EventData, MachineError
-from transitions.extensions.asyncio import AsyncMachine
 
 from fota.core import commands as C
 from fota.core import events as ev
-from fota.core.machine import TRANSITIONS, Model, Transition, machine_kwargs, triggers
+from fota.core.machine import TRANSITIONS, Handled, Machine, Model, triggers
 from fota.core.manifest import (
     MAX_MANIFEST_BYTES,
     Component,
@@ -296,6 +294,30 @@ def start_record(
     return base.evolve(**overrides)
 
 
+class Driven:
+    """A :class:`Model` inside the core's :class:`Machine`, driven as the engine drives it.
+
+    ``take_commands`` returns the commands of the events fired since it was last called;
+    ``last`` is what the machine did with the latest event (``last.row``: the row that fired).
+    """
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.machine = Machine(model)
+        self.last: Handled | None = None
+        self._commands: list[C.Command] = []
+
+    async def fire(self, event: ev.Event, now: float = NOW) -> bool:
+        """Hand ``event`` to the machine; False: illegal or dropped."""
+        self.last = await self.machine.handle(event, now)
+        self._commands += self.last.commands
+        return self.last.accepted
+
+    def take_commands(self) -> list[C.Command]:
+        out, self._commands = self._commands, []
+        return out
+
+
 def build(
     record: Record,
     installed: Installed,
@@ -304,14 +326,11 @@ def build(
     pending: Manifest = PENDING,
     handler: bool = False,
     boot: str = BOOT,
-    seen: list[EventData] | None = None,
-) -> Model:
-    """A Model restored from ``record`` inside an AsyncMachine configured like the engine's.
+) -> Driven:
+    """A Model restored from ``record`` inside the core's Machine, as the engine builds it.
 
     ``handler`` says whether an application handler is registered and ``boot`` is the current
-    boot id (the engine sets both before ``Restarted``). ``seen`` collects every event's data,
-    so a test can tell which row fired; the collecting callback runs after everything else and
-    changes nothing.
+    boot id (the engine sets both before ``Restarted``).
     """
     model = Model(
         policy,
@@ -322,26 +341,14 @@ def build(
     )
     model.handler_present = handler
     model.boot_id = boot
-    AsyncMachine(
-        model=model,
-        finalize_event=seen.append if seen is not None else None,
-        **machine_kwargs(record.state),
-    )
+    driven = Driven(model)
     assert model.state is record.state
-    return model
+    return driven
 
 
 def _state(model: Model) -> State:
     """The machine's state now (a call, so a type checker does not keep an earlier answer)."""
     return model.state
-
-
-async def fire(model: Model, event: ev.Event) -> bool:
-    """Trigger as the engine does; an illegal or dropped event returns False."""
-    try:
-        return bool(await model.trigger(event.trigger, event=event, now=NOW))
-    except MachineError:
-        return False
 
 
 # -- the expected table --------------------------------------------------------------------------
@@ -4771,24 +4778,23 @@ def _param(case: Case) -> Any:
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
 async def test_transition(case: Case) -> None:
     before = start_record(case.state, case.installed, case.pending, **case.start)
-    seen: list[EventData] = []
-    model = build(
+    driven = build(
         before,
         case.installed,
         case.policy,
         pending=case.pending,
         handler=case.handler,
         boot=case.boot,
-        seen=seen,
     )
+    model = driven.model
     pending_before, installed_before = model.pending, model.installed
 
-    accepted = await fire(model, case.event)
+    accepted = await driven.fire(case.event)
 
     assert accepted is case.accepted
     assert model.state is case.new_state
     assert model.record.state is model.state, "every persisted state is the machine's state"
-    assert model.take_commands() == list(case.commands)
+    assert driven.take_commands() == list(case.commands)
     added = [r for r in model.record.outbox if r.sequence >= before.report_seq]
     assert [(r.state, r.result) for r in added] == list(case.reports)
     assert [r.sequence for r in added] == list(range(before.report_seq, model.record.report_seq))
@@ -4804,7 +4810,7 @@ async def test_transition(case: Case) -> None:
     else:
         # The case covers the row it claims to (see test_cases_cover_every_row_and_source).
         row = TRANSITIONS[_row_for(case.event.trigger, case.state, case.new_state, case.via)]
-        assert _shape(seen[-1]) == _row_shape(row), "the case went through another row"
+        assert driven.last is not None and driven.last.row is row, "went through another row"
     if isinstance(case.event, ev.HandlerChanged):
         assert model.handler_present is case.event.present
     # The model's manifests agree with the digests the record persists.
@@ -4813,28 +4819,30 @@ async def test_transition(case: Case) -> None:
 
 
 async def test_commit_makes_the_update_the_installed_image() -> None:
-    model = build(start_record(S.AWAIT_COMMIT, "polite"), "polite")
-    assert await fire(model, ev.SelfTestFinished(U, True))
+    driven = build(start_record(S.AWAIT_COMMIT, "polite"), "polite")
+    model = driven.model
+    assert await driven.fire(ev.SelfTestFinished(U, True))
     assert model.installed is INSTALLED_POLITE  # not before the commit finished
-    assert await fire(model, ev.CommitFinished(U))
+    assert await driven.fire(ev.CommitFinished(U))
     assert model.installed is PENDING
     assert model.pending is None
     # The committed image is polite: the next update asks first.
-    assert await fire(model, fetched(NEW.raw))
+    assert await driven.fire(fetched(NEW.raw))
     assert model.state is S.AWAIT_DOWNLOAD_AUTH
 
 
 async def test_impolite_image_then_polite_one() -> None:
     # Microvisor's rule: an impolite running image installs its polite successor (PENDING) at
     # once; the successor, now running, makes the next update ask.
-    model = build(start_record(S.VERIFYING, "impolite"), "impolite")
-    assert await fire(model, ev.ImageChecked(U, True))
+    driven = build(start_record(S.VERIFYING, "impolite"), "impolite")
+    model = driven.model
+    assert await driven.fire(ev.ImageChecked(U, True))
     assert _state(model) is S.INSTALLING
-    assert await fire(model, ev.InstallFinished(U))
-    assert await fire(model, ev.SelfTestFinished(U, True))
-    assert await fire(model, ev.CommitFinished(U))
+    assert await driven.fire(ev.InstallFinished(U))
+    assert await driven.fire(ev.SelfTestFinished(U, True))
+    assert await driven.fire(ev.CommitFinished(U))
     assert model.installed is PENDING
-    assert await fire(model, fetched(NEW.raw))
+    assert await driven.fire(fetched(NEW.raw))
     assert _state(model) is S.AWAIT_DOWNLOAD_AUTH
 
 
@@ -4842,28 +4850,27 @@ async def test_install_with_restart_then_rollback_with_restart() -> None:
     # The whole way of an A/B install whose new image fails its self-test until the deadline:
     # restart into the new image, retries, rollback needing a restart of its own, one final
     # report.
-    model = build(start_record(S.INSTALLING, "polite"), "polite", boot=EARLIER_BOOT)
-    assert await fire(model, ev.InstallFinished(U, restart=True))
-    assert model.take_commands()[-1] == C.RequestRestart(U)
+    driven = build(start_record(S.INSTALLING, "polite"), "polite", boot=EARLIER_BOOT)
+    model = driven.model
+    assert await driven.fire(ev.InstallFinished(U, restart=True))
+    assert driven.take_commands()[-1] == C.RequestRestart(U)
     model.boot_id = BOOT  # the device restarted
-    assert await fire(model, ev.Restarted())
-    assert model.take_commands()[0] == C.CheckBoot(U)
-    assert await fire(model, ev.BootChecked(U, True))
+    assert await driven.fire(ev.Restarted())
+    assert driven.take_commands()[0] == C.CheckBoot(U)
+    assert await driven.fire(ev.BootChecked(U, True))
     assert _state(model) is S.AWAIT_COMMIT
     assert model.record.commit_by == NOW + 300.0
-    assert await fire(model, ev.SelfTestFinished(U, False, "no network"))
+    assert await driven.fire(ev.SelfTestFinished(U, False, "no network"))
     assert _state(model) is S.AWAIT_COMMIT
     # ... until the deadline, five minutes later:
-    assert await model.trigger(
-        "self_test_finished", event=ev.SelfTestFinished(U, False, "no network"), now=NOW + 300.0
-    )
+    assert await driven.fire(ev.SelfTestFinished(U, False, "no network"), now=NOW + 300.0)
     assert _state(model) is S.ROLLING_BACK
-    assert await fire(model, ev.RollbackFinished(U, restart=True))
+    assert await driven.fire(ev.RollbackFinished(U, restart=True))
     assert _state(model) is S.ROLLING_BACK
-    model.take_commands()
-    assert await fire(model, ev.Restarted())
-    assert model.take_commands()[0] == C.Rollback(U)
-    assert await fire(model, ev.RollbackFinished(U))
+    driven.take_commands()
+    assert await driven.fire(ev.Restarted())
+    assert driven.take_commands()[0] == C.Rollback(U)
+    assert await driven.fire(ev.RollbackFinished(U))
     assert _state(model) is S.FAILED
     assert model.installed is INSTALLED_POLITE
     final = (R.SUCCESS, R.ROLLED_BACK, R.ROLLBACK_FAILED)
@@ -4874,41 +4881,42 @@ async def test_install_with_restart_then_rollback_with_restart() -> None:
 
 
 async def test_refused_manifest_is_not_fetched_again() -> None:
-    model = build(start_record(S.IDLE, "polite"), "polite")
-    assert await fire(model, fetched(RAW_ROLLBACK))
-    model.take_commands()
+    driven = build(start_record(S.IDLE, "polite"), "polite")
+    assert await driven.fire(fetched(RAW_ROLLBACK))
+    driven.take_commands()
     again = ev.AnnouncementReceived(9, sha256(RAW_ROLLBACK), "coap://fota.example/m/9")
-    assert not await fire(model, again)
-    assert model.take_commands() == []
+    assert not await driven.fire(again)
+    assert driven.take_commands() == []
 
 
 async def test_rejected_update_is_not_fetched_again() -> None:
-    model = build(start_record(S.AWAIT_DOWNLOAD_AUTH, "polite"), "polite")
-    assert await fire(model, ev.Rejected(U))
-    model.take_commands()
-    assert not await fire(model, ANNOUNCE_PENDING)
-    assert await fire(model, ANNOUNCE_NEW)
-    assert model.take_commands() == [C.FetchManifest(NEW_URI, NEW.digest)]
+    driven = build(start_record(S.AWAIT_DOWNLOAD_AUTH, "polite"), "polite")
+    assert await driven.fire(ev.Rejected(U))
+    driven.take_commands()
+    assert not await driven.fire(ANNOUNCE_PENDING)
+    assert await driven.fire(ANNOUNCE_NEW)
+    assert driven.take_commands() == [C.FetchManifest(NEW_URI, NEW.digest)]
 
 
 async def test_cancelled_update_is_not_fetched_again() -> None:
-    model = build(start_record(S.DOWNLOADING, "polite"), "polite")
-    assert await fire(model, CANCEL_PENDING)
-    model.take_commands()
+    driven = build(start_record(S.DOWNLOADING, "polite"), "polite")
+    assert await driven.fire(CANCEL_PENDING)
+    driven.take_commands()
     # The server keeps announcing the cancel, and may announce the withdrawn manifest again.
-    assert not await fire(model, CANCEL_PENDING)
-    assert not await fire(model, ANNOUNCE_PENDING)
-    assert model.take_commands() == []
+    assert not await driven.fire(CANCEL_PENDING)
+    assert not await driven.fire(ANNOUNCE_PENDING)
+    assert driven.take_commands() == []
 
 
 async def test_refused_cancel_is_reported_once() -> None:
-    model = build(start_record(S.INSTALLING, "polite"), "polite")
-    assert await fire(model, CANCEL_PENDING)
-    assert model.take_commands() == [C.SendReports()]
+    driven = build(start_record(S.INSTALLING, "polite"), "polite")
+    model = driven.model
+    assert await driven.fire(CANCEL_PENDING)
+    assert driven.take_commands() == [C.SendReports()]
     record = model.record
     # The cancel is announced again (observe, polls): still refused, not reported again.
-    assert await fire(model, CANCEL_PENDING)
-    assert model.take_commands() == []
+    assert await driven.fire(CANCEL_PENDING)
+    assert driven.take_commands() == []
     assert model.record == record
 
 
@@ -4918,9 +4926,10 @@ async def test_pending_manifest_fetched_again_changes_nothing() -> None:
     # update's clocks (its deadline counts from first_seen, its deferral bound from
     # deferred_total) nor tell the application its update was superseded.
     before = start_record(S.AWAIT_DOWNLOAD_AUTH, "polite", deferred_total=1200.0)
-    model = build(before, "polite", BOUNDED)
-    await fire(model, fetched(PENDING.raw, PENDING_URI))
-    assert model.take_commands() == []
+    driven = build(before, "polite", BOUNDED)
+    model = driven.model
+    await driven.fire(fetched(PENDING.raw, PENDING_URI))
+    assert driven.take_commands() == []
     assert model.record == before
 
 
@@ -4945,24 +4954,6 @@ def _row_for(trigger: str, state: State, new_state: State, via: str | None = Non
         rows = [i for i in rows if via in TRANSITIONS[i].conditions]
     assert rows, (trigger, state, new_state, via)
     return min(rows, key=lambda i: (len(TRANSITIONS[i].conditions), i))
-
-
-Shape = tuple[str | None, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
-
-
-def _shape(data: EventData) -> Shape:
-    """(dest, conditions, unless, callbacks) of the transition that fired."""
-    t: Any = data.transition
-    return (
-        t.dest,
-        tuple(c.func for c in t.conditions if c.target),
-        tuple(c.func for c in t.conditions if not c.target),
-        tuple(t.after),
-    )
-
-
-def _row_shape(row: Transition) -> Shape:
-    return (row.dest.name if row.dest else None, row.conditions, row.unless, row.after)
 
 
 def _shadowed() -> set[tuple[int, State]]:
@@ -5083,16 +5074,13 @@ async def test_illegal_pair_changes_nothing(
     state: State, trigger: str, installed: Installed
 ) -> None:
     before = start_record(state, installed)
-    model = build(before, installed)
+    driven = build(before, installed)
+    model = driven.model
     pending_before = model.pending
-    event = EVENT_FOR[trigger]
-    try:
-        accepted = await model.trigger(event.trigger, event=event, now=NOW)
-    except MachineError:
-        accepted = False
+    accepted = await driven.fire(EVENT_FOR[trigger])
     assert accepted is False
     assert model.state is state
     assert model.record == before
     assert model.record.state is model.state
     assert model.pending is pending_before
-    assert model.take_commands() == []
+    assert driven.take_commands() == []

@@ -20,13 +20,12 @@ from typing import Any
 import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from transitions.extensions.asyncio import AsyncMachine
 
 from fota import Client, Decision, ResultCode, State
 from fota.core import commands as C
 from fota.core import events as ev
 from fota.core import manifest as mf
-from fota.core.machine import Model, machine_kwargs
+from fota.core.machine import Handled, Machine, Model
 from fota.core.manifest import Component, ManifestBody, TrustStore, kid_for
 from fota.core.policy import Policy
 from fota.core.record import MAX_REMEMBERED, Record, remember
@@ -164,16 +163,15 @@ def _key(raw: bytes) -> bytes:
 INSTALLED = mf.verify(_raw(10), TRUST)
 
 
-def _model(record: Record | None = None) -> Model:
+def _machine(record: Record | None = None) -> Machine:
     record = record or Record(installed=INSTALLED.digest, provisioned_at=0.0)
     model = Model(POLICY, TRUST, record, installed=INSTALLED)
     model.handler_present = True
-    AsyncMachine(model=model, **machine_kwargs(record.state))
-    return model
+    return Machine(model)
 
 
-async def _fire(model: Model, event: ev.Event) -> bool:
-    return bool(await model.trigger(event.trigger, event=event, now=NOW))
+async def _fire(machine: Machine, event: ev.Event) -> Handled:
+    return await machine.handle(event, NOW)
 
 
 def _announce(raw: bytes, sequence: int = 1) -> ev.AnnouncementReceived:
@@ -189,48 +187,53 @@ def _state(model: Model) -> State:
     return model.state
 
 
-async def _reject(model: Model, raw: bytes) -> None:
-    assert await _fire(model, _fetched(raw))
+async def _reject(machine: Machine, raw: bytes) -> None:
+    model = machine.model
+    assert (await _fire(machine, _fetched(raw))).accepted
     assert _state(model) is State.AWAIT_DOWNLOAD_AUTH and model.pending is not None
-    assert await _fire(model, ev.Rejected(model.pending.update_id, "no"))
+    assert (await _fire(machine, ev.Rejected(model.pending.update_id, "no"))).accepted
     assert _state(model) is State.IDLE
 
 
 async def test_a_flood_of_refusals_does_not_push_a_rejection_out() -> None:
-    model = _model()
+    machine = _machine()
+    model = machine.model
     v11 = _raw(11)
-    await _reject(model, v11)
+    await _reject(machine, v11)
     # More refusals than the memory holds: forged signatures, which anyone can make.
     for i in range(MAX_REMEMBERED + 8):
         forged = _raw(100 + i, key=OTHER)
-        assert await _fire(model, _fetched(forged))
+        assert (await _fire(machine, _fetched(forged))).accepted
     assert len(model.record.refused) == MAX_REMEMBERED
     assert model.record.rejected == (_key(v11),)
-    model.take_commands()
-    assert not await _fire(model, _announce(v11))
-    assert model.take_commands() == []
+    handled = await _fire(machine, _announce(v11))
+    assert not handled.accepted
+    assert handled.commands == ()
     # Fetched anyway (two announcements raced): known, not adopted, not asked.
-    assert await _fire(model, _fetched(v11))
+    handled = await _fire(machine, _fetched(v11))
+    assert handled.accepted
     assert _state(model) is State.IDLE and model.pending is None
-    assert model.take_commands() == []
+    assert handled.commands == ()
 
 
 async def test_the_memories_are_bounded_oldest_out() -> None:
-    model = _model()
+    machine = _machine()
+    model = machine.model
     raws = [_raw(11 + i) for i in range(MAX_REMEMBERED + 2)]
     for raw in raws:
-        await _reject(model, raw)
+        await _reject(machine, raw)
     assert model.record.rejected == tuple(_key(r) for r in raws[2:])
     # The two oldest dropped out: only then is such an update asked about again.
-    model.take_commands()
-    assert await _fire(model, _announce(raws[1]))
-    assert model.take_commands() == [
-        C.FetchManifest(f"coap://s/m/{_key(raws[1]).hex()}", _key(raws[1]))
-    ]
-    assert not await _fire(model, _announce(raws[2]))
+    handled = await _fire(machine, _announce(raws[1]))
+    assert handled.accepted
+    assert handled.commands == (
+        C.FetchManifest(f"coap://s/m/{_key(raws[1]).hex()}", _key(raws[1])),
+    )
+    assert not (await _fire(machine, _announce(raws[2]))).accepted
     # Cancels are bounded the same way.
     for i in range(MAX_REMEMBERED + 1):
-        assert await _fire(model, ev.AnnouncementReceived(2, None, None, cancel=bytes([i]) * 32))
+        cancel = ev.AnnouncementReceived(2, None, None, cancel=bytes([i]) * 32)
+        assert (await _fire(machine, cancel)).accepted
     assert len(model.record.cancelled) == MAX_REMEMBERED
     assert model.record.cancelled[0] == bytes([1]) * 32
     assert len(Record.from_bytes(model.record.to_bytes()).rejected) == MAX_REMEMBERED
@@ -266,8 +269,9 @@ async def test_an_old_journals_refusal_becomes_a_lasting_rejection(
     assert record.rejected == (_key(v11),) and record.refused == ()
     expected = (hashlib.sha256(b"c").digest(),) if fields > 22 else ()
     assert record.cancelled == expected
-    model = _model(record.evolve(installed=INSTALLED.digest))
-    assert not await _fire(model, _announce(v11))
+    machine = _machine(record.evolve(installed=INSTALLED.digest))
+    model = machine.model
+    assert not (await _fire(machine, _announce(v11))).accepted
     assert Record.from_bytes(model.record.to_bytes()) == model.record
 
 
@@ -306,12 +310,15 @@ async def test_an_old_journals_byte_digest_still_names_the_manifest(field: str) 
     v12 = _raw(12)
     by_bytes = hashlib.sha256(v12).digest()
     assert by_bytes != _key(v12)
-    model = _model(
+    machine = _machine(
         Record(installed=INSTALLED.digest, provisioned_at=0.0).evolve(**{field: (by_bytes,)})
     )
-    assert await _fire(model, _announce(v12))  # the identity: not in the list, so fetched
-    await _fire(model, _fetched(v12))
+    model = machine.model
+    announced = await _fire(machine, _announce(v12))
+    assert announced.accepted  # the identity: not in the list, so fetched
+    fetched = await _fire(machine, _fetched(v12))
     assert _state(model) is State.IDLE and model.pending is None
     assert not any(
-        isinstance(c, C.AskDownloadAuthorization | C.StartDownload) for c in model.outbox
+        isinstance(c, C.AskDownloadAuthorization | C.StartDownload)
+        for c in (*announced.commands, *fetched.commands)
     )

@@ -1,10 +1,10 @@
 """Tier 1: hypothesis stateful test of polite deployment (issue 4) over a simulated engine.
 
-A :class:`~fota.core.machine.Model` inside an AsyncMachine built exactly as ``fota.engine``
-builds it is driven by a minimal, faithful simulation of the engine's duties:
+A :class:`~fota.core.machine.Model` inside the core's :class:`~fota.core.machine.Machine`, as
+``fota.engine`` uses it, is driven by a minimal, faithful simulation of the engine's duties:
 
-* an inbox of events handled one at a time (run-to-completion); events the machine has no row
-  for in the current state are dropped before the trigger, as the engine does (``LEGAL``);
+* an inbox of events handled one at a time (run-to-completion) by ``Machine.handle``, which
+  drops events the machine has no row for in the current state before the trigger (``LEGAL``);
 * timers (``StartTimer``/``CancelTimer``) kept by name as UTC wall-clock instants and fired
   when the injected clock passes them;
 * child tasks for the work commands, one per name, a new one replacing the old, under the
@@ -85,8 +85,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from transitions.core import MachineError
-from transitions.extensions.asyncio import AsyncMachine
 
 from fota.core import commands as C
 from fota.core import events as ev
@@ -94,9 +92,8 @@ from fota.core.machine import (
     ASK_DOWNLOAD,
     ASK_INSTALL,
     INSTALL_STEPS,
-    LEGAL,
+    Machine,
     Model,
-    machine_kwargs,
 )
 from fota.core.manifest import (
     Component,
@@ -254,18 +251,6 @@ FACTORY: dict[str, Manifest | None] = {
 """The running image at first start: none (an empty device), polite or not."""
 
 
-def _build(model: Model, state: State) -> None:
-    """Attach the machine to ``model`` exactly as ``Engine.start`` does."""
-    AsyncMachine(model=model, **machine_kwargs(state))
-
-
-async def _trigger(model: Model, event: ev.Event, now: float, draw: float) -> bool:
-    try:
-        return bool(await model.trigger(event.trigger, event=event, now=now, draw=draw))
-    except MachineError:
-        return False
-
-
 def _show(event: ev.Event) -> str:
     """An event for the failure story: digests shortened, manifest bytes left out."""
     parts = []
@@ -308,6 +293,7 @@ class PoliteMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.random = random.Random(4)  # the engine's jitter draw, seeded
         self.model: Model | None = None
+        self.machine: Machine | None = None
         self.policy = Policy(device_class=DEVICE_CLASS)
         self.now = START
         # The device: manifests on disk by digest, handler, inbox, timers, child tasks.
@@ -405,7 +391,7 @@ class PoliteMachine(RuleBasedStateMachine):
         pending = self.manifests[record.pending] if record.pending is not None else None
         installed = self.manifests[record.installed] if record.installed is not None else None
         model = Model(self.policy, TRUST, record, pending=pending, installed=installed)
-        _build(model, record.state)
+        self.machine = Machine(model)  # as Engine.start builds it
         model.handler_present = handler
         model.boot_id = f"boot-{self.boots}" if self.boot_ids else ""
         self.model, self.handler = model, handler
@@ -443,14 +429,15 @@ class PoliteMachine(RuleBasedStateMachine):
             self.handle(self.inbox.popleft())
 
     def handle(self, event: ev.Event) -> None:
-        """Engine._handle: trigger (if legal), check, then run the commands."""
+        """Engine._handle: hand the event to the machine, check, then run the commands."""
         model = self.m
+        assert self.machine is not None
         state, record = model.state, model.record
         pending, installed = model.pending, model.installed
-        accepted = (state, event.trigger) in LEGAL and self.loop.run_until_complete(
-            _trigger(model, event, self.now, self.random.random())
+        handled = self.loop.run_until_complete(
+            self.machine.handle(event, self.now, self.random.random())
         )
-        commands = tuple(model.take_commands())
+        accepted, commands = handled.accepted, handled.commands
         outcome = model.state.name if accepted else "dropped"
         self.trail.append(
             f"t+{self.now - START:>8.0f} {state.name:<19} {_show(event)} -> {outcome} "
@@ -1232,13 +1219,13 @@ def test_same_manifest_fetched_twice_is_not_a_new_update() -> None:
     installed = FACTORY["polite"]
     assert installed is not None
     model = Model(policy, TRUST, Record(installed=installed.digest), installed=installed)
-    _build(model, S.IDLE)
+    machine = Machine(model)
     update = _manifest(_body(11, severity=Severity.CRITICAL))
     loop = asyncio.new_event_loop()
     now = START
 
     def fire(event: ev.Event) -> None:
-        assert loop.run_until_complete(_trigger(model, event, now, 0.5))
+        assert loop.run_until_complete(machine.handle(event, now, 0.5)).accepted
 
     try:
         fire(ev.Restarted())
@@ -1250,9 +1237,9 @@ def test_same_manifest_fetched_twice_is_not_a_new_update() -> None:
         now += 20 * HOUR
         before = model.record
         # The second fetch's result: the same bytes as the pending update.
-        handled = (model.state, "manifest_fetched") in LEGAL and loop.run_until_complete(
-            _trigger(model, ev.ManifestFetched(update.raw, URI, update.digest), now, 0.5)
-        )
+        handled = loop.run_until_complete(
+            machine.handle(ev.ManifestFetched(update.raw, URI, update.digest), now, 0.5)
+        ).accepted
         superseded = [r for r in model.record.outbox if r.result is R.SUPERSEDED]
         assert not superseded, f"superseded by itself: {superseded}"
         assert model.state is S.DOWNLOAD_DEFERRED, (handled, model.state)

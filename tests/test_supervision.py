@@ -233,13 +233,13 @@ async def rig(tmp_path: Path, signing: Signing) -> AsyncIterator[tuple[Engine, M
 
 CRASHES: list[tuple[str, Callable[[str], cmd.Command], type[ev.Event]]] = [
     ("downloader.run", cmd.StartDownload, ev.DownloadFailed),
-    ("_verify", cmd.VerifyImage, ev.ImageChecked),
-    ("_install", cmd.Install, ev.InstallFinished),
-    ("_self_test", cmd.RunSelfTest, ev.SelfTestFinished),
-    ("_check_boot", cmd.CheckBoot, ev.BootChecked),
-    ("_commit", cmd.Commit, ev.CommitFinished),
-    ("_rollback", cmd.Rollback, ev.RollbackFinished),
-    ("_check_gates", lambda uid: cmd.CheckGates(uid, "download"), ev.GatesChecked),
+    ("effects.verify", cmd.VerifyImage, ev.ImageChecked),
+    ("effects.install", cmd.Install, ev.InstallFinished),
+    ("effects.self_test", cmd.RunSelfTest, ev.SelfTestFinished),
+    ("effects.check_boot", cmd.CheckBoot, ev.BootChecked),
+    ("effects.commit", cmd.Commit, ev.CommitFinished),
+    ("effects.rollback", cmd.Rollback, ev.RollbackFinished),
+    ("effects.check_gates", lambda uid: cmd.CheckGates(uid, "download"), ev.GatesChecked),
 ]
 
 
@@ -252,7 +252,7 @@ async def test_a_crashing_child_posts_its_commands_failure(
     failure: type[ev.Event],
 ) -> None:
     engine, manifest = rig
-    owner: Any = engine.downloader if child.startswith("downloader.") else engine
+    owner: Any = engine.downloader if child.startswith("downloader.") else engine.effects
     monkeypatch.setattr(owner, child.rsplit(".", 1)[-1], boom)
     with capture_logs() as logs:
         engine._execute(command(manifest.update_id))
@@ -406,9 +406,9 @@ async def test_manifest_and_keyset_retries_draw_their_jitter(
     )
     engine._random.seed(17)
     if what == "manifest":
-        await engine._fetch_manifest(f"{BASE}/fota/m/x", hashlib.sha256(b"x").digest())
+        await engine.effects.fetch_manifest(f"{BASE}/fota/m/x", hashlib.sha256(b"x").digest())
     else:
-        await engine._update_keys(f"{BASE}/fota/k/x", 2)
+        await engine.effects.fetch_keyset(f"{BASE}/fota/k/x", 2)
     # Before: no draw passed (the core's default, the same on every device of a fleet).
     assert len(draws) == 4 and all(0 <= d < 1 for d in draws) and len(set(draws)) == 4
 

@@ -20,8 +20,10 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from fota.core import codes
+from fota.core import commands as C
 from fota.core import events as ev
 from fota.core.codes import Verdict
+from fota.core.machine import Machine
 from fota.core.policy import Policy, stall_delay
 from fota.core.record import Record
 from fota.core.states import State
@@ -170,9 +172,9 @@ def test_stall_waits_double_from_base_to_cap() -> None:
     assert stall_delay(4.0, spread, 0.0) == 3.0 and stall_delay(4.0, spread, 1.0) == 5.0
 
 
-def _downloading(policy: Policy, **fields: Any) -> Any:
+def _downloading(policy: Policy, **fields: Any) -> Machine:
     record = Record(state=State.DOWNLOADING, pending=PENDING.digest, verified=b"\x00", **fields)
-    return build(record, "polite", policy)
+    return build(record, "polite", policy).machine
 
 
 def _state(model: Any) -> State:
@@ -180,22 +182,22 @@ def _state(model: Any) -> State:
     return State(model.state)
 
 
-async def _fire(model: Any, event: ev.Event, now: float) -> bool:
-    return bool(await model.trigger(event.trigger, event=event, now=now))
-
-
 async def test_a_404_is_waited_out_for_the_budget_without_counting_attempts() -> None:
     policy = replace(POLICY, not_found_budget=20.0, max_attempts=2)
-    model = _downloading(policy)
+    machine = _downloading(policy)
+    model = machine.model
     missing = ev.DownloadFailed(U, ResourceMissing(URI, "4.04"))
     now, timers, paused = 1000.0, [], set()
     while model.state is State.DOWNLOADING and now < 1100:
-        assert await _fire(model, missing, now)
+        handled = await machine.handle(missing, now)
+        assert handled.accepted
         paused |= {r.sequence for r in model.record.outbox if "download paused" in r.detail}
-        commands = model.take_commands()
-        timers += [c.at - now for c in commands if type(c).__name__ == "StartTimer"]
+        commands = handled.commands
+        timers += [c.at - now for c in commands if isinstance(c, C.StartTimer)]
         if model.state is State.DOWNLOADING:
-            now = commands[-1].at  # the retry timer fires; the image is still missing
+            retry = commands[-1]
+            assert isinstance(retry, C.StartTimer)
+            now = retry.at  # the retry timer fires; the image is still missing
     # Waits of 1, 1, 2, 4, 8 (capped), then the last try when the budget ends (20 s).
     assert timers == [1.0, 1.0, 2.0, 4.0, 8.0, 4.0]
     assert model.state is State.FAILED and now == 1020.0
@@ -207,27 +209,33 @@ async def test_a_404_is_waited_out_for_the_budget_without_counting_attempts() ->
 
 async def test_a_verified_fragment_starts_a_new_budget() -> None:
     policy = replace(POLICY, not_found_budget=5.0)
-    model = _downloading(policy)
+    machine = _downloading(policy)
+    model = machine.model
     missing = ev.DownloadFailed(U, ResourceMissing(URI, "4.04"))
-    assert await _fire(model, missing, 0.0)
-    assert await _fire(model, ev.FragmentVerified(U, 0, 1024), 4.0)
-    assert await _fire(model, missing, 6.0)  # 6 s after the first 4.04, 2 s after progress
+    assert (await machine.handle(missing, 0.0)).accepted
+    assert (await machine.handle(ev.FragmentVerified(U, 0, 1024), 4.0)).accepted
+    # 6 s after the first 4.04, 2 s after progress
+    assert (await machine.handle(missing, 6.0)).accepted
     assert model.state is State.DOWNLOADING
 
 
 async def test_a_full_disk_pauses_without_a_budget() -> None:
-    model = _downloading(replace(POLICY, not_found_budget=0.0))
-    assert await _fire(model, ev.DownloadFailed(U, DiskFull("candidate: ENOSPC")), 0.0)
+    machine = _downloading(replace(POLICY, not_found_budget=0.0))
+    model = machine.model
+    assert (await machine.handle(ev.DownloadFailed(U, DiskFull("candidate: ENOSPC")), 0.0)).accepted
     # Still no room when the retry checks the free space: still paused, however long.
+    no_room = ev.DownloadFailed(U, NotEnoughSpace("needs 9 more"))
     for now in (1.0, 10_000.0, 1e6):
-        assert await _fire(model, ev.DownloadFailed(U, NotEnoughSpace("needs 9 more")), now)
+        assert (await machine.handle(no_room, now)).accepted
         assert model.state is State.DOWNLOADING
     assert model.record.attempts == 0
 
 
 async def test_no_space_before_the_first_fragment_still_fails() -> None:
-    model = _downloading(POLICY)
-    assert await _fire(model, ev.DownloadFailed(U, NotEnoughSpace("needs 9 more")), 0.0)
+    machine = _downloading(POLICY)
+    model = machine.model
+    no_room = ev.DownloadFailed(U, NotEnoughSpace("needs 9 more"))
+    assert (await machine.handle(no_room, 0.0)).accepted
     assert model.state is State.FAILED
     assert model.record.outbox[-1].result is ResultCode.NOT_ENOUGH_SPACE
 
@@ -237,33 +245,34 @@ async def test_no_space_before_the_first_fragment_still_fails() -> None:
 
 async def test_a_failed_update_announced_again_resumes_with_back_off() -> None:
     policy = replace(POLICY, not_found_budget=0.0)
-    model = _downloading(policy, attempts=0)
+    machine = _downloading(policy, attempts=0)
+    model = machine.model
     model.record = model.record.evolve(verified=b"\x01")
     announce = ev.AnnouncementReceived(11, PENDING.digest, "coap://fota.example/m/11")
     missing = ev.DownloadFailed(U, ResourceMissing(URI, "4.04"))
-    assert await _fire(model, missing, 0.0)
+    assert (await machine.handle(missing, 0.0)).accepted
     assert model.state is State.FAILED
     # The first announcement after the failure retries at once, from the verified fragment.
-    assert await _fire(model, announce, 0.0)
+    assert (await machine.handle(announce, 0.0)).accepted
     assert _state(model) is State.DOWNLOADING and model.record.verified == b"\x01"
     assert "retrying from 1 verified" in model.record.outbox[-1].detail
-    model.take_commands()
     # It fails again: the next announcement retries only after retry_base (1 s), then 2 s.
-    assert await _fire(model, missing, 10.0)
-    assert not await _fire(model, announce, 10.5)
-    assert await _fire(model, announce, 11.0)
-    assert await _fire(model, missing, 20.0)
-    assert not await _fire(model, announce, 21.5)
-    assert await _fire(model, announce, 22.0)
+    assert (await machine.handle(missing, 10.0)).accepted
+    assert not (await machine.handle(announce, 10.5)).accepted
+    assert (await machine.handle(announce, 11.0)).accepted
+    assert (await machine.handle(missing, 20.0)).accepted
+    assert not (await machine.handle(announce, 21.5)).accepted
+    assert (await machine.handle(announce, 22.0)).accepted
 
 
 async def test_an_update_that_failed_from_its_install_on_is_not_retried() -> None:
     record = Record(
         state=State.FAILED, pending=PENDING.digest, verified=b"\x07", failure="self-test failed"
     )
-    model = build(record, "polite", POLICY)
+    machine = build(record, "polite", POLICY).machine
+    model = machine.model
     announce = ev.AnnouncementReceived(11, PENDING.digest, "coap://fota.example/m/11")
-    assert not await _fire(model, announce, 0.0)
+    assert not (await machine.handle(announce, 0.0)).accepted
     assert model.state is State.FAILED
 
 

@@ -279,7 +279,7 @@ async def test_a_verify_that_cannot_check_the_image_says_why(
         path.mkdir()
         return real(path, size)
 
-    monkeypatch.setattr("fota.engine.seal_candidate", broken)
+    monkeypatch.setattr("fota.effects.seal_candidate", broken)
     image = image_of(32 * KiB, 4)
     published = server.make_manifest(
         image, "1.0", device_class=DEVICE_CLASS, fragment_size=FRAGMENT

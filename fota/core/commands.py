@@ -5,7 +5,9 @@ Commands carry only what the engine cannot read from the model at the time it ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from fota.errors import ResultCode
 
@@ -184,3 +186,16 @@ class NotifyForced(Command):
     update_id: str
     step: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tell(Command):
+    """Tell the listeners a fact (a :class:`fota.notices.Notice` of ``kind``).
+
+    The machine emits these beside its commands (``Handled.notices``), from what the event
+    changed: the engine stamps them with its clock and hands them to every listener.
+    """
+
+    kind: str
+    update_id: str | None
+    fields: Mapping[str, Any] = field(default_factory=dict)

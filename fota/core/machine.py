@@ -2,31 +2,41 @@
 
 Theory of operation (the rules that keep this correct; see docs/state-machine.md):
 
-1. ``TRANSITIONS`` below is the whole lifecycle. The engine builds a
-   ``transitions`` AsyncMachine from it (``auto_transitions=False``, ``send_event=True``,
-   ``queued=False``) with a :class:`Model` as the model, and is the only task that triggers it.
+1. ``TRANSITIONS`` below is the whole lifecycle. :class:`Machine` builds a ``transitions``
+   AsyncMachine from it with a :class:`Model` as the model; ``Machine.handle(event, now,
+   draw)`` is the only way in: it drops illegal pairs, runs the row, undoes a callback that
+   raised, and returns the commands and notices. The engine is its only caller.
 2. Conditions are pure functions of the model and the event. Callbacks are plain ``def``, fast,
    and only change the model's :class:`~fota.core.record.Record` and append
    :mod:`~fota.core.commands` to ``Model.outbox``. Nothing here waits, reads a clock or touches
-   a file: the time is passed in as ``now`` beside the event.
-3. The engine persists the record after every trigger that changed it and *before* it runs the
-   commands, so every state change is journaled before its effects.
+   a file: the time is passed in as ``now`` beside the event, the state before it as
+   ``source``. A row's callbacks run one after the other, in the row's order.
+3. The engine persists the record after every event that changed it and *before* it runs the
+   commands, so every state change is journaled before its effects (``Machine.undo`` when
+   the journal cannot be written).
 4. For one trigger, the first transition whose conditions hold wins; the order in the table is
    part of the logic (e.g. "refused" is checked before "accepted").
 5. Events for an update that is no longer current fail the ``is_current`` condition. The engine
-   drops those from the network and timers, and raises ``InvalidTransition`` for API calls.
+   drops those from the network and timers, and raises ``InvalidTransition`` for API calls
+   (``Handled.refusal`` says why).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+
+from transitions.core import MachineError
+from transitions.extensions.asyncio import AsyncMachine
 
 from fota.core import commands as cmd
 from fota.core import events as ev
 from fota.core import policy as pol
+from fota.core.info import UpdateInfo, UpdateReason
 from fota.core.manifest import Manifest, TrustStore, accept, envelope_id, update_id_of
 from fota.core.policy import Policy, must_ask, retry_delay
 from fota.core.record import (
@@ -96,15 +106,18 @@ def _proceed(
     """Two rows: the step's work at once, or its HELD state.
 
     The work starts at once when nothing can hold it; else the update waits in the HELD state,
-    where the engine checks the conditions. ``first`` runs before either.
+    where the engine checks the conditions. ``first`` runs before either; then the entry into
+    the work or HELD state is reported (``report_entry``).
     """
     if step == "download":
         work, held, start = S.DOWNLOADING, S.DOWNLOAD_HELD, "start_download"
+        enter: tuple[str, ...] = ("report_entry",)
     else:
         work, held, start = S.INSTALLING, S.INSTALL_HELD, "install"
+        enter = ()  # install reports its entry itself: it is only ever entered
     return (
-        T(trigger, source, work, (*conditions, f"{step}_clear"), unless, (*first, start)),
-        T(trigger, source, held, conditions, unless, (*first, "check_gates")),
+        T(trigger, source, work, (*conditions, f"{step}_clear"), unless, (*first, *enter, start)),
+        T(trigger, source, held, conditions, unless, (*first, "report_entry", "check_gates")),
     )
 
 
@@ -269,7 +282,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         (S.DOWNLOAD_HELD,),
         S.DOWNLOADING,
         ("is_current", "gates_open"),
-        after=("release_hold", "start_download"),
+        after=("release_hold", "report_entry", "start_download"),
     ),
     T(
         "gates_checked",
@@ -378,7 +391,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         (S.INSTALLING,),
         S.AWAIT_RESTART,
         ("is_current", "succeeded", "needs_restart"),
-        after=("request_restart",),
+        after=("report_restart", "request_restart"),
     ),
     T(
         "install_finished",
@@ -499,45 +512,11 @@ TRANSITIONS: tuple[Transition, ...] = (
 """The whole lifecycle. Pairs of (state, trigger) absent here are illegal."""
 
 
-def transitions_kwargs() -> list[dict[str, Any]]:
-    """The table in the form ``transitions.Machine(transitions=...)`` takes."""
-    return [
-        {
-            "trigger": t.trigger,
-            "source": list(t.source),
-            "dest": t.dest,
-            "conditions": list(t.conditions),
-            "unless": list(t.unless),
-            "after": list(t.after),
-            "prepare": list(t.prepare),
-        }
-        for t in TRANSITIONS
-    ]
-
-
-def machine_kwargs(initial: State) -> dict[str, Any]:
-    """Everything but the model that ``AsyncMachine(model=..., **machine_kwargs(s))`` takes.
-
-    One place for the settings the design fixes (no auto transitions, ``send_event``, not
-    queued, the record synced after every state change), so the engine and the core tests
-    build the same machine.
-    """
-    return {
-        "states": State,
-        "transitions": transitions_kwargs(),
-        "initial": initial,
-        "auto_transitions": False,
-        "send_event": True,
-        "queued": False,
-        "after_state_change": "sync_state",
-    }
-
-
 LEGAL: frozenset[tuple[State, str]] = frozenset(
     (state, t.trigger) for t in TRANSITIONS for state in t.source
 )
-"""Every (state, trigger) pair with a row; the engine drops others without calling the machine
-(transitions logs an invalid trigger at ERROR level before it raises)."""
+"""Every (state, trigger) pair with a row; :meth:`Machine.handle` drops others without calling
+``transitions`` (which logs an invalid trigger at ERROR level before it raises)."""
 
 
 def triggers() -> tuple[str, ...]:
@@ -553,7 +532,7 @@ class Model:
 
     state: State
     trigger: Callable[..., Awaitable[bool]]
-    """Added by the AsyncMachine the engine builds: ``await model.trigger(name, **kwargs)``."""
+    """Added by the AsyncMachine :class:`Machine` builds: ``await model.trigger(name, **kw)``."""
 
     def __init__(
         self,
@@ -647,6 +626,53 @@ class Model:
         """The current update's id, or None."""
         return self.pending.update_id if self.pending else None
 
+    def info(self, now: float) -> UpdateInfo | None:
+        """The pending update (else the installed image) as the application is told it."""
+        m = self.pending or self.installed
+        if m is None:
+            return None
+        installed = self.installed if self.installed is not m else None
+        pending = m is self.pending
+        deadline = pol.deadline_of(m, self.record, self.policy) if pending else None
+        return UpdateInfo(
+            update_id=m.update_id,
+            version=m.body.version,
+            sequence=m.body.sequence,
+            component=m.body.component,
+            severity=m.body.severity,
+            image_size=m.body.image_size,
+            installed_version=installed.body.version if installed else None,
+            polite=must_ask(installed),
+            reason=UpdateReason.of(m.body.component),
+            deadline=datetime.fromtimestamp(deadline, UTC) if deadline is not None else None,
+            deferred=pol.deferred_so_far(self.record, now) if pending else 0.0,
+            deferral_limit=pol.deferral_bound(m, self.policy),
+            forced=self.record.forced if pending else "",
+        )
+
+    def authorization_needed(self, now: float) -> cmd.Tell | None:
+        """The ``authorization_needed`` notice while an answer is awaited, else None.
+
+        Told when the client starts waiting; the control socket also sends it to a
+        connection that subscribes while the client waits (the application missed the first).
+        """
+        if self.state not in (S.AWAIT_DOWNLOAD_AUTH, S.AWAIT_INSTALL_AUTH):
+            return None
+        info = self.info(now)
+        assert info is not None  # an update is pending in these states
+        return cmd.Tell(
+            "authorization_needed",
+            info.update_id,
+            {
+                "step": "download" if self.state is S.AWAIT_DOWNLOAD_AUTH else "install",
+                "version": info.version,
+                "polite": info.polite,
+                "deferred": info.deferred,
+                "deferral_limit": info.deferral_limit,
+                "deadline": info.deadline.timestamp() if info.deadline else None,
+            },
+        )
+
     def verified_bytes(self) -> int:
         """Bytes of the pending image covered by verified fragments."""
         if self.pending is None:
@@ -690,8 +716,8 @@ class Model:
         self.record = rec.evolve(outbox=queue_report(rec.outbox, report))
         self.outbox.append(cmd.SendReports())
 
-    def sync_state(self, e: Any) -> None:
-        """Machine-wide ``after_state_change``: the record always holds the machine's state."""
+    def sync_state(self) -> None:
+        """After a row that changed the state: the record always holds the machine's state."""
         if self.record.state is not self.state:
             self.record = self.record.evolve(state=self.state)
 
@@ -1100,7 +1126,7 @@ class Model:
         old = self.pending
         verified = bitmap_new(new.fragment_count)
         if old is not None:
-            live = State[e.transition.source] in CANCELLABLE
+            live = e.kwargs["source"] in CANCELLABLE
             same = (
                 live
                 and old.body.image_sha256 == new.body.image_sha256
@@ -1164,7 +1190,7 @@ class Model:
         self._leave_waiting()
         self._entry = (ResultCode.AUTHORIZED, self._step())
 
-    def _report_entry(self, e: Any) -> None:
+    def report_entry(self, e: Any) -> None:
         """Report entering a work or held state, with the decision that led there.
 
         A step that starts past its deadline through local holds overrules their holders:
@@ -1175,7 +1201,7 @@ class Model:
         self._entry = None
         self._report(result, detail)
         # A refetch after VERIFYING is not a new start of the step: no hold applies to it.
-        if result is not ResultCode.FORCED and State[e.transition.source] is not S.VERIFYING:
+        if result is not ResultCode.FORCED and e.kwargs["source"] is not S.VERIFYING:
             self._force_past_holds(e)
 
     def _force_past_holds(self, e: Any) -> None:
@@ -1211,8 +1237,6 @@ class Model:
     def check_gates(self, e: Any) -> None:
         """Have the engine evaluate the configured conditions for the held step."""
         assert self.pending is not None
-        if e.transition.dest is not None:
-            self._report_entry(e)
         self.outbox.append(cmd.CheckGates(self.pending.update_id, self._step()))
 
     def hold(self, e: Any) -> None:
@@ -1310,8 +1334,6 @@ class Model:
     def start_download(self, e: Any) -> None:
         """Start or resume the download task."""
         assert self.pending is not None
-        if e.transition.dest is not None:  # entered DOWNLOADING (not a retry inside it)
-            self._report_entry(e)
         if self.record.download_started is None:
             self.record = self.record.evolve(download_started=e.kwargs["now"])
         # Every start (a refetch after VERIFYING cancelled it too); a timer of that name is
@@ -1486,6 +1508,7 @@ class Model:
         self.record = self.record.evolve(
             attempts=self.record.attempts + 1, verified=bitmap_new(self.pending.fragment_count)
         )
+        self.report_entry(e)
         self.start_download(e)
 
     def install(self, e: Any) -> None:
@@ -1495,7 +1518,7 @@ class Model:
         reason to roll back at the restart the installer asks for.
         """
         assert self.pending is not None
-        self._report_entry(e)
+        self.report_entry(e)
         self.record = self.record.evolve(restarts=0)
         self.outbox.append(cmd.Install(self.pending.update_id))
 
@@ -1524,9 +1547,11 @@ class Model:
         """The image runs only after a restart of the device: ask for one, remember this boot."""
         assert self.pending is not None
         self.record = self.record.evolve(boot_id=self.boot_id)
-        if e.transition.dest is not None:
-            self._report(ResultCode.INITIAL, "restart required")
         self.outbox.append(cmd.RequestRestart(self.pending.update_id))
+
+    def report_restart(self, e: Any) -> None:
+        """Report that the install waits for a restart (not again when a rollback does)."""
+        self._report(ResultCode.INITIAL, "restart required")
 
     def commit(self, e: Any) -> None:
         """The self-test passed: make the new image permanent."""
@@ -1578,7 +1603,7 @@ class Model:
         if isinstance(event, ev.CommitFinished) and error is not None:
             return error.result, f"commit failed: {error}"
         if isinstance(event, ev.Restarted):
-            step = State[e.transition.source].name
+            step = e.kwargs["source"].name
             return ResultCode.FAILED, f"restart limit {self.policy.restart_limit} reached in {step}"
         if error is not None:
             return error.result, str(error)
@@ -1754,6 +1779,156 @@ class Model:
         self.record = self.record.evolve(
             outbox=tuple(r for r in self.record.outbox if r.sequence != seq)
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """What :meth:`Machine.handle` did with one event.
+
+    Attributes:
+        accepted: a row fired (False: the pair is illegal, or no row's conditions held;
+            nothing changed then).
+        commands: the work to do, in order, once the record is journaled.
+        notices: the facts to tell listeners (state, update_available,
+            authorization_needed, deferred, held), before the commands run.
+        row: the row that fired, None when not accepted.
+        previous: the state before the event.
+        before: the record before the event (compare with the model's to know whether to
+            journal).
+        refusal: for an event not accepted, why, as an API caller is told it.
+    """
+
+    accepted: bool
+    commands: tuple[cmd.Command, ...]
+    notices: tuple[cmd.Tell, ...]
+    row: Transition | None
+    previous: State
+    before: Record
+    refusal: str = ""
+    undo: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+
+
+class Machine:
+    """The one entry to the core: an event in, the commands and notices it causes out.
+
+    Builds the ``transitions`` AsyncMachine over ``model`` from :data:`TRANSITIONS` (no auto
+    transitions, ``send_event``, not queued). A fired row's callbacks run as one plain call,
+    in table order, then the record takes the new state: nothing depends on how
+    ``transitions`` schedules a callback list.
+    """
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._told: str | None = None  # the update whose update_available was told
+        self._fired: Transition | None = None
+        AsyncMachine(
+            model=model,
+            states=State,
+            transitions=[
+                {
+                    "trigger": t.trigger,
+                    "source": list(t.source),
+                    "dest": t.dest,
+                    "conditions": list(t.conditions),
+                    "unless": list(t.unless),
+                    "after": [functools.partial(self._run_row, t)],
+                    "prepare": list(t.prepare),
+                }
+                for t in TRANSITIONS
+            ],
+            initial=model.record.state,
+            auto_transitions=False,
+            send_event=True,
+            queued=False,
+        )
+
+    def _run_row(self, row: Transition, e: Any) -> None:
+        self._fired = row
+        for name in row.after:
+            getattr(self.model, name)(e)
+        if row.dest is not None:
+            self.model.sync_state()
+
+    async def handle(self, event: ev.Event, now: float, draw: float = 0.5) -> Handled:
+        """Apply ``event`` at wall-clock ``now``; ``draw`` in [0, 1) is the retry jitter.
+
+        An illegal (state, trigger) pair, or one whose rows' conditions all fail, changes
+        nothing. A callback that raises leaves the model as it was, and the error propagates.
+        The caller journals the record when it changed, then runs the commands; if it cannot
+        journal, :meth:`undo` puts the model back.
+        """
+        model = self.model
+        previous, before = model.state, model.record
+        undo = (model.snapshot(), self._told)
+        self._fired = None
+        accepted = False
+        if (previous, event.trigger) in LEGAL:
+            try:
+                accepted = await model.trigger(
+                    event.trigger, event=event, now=now, draw=draw, source=previous
+                )
+            except MachineError:
+                accepted = False
+            except Exception:
+                # transitions leaves the state changed when a callback raises: put it back.
+                model.restore(undo[0])
+                raise
+        commands = model.take_commands()
+        if not accepted:
+            refusal = (
+                f"{type(event).__name__} is not valid in state {model.state.name}"
+                f" for update {getattr(event, 'update_id', None)!r}"
+                f" (current update: {model.update_id!r})"
+            )
+            return Handled(False, (), (), None, previous, before, refusal, undo)
+        notices = self._notices(previous, before, now)
+        return Handled(True, tuple(commands), notices, self._fired, previous, before, "", undo)
+
+    def undo(self, handled: Handled) -> None:
+        """Put the model back as it was before ``handled`` (its journal write failed)."""
+        snapshot, self._told = handled.undo
+        self.model.restore(snapshot)
+
+    def _notices(self, previous: State, before: Record, now: float) -> tuple[cmd.Tell, ...]:
+        model = self.model
+        state, rec, uid = model.state, model.record, model.update_id
+        out: list[cmd.Tell] = []
+        if uid is not None and uid != self._told:
+            # A new update (or the pending one, first told after a start).
+            self._told = uid
+            info = model.info(now)
+            assert info is not None
+            out.append(
+                cmd.Tell(
+                    "update_available",
+                    uid,
+                    {
+                        "version": info.version,
+                        "installed_version": info.installed_version,
+                        "reason": info.reason.value,
+                        "component": info.component.name.lower(),
+                        "severity": info.severity.name.lower(),
+                        "polite": info.polite,
+                        "image_size": info.image_size,
+                        "deadline": info.deadline.timestamp() if info.deadline else None,
+                    },
+                )
+            )
+        version = model.pending.body.version if model.pending else None
+        if state is not previous:
+            moved = {"state": state.name, "previous": previous.name, "version": version}
+            out.append(cmd.Tell("state", uid, moved))
+            asking = model.authorization_needed(now)
+            if asking is not None:
+                out.append(asking)
+        deferred = (S.DOWNLOAD_DEFERRED, S.INSTALL_DEFERRED)
+        if state in deferred and (state is not previous or rec.defer_until != before.defer_until):
+            step = "download" if state is S.DOWNLOAD_DEFERRED else "install"
+            until = {"step": step, "until": rec.defer_until, "reason": rec.defer_reason}
+            out.append(cmd.Tell("deferred", uid, until))
+        if rec.held != before.held:
+            out.append(cmd.Tell("held", uid, {"held": list(rec.held)}))
+        return tuple(out)
 
 
 def table_markdown() -> str:

@@ -111,15 +111,25 @@ def must_ask(installed: Manifest | None) -> bool:
     return installed is not None and installed.body.polite
 
 
-def retry_delay(attempt: int, policy: Policy, draw: float = 0.5) -> float:
-    """Delay before retry number ``attempt`` (1-based): exponential, capped, with jitter.
+def backoff(attempt: int, base: float, cap: float, draw: float, jitter: float) -> float:
+    """The one back-off of fota: the wait before retry number ``attempt`` (1-based).
 
-    ``draw`` is a random number in [0, 1) passed in by the engine (the core has no random
-    source); it spreads the delay over +/- ``retry_jitter`` so a fleet that lost its server at
-    the same moment does not come back at the same moment. 0.5 gives the plain delay.
+    ``base`` doubling per attempt up to ``cap``, spread over +/- ``jitter`` (a fraction) by
+    ``draw``, a random number in [0, 1) the caller passes in (the core has no random source),
+    so a fleet that lost its server at the same moment does not come back at the same moment.
+    0.5 gives the plain delay. Every retry of the engine, its child tasks and the transport's
+    announcement watch waits this (with its own base, cap and jitter).
     """
-    base = min(policy.retry_cap, policy.retry_base * (2 ** max(0, attempt - 1)))
-    return float(base * (1 + policy.retry_jitter * (2 * draw - 1)))
+    nominal = min(cap, base * 2.0 ** min(max(0, attempt - 1), 64))
+    return float(nominal * (1 + jitter * (2 * draw - 1)))
+
+
+def retry_delay(attempt: int, policy: Policy, draw: float = 0.5) -> float:
+    """Delay before retry number ``attempt`` of a failed step: :func:`backoff` by the policy.
+
+    ``retry_base`` doubling to ``retry_cap``, spread by ``retry_jitter``.
+    """
+    return backoff(attempt, policy.retry_base, policy.retry_cap, draw, policy.retry_jitter)
 
 
 def stall_delay(elapsed: float, policy: Policy, draw: float = 0.5) -> float:

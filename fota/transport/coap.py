@@ -31,6 +31,7 @@ from aiocoap.optiontypes import BlockOption
 
 from fota.core import codes
 from fota.core.announce_sig import open_envelope
+from fota.core.policy import backoff
 from fota.core.text import show
 from fota.core.uri import check_uri_reference, origin, path_segments, resolve
 from fota.errors import (
@@ -79,7 +80,7 @@ def poll_delay(interval: float, jitter: float, rng: random.Random) -> float:
 
     A fleet that started together (a power cut ends) must not poll in lockstep.
     """
-    return interval * rng.uniform(1.0 - jitter, 1.0 + jitter)
+    return backoff(1, interval, interval, rng.random(), jitter)
 
 
 def classify(uri: str, response: Any) -> None:
@@ -573,8 +574,8 @@ class CoapTransport:
         cap = self.backoff_cap
         if self.poll_interval is not None:
             cap = max(cap, self.poll_interval)
-        nominal = min(cap, self.backoff_base * 2.0 ** min(failures - 1, 64))
-        return poll_delay(nominal, max(self.poll_jitter, 0.1), self._random)
+        jitter = max(self.poll_jitter, 0.1)
+        return backoff(failures, self.backoff_base, cap, self._random.random(), jitter)
 
     def _healthy(self, outcome: _Outcome) -> bool:
         """Whether an observation worked: the server kept it for ``backoff_cap`` or longer.
