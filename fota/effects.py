@@ -14,27 +14,32 @@ import hashlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import TypeVar
 
 import structlog
 
-from fota import hooks
+from fota import crashpoints, hooks
 from fota.config import Config
 from fota.core import events as ev
 from fota.core import policy as pol
 from fota.core.keyset import MAX_KEYSET_BYTES
-from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest, envelope_id, fetched_key
+from fota.core.manifest import MAX_MANIFEST_BYTES, Manifest, envelope_id, fetched_key, verify
+from fota.core.record import Report
 from fota.download import NO_SPACE
 from fota.errors import (
+    ConfigError,
     FotaError,
     InstallError,
     IntegrityError,
+    JournalError,
     ManifestError,
     PermanentServerError,
     ResourceMissing,
     StorageError,
 )
 from fota.fileops import seal_candidate
+from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo
 from fota.install import Installer
 from fota.journal import Journal
 from fota.transport import Transport
@@ -49,6 +54,8 @@ Condition = Callable[[], Awaitable[bool]]
 Progress = Callable[[int], None]
 """An installer's progress callback (percent); safe to call from a worker thread."""
 
+REPORT_RETRY = 0.2
+"""First pause between report delivery attempts, seconds (doubling to ``report_retry_cap``)."""
 RESTART_RETRY = 30.0
 RESTART_RETRY_CAP = 600.0
 """Pauses between runs of a restart command that failed (doubling, capped)."""
@@ -81,6 +88,92 @@ def manifest_env(manifest: Manifest) -> dict[str, str]:
         "FOTA_VERSION": manifest.body.version,
         "FOTA_COMPONENT": manifest.body.component.name.lower(),
     }
+
+
+def factory_manifest(path: Path, config: Config) -> Manifest:
+    """The running image's manifest a provisioned device ships with (``Config.factory_manifest``).
+
+    Raises:
+        ConfigError: it cannot be read, does not verify, or is another device class's.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"factory_manifest: cannot read {path}: {exc.strerror}") from exc
+    try:
+        # The running image's manifest, like the journal's installed one: a key a keyset
+        # rotated out (or revoked) since still vouches for it; only a new manifest needs a
+        # key trusted now (else a device that lost its journal after a rotation is stuck).
+        manifest = verify(raw, config.trust, max_image_size=1 << 62, revoked_ok=True)
+        if manifest.body.device_class != config.device_class:
+            raise ManifestError(
+                "wrong_device_class",
+                "device_class",
+                f"{manifest.body.device_class!r} is not this device's {config.device_class!r}",
+            )
+    except ManifestError as exc:
+        raise ConfigError(f"factory_manifest: {path}: {exc}") from exc
+    return manifest
+
+
+# -- the application's hooks ---------------------------------------------------------------
+
+
+def decision_event(update_id: str, decision: Decision) -> ev.Event | None:
+    """The event an application's decision stands for (None while it is pending)."""
+    if decision.kind is DecisionKind.AUTHORIZE:
+        return ev.Authorized(update_id)
+    if decision.kind is DecisionKind.REJECT:
+        return ev.Rejected(update_id, decision.reason)
+    if decision.kind is DecisionKind.DEFER:
+        assert decision.until is not None
+        return ev.Deferred(update_id, decision.until.timestamp(), decision.reason)
+    return None
+
+
+def _hook(handler: UpdateHandler, step: str) -> Callable[[UpdateInfo], Awaitable[Decision]]:
+    if step == "download":
+        return handler.on_download_authorization
+    return handler.on_install_authorization
+
+
+async def ask(handler: UpdateHandler, info: UpdateInfo, step: str) -> ev.Event | None:
+    """Ask the application's hook whether ``step`` may proceed.
+
+    Returns:
+        The event its answer stands for; None when the answer is pending (it comes through
+        the Client API) or the hook failed (the application's bug: the update waits for an
+        answer through the API, or the next restart, which asks again).
+    """
+    try:
+        decision = await _hook(handler, step)(info)
+    except Exception:
+        log.exception("authorization_hook_failed", step=step, update_id=info.update_id)
+        return None
+    log.info(
+        "authorization_answered",
+        step=step,
+        update_id=info.update_id,
+        decision=decision.kind.value,
+    )
+    return decision_event(info.update_id, decision)
+
+
+async def inform(handler: UpdateHandler, info: UpdateInfo, step: str) -> None:
+    """Call the hook for information only: the running image is not polite."""
+    try:
+        decision = await _hook(handler, step)(info)
+    except Exception:
+        log.exception("authorization_hook_failed", step=step, update_id=info.update_id)
+        return
+    if decision.kind is not DecisionKind.AUTHORIZE:
+        log.info(
+            "answer_ignored",
+            step=step,
+            update_id=info.update_id,
+            decision=decision.kind.value,
+            why="the running image is not polite",
+        )
 
 
 class Effects:
@@ -227,6 +320,58 @@ class Effects:
         log.info(f"{what}_missing", uri=uri, error=str(error), retry_in=round(delay, 3))
         await asyncio.sleep(delay)  # the back-off itself, not synchronisation
         return since
+
+    # -- reports -----------------------------------------------------------------------------
+
+    async def deliver_reports(
+        self,
+        oldest: Callable[[], Report | None],
+        delivered: Callable[[int], Awaitable[None]],
+    ) -> None:
+        """Send the outbox, oldest first, until it is empty.
+
+        Args:
+            oldest: the report at the head of the journal's outbox now, None when empty.
+            delivered: journals that the server has report ``sequence`` (the engine's
+                ``ReportDelivered``, handled before this returns).
+        """
+        # The task outlives the state it was spawned in: its lines say which report they are
+        # about (update and state of the report), not the context of its spawning.
+        structlog.contextvars.unbind_contextvars("update_id", "version", "state")
+        failures = 0
+        while (report := oldest()) is not None:
+            about = {
+                "sequence": report.sequence,
+                "update_id": report.update_id,
+                "state": report.state.name,
+            }
+            try:
+                await self.transport.post_report(report.to_cbor(self.config.device_id))
+            except PermanentServerError as exc:
+                log.warning("report_refused", error=str(exc), **about)
+            except FotaError as exc:
+                failures += 1
+                delay = self._report_backoff(failures)
+                log.info("report_retry", error=str(exc), delay=round(delay, 3), **about)
+                await asyncio.sleep(delay)  # back-off between delivery attempts
+                continue
+            crashpoints.point("report:acknowledged")
+            try:
+                await delivered(report.sequence)
+            except JournalError as exc:
+                # The server has it, the journal does not say so yet: send it again after a
+                # pause (the server de-duplicates by sequence) rather than end the task and
+                # leave the outbox waiting for the next report to be queued.
+                failures += 1
+                delay = self._report_backoff(failures)
+                log.warning("report_not_dropped", error=str(exc), delay=round(delay, 3), **about)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+
+    def _report_backoff(self, failures: int) -> float:
+        cap = max(REPORT_RETRY, self.config.report_retry_cap)
+        return pol.backoff(failures, REPORT_RETRY, cap, self.rng.random(), self._jitter)
 
     # -- local holds -----------------------------------------------------------------------
 

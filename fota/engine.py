@@ -1,17 +1,19 @@
-"""The engine: the only task that triggers the state machine.
+"""The engine: the only caller of the state machine, and the supervisor of what it asks for.
 
-    inbox queue -> machine trigger -> journal (if the record changed) -> run commands
-    child tasks (download, handler calls, installer, timers, reports) -> events -> inbox
+    inbox -> Machine.handle -> journal (if the record changed) -> notices -> run commands
+    child tasks (fota.effects: download, hooks, installer, checks, reports) -> events -> inbox
+    announcements (fota.intake) -> events -> inbox; timers -> events -> inbox
 
 Rules that keep it correct (design.md):
 
-* One task consumes the inbox and awaits each trigger to completion before the next
+* One task consumes the inbox and awaits each event's handling to completion before the next
   (run-to-completion), so the AsyncMachine never sees two triggers at once (transitions #401:
   a trigger from another task would cancel the running transition).
-* The record is journaled after the trigger and before any command runs: every state change
-  is durable before its effects. If the journal cannot be written, the in-memory model is put
-  back to what is on disk and no command runs.
-* Long work is a child task that reports back only by putting an event in the inbox.
+* The record is journaled after the event and before any command runs: every state change
+  is durable before its effects. If the journal cannot be written, ``Machine.undo`` puts the
+  model back to what is on disk and no command runs.
+* Long work is a child task (a body in :mod:`fota.effects`) that reports back only by the
+  event it returns, which goes into the inbox; a crash becomes the command's failure event.
   Cancelling work is always an explicit command (``StopDownload``, ``CancelTimer``).
 * After loading the journal, a ``Restarted`` event makes the machine re-issue the restored
   state's work explicitly (``on_enter`` does not run for an ``initial=`` state).
@@ -33,41 +35,34 @@ import structlog
 
 from fota import crashpoints
 from fota.config import Config
-from fota.core import announce_sig
 from fota.core import commands as cmd
 from fota.core import events as ev
 from fota.core import policy as pol
 from fota.core.machine import Machine, Model
-from fota.core.manifest import Manifest, verify
-from fota.core.record import Record
+from fota.core.manifest import Manifest
+from fota.core.record import Record, Report
 from fota.core.states import State
 from fota.core.text import show
 from fota.core.uri import allowed, resolve
 from fota.download import Downloader
-from fota.effects import Condition, Effects, SelfTest
+from fota.effects import Condition, Effects, SelfTest, ask, factory_manifest, inform
 from fota.errors import (
-    ConfigError,
     FotaError,
     InvalidTransition,
     JournalError,
     ManifestError,
-    PermanentServerError,
     ResultCode,
     TaskCrashed,
 )
-from fota.handler import Decision, DecisionKind, UpdateHandler, UpdateInfo
+from fota.handler import UpdateHandler, UpdateInfo
 from fota.install import Installer
+from fota.intake import Intake
 from fota.journal import Journal
 from fota.notices import Listener, Notice
-from fota.transport import Announcement, Transport
+from fota.transport import Transport
 from fota.trust import Trust
 
 log = structlog.get_logger(__name__)
-
-KEYSET_WAIT = 30.0
-"""Longest an announcement waits for the keyset it names, seconds."""
-KEYSET_RETRY = 600.0
-"""After a keyset failed, the same one is not fetched again for this long, seconds."""
 
 
 TIMER_RECHECK = 30.0
@@ -81,24 +76,10 @@ SUPERVISE_RETRY = 1.0
 SUPERVISE_RETRY_CAP = 300.0
 """Pause before a crashed long-lived task (announcement watcher, timers, freshness, report
 delivery) runs again, seconds: doubling from ``SUPERVISE_RETRY`` to the cap, with jitter."""
-REPORT_RETRY = 0.2
-"""First pause between report delivery attempts, seconds (doubling to ``report_retry_cap``)."""
 
 Failure = Callable[[TaskCrashed], "ev.Event | None"]
 """What a supervised child task's crash stands for: the failure event of its command (None:
 the crash is only logged, e.g. a notification hook)."""
-
-
-def decision_event(update_id: str, decision: Decision) -> ev.Event | None:
-    """The event an application's decision stands for (None while it is pending)."""
-    if decision.kind is DecisionKind.AUTHORIZE:
-        return ev.Authorized(update_id)
-    if decision.kind is DecisionKind.REJECT:
-        return ev.Rejected(update_id, decision.reason)
-    if decision.kind is DecisionKind.DEFER:
-        assert decision.until is not None
-        return ev.Deferred(update_id, decision.until.timestamp(), decision.reason)
-    return None
 
 
 _DURABLE_STATES = {
@@ -205,16 +186,6 @@ class Engine:
         self._listeners: list[Listener] = []
         self._current: UpdateInfo | None = None
         self._previous: UpdateInfo | None = None
-        self._keyset_failed: tuple[str, int, float] | None = None  # uri, version, retry after
-        # Freshness (Config.freshness_window): measured in monotonic time, so a stepped wall
-        # clock neither hides a frozen device nor makes a live one look frozen.
-        self._fresh_mono = time.monotonic()
-        self._fresh_wake = asyncio.Event()
-        self._newest_issued: int | None = None  # of the newest signed announcement taken
-        self.stale = False
-        """No fresh announcement for ``Config.freshness_window`` (until the next fresh one)."""
-        self.last_fresh: float | None = None
-        """When the last fresh announcement arrived (wall clock), None: none since the start."""
         self.trust = Trust(
             config.trust,
             config.trust_roots,
@@ -231,6 +202,15 @@ class Engine:
             rng=self._random,
             self_test=self_test,
             conditions=self.conditions,
+        )
+        self.intake = Intake(
+            config,
+            transport=transport,
+            trust=self.trust,
+            effects=self.effects,
+            clock=clock,
+            post=self.post,
+            tell=self._tell,
         )
         self.downloader = Downloader(
             transport.block_fetcher,
@@ -254,7 +234,7 @@ class Engine:
         if installed is None and record.installed is None and self.config.factory_manifest:
             # A provisioned device: the factory image's manifest decides politeness from the
             # first update on, as an installed one would.
-            installed = self._factory_manifest(self.config.factory_manifest)
+            installed = factory_manifest(self.config.factory_manifest, self.config)
             record = record.evolve(installed=installed.digest)
             self.journal.save(record, (loaded.pending, installed))
             log.info("factory_manifest_adopted", version=installed.body.version)
@@ -285,36 +265,15 @@ class Engine:
             self.post(ev.KeysetApplied(self.trust.version, self.trust.floor_reset))
         # Long-lived tasks run again after a crash: without them the engine is deaf (no
         # announcements), timeless (no timer fires) or blind to a frozen server.
-        self._spawn_kept("watch", self._watch)
+        self._spawn_kept("watch", self.intake.watch)
         self._spawn_kept("timers", self._run_timers)
         if self.config.freshness_window is not None:
-            self._fresh_mono = time.monotonic()  # the window starts with the engine
+            self.intake.fresh_since = time.monotonic()  # the window starts with the engine
             window = self.config.freshness_window
-            self._spawn_kept("freshness", lambda: self._watch_freshness(window))
+            self._spawn_kept("freshness", lambda: self.intake.watch_freshness(window))
         subscribe = getattr(self.clock, "subscribe", None)
         if callable(subscribe):
             self._unsubscribe = subscribe(self.check_timers)
-
-    def _factory_manifest(self, path: Path) -> Manifest:
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"factory_manifest: cannot read {path}: {exc.strerror}") from exc
-        try:
-            # The running image's manifest, like the journal's installed one: a key a keyset
-            # rotated out (or revoked) since still vouches for it; only a new manifest needs a
-            # key trusted now (else a device that lost its journal after a rotation is stuck).
-            manifest = verify(raw, self.config.trust, max_image_size=1 << 62, revoked_ok=True)
-            if manifest.body.device_class != self.config.device_class:
-                raise ManifestError(
-                    "wrong_device_class",
-                    "device_class",
-                    f"{manifest.body.device_class!r} is not this device's"
-                    f" {self.config.device_class!r}",
-                )
-        except ManifestError as exc:
-            raise ConfigError(f"factory_manifest: {path}: {exc}") from exc
-        return manifest
 
     async def aclose(self) -> None:
         """Stop child tasks and the engine (after the event in progress), keep the journal as is.
@@ -346,6 +305,16 @@ class Engine:
         self.handler = handler
         if self._runner is not None:
             self.post(ev.HandlerChanged(handler is not None))
+
+    @property
+    def stale(self) -> bool:
+        """No fresh announcement for ``Config.freshness_window`` (until the next fresh one)."""
+        return self.intake.stale
+
+    @property
+    def last_fresh(self) -> float | None:
+        """When the last fresh announcement arrived (wall clock), None: none since the start."""
+        return self.intake.last_fresh
 
     @property
     def alive(self) -> bool:
@@ -684,21 +653,13 @@ class Engine:
                     self._posting(self.effects.verify(self._pending(uid))),
                     lambda error: ev.ImageChecked(uid, False, error),
                 )
-            case cmd.Install(update_id=uid):
-                manifest = self._pending(uid)
-                self._spawn(
-                    "install",
-                    self._posting(self.effects.install(manifest, self._install_progress(manifest))),
-                    lambda error: ev.InstallFinished(uid, error),
-                )
             case cmd.RunSelfTest(update_id=uid):
                 self._spawn(
                     "selftest",
                     self._posting(self.effects.self_test(self._pending(uid))),
                     lambda error: ev.SelfTestFinished(uid, False, str(error)),
                 )
-            case cmd.RequestRestart(update_id=uid):
-                self._spawn("restart", self.effects.request_restart(self._pending(uid)))
+            # The install steps share one task name: one installer call at a time.
             case cmd.CheckBoot(update_id=uid):
                 self._spawn(
                     "install",
@@ -717,6 +678,15 @@ class Engine:
                     self._posting(self.effects.rollback(self._pending(uid))),
                     lambda error: ev.RollbackFinished(uid, error),
                 )
+            case cmd.Install(update_id=uid):
+                manifest = self._pending(uid)
+                self._spawn(
+                    "install",
+                    self._posting(self.effects.install(manifest, self._install_progress(manifest))),
+                    lambda error: ev.InstallFinished(uid, error),
+                )
+            case cmd.RequestRestart(update_id=uid):
+                self._spawn("restart", self.effects.request_restart(self._pending(uid)))
             case cmd.CheckAnnouncement():
                 self.transport.check_now()
             case cmd.DiscardCandidate():
@@ -743,11 +713,12 @@ class Engine:
                 )
             case cmd.Inform(update_id=uid, step=step):
                 if self.handler is not None:
-                    self._spawn(None, self._inform(uid, step))
+                    self._spawn(None, inform(self.handler, self._info(), step))
             case cmd.NotifyForced(update_id=uid, step=step, reason=reason):
                 self._tell("forced", uid, step=step, reason=reason)
+                log.warning("update_forced", step=step, reason=reason, update_id=uid)
                 if self.handler is not None:
-                    self._spawn(None, self._notify_forced(step, reason))
+                    self._spawn(None, self.handler.on_forced(self._info(), step, reason))
             case cmd.SendReports():
                 task = self._tasks.get("reports")
                 if task is None or task.done():
@@ -777,7 +748,7 @@ class Engine:
                     detail=detail,
                 )
                 if self.handler is not None and info is not None:
-                    self._spawn(None, self._notify_complete(info, result, detail))
+                    self._spawn(None, self.handler.on_complete(info, result, detail))
             case _:
                 raise AssertionError(f"unhandled command {c!r}")
 
@@ -808,157 +779,14 @@ class Engine:
         assert info is not None
         return info
 
-    async def _notify_complete(self, info: UpdateInfo, result: ResultCode, detail: str) -> None:
-        assert self.handler is not None
-        await self.handler.on_complete(info, result, detail)
-
-    async def _notify_forced(self, step: str, reason: str) -> None:
-        assert self.handler is not None
-        log.warning("update_forced", step=step, reason=reason, update_id=self._info().update_id)
-        await self.handler.on_forced(self._info(), step, reason)
-
-    async def _inform(self, update_id: str, step: str) -> None:
-        # The running image is not polite: the hook is told, its answer changes nothing.
-        assert self.handler is not None
-        hook = (
-            self.handler.on_download_authorization
-            if step == "download"
-            else self.handler.on_install_authorization
-        )
-        try:
-            decision = await hook(self._info())
-        except Exception:
-            log.exception("authorization_hook_failed", step=step, update_id=update_id)
-            return
-        if decision.kind is not DecisionKind.AUTHORIZE:
-            log.info(
-                "answer_ignored",
-                step=step,
-                update_id=update_id,
-                decision=decision.kind.value,
-                why="the running image is not polite",
-            )
-
     # -- child tasks --------------------------------------------------------------------
-
-    async def _watch(self) -> None:
-        async for ann in self.transport.announcements():
-            log.debug("announcement_received", sequence=ann.sequence, uri=ann.manifest_uri)
-            ann = self._allowed_locations(ann)
-            # The keyset first (it verifies by the root keys, whoever announced it): the
-            # announcement may be signed by a key that keyset brings.
-            await self._keyset_of(ann)
-            if not self._take(ann):
-                continue
-            self.post(
-                ev.AnnouncementReceived(
-                    ann.sequence, ann.manifest_digest, ann.manifest_uri, ann.cancel
-                )
-            )
-
-    def _take(self, ann: Announcement) -> bool:
-        """Whether to act on an announcement (signature, expiry, replay); note freshness."""
-        verdict = announce_sig.check(
-            ann.signed,
-            self.config.trust,
-            required=self.config.require_signed_announcements,
-            now=self.clock(),
-            newest=self._newest_issued,
-        )
-        if verdict.reason is not None:
-            log.warning("announcement_ignored", reason=verdict.reason, sequence=ann.sequence)
-            return False
-        if verdict.issued_at is not None:
-            self._newest_issued = max(self._newest_issued or 0, verdict.issued_at)
-        if verdict.fresh:
-            self._freshened()
-        return True
-
-    def _freshened(self) -> None:
-        self._fresh_mono = time.monotonic()
-        self.last_fresh = self.clock()
-        self._fresh_wake.set()
-        if self.stale:
-            self.stale = False
-            log.info("announcements_fresh", last_fresh=self.last_fresh)
-            self._tell("fresh", None, last_fresh=self.last_fresh)
-
-    async def _watch_freshness(self, window: float) -> None:
-        """Say so when no fresh announcement arrived for ``window`` seconds (once per lapse)."""
-        while True:
-            due = self._fresh_mono + window - time.monotonic()
-            if due <= 0 and not self.stale:
-                self.stale = True
-                log.warning("announcements_stale", window=window, last_fresh=self.last_fresh)
-                self._tell("stale", None, window=window, last_fresh=self.last_fresh)
-                # A report too, through the machine's durable outbox: delivered if the server
-                # can still hear the device (a path that only freezes announcements).
-                self.post(ev.AnnouncementsStale(window, self.last_fresh))
-            self._fresh_wake.clear()
-            # A timer for the window, not synchronisation; a fresh announcement wakes it.
-            timeout = None if self.stale else max(0.0, due)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._fresh_wake.wait(), timeout)
-
-    async def _keyset_of(self, ann: Announcement) -> None:
-        """Fetch a newer keyset the announcement names, before its manifest is looked at.
-
-        The manifest may be signed by a key this keyset brings. Bounded (``KEYSET_WAIT``), and
-        not tried again soon after a failure (``KEYSET_RETRY``): the announced version is
-        unsigned, and a keyset nobody serves must not hold back every later announcement.
-        """
-        version, uri = ann.keyset_version, ann.keyset_uri
-        if version is None or uri is None or version <= self.trust.version:
-            return
-        failed = self._keyset_failed
-        if failed is not None and failed[:2] == (uri, version) and time.monotonic() < failed[2]:
-            return
-        try:
-            async with asyncio.timeout(KEYSET_WAIT):
-                applied = await self.effects.fetch_keyset(uri, version)
-            if applied is not None:
-                # Before the announcement it came with: its manifest is judged after this.
-                self.post(applied)
-        except TimeoutError:
-            log.warning("keyset_fetch_timed_out", uri=uri, seconds=KEYSET_WAIT)
-        if version > self.trust.version:
-            self._keyset_failed = (uri, version, time.monotonic() + KEYSET_RETRY)
-
-    def _allowed_locations(self, ann: Announcement) -> Announcement:
-        """Drop announced locations outside the allowed origins (announcements are unsigned)."""
-        origins = self.config.origins()
-        for field in ("manifest_uri", "keyset_uri"):
-            uri = getattr(ann, field)
-            if uri is not None and not allowed(uri, origins):
-                log.warning("announced_location_refused", field=field, uri=show(uri, 120))
-                if field == "manifest_uri":
-                    ann = dataclasses.replace(ann, manifest_uri=None, manifest_digest=None)
-                else:
-                    ann = dataclasses.replace(ann, keyset_uri=None, keyset_version=None)
-        return ann
 
     async def _ask(self, update_id: str, *, download: bool) -> None:
         step = "download" if download else "install"
         if self.handler is None:
             log.info("authorization_awaited", step=step, update_id=update_id)
             return
-        info = self._info()
-        hook = (
-            self.handler.on_download_authorization
-            if download
-            else self.handler.on_install_authorization
-        )
-        try:
-            decision = await hook(info)
-        except Exception:
-            # The application's bug: the update waits for an answer through the Client API
-            # (or the next restart, which asks again), as with a pending answer.
-            log.exception("authorization_hook_failed", step=step, update_id=update_id)
-            return
-        log.info(
-            "authorization_answered", step=step, update_id=update_id, decision=decision.kind.value
-        )
-        event = decision_event(update_id, decision)
+        event = await ask(self.handler, self._info(), step)
         if event is not None:
             try:
                 await self.submit(event)
@@ -991,46 +819,9 @@ class Engine:
 
     async def _deliver_reports(self) -> None:
         """Send the outbox, oldest first, until it is empty (run under ``_spawn_kept``)."""
-        # The task outlives the state it was spawned in: its lines say which report they are
-        # about (update and state of the report), not the context of its spawning.
-        structlog.contextvars.unbind_contextvars("update_id", "version", "state")
-        failures = 0
-        while True:
-            model = self.model
-            assert model is not None
-            if not model.record.outbox:
-                return
-            report = model.record.outbox[0]
-            about = {
-                "sequence": report.sequence,
-                "update_id": report.update_id,
-                "state": report.state.name,
-            }
-            try:
-                await self.transport.post_report(report.to_cbor(self.config.device_id))
-            except PermanentServerError as exc:
-                log.warning("report_refused", error=str(exc), **about)
-            except FotaError as exc:
-                failures += 1
-                delay = self._report_backoff(failures)
-                log.info("report_retry", error=str(exc), delay=round(delay, 3), **about)
-                await asyncio.sleep(delay)  # back-off between delivery attempts
-                continue
-            crashpoints.point("report:acknowledged")
-            try:
-                await self.submit(ev.ReportDelivered(report.sequence))
-            except JournalError as exc:
-                # The server has it, the journal does not say so yet: send it again after a
-                # pause (the server de-duplicates by sequence) rather than end the task and
-                # leave the outbox waiting for the next report to be queued.
-                failures += 1
-                delay = self._report_backoff(failures)
-                log.warning("report_not_dropped", error=str(exc), delay=round(delay, 3), **about)
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
 
-    def _report_backoff(self, failures: int) -> float:
-        cap = max(REPORT_RETRY, self.config.report_retry_cap)
-        jitter = self.config.retry_jitter
-        return pol.backoff(failures, REPORT_RETRY, cap, self._random.random(), jitter)
+        def oldest() -> Report | None:
+            assert self.model is not None
+            return self.model.record.outbox[0] if self.model.record.outbox else None
+
+        await self.effects.deliver_reports(oldest, lambda seq: self.submit(ev.ReportDelivered(seq)))

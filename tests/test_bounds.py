@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fota import AutoAuthorize, ResultCode
-from fota import engine as engine_mod
+from fota import effects as effects_mod
 from fota.core.machine import Model
 from fota.core.record import COALESCE_FROM, PROGRESS_RESULTS, Report, queue_report
 from fota.core.states import State
@@ -81,7 +81,7 @@ async def test_outbox_stays_bounded_while_the_report_server_is_away(
 ) -> None:
     # Before: every step of every update queued a report that stayed until acknowledged,
     # so a device whose report server was away for a year grew its journal without end.
-    monkeypatch.setattr(engine_mod, "REPORT_RETRY", 0.001)
+    monkeypatch.setattr(effects_mod, "REPORT_RETRY", 0.001)
     net = ReportsFailFirst(failures=1 << 30)  # never acknowledged
     engine = Engine(
         dataclasses.replace(config(tmp_path, signing.trust), report_retry_cap=0.01),

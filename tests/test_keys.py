@@ -396,5 +396,5 @@ async def test_a_keyset_nobody_serves_does_not_hold_the_update_back(tmp_path: Pa
         async with Client(config, handler=AutoAuthorize()) as client:
             await reports.wait_for(v1, ResultCode.SUCCESS)
             assert client.engine.trust.version == 0
-            assert client.engine._keyset_failed is not None
-            assert client.engine._keyset_failed[:2] == (f"{server.uri}/fota/k/{'0' * 64}", 9)
+            assert client.engine.intake.keyset_failed is not None
+            assert client.engine.intake.keyset_failed[:2] == (f"{server.uri}/fota/k/{'0' * 64}", 9)

@@ -73,15 +73,15 @@ async def test_report_retries_and_journal_pauses_draw_their_jitter(
 ) -> None:
     spy = Spy(monkeypatch)
     engine = make_engine(tmp_path, signing, FakeTransport(), Journal(tmp_path, signing.trust))
-    engine._report_backoff(1)
-    engine._report_backoff(7)
+    engine.effects._report_backoff(1)
+    engine.effects._report_backoff(7)
     engine._journal_pause()
     engine.effects._room_pause()
     cap = engine.config.report_retry_cap
     jitter = engine.config.retry_jitter
     assert [(b, c, j) for b, c, _, j in spy.calls] == [
-        (engine_mod.REPORT_RETRY, cap, jitter),
-        (engine_mod.REPORT_RETRY, cap, jitter),
+        (effects_mod.REPORT_RETRY, cap, jitter),
+        (effects_mod.REPORT_RETRY, cap, jitter),
         (engine.config.journal_retry, engine.config.journal_retry, jitter),
         (engine.config.journal_retry, engine.config.journal_retry, jitter),
     ]

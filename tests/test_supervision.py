@@ -27,6 +27,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from fota import AutoAuthorize, Client, Manifest, ResultCode
+from fota import effects as effects_mod
 from fota import engine as engine_mod
 from fota.core import commands as cmd
 from fota.core import events as ev
@@ -332,7 +333,7 @@ async def test_the_report_task_survives_a_journal_error(
 ) -> None:
     # Before: the JournalError ended the report task, and the last report stayed in the
     # outbox until some later report was queued (after an update: maybe never).
-    monkeypatch.setattr(engine_mod, "REPORT_RETRY", 0.001)
+    monkeypatch.setattr(effects_mod, "REPORT_RETRY", 0.001)
     net = FakeTransport()
     journal = DropFailsOnce(tmp_path, signing.trust)
     engine = make_engine(tmp_path, signing, net, journal)
@@ -363,7 +364,7 @@ class ReportsFailFirst(FakeTransport):
 async def test_report_log_lines_carry_the_reports_state(
     tmp_path: Path, signing: Signing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(engine_mod, "REPORT_RETRY", 0.001)
+    monkeypatch.setattr(effects_mod, "REPORT_RETRY", 0.001)
     net = ReportsFailFirst(failures=6)
     engine = make_engine(tmp_path, signing, net, Journal(tmp_path, signing.trust))
     with capture_logs() as logs, structlog.contextvars.bound_contextvars(state="STALE"):
