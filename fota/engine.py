@@ -257,6 +257,10 @@ class Engine:
         )
         self.model.handler_present = self.handler is not None
         self.model.boot_id = read_boot_id(self.config.boot_id_path)
+        if loaded.pending_lost:
+            # Before anything else sees the model: the journal names an update whose manifest
+            # it could not load, and only the machine changes the update's state.
+            await self._handle(ev.PendingLost(loaded.pending_lost), None)
         self._runner = asyncio.create_task(self._run(), name="fota-engine")
         self.post(ev.Restarted())
         if self.trust.version > record.keyset_version:

@@ -80,6 +80,10 @@ class Loaded:
     installed: Manifest | None
     recovered: str = ""
     """What this load recovered from ("": nothing was damaged); also in ``record.recovered``."""
+    pending_lost: str = ""
+    """Why the pending manifest could not be loaded ("": it loaded, or none is pending). The
+    record still names the update: the engine hands this to the machine first
+    (``PendingLost``), which drops it. The journal keeps to its files."""
 
 
 PAST_THE_INSTALL = frozenset(
@@ -195,22 +199,17 @@ class Journal:
         pending, pending_fault = self._load_manifest(
             record.pending, "pending", revoked_ok=record.state in PAST_THE_INSTALL
         )
+        pending_lost = ""
         if record.pending is not None and pending is None:
             log.error("pending_update_dropped", digest=record.pending.hex())
-            if pending_fault:
-                moved = self._quarantine(self._manifest_name(record.pending))
-                recovered.append(f"pending manifest {pending_fault}{moved}: update dropped")
-            record = record.evolve(
-                state=State.IDLE,
-                pending=None,
-                manifest_uri=None,
-                verified=b"",
-                defer_until=None,
-                defer_reason="",
-                attempts=0,
-                restarts=0,
-                progress=0,
+            moved = self._quarantine(self._manifest_name(record.pending)) if pending_fault else ""
+            pending_lost = (
+                f"pending manifest {pending_fault}{moved}: update dropped"
+                if pending_fault
+                else "the pending manifest's key was revoked: update dropped"
             )
+            if pending_fault:
+                recovered.append(pending_lost)
         if record.installed is not None and installed is None:
             record, detail = self._lost_installed(record, installed_fault or "invalid")
             recovered.append(detail)
@@ -231,7 +230,7 @@ class Journal:
                 self.save(record, (pending, installed))
             except OSError as exc:
                 log.error("recovery_not_saved", error=str(exc))
-        return Loaded(record, pending, installed, detail)
+        return Loaded(record, pending, installed, detail, pending_lost)
 
     def _read_generations(self) -> tuple[Record, list[str], bool]:
         """The newest good generation, what was recovered, and whether it is the previous one.

@@ -43,6 +43,8 @@ from fota.control import protocol as proto
 from fota.control.client import ControlClient
 from fota.core import events as ev
 from fota.core import manifest as mf
+from fota.core.machine import Machine, Model
+from fota.core.policy import Policy
 from fota.core.record import Record, Report
 from fota.core.report import (
     MAX_DETAIL,
@@ -1054,7 +1056,10 @@ def check_journal(case: JournalCase) -> None:
     record does not name) and temp files are removed; everything else is byte for byte as it
     was, the record file included (a load never rewrites it) -- unless the load recovered
     from damage (issue 17 §2): then every damaged file is in the quarantine byte for byte, the
-    recovery is the last report, and the record it saved loads again without a recovery.
+    recovery is the last report, and the record saved after it loads again without a recovery.
+    A pending manifest that could not be loaded is dropped by the machine (``PendingLost``,
+    issue 18 §2), as the engine does before anything else: the record it then saves is the
+    one that loads again as it is.
     """
     with tempfile.TemporaryDirectory(prefix="fota-fuzz-") as tmp, watchdog():
         state = Path(tmp) / "state"
@@ -1062,14 +1067,23 @@ def check_journal(case: JournalCase) -> None:
         for name, data in case.files.items():
             (state / name).write_bytes(data)
         before = _snapshot(state)
+        journal = Journal(state, TRUST)
         try:
-            loaded = Journal(state, TRUST).load()
+            loaded = journal.load()
         except Exception as exc:
             expect_typed(exc, JournalError)
             assert _snapshot(state) == before, "a failed load changed the files"
             return
         record = loaded.record
         check_record_types(record)
+        if loaded.pending_lost:
+            assert loaded.pending is None and record.pending is not None
+            model = Model(Policy("fuzz-gw"), TRUST, record, installed=loaded.installed)
+            handled = asyncio.run(Machine(model).handle(ev.PendingLost(loaded.pending_lost), 0.0))
+            assert handled.accepted and model.record.pending is None
+            assert model.record.state is State.IDLE
+            journal.save(model.record, (None, loaded.installed))
+            record = model.record
         if loaded.recovered:
             assert record.outbox[-1].result is ResultCode.STATE_RECOVERED
             assert record.recovered == loaded.recovered
@@ -1079,6 +1093,10 @@ def check_journal(case: JournalCase) -> None:
                 assert before[name] == path.read_bytes(), f"{name} changed on its way aside"
             again = Journal(state, TRUST).load()
             assert again.recovered == "" and again.record == record
+            return
+        if loaded.pending_lost:  # its key was revoked: dropped without a recovery
+            again = Journal(state, TRUST).load()
+            assert again.pending_lost == "" and again.record == record
             return
         keep = {f"manifest-{d.hex()}.cose" for d in (record.pending, record.installed) if d}
         # A journal from before issue 16 §3 keeps its old names until the next save.

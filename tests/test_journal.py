@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 
 from fota.core import events as ev
 from fota.core import manifest as mf
+from fota.core.machine import Machine, Model
 from fota.core.manifest import Component, Manifest, ManifestBody, Severity, TrustStore
+from fota.core.policy import Policy
 from fota.core.record import SCHEMA, Record, Report, bitmap_get, bitmap_new, bitmap_set
 from fota.core.states import State
 from fota.download import Downloader
@@ -353,6 +355,9 @@ def full_record(pending: Manifest, installed: Manifest) -> Record:
     )
 
 
+POLICY = Policy("gw")
+
+
 def saved(state_dir: Path) -> tuple[Record, Manifest, Manifest]:
     pending, installed = make_manifest(9), make_manifest(8)
     record = full_record(pending, installed)
@@ -415,7 +420,7 @@ DAMAGE: dict[str, Callable[[Path, Manifest], object]] = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_damaged_pending_manifest_is_dropped_on_load(tmp_path: Path, damage: str) -> None:
+async def test_damaged_pending_manifest_is_dropped_on_load(tmp_path: Path, damage: str) -> None:
     state_dir = tmp_path / "state"
     record, pending, installed = saved(state_dir)
     DAMAGE[damage](manifest_file(state_dir, pending), pending)
@@ -423,18 +428,29 @@ def test_damaged_pending_manifest_is_dropped_on_load(tmp_path: Path, damage: str
     loaded = Journal(state_dir, trust()).load()
     assert loaded.pending is None
     assert loaded.installed is not None and loaded.installed.digest == installed.digest
-    assert loaded.record.state is State.IDLE
-    assert loaded.record.pending is None
-    assert loaded.record.verified == b""
-    assert loaded.record.defer_until is None
-    assert (loaded.record.attempts, loaded.record.restarts) == (0, 0)
-    # What is not about the dropped update survives: the installed image and the outbox.
-    assert loaded.record.installed == installed.digest
+    # The journal keeps to its files: it says what it could not load, and the machine drops
+    # the update (issue 18 §2; it used to rewrite the record to IDLE itself).
+    assert loaded.record.state is record.state and loaded.record.pending == pending.digest
+    assert loaded.pending_lost.startswith("pending manifest") and "update dropped" in (
+        loaded.pending_lost
+    )
     # The damage is reported (a manifest that is no longer there or no longer verifies).
     assert loaded.record.outbox[:-1] == record.outbox
     assert loaded.record.outbox[-1].result is ResultCode.STATE_RECOVERED
     assert loaded.record.outbox[-1].detail.startswith("pending manifest")
     assert loaded.record.report_seq == record.report_seq + 1
+
+    model = Model(POLICY, trust(), loaded.record, installed=loaded.installed)
+    handled = await Machine(model).handle(ev.PendingLost(loaded.pending_lost), 0.0)
+    assert handled.accepted and handled.commands == ()
+    assert model.state is State.IDLE and model.record.state is State.IDLE
+    assert model.pending is None and model.record.pending is None
+    assert model.record.verified == b"" and model.record.partial == b""
+    assert model.record.defer_until is None
+    assert (model.record.attempts, model.record.restarts) == (0, 0)
+    # What is not about the dropped update survives: the installed image and the outbox.
+    assert model.record.installed == installed.digest
+    assert model.record.outbox == loaded.record.outbox
 
 
 @pytest.mark.parametrize("damage", ["flipped", "missing"])

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from fota import Client, ResultCode, State
+from fota import Client, Decision, ResultCode, State
 from fota.cli_control import status_rows
 from fota.control.server import status_dict
 from fota.core.record import Record, take_report_seq
@@ -350,6 +350,54 @@ async def test_lost_installed_manifest_is_moved_aside_reported_and_keeps_the_flo
         assert step == "download"
         done = await client.wait_for(lambda s: s.installed_version == "2.0", BOUND)
         assert done.recovered == ""  # cleared when the next update commits
+
+
+@pytest.mark.parametrize("damage", ["missing", "invalid"])
+async def test_a_lost_pending_manifest_drops_the_update_through_the_machine(
+    tmp_path: Path, server: UpdateServer, signing: Signing, damage: str
+) -> None:
+    """Issue 18 §2: the journal says what it could not load; the machine drops the update.
+
+    Before, ``Journal.load`` rewrote the record to IDLE itself. Now the record it returns
+    still names the update, and the engine hands ``PendingLost`` to the machine before
+    anything else sees the model: the client is IDLE from its first status on, listeners
+    hear the state change, and the recovery is reported once.
+    """
+    config = make_config(tmp_path, server, signing)
+    waiting = RecordingHandler(download=[Decision.pending()])
+    async with Client(config, handler=waiting) as client:
+        await _provisioned(client, server, sequence=5)
+        v2 = server.publish(os.urandom(4000), "2.0", device_class=DEVICE_CLASS, sequence=6)
+        await client.wait_for(lambda s: s.state is State.AWAIT_DOWNLOAD_AUTH, BOUND)
+        digest = client.engine.model.record.pending  # type: ignore[union-attr]
+    assert digest is not None
+    stored = config.state_dir / f"manifest-{digest.hex()}.cose"
+    if damage == "missing":
+        stored.unlink()
+    else:
+        stored.write_bytes(stored.read_bytes()[:-7])
+
+    client = Client(config, handler=RecordingHandler())
+    heard: list[tuple[str, dict[str, Any]]] = []
+    client.listen(lambda n: heard.append((n.kind, dict(n.fields))))
+    async with client:
+        first = client.status()
+        assert (first.state, first.update_id) == (State.IDLE, None)
+        assert first.installed_version == "1.0"
+        record = client.engine.model.record  # type: ignore[union-attr]
+        assert record.pending is None and record.verified == b"" and record.state is State.IDLE
+        assert f"pending manifest {damage}" in first.recovered
+        # The server still offers 2.0: fetched and verified afresh, it installs after all.
+        await client.wait_for(lambda s: s.installed_version == "2.0", BOUND)
+        await client.wait_for(lambda s: s.reports_pending == 0, BOUND)
+    assert heard[0] == (
+        "state",
+        {"state": "IDLE", "previous": "AWAIT_DOWNLOAD_AUTH", "version": None},
+    )
+    recovered = [r for r in server.reports if r[4] == ResultCode.STATE_RECOVERED]
+    assert len(recovered) == 1 and "update dropped" in recovered[0][8]
+    done = [r for r in server.reports if r.get(5) == v2.update_id and r[4] == ResultCode.SUCCESS]
+    assert len(done) == 1
 
 
 # -- the daemon, a real subprocess ----------------------------------------------------------------

@@ -252,6 +252,19 @@ class DownloadFinished(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class PendingLost(Event):
+    """The journal could not load the pending update's manifest (``detail`` says why).
+
+    It no longer verifies, or its file is gone: nothing that was not checked is trusted, so
+    the update is dropped. The journal moved the file aside and queued the recovery report;
+    the engine hands this to the machine first thing after a start.
+    """
+
+    trigger: ClassVar[str] = "pending_lost"
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class Restarted(Event):
     """The engine loaded the journal; re-issue the restored state's work."""
 

@@ -474,6 +474,8 @@ TRANSITIONS: tuple[Transition, ...] = (
         ("is_current",),
         after=("rollback_failed",),
     ),
+    # -- Start: the journal could not load the pending manifest; the update is dropped. ----
+    T("pending_lost", ALL, S.IDLE, after=("drop_lost_pending",)),
     # -- Restart: break a reboot loop, else re-issue the restored state's work explicitly. ---
     # Once the self-test passed, the commit may already have dropped what a rollback needs:
     # a restart then finishes the commit, however many restarts it took.
@@ -1740,6 +1742,10 @@ class Model:
             self._arm_wait_timers(now)
         if self.record.outbox:
             self.outbox.append(cmd.SendReports())
+
+    def drop_lost_pending(self, e: Any) -> None:
+        """Forget the update whose manifest the journal could not load (it reported why)."""
+        self._clear_pending()
 
     def _rebooted(self) -> bool:
         """The device restarted since the installer asked for it (or nobody can tell)."""
