@@ -765,3 +765,35 @@ def test_files_are_0600_even_with_a_permissive_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
     for path in (tmp_path / "state").iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+def test_the_record_s_fields_are_listed_once() -> None:
+    """Issue 18 §4: the codec, the checks and the machine's reset all follow one list."""
+    from dataclasses import fields
+
+    from fota.core import record as rec
+
+    names = tuple(f.name for f in fields(Record))
+    assert tuple(name for name, _, _ in rec._RECORD_FIELDS) == names
+    full = full_record(make_manifest(9), make_manifest(8)).evolve(
+        fetched=5,
+        commit_by=1.0,
+        tested=True,
+        first_seen=2.0,
+        deferred_total=3.0,
+        failure="self-test failed",
+        partial=b"\x80",
+        boot_id="boot-1",
+        held=("battery",),
+        download_started=4.0,
+        forced="deadline",
+        revived=1,
+        defer_since=5.0,
+    )
+    assert Record.from_bytes(full.to_bytes()) == full
+    # Every field set away from its default, so the reset shows which fields it touches.
+    assert all(getattr(full, n) != getattr(Record(), n) for n in rec.UPDATE_FIELDS - {"pending"})
+    cleared = full.without_update()
+    for name in names:
+        expected = getattr(Record(), name) if name in rec.UPDATE_FIELDS else getattr(full, name)
+        assert getattr(cleared, name) == expected, name

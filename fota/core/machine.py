@@ -726,30 +726,7 @@ class Model:
     def _clear_pending(self) -> None:
         self.pending = None
         self.stall, self.revive_after = None, 0.0
-        self.record = self.record.evolve(
-            pending=None,
-            manifest_uri=None,
-            fetched=0,
-            download_started=None,
-            verified=b"",
-            partial=b"",
-            etag=None,
-            defer_until=None,
-            defer_reason="",
-            attempts=0,
-            restarts=0,
-            progress=0,
-            first_seen=None,
-            deferred_total=0.0,
-            defer_since=None,
-            forced="",
-            held=(),
-            boot_id="",
-            commit_by=None,
-            tested=False,
-            failure="",
-            revived=0,
-        )
+        self.record = self.record.without_update()
 
     def _step(self) -> str:
         """The step the current state is about (valid in the ask, held and work states)."""

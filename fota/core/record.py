@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 import cbor2
@@ -391,47 +391,13 @@ class Record:
     floor_identity: bytes | None = None
 
     def to_bytes(self) -> bytes:
-        """Encode as ``[schema, body, crc32(body)]`` so a bit flip is caught on load."""
+        """Encode as ``[schema, body, crc32(body)]`` so a bit flip is caught on load.
+
+        The body is the fields in the order of :data:`_RECORD_FIELDS` (the CDDL in
+        docs/journal.md), each through its entry of :data:`_WIRE`.
+        """
         body = cbor2.dumps(
-            [
-                self.state.value,
-                self.pending,
-                self.manifest_uri,
-                self.installed,
-                list(self.refused),
-                self.verified,
-                self.etag,
-                self.defer_until,
-                self.defer_reason,
-                self.attempts,
-                self.restarts,
-                self.progress,
-                self.report_seq,
-                [r._to_list() for r in self.outbox],
-                self.fetched,
-                self.download_started,
-                self.first_seen,
-                self.deferred_total,
-                self.defer_since,
-                self.forced,
-                [list(lock) for lock in self.locks],
-                self.provisioned_at,
-                list(self.cancelled),
-                list(self.held),
-                self.boot_id,
-                self.commit_by,
-                self.tested,
-                self.failure,
-                list(self.rejected),
-                self.keyset_version,
-                self.floor,
-                self.installed_sequence,
-                self.recovered,
-                self.partial,
-                self.revived,
-                None if self.reserved is None else list(self.reserved),
-                self.floor_identity,
-            ]
+            [_WIRE.get(name, _AS_IS)[0](getattr(self, name)) for name in _RECORD_NAMES]
         )
         return cbor2.dumps([SCHEMA, body, zlib.crc32(body)])
 
@@ -467,83 +433,11 @@ class Record:
             )
         _check_fields("field", _RECORD_FIELDS, items)
         try:
-            (
-                state,
-                pending,
-                manifest_uri,
-                installed,
-                refused,
-                verified,
-                etag,
-                until,
-                reason,
-                attempts,
-                restarts,
-                progress,
-                report_seq,
-                outbox,
-                fetched,
-                download_started,
-                first_seen,
-                deferred_total,
-                defer_since,
-                forced,
-                locks,
-                provisioned_at,
-                cancelled,
-                held,
-                boot_id,
-                commit_by,
-                tested,
-                failure,
-                rejected,
-                keyset_version,
-                floor,
-                installed_sequence,
-                recovered,
-                partial,
-                revived,
-                reserved,
-                floor_identity,
-            ) = items
             return cls(
-                State(state),
-                pending,
-                manifest_uri,
-                installed,
-                tuple(refused),
-                verified,
-                etag,
-                until,
-                reason,
-                attempts,
-                restarts,
-                progress,
-                report_seq,
-                tuple(Report._from_list(r) for r in outbox),
-                fetched,
-                download_started,
-                first_seen,
-                float(deferred_total),
-                defer_since,
-                forced,
-                tuple((str(name), float(until)) for name, until in locks),
-                provisioned_at,
-                tuple(cancelled),
-                tuple(held),
-                boot_id,
-                commit_by,
-                tested,
-                failure,
-                tuple(rejected),
-                keyset_version,
-                floor,
-                installed_sequence,
-                recovered,
-                partial,
-                revived,
-                None if reserved is None else (reserved[0], reserved[1]),
-                floor_identity,
+                **{
+                    name: _WIRE.get(name, _AS_IS)[1](value)
+                    for name, value in zip(_RECORD_NAMES, items, strict=True)
+                }
             )
         except JournalError:
             raise
@@ -553,6 +447,77 @@ class Record:
     def evolve(self, **changes: Any) -> Record:
         """Return a copy with ``changes`` applied."""
         return replace(self, **changes)
+
+    def without_update(self) -> Record:
+        """This record with every field of the pending update (:data:`UPDATE_FIELDS`) reset."""
+        return replace(self, **_UPDATE_DEFAULTS)
+
+
+_RECORD_NAMES = tuple(name for name, _, _ in _RECORD_FIELDS)
+if tuple(f.name for f in fields(Record)) != _RECORD_NAMES:  # not an assert: kept under -O
+    raise ImportError("fota.core.record: _RECORD_FIELDS must list Record's fields, in order")
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+_AS_IS = (_as_is, _as_is)
+_WIRE: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    # field: (to the CBOR body, from it once checked); the others go as they are.
+    "state": (lambda s: s.value, State),
+    "refused": (list, tuple),
+    "outbox": (
+        lambda reports: [r._to_list() for r in reports],
+        lambda items: tuple(Report._from_list(r) for r in items),
+    ),
+    "deferred_total": (_as_is, float),
+    "locks": (
+        lambda locks: [list(lock) for lock in locks],
+        lambda items: tuple((str(name), float(until)) for name, until in items),
+    ),
+    "cancelled": (list, tuple),
+    "held": (list, tuple),
+    "rejected": (list, tuple),
+    "reserved": (
+        lambda r: None if r is None else list(r),
+        lambda v: None if v is None else (v[0], v[1]),
+    ),
+}
+"""How the fields that are not CBOR as they are cross the wire (tuples go as arrays)."""
+
+UPDATE_FIELDS = frozenset(
+    {
+        "pending",
+        "manifest_uri",
+        "fetched",
+        "download_started",
+        "verified",
+        "partial",
+        "etag",
+        "defer_until",
+        "defer_reason",
+        "attempts",
+        "restarts",
+        "progress",
+        "first_seen",
+        "deferred_total",
+        "defer_since",
+        "forced",
+        "held",
+        "boot_id",
+        "commit_by",
+        "tested",
+        "failure",
+        "revived",
+    }
+)
+"""The fields that belong to the pending update: :meth:`Record.without_update` resets them."""
+_UPDATE_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(Record) if f.name in UPDATE_FIELDS
+}
+if MISSING in _UPDATE_DEFAULTS.values() or len(_UPDATE_DEFAULTS) != len(UPDATE_FIELDS):
+    raise ImportError("fota.core.record: every UPDATE_FIELDS field needs a plain default")
 
 
 def _from_v2(items: list[Any]) -> list[Any]:
