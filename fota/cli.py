@@ -161,7 +161,8 @@ async def _run_client(config: Config, handler: UpdateHandler | None) -> int:
 
 def _config_from_args(args: argparse.Namespace) -> Config:
     from fota import keys
-    from fota.config import Config, load_install_settings
+    from fota.config import Config
+    from fota.settings import load_install_settings
 
     install = load_install_settings(Path(args.install_config)) if args.install_config else {}
     return Config(

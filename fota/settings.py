@@ -938,3 +938,38 @@ __all__ = [
     "parse_config_keys",
     "parse_settings",
 ]
+
+
+INSTALL_KEYS: tuple[str, ...] = (
+    "installers",
+    "self_test_command",
+    "self_test_deadline",
+    "self_test_interval",
+    "restart_command",
+    "boot_id_path",
+    "hook_timeout",
+    "factory_manifest",
+    "restart_limit",
+)
+"""The settings ``fota run --install-config FILE`` reads (a subset of the daemon's TOML keys).
+
+Their types are ``Config``'s own: :func:`fota.settings.parse_config_keys` reads them from the
+type hints, as for the daemon's file."""
+
+
+def load_install_settings(path: Path) -> dict[str, Any]:
+    """Read the install settings from a TOML file, as ``Config`` keyword arguments.
+
+    Paths are kept as written (relative ones are relative to the working directory).
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a key is unknown or of the wrong
+            type (the message names the file, the line and the key).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason})") from exc
+    return parse_config_keys(text, path=Path(path), keys=INSTALL_KEYS, resolve_paths=False)

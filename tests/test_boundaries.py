@@ -113,8 +113,8 @@ APPLICATION = (
 TOOLS = ("fota.testing", "fota.server_view", "fota.demo")
 """The test server, the fleet harness, the `fota server` view and the demo."""
 
-KNOWN_LIBRARY_TO_APPLICATION = {("fota.config", "fota.settings")}
-"""Issue 18 §4: the config <-> settings cycle."""
+KNOWN_LIBRARY_TO_APPLICATION: set[tuple[str, str]] = set()
+"""(Was the config <-> settings cycle: ``fota run --install-config`` is read in settings now.)"""
 KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
 """None left (the `fota server` view borrowed two private names of the settings)."""
 
@@ -183,6 +183,21 @@ def test_the_transport_imports_only_itself_the_core_and_the_errors() -> None:
         if not _in(t, ("fota.transport", "fota.core", "fota.errors"))
     }
     assert not bad, sorted(bad)
+
+
+def test_effects_and_intake_know_neither_the_engine_nor_the_machine() -> None:
+    """Issue 18 §2: the engine drives, effects do. A child task's body (``fota.effects``) and
+    the announcement intake (``fota.intake``) return or post events; they never reach into the
+    engine or the machine's model."""
+    bad = {
+        (m, t)
+        for m in IMPORTS
+        if _in(m, ("fota.effects", "fota.intake"))
+        for t in _targets(m)
+        if _in(t, ("fota.engine", "fota.core.machine", "fota.client"))
+    }
+    assert not bad, sorted(bad)
+    assert {"fota.effects", "fota.intake"} <= set(IMPORTS)
 
 
 def test_the_library_imports_neither_the_application_nor_the_tools() -> None:

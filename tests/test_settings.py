@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fota import keys
-from fota.config import Config, load_install_settings
+from fota.config import Config
 from fota.core.manifest import kid_for
 from fota.errors import ConfigError
 from fota.settings import (
@@ -23,6 +23,7 @@ from fota.settings import (
     Settings,
     _Locator,
     describe,
+    load_install_settings,
     load_settings,
     parse_settings,
 )
@@ -735,7 +736,7 @@ after = 1
     assert loc.line(("nowhere",)) is None
 
 
-# -- fota run --install-config (fota.config.load_install_settings, same validator) -----------
+# -- fota run --install-config (fota.settings.load_install_settings, same validator) -----------
 
 
 def test_install_settings_use_the_same_validator(tmp_path: Path) -> None:
