@@ -1,7 +1,9 @@
 """fota: a polite firmware-over-the-air update client over CoAP, for embedded Linux gateways.
 
 The device, not the server, decides when an update is downloaded and when it is installed.
-Start with :class:`Client`, :class:`Config` and an :class:`UpdateHandler`.
+Start with :class:`Client`, :class:`Config` and an :class:`UpdateHandler`. Installers (the
+``Installer`` protocol, ``FileInstaller``, ``ABInstaller``, ``RaucInstaller`` and the others)
+live in :mod:`fota.install`.
 
 Names are imported on first use (PEP 562), so ``fota fetch`` and other light entry points do
 not pay for the state machine, aiocoap and cryptography they never touch.
@@ -10,6 +12,7 @@ not pay for the state machine, aiocoap and cryptography they never touch.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -49,12 +52,6 @@ if TYPE_CHECKING:
         UpdateInfo,
         UpdateReason,
     )
-    from fota.install import ByComponent, FileInstaller, Installer, Outcome
-    from fota.install.ab import ABInstaller
-    from fota.install.archive import ArchiveInstaller
-    from fota.install.command import CommandInstaller
-    from fota.install.rauc import RaucInstaller
-    from fota.install.swupdate import SwupdateInstaller
     from fota.notices import Notice
 
 _WHERE = {
@@ -77,15 +74,6 @@ _WHERE = {
     "UpdateHandler": "fota.handler",
     "UpdateInfo": "fota.handler",
     "UpdateReason": "fota.handler",
-    "ByComponent": "fota.install",
-    "FileInstaller": "fota.install",
-    "Installer": "fota.install",
-    "Outcome": "fota.install",
-    "ABInstaller": "fota.install.ab",
-    "ArchiveInstaller": "fota.install.archive",
-    "CommandInstaller": "fota.install.command",
-    "RaucInstaller": "fota.install.rauc",
-    "SwupdateInstaller": "fota.install.swupdate",
     **{
         name: "fota.errors"
         for name in (
@@ -113,14 +101,10 @@ _WHERE = {
 }
 
 __all__ = [
-    "ABInstaller",
-    "ArchiveInstaller",
     "AutoAuthorize",
     "BaseHandler",
-    "ByComponent",
     "Client",
     "CommandHandler",
-    "CommandInstaller",
     "Component",
     "Config",
     "ConfigError",
@@ -129,11 +113,9 @@ __all__ = [
     "Decision",
     "DecisionKind",
     "DiskFull",
-    "FileInstaller",
     "FotaError",
     "ImageChanged",
     "InstallError",
-    "Installer",
     "IntegrityError",
     "InvalidTransition",
     "JournalError",
@@ -141,10 +123,8 @@ __all__ = [
     "ManifestBody",
     "ManifestError",
     "Notice",
-    "Outcome",
     "PermanentServerError",
     "PolicyError",
-    "RaucInstaller",
     "ResourceMissing",
     "ResultCode",
     "Severity",
@@ -153,7 +133,6 @@ __all__ = [
     "StateDirLocked",
     "Status",
     "StorageError",
-    "SwupdateInstaller",
     "TaskCrashed",
     "TransportError",
     "TrustStore",
@@ -163,7 +142,31 @@ __all__ = [
 ]
 
 
+_MOVED = frozenset(
+    {
+        "ABInstaller",
+        "ArchiveInstaller",
+        "ByComponent",
+        "CommandInstaller",
+        "FileInstaller",
+        "Installer",
+        "Outcome",
+        "RaucInstaller",
+        "SwupdateInstaller",
+    }
+)
+"""Installer names that live in :mod:`fota.install` (issue 18 §4): still found here, with a
+DeprecationWarning, so an application written against 0.1 keeps running."""
+
+
 def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(
+            f"fota.{name} is fota.install.{name} now; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module("fota.install"), name)
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'fota' has no attribute {name!r}")

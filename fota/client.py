@@ -21,7 +21,7 @@ from fota.errors import ConfigError, InvalidTransition, PolicyError
 from fota.handler import UpdateHandler
 from fota.install import Context, FileInstaller, Installer, from_config
 from fota.journal import FileOps, Journal
-from fota.notices import Listener
+from fota.notices import Listener, Notice
 from fota.statedir import StateLock, lock_state_dir, secure_state_dir
 from fota.transport import Transport
 from fota.transport.coap import CoapTransport
@@ -197,7 +197,7 @@ class Client:
         self._owns_transport = transport is None
         self.transport: Transport = transport or transport_for(config)
         self.config = config
-        self.engine = Engine(
+        self._engine = Engine(
             config,
             transport=self.transport,
             journal=Journal(config.state_dir, config.trust, file_ops),
@@ -226,7 +226,7 @@ class Client:
         if self._lock is None:
             self._lock = lock_state_dir(self.config.state_dir)
         try:
-            await self.engine.start()
+            await self._engine.start()
         except BaseException:
             self._release()
             raise
@@ -239,7 +239,7 @@ class Client:
     async def aclose(self) -> None:
         """Stop; the journal keeps everything needed to resume."""
         try:
-            await self.engine.aclose()
+            await self._engine.aclose()
             if self._owns_transport:
                 await self.transport.aclose()
         finally:
@@ -265,7 +265,7 @@ class Client:
         Raises:
             InvalidTransition: ``update_id`` is not the current update, or nothing waits.
         """
-        await self.engine.submit(ev.Authorized(update_id))
+        await self._engine.submit(ev.Authorized(update_id))
 
     async def reject(self, update_id: str, reason: str = "") -> None:
         """Reject the update; it is reported and not offered again.
@@ -273,7 +273,7 @@ class Client:
         Raises:
             InvalidTransition: ``update_id`` is not the current update, or nothing waits.
         """
-        await self.engine.submit(ev.Rejected(update_id, reason))
+        await self._engine.submit(ev.Rejected(update_id, reason))
 
     async def defer(self, update_id: str, until: datetime, reason: str = "") -> datetime | None:
         """Defer the waiting step until ``until`` (timezone-aware); then the handler is asked again.
@@ -293,7 +293,7 @@ class Client:
         """
         if until.tzinfo is None:
             raise ValueError("defer: until must be timezone-aware (UTC wall-clock time)")
-        await self.engine.submit(ev.Deferred(update_id, until.timestamp(), reason))
+        await self._engine.submit(ev.Deferred(update_id, until.timestamp(), reason))
         end = self.status().defer_until
         if self.state not in (State.DOWNLOAD_DEFERRED, State.INSTALL_DEFERRED) or end is None:
             return None
@@ -305,7 +305,7 @@ class Client:
         Raises:
             InvalidTransition: nothing is deferred.
         """
-        await self.engine.submit(ev.ResumeRequested())
+        await self._engine.submit(ev.ResumeRequested())
 
     # -- local holds, handler, wake-up -------------------------------------------------
 
@@ -331,7 +331,7 @@ class Client:
                 " (Config.max_lock_ttl)"
             )
         try:
-            await self.engine.submit(ev.LockTaken(name, ttl))
+            await self._engine.submit(ev.LockTaken(name, ttl))
         except InvalidTransition:
             raise PolicyError(
                 f"inhibit: {self.config.max_locks} locks are held (Config.max_locks)"
@@ -341,7 +341,7 @@ class Client:
 
     async def release(self, name: str) -> None:
         """Release the inhibitor lock ``name`` (an unknown or expired name is not an error)."""
-        await self.engine.submit(ev.LockReleased(name))
+        await self._engine.submit(ev.LockReleased(name))
 
     def set_handler(self, handler: UpdateHandler | None) -> None:
         """Register the application's handler (or remove it with None).
@@ -351,7 +351,7 @@ class Client:
         ``Config.unanswered = "proceed"``, a polite update proceeds when nobody registered
         within the grace period.
         """
-        self.engine.set_handler(handler)
+        self._engine.set_handler(handler)
 
     def listen(self, listener: Listener) -> Callable[[], None]:
         """Hear every :class:`~fota.notices.Notice` (state changes, progress, completion...).
@@ -363,7 +363,7 @@ class Client:
         Returns:
             The call that stops listening.
         """
-        return self.engine.add_listener(listener)
+        return self._engine.add_listener(listener)
 
     def check_now(self) -> None:
         """The application just woke up: look for an update and at due timers now.
@@ -372,9 +372,30 @@ class Client:
         of at the next poll, and fires any deferral or hold whose time passed while asleep.
         """
         self.transport.check_now()
-        self.engine.check_timers()
+        self._engine.check_timers()
 
     # -- status -------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The client's wall clock (epoch seconds, UTC): the one its deadlines and notices use."""
+        return self._clock()
+
+    def healthy(self, stall: float) -> bool:
+        """Running, and not stuck in one event for ``stall`` seconds (the daemon's watchdog)."""
+        return self._engine.healthy(stall)
+
+    def authorization_notice(self) -> Notice | None:
+        """The ``authorization_needed`` notice while an answer is awaited, else None.
+
+        The control socket sends it to a connection that subscribes while the client waits.
+        """
+        return self._engine.authorization_notice()
+
+    @property
+    def reports_created(self) -> int:
+        """Reports this device has queued since it was provisioned (the next report's number)."""
+        model = self._engine.model
+        return 0 if model is None else model.record.report_seq
 
     @property
     def state(self) -> State:
@@ -383,19 +404,19 @@ class Client:
 
     def status(self) -> Status:
         """A snapshot of the client."""
-        assert self.engine.model is not None, "Client.start() first"
-        return self._status(self.engine.model)
+        assert self._engine.model is not None, "Client.start() first"
+        return self._status(self._engine.model)
 
     def _status(self, model: Model) -> Status:
         # Freshness is the engine's (not journaled, not the machine's).
         status = status_of(model, self._clock())
         return dataclasses.replace(
-            status, stale=self.engine.stale, last_fresh=self.engine.last_fresh
+            status, stale=self._engine.stale, last_fresh=self._engine.last_fresh
         )
 
     async def wait_for(
         self, predicate: Callable[[Status], bool], timeout: float | None = None
     ) -> Status:
         """Wait until ``predicate(status)`` holds (checked after every handled event)."""
-        await self.engine.wait_for(lambda model: predicate(self._status(model)), timeout)
+        await self._engine.wait_for(lambda model: predicate(self._status(model)), timeout)
         return self.status()

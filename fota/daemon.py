@@ -159,7 +159,7 @@ async def serve(settings: Settings, *, notifier: Notifier | None = None) -> int:
         # dead stops them through this check. Either way systemd restarts the daemon.
         stall = max(notifier.watchdog_interval or 0.0, STALL_MIN)
         watchdog = asyncio.create_task(
-            watchdog_loop(notifier, lambda: client.engine.healthy(stall)), name="fota-watchdog"
+            watchdog_loop(notifier, lambda: client.healthy(stall)), name="fota-watchdog"
         )
         await signals.stop.wait()
         notifier.stopping(f"Stopping ({signals.reason}): {status_line(client.status())}")
@@ -175,7 +175,5 @@ async def serve(settings: Settings, *, notifier: Notifier | None = None) -> int:
                 await watchdog
         await client.aclose()
         remove_signals()
-    log.info(
-        "daemon_stopped", state=client.engine.model.state.name if client.engine.model else None
-    )
+    log.info("daemon_stopped", state=client.state.name)
     return 0

@@ -224,3 +224,35 @@ def test_no_module_imports_another_ones_private_names() -> None:
         if name.startswith("_") and not name.startswith("__")
     }
     assert found == KNOWN_PRIVATE, sorted(found)
+
+
+def test_the_public_surface_is_the_application_s_api() -> None:
+    """Issue 18 §4: ``fota.__all__`` names the application's API; installers are in
+    ``fota.install``. The old top-level names still resolve, with a DeprecationWarning."""
+    import warnings
+
+    import fota
+    import fota.install
+
+    installers = {
+        "ABInstaller",
+        "ArchiveInstaller",
+        "ByComponent",
+        "CommandInstaller",
+        "FileInstaller",
+        "Installer",
+        "Outcome",
+        "RaucInstaller",
+        "SwupdateInstaller",
+    }
+    assert not installers & set(fota.__all__)
+    assert installers <= set(fota.install.__all__)
+    for name in installers:
+        assert getattr(fota.install, name).__name__ == name
+    for name in fota.__all__:
+        assert getattr(fota, name) is not None, name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fota.FileInstaller is fota.install.FileInstaller
+    assert [w.category for w in caught] == [DeprecationWarning]
+    assert "fota.install.FileInstaller" in str(caught[0].message)

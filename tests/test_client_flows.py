@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fota import (
     Client,
     Decision,
-    FileInstaller,
     InvalidTransition,
     Manifest,
     ManifestError,
@@ -27,6 +26,7 @@ from fota import (
 )
 from fota.core import manifest as mf
 from fota.core.manifest import ManifestBody, kid_for
+from fota.install import FileInstaller
 from fota.install.base import Outcome, Progress
 from fota.testing import ManualClock, Published, UpdateServer
 from tests.conftest import DEVICE_CLASS, RecordingHandler, Signing, make_config

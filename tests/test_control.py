@@ -188,14 +188,14 @@ async def test_answering_subscribers_count_as_the_handler(rig: Rig) -> None:
         await b.subscribe(answers=True)
         await a.subscribe(answers=False)
         assert rig.answerers == [1, 2, 1]
-        assert rig.client.engine.handler is not None
+        assert rig.client._engine.handler is not None
     changed = rig.answerers_changed
     while len(rig.answerers) < 4:
         changed.clear()
         await asyncio.wait_for(changed.wait(), BOUND)  # the server sees b leave
     # ...then b left: 0 (the engine's unanswered rules apply again).
     assert rig.answerers == [1, 2, 1, 0]
-    assert rig.client.engine.handler is None
+    assert rig.client._engine.handler is None
 
 
 async def test_a_late_subscriber_hears_the_authorization_it_missed(rig: Rig) -> None:
@@ -477,7 +477,7 @@ async def test_messages_match_the_documented_cddl(rig: Rig) -> None:
 
 
 async def test_engine_health_for_the_watchdog(rig: Rig) -> None:
-    engine = rig.client.engine
+    engine = rig.client._engine
     assert engine.healthy(10.0)
     # An event stuck in the machine (a wedged transition) makes it unhealthy; alive alone
     # is not enough.

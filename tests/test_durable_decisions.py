@@ -49,8 +49,8 @@ async def _announce_again(client: Client, server: UpdateServer, published: Publi
     body = {1: 1000 + published.sequence, 2: published.digest, 4: marker}
     body[3] = f"../m/{published.digest.hex()}"
     server.announce_body(body)
-    assert client.engine.model is not None
-    await client.engine.wait_for(lambda model: marker in (model.record.cancelled or ()), 30)
+    assert client._engine.model is not None
+    await client._engine.wait_for(lambda model: marker in (model.record.cancelled or ()), 30)
 
 
 def _manifest_fetches(server: UpdateServer, published: Published) -> int:

@@ -82,7 +82,7 @@ def lines(path: Path) -> int:
 
 def retry_armed(client: Client, runs: Path, attempts: int) -> Callable[[Status], bool]:
     """The self-test ran ``attempts`` times and the engine armed the next attempt."""
-    return lambda _: lines(runs) >= attempts and "selftest" in client.engine.timers()
+    return lambda _: lines(runs) >= attempts and "selftest" in client._engine.timers()
 
 
 def publish(server: UpdateServer, image: bytes, version: str) -> Published:
@@ -136,7 +136,7 @@ async def test_a_failing_self_test_is_retried_until_its_deadline_then_rolled_bac
         await client.wait_for(retry_armed(client, runs, 2), BOUND)
         assert client.state is State.AWAIT_COMMIT
         assert config.target.read_bytes() == NEW  # installed, not yet committed
-        assert client.engine.timers()["selftest"] == START + 10
+        assert client._engine.timers()["selftest"] == START + 10
         for attempt in (3, 4):  # at +10 s and +20 s
             clock.advance(10)
             await client.wait_for(retry_armed(client, runs, attempt), BOUND)
@@ -368,7 +368,7 @@ async def test_a_server_cancel_before_the_install_leaves_the_old_image_untouched
             lambda r: r.get(5) == v2.update_id and r[4] == ResultCode.CANCELLED, BOUND
         )
         await client.wait_for(settled(State.IDLE, "1.0"), BOUND)
-        assert not client.engine.journal.candidate_path.exists()
+        assert not client._engine.journal.candidate_path.exists()
     assert not slot_b.exists() and (tmp_path / "slot-a").read_bytes() == OLD
     assert boot.calls == [] and boot.next == "a"
 
@@ -429,7 +429,7 @@ async def test_a_tail_appended_after_verification_never_reaches_a_command_instal
 
     handler = Appending()
     async with Client(config, handler=handler) as client:
-        handler.candidate = client.engine.journal.candidate_path
+        handler.candidate = client._engine.journal.candidate_path
         publish(server, NEW, "2.0")
         await client.wait_for(settled(State.IDLE, "2.0"), BOUND)
     assert appended.is_set()

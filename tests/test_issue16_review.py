@@ -256,7 +256,7 @@ async def test_the_running_images_key_is_remembered_when_the_configuration_drops
         async with Client(config_with(a, a_kid, server), handler=AutoAuthorize()) as client:
             await reports.wait_for(v1, ResultCode.SUCCESS)
             server.publish_keyset(ks.sign(1, [(b_kid, b.public_key())], root, root_kid), 1)
-            await client.engine.wait_for(lambda model: model.record.keyset_version == 1, BOUND)
+            await client._engine.wait_for(lambda model: model.record.keyset_version == 1, BOUND)
         config = config_with(b, b_kid, server)
         async with Client(config, handler=AutoAuthorize()) as client:
             status = client.status()

@@ -317,7 +317,7 @@ async def test_lost_installed_manifest_is_moved_aside_reported_and_keeps_the_flo
     config = make_config(tmp_path, server, signing)
     async with Client(config, handler=RecordingHandler()) as client:
         await _provisioned(client, server, sequence=5)
-        digest = client.engine.model.record.installed  # type: ignore[union-attr]
+        digest = client._engine.model.record.installed  # type: ignore[union-attr]
     assert digest is not None
     stored = config.state_dir / f"manifest-{digest.hex()}.cose"
     if damage == "missing":
@@ -369,7 +369,7 @@ async def test_a_lost_pending_manifest_drops_the_update_through_the_machine(
         await _provisioned(client, server, sequence=5)
         v2 = server.publish(os.urandom(4000), "2.0", device_class=DEVICE_CLASS, sequence=6)
         await client.wait_for(lambda s: s.state is State.AWAIT_DOWNLOAD_AUTH, BOUND)
-        digest = client.engine.model.record.pending  # type: ignore[union-attr]
+        digest = client._engine.model.record.pending  # type: ignore[union-attr]
     assert digest is not None
     stored = config.state_dir / f"manifest-{digest.hex()}.cose"
     if damage == "missing":
@@ -384,7 +384,7 @@ async def test_a_lost_pending_manifest_drops_the_update_through_the_machine(
         first = client.status()
         assert (first.state, first.update_id) == (State.IDLE, None)
         assert first.installed_version == "1.0"
-        record = client.engine.model.record  # type: ignore[union-attr]
+        record = client._engine.model.record  # type: ignore[union-attr]
         assert record.pending is None and record.verified == b"" and record.state is State.IDLE
         assert f"pending manifest {damage}" in first.recovered
         # The server still offers 2.0: fetched and verified afresh, it installs after all.

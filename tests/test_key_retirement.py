@@ -83,7 +83,7 @@ async def test_a_configured_key_a_keyset_leaves_out_signs_no_new_update(tmp_path
             server.publish_keyset(ks.sign(1, [(B_KID, B.public_key())], ROOT, ROOT_KID), 1)
             v2 = server.publish(os.urandom(4096), "2.0", device_class=DEVICE_CLASS)  # by A
             await reports.wait_for(v2, ResultCode.UNKNOWN_KEY)
-            assert client.engine.trust.version == 1
+            assert client._engine.trust.version == 1
             assert client.status().installed_version == "1.0"
         assert not server.image_requests(v2.image_sha256), "no byte of A's 2.0 was fetched"
 
@@ -190,12 +190,12 @@ async def test_a_fast_forward_is_recovered_by_a_root_keyset_resetting_the_floor(
                 ks.sign(2, [(B_KID, B.public_key())], ROOT, ROOT_KID, floor_reset=1), 2
             )
             await server.wait_for_report(lambda r: "anti-rollback floor reset to 1" in r.get(8, ""))
-            assert client.engine.model is not None and client.engine.model.record.floor == 1
+            assert client._engine.model is not None and client._engine.model.record.floor == 1
         # Durable: a restart keeps the floor (the record), and does not report it again.
         config = device_config(tmp_path, server, **RESTARTED)
         async with Client(config, handler=AutoAuthorize()) as client:
             assert client.status().installed_version == "6.6.6"
-            assert client.engine.model is not None and client.engine.model.record.floor == 1
+            assert client._engine.model is not None and client._engine.model.record.floor == 1
             # A manifest not above the floor is still refused...
             low = server.publish(
                 os.urandom(4096), "1.1", device_class=DEVICE_CLASS, sequence=1, key=B, kid=B_KID
@@ -207,7 +207,7 @@ async def test_a_fast_forward_is_recovered_by_a_root_keyset_resetting_the_floor(
             )
             await reports.wait_for(v3, ResultCode.SUCCESS)
             # Its number is the floor now: the reset is spent.
-            assert client.engine.model.record.floor is None
+            assert client._engine.model.record.floor is None
             replay = server.publish(
                 os.urandom(4096), "2.5", device_class=DEVICE_CLASS, sequence=2, key=B, kid=B_KID
             )
@@ -232,10 +232,10 @@ async def test_a_floor_reset_stored_but_not_journaled_is_applied_at_start(tmp_pa
         config = device_config(tmp_path, server, **RESTARTED)
         async with Client(config, handler=AutoAuthorize()) as client:
             await server.wait_for_report(lambda r: "anti-rollback floor reset to 7" in r.get(8, ""))
-            assert client.engine.model is not None
+            assert client._engine.model is not None
             assert (
-                client.engine.model.record.floor,
-                client.engine.model.record.keyset_version,
+                client._engine.model.record.floor,
+                client._engine.model.record.keyset_version,
             ) == (
                 7,
                 1,

@@ -236,7 +236,7 @@ async def test_a_keyset_signed_by_a_manifest_key_is_refused(tmp_path: Path) -> N
             server.publish_keyset(ks.sign(5, [(B_KID, B.public_key())], A, A_KID), 5)
             v2 = server.publish(os.urandom(4096), "2.0", device_class="test-gw", key=B, kid=B_KID)
             await reports.wait_for(v2, ResultCode.UNKNOWN_KEY)
-            assert client.engine.trust.version == 0
+            assert client._engine.trust.version == 0
         assert not (config.state_dir / KEYSET_FILE).exists()
 
 
@@ -395,6 +395,6 @@ async def test_a_keyset_nobody_serves_does_not_hold_the_update_back(tmp_path: Pa
         config = device_config(tmp_path, server, not_found_budget=0.5)
         async with Client(config, handler=AutoAuthorize()) as client:
             await reports.wait_for(v1, ResultCode.SUCCESS)
-            assert client.engine.trust.version == 0
-            assert client.engine.intake.keyset_failed is not None
-            assert client.engine.intake.keyset_failed[:2] == (f"{server.uri}/fota/k/{'0' * 64}", 9)
+            assert client._engine.trust.version == 0
+            assert client._engine.intake.keyset_failed is not None
+            assert client._engine.intake.keyset_failed[:2] == (f"{server.uri}/fota/k/{'0' * 64}", 9)

@@ -25,7 +25,6 @@ from fota import (
     Client,
     Component,
     Decision,
-    FileInstaller,
     Manifest,
     PolicyError,
     ResultCode,
@@ -36,6 +35,7 @@ from fota import (
     UpdateReason,
 )
 from fota.core import events as ev
+from fota.install import FileInstaller
 from fota.install.base import Outcome, Progress
 from fota.testing import ManualClock, Published, UpdateServer
 from tests.conftest import DEVICE_CLASS, RecordingHandler, Signing, make_config
@@ -154,7 +154,7 @@ async def settle(client: Client) -> None:
     ahead of the later probes, so when this returns, every timer the move fired was handled.
     """
     for _ in range(10):
-        await client.engine.submit(ev.ReportDelivered(-1))
+        await client._engine.submit(ev.ReportDelivered(-1))
 
 
 def wait_for_request(server: UpdateServer, path: str) -> asyncio.Event:
@@ -605,7 +605,7 @@ async def test_server_cancel_of_a_downloading_update(
             lambda s: s.state is State.DOWNLOADING and s.verified_bytes >= 64 * KiB, BOUND
         )
         assert status.verified_bytes < len(image)
-        candidate = client.engine.journal.candidate_path
+        candidate = client._engine.journal.candidate_path
         assert candidate.exists()
 
         server.cancel(v2.digest)
@@ -686,7 +686,7 @@ async def test_a_newer_manifest_of_another_image_discards_the_partial_download(
         await client.wait_for(
             lambda s: s.state is State.DOWNLOADING and s.verified_bytes >= 64 * KiB, BOUND
         )
-        candidate = client.engine.journal.candidate_path
+        candidate = client._engine.journal.candidate_path
         assert candidate.exists()
 
         image3 = os.urandom(128 * KiB)
@@ -1057,7 +1057,7 @@ async def test_a_deferral_timer_that_fires_while_the_disk_is_full_is_offered_aga
         await provision(client, server)
         publish(server, "2.0")
         await client.wait_for(in_state(State.INSTALL_DEFERRED), BOUND)
-        journal = client.engine.journal
+        journal = client._engine.journal
         real_save = journal.save
         failures: list[int] = []
 

@@ -242,14 +242,14 @@ async def test_a_keyset_answering_404_is_fetched_again_within_the_budget(
                     # Before: one 4.04, keyset_fetch_failed, and B's manifest UNKNOWN_KEY.
                     assert final[4] == ResultCode.SUCCESS, final
                     assert gone.asked == 2 and gone.after == 1
-                    assert client.engine.trust.version == 1
+                    assert client._engine.trust.version == 1
                 else:
                     # Past the budget: as before, the keyset is not applied and the manifest
                     # it would have vouched for is refused; but it was asked for again first.
                     assert final[4] == ResultCode.UNKNOWN_KEY, final
                     assert logs.named("keyset_fetch_failed")
                     assert gone.asked >= 3, "asked again with back-off (before: once)"
-                    assert client.engine.trust.version == 0
+                    assert client._engine.trust.version == 0
         if window:
             reports.assert_final(v1, ResultCode.SUCCESS)
         assert len(logs.named("keyset_missing")) == (window or gone.asked - 1)

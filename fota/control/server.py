@@ -340,9 +340,7 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        stopping = proto.encode(
-            {"event": "stopping", "at": self.client.engine.clock(), "update_id": None}
-        )
+        stopping = proto.encode({"event": "stopping", "at": self.client.now(), "update_id": None})
         for conn in list(self._connections):
             if "stopping" in conn.events:
                 conn.send(stopping)
@@ -569,7 +567,7 @@ class ControlServer:
                 if answers != conn.answers:
                     conn.answers = answers
                     self._answerers_changed()
-                waiting = client.engine.authorization_notice()
+                waiting = client.authorization_notice()
                 if waiting is not None and "authorization_needed" in conn.events:
                     # It connected after the client began to wait: tell it now (right after
                     # this answer, which is queued first), or it would never hear of it.
@@ -594,7 +592,7 @@ class ControlServer:
                 return {"update_id": uid}
             case "defer":
                 uid = self._update_id(args)
-                now = client.engine.clock()  # the client's clock: a ManualClock in tests
+                now = client.now()  # the client's clock: a ManualClock in tests
                 until = args["until"] if "until" in args else now + args["for"]
                 end = await client.defer(
                     uid, datetime.fromtimestamp(until, UTC), args.get("reason", "")

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fota.core.manifest import Component, Manifest
 from fota.errors import ConfigError, InstallError
 from fota.install.base import DONE, RESTART, Installer, Outcome, Progress
 from fota.install.file import FileInstaller
 from fota.install.spec import Context, Spec
+
+if TYPE_CHECKING:
+    from fota.install.ab import ABInstaller
+    from fota.install.archive import ArchiveInstaller
+    from fota.install.command import CommandInstaller
+    from fota.install.rauc import RaucInstaller
+    from fota.install.swupdate import SwupdateInstaller
 
 KINDS = ("file", "ab", "archive", "command", "rauc", "swupdate")
 COMPONENTS = tuple(c.name.lower() for c in Component)
@@ -143,15 +150,41 @@ def from_config(tables: Mapping[str, Mapping[str, Any]], context: Context) -> In
     return ByComponent(built)
 
 
+_ELSEWHERE = {
+    "ABInstaller": "fota.install.ab",
+    "ArchiveInstaller": "fota.install.archive",
+    "CommandInstaller": "fota.install.command",
+    "RaucInstaller": "fota.install.rauc",
+    "SwupdateInstaller": "fota.install.swupdate",
+}
+"""The installers with modules of their own, imported on first use (PEP 562)."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _ELSEWHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fota.install' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "DONE",
     "RESTART",
+    "ABInstaller",
+    "ArchiveInstaller",
     "ByComponent",
+    "CommandInstaller",
     "Context",
     "FileInstaller",
     "Installer",
     "Outcome",
     "Progress",
+    "RaucInstaller",
+    "SwupdateInstaller",
     "build",
     "from_config",
 ]

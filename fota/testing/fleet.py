@@ -1412,8 +1412,7 @@ async def _work(spec: dict[str, Any]) -> None:
 
 
 def _reports_created(client: Any) -> int:
-    model = client.engine.model
-    return 0 if model is None else int(model.record.report_seq)
+    return int(client.reports_created)
 
 
 def _digest_of(path: Path) -> str | None:
