@@ -234,6 +234,35 @@ def fota_publish(fota_server: UpdateServer, fota_device_class: str) -> Callable[
     return publish
 
 
+def device_config(
+    server: UpdateServer,
+    trust: TrustStore,
+    root: Path,
+    device: str = "dev1",
+    *,
+    device_class: str = DEVICE_CLASS,
+    **settings: Any,
+) -> Config:
+    """A Config for one device of a test server, with test timing.
+
+    Its state directory and target are under ``root / device``; the ACK timeout and retry
+    delays are short (loopback), and the boot id is not read (no ``boot_id_path``) unless
+    ``settings`` say otherwise. ``fota_config`` and fota's own tests build their configs here.
+    """
+    defaults: dict[str, Any] = {
+        "server": server.uri,
+        "device_id": device,
+        "device_class": device_class,
+        "state_dir": root / device / "state",
+        "trust": trust,
+        "target": root / device / "firmware.bin",
+        "ack_timeout": ACK_TIMEOUT,
+        "retry_base": 0.05,
+        "boot_id_path": None,
+    }
+    return Config(**{**defaults, **settings})
+
+
 @pytest.fixture
 def fota_config(
     tmp_path: Path, fota_server: UpdateServer, fota_signing: Signing, fota_device_class: str
@@ -241,19 +270,9 @@ def fota_config(
     """``config(device="dev1", **settings)``: a Config for one device of the test server."""
 
     def config(device: str = "dev1", **kw: Any) -> Config:
-        settings: dict[str, Any] = {
-            "server": fota_server.uri,
-            "device_id": device,
-            "device_class": fota_device_class,
-            "state_dir": tmp_path / device / "state",
-            "trust": fota_signing.trust,
-            "target": tmp_path / device / "firmware.bin",
-            "ack_timeout": ACK_TIMEOUT,
-            "retry_base": 0.05,
-            "boot_id_path": None,
-        }
-        settings.update(kw)
-        return Config(**settings)
+        return device_config(
+            fota_server, fota_signing.trust, tmp_path, device, device_class=fota_device_class, **kw
+        )
 
     return config
 
