@@ -38,7 +38,7 @@ from fota.config import Config
 from fota.core import commands as cmd
 from fota.core import events as ev
 from fota.core import policy as pol
-from fota.core.machine import Machine, Model
+from fota.core.machine import Handled, Machine, Model
 from fota.core.manifest import Manifest
 from fota.core.record import Record, Report
 from fota.core.states import State
@@ -182,6 +182,7 @@ class Engine:
         """Events handled so far (tests stop the engine after a given number)."""
         self.model: Model | None = None
         self.machine: Machine | None = None
+        self._unsaved = False  # the model holds a change the journal could not take yet
         self._handling_since: float | None = None
         self._listeners: list[Listener] = []
         self._current: UpdateInfo | None = None
@@ -236,7 +237,8 @@ class Engine:
             # first update on, as an installed one would.
             installed = factory_manifest(self.config.factory_manifest, self.config)
             record = record.evolve(installed=installed.digest)
-            self.journal.save(record, (loaded.pending, installed))
+            if not loaded.pending_lost:  # else the drop's save below writes it too
+                self.journal.save(record, (loaded.pending, installed))
             log.info("factory_manifest_adopted", version=installed.body.version)
         policy = self.config.policy()
         # Condition callbacks registered in-process count as configured conditions too.
@@ -260,7 +262,8 @@ class Engine:
         if loaded.pending_lost:
             # Before anything else sees the model: the journal names an update whose manifest
             # it could not load, and only the machine changes the update's state.
-            await self._handle(ev.PendingLost(loaded.pending_lost), None)
+            # Its own task: the log context it binds stays out of the caller's.
+            await asyncio.create_task(self._handle(ev.PendingLost(loaded.pending_lost), None))
         self._runner = asyncio.create_task(self._run(), name="fota-engine")
         self.post(ev.Restarted())
         if self.trust.version > record.keyset_version:
@@ -465,23 +468,23 @@ class Engine:
             # Announcements repeat (re-registrations, polls): dropping one is the normal case.
             level = log.debug if isinstance(event, ev.AnnouncementReceived) else log.info
             level("event_dropped", fact=type(event).__name__, state=model.state.name)
-        elif model.record != handled.before:
+        elif model.record != handled.before or self._unsaved:
             try:
                 self.journal.save(model.record, (model.pending, model.installed))
             except (OSError, JournalError) as exc:
-                self.machine.undo(handled)
-                log.error("journal_write_failed", error=str(exc), fact=type(event).__name__)
-                if future is not None:
-                    future.set_exception(JournalError(f"journal write failed: {exc}"))
-                elif not self._closing:
-                    # The fact still holds (a finished download, a fired timer); dropping it
-                    # would strand the update. Offer it again once the disk may have room
-                    # (a timer's firing stays current until a newer timer of its name).
-                    if isinstance(event, ev.TimerFired) and event.name not in self._fired:
-                        self._fired[event.name] = event
-                    asyncio.get_running_loop().call_later(self._journal_pause(), self.post, event)
-                return
-            _crash_after_save(handled.before, model.record)
+                if isinstance(event, ev.PendingLost):
+                    # The update cannot come back (its manifest is gone): keep the drop in
+                    # memory, as a recovery on a full disk does, and save it with the next
+                    # event. Undone, the next events would meet a half-dropped update.
+                    log.error("recovery_not_saved", error=str(exc))
+                    self._unsaved = True
+                else:
+                    self._unsave(handled, event, future, exc)
+                    return
+            else:
+                self._unsaved = False
+                if not isinstance(event, ev.PendingLost):  # an install step's, not a drop
+                    _crash_after_save(handled.before, model.record)
         if isinstance(event, ev.ManifestFetched) and model.refusal is not None:
             refusal = model.refusal
             log.warning(
@@ -523,6 +526,27 @@ class Engine:
             self._execute(command)
         if future is not None and not future.done():
             future.set_result(None)
+
+    def _unsave(
+        self,
+        handled: Handled,
+        event: ev.Event,
+        future: asyncio.Future[None] | None,
+        exc: Exception,
+    ) -> None:
+        """The journal could not take ``event``'s record: undo it, and offer it again."""
+        assert self.machine is not None
+        self.machine.undo(handled)
+        log.error("journal_write_failed", error=str(exc), fact=type(event).__name__)
+        if future is not None:
+            future.set_exception(JournalError(f"journal write failed: {exc}"))
+        elif not self._closing:
+            # The fact still holds (a finished download, a fired timer); dropping it
+            # would strand the update. Offer it again once the disk may have room
+            # (a timer's firing stays current until a newer timer of its name).
+            if isinstance(event, ev.TimerFired) and event.name not in self._fired:
+                self._fired[event.name] = event
+            asyncio.get_running_loop().call_later(self._journal_pause(), self.post, event)
 
     # -- commands -----------------------------------------------------------------------
 
@@ -619,7 +643,9 @@ class Engine:
         assert model is not None
         match c:
             case cmd.FetchManifest(uri=uri, digest=digest):
-                self._spawn("manifest", self._posting(self.effects.fetch_manifest(uri, digest)))
+                self._spawn(
+                    "manifest", self._posting(lambda: self.effects.fetch_manifest(uri, digest))
+                )
             case cmd.AskDownloadAuthorization(update_id=uid):
                 self._spawn("ask", self._ask(uid, download=True))
             case cmd.AskInstallAuthorization(update_id=uid):
@@ -654,39 +680,41 @@ class Engine:
             case cmd.VerifyImage(update_id=uid):
                 self._spawn(
                     "verify",
-                    self._posting(self.effects.verify(self._pending(uid))),
+                    self._posting(lambda: self.effects.verify(self._pending(uid))),
                     lambda error: ev.ImageChecked(uid, False, error),
                 )
             case cmd.RunSelfTest(update_id=uid):
                 self._spawn(
                     "selftest",
-                    self._posting(self.effects.self_test(self._pending(uid))),
+                    self._posting(lambda: self.effects.self_test(self._pending(uid))),
                     lambda error: ev.SelfTestFinished(uid, False, str(error)),
                 )
             # The install steps share one task name: one installer call at a time.
             case cmd.CheckBoot(update_id=uid):
                 self._spawn(
                     "install",
-                    self._posting(self.effects.check_boot(self._pending(uid))),
+                    self._posting(lambda: self.effects.check_boot(self._pending(uid))),
                     lambda error: ev.BootChecked(uid, False, str(error)),
                 )
             case cmd.Commit(update_id=uid):
                 self._spawn(
                     "install",
-                    self._posting(self.effects.commit(self._pending(uid))),
+                    self._posting(lambda: self.effects.commit(self._pending(uid))),
                     lambda error: ev.CommitFinished(uid, error),
                 )
             case cmd.Rollback(update_id=uid):
                 self._spawn(
                     "install",
-                    self._posting(self.effects.rollback(self._pending(uid))),
+                    self._posting(lambda: self.effects.rollback(self._pending(uid))),
                     lambda error: ev.RollbackFinished(uid, error),
                 )
             case cmd.Install(update_id=uid):
                 manifest = self._pending(uid)
                 self._spawn(
                     "install",
-                    self._posting(self.effects.install(manifest, self._install_progress(manifest))),
+                    self._posting(
+                        lambda: self.effects.install(manifest, self._install_progress(manifest))
+                    ),
                     lambda error: ev.InstallFinished(uid, error),
                 )
             case cmd.RequestRestart(update_id=uid):
@@ -711,7 +739,7 @@ class Engine:
                 self._spawn(
                     "gates",
                     self._posting(
-                        self.effects.check_gates(uid, step, model.installed, model.policy)
+                        lambda: self.effects.check_gates(uid, step, model.installed, model.policy)
                     ),
                     lambda error: ev.GatesChecked(uid, (GATES_CRASHED,)),
                 )
@@ -764,9 +792,13 @@ class Engine:
         retry = self.config.journal_retry
         return pol.backoff(1, retry, retry, self._random.random(), self.config.retry_jitter)
 
-    async def _posting(self, work: Awaitable[ev.Event | None]) -> None:
-        """Run one effect; the event it ends with goes into the inbox."""
-        event = await work
+    async def _posting(self, work: Callable[[], Awaitable[ev.Event | None]]) -> None:
+        """Run one effect; the event it ends with goes into the inbox.
+
+        A factory, not a coroutine: a command that is not run (the engine is closing) leaves
+        no effect coroutine behind unawaited.
+        """
+        event = await work()
         if event is not None:
             self.post(event)
 

@@ -221,11 +221,18 @@ class Journal:
         record, pending = self._identities(record, pending, installed)
         detail = "; ".join(recovered)[:200]  # a report's detail is at most 200 characters
         if detail:
-            record = self._note_recovery(record, detail, replay=replay)
+            # The report says the state the device goes on in: IDLE when the update is
+            # dropped (the machine drops it, PendingLost, before anything else happens).
+            state = State.IDLE if pending_lost else record.state
+            record = self._note_recovery(record, detail, replay=replay, state=state)
+        if detail and not pending_lost:
             # Durable at once: the damaged files are gone from their places already, and the
             # report and the floor must not depend on the engine's first save. A disk that
             # refuses the write (full) must not keep the updater down either: the record is
-            # used as it is, and the engine's next save (retried) makes it durable.
+            # used as it is, and the engine's next save (retried) makes it durable. (With a
+            # pending update lost, that first save is the machine's drop, right after this:
+            # one write, so a kill in between finds the state as it was on disk, and the
+            # recovery is found, and reported, once.)
             try:
                 self.save(record, (pending, installed))
             except OSError as exc:
@@ -327,7 +334,7 @@ class Journal:
         record = record.evolve(installed=None, installed_sequence=None, floor=floor)
         return record, f"installed manifest {fault}{moved}: anti-rollback floor {floor} ({why})"
 
-    def _note_recovery(self, record: Record, detail: str, *, replay: bool) -> Record:
+    def _note_recovery(self, record: Record, detail: str, *, replay: bool, state: State) -> Record:
         """Note the recovery in the record and queue its report (result STATE_RECOVERED).
 
         ``replay``: ``record`` is the previous generation, whose next step the lost record had
@@ -348,7 +355,7 @@ class Journal:
             sequence, record = take_report_seq(record)
         report = Report(
             sequence=sequence,
-            state=record.state,
+            state=state,
             result=ResultCode.STATE_RECOVERED,
             detail=detail,
         )

@@ -438,7 +438,16 @@ async def test_damaged_pending_manifest_is_dropped_on_load(tmp_path: Path, damag
     assert loaded.record.outbox[:-1] == record.outbox
     assert loaded.record.outbox[-1].result is ResultCode.STATE_RECOVERED
     assert loaded.record.outbox[-1].detail.startswith("pending manifest")
+    # The report names the state the device goes on in: the update is dropped.
+    assert loaded.record.outbox[-1].state is State.IDLE
     assert loaded.record.report_seq == record.report_seq + 1
+    # The journal wrote nothing: the machine's drop is the one write (a kill before it finds
+    # the manifest gone at the next start, and reports the recovery once, then).
+    again = Journal(state_dir, trust()).load()
+    assert (
+        again.pending_lost
+        and [r.result for r in again.record.outbox].count(ResultCode.STATE_RECOVERED) == 1
+    )
 
     model = Model(POLICY, trust(), loaded.record, installed=loaded.installed)
     handled = await Machine(model).handle(ev.PendingLost(loaded.pending_lost), 0.0)

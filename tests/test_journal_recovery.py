@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from fota import Client, Decision, ResultCode, State
 from fota.cli_control import status_rows
@@ -388,7 +389,8 @@ async def test_a_lost_pending_manifest_drops_the_update_through_the_machine(
         assert record.pending is None and record.verified == b"" and record.state is State.IDLE
         assert f"pending manifest {damage}" in first.recovered
         # The server still offers 2.0: fetched and verified afresh, it installs after all.
-        await client.wait_for(lambda s: s.installed_version == "2.0", BOUND)
+        installed = await client.wait_for(lambda s: s.installed_version == "2.0", BOUND)
+        assert installed.recovered == ""  # the note went with the update that was dropped
         await client.wait_for(lambda s: s.reports_pending == 0, BOUND)
     assert heard[0] == (
         "state",
@@ -396,8 +398,56 @@ async def test_a_lost_pending_manifest_drops_the_update_through_the_machine(
     )
     recovered = [r for r in server.reports if r[4] == ResultCode.STATE_RECOVERED]
     assert len(recovered) == 1 and "update dropped" in recovered[0][8]
+    assert recovered[0][3] == State.IDLE.value  # the state the device went on in
     done = [r for r in server.reports if r.get(5) == v2.update_id and r[4] == ResultCode.SUCCESS]
     assert len(done) == 1
+
+
+async def test_a_drop_the_disk_cannot_take_at_start_is_kept_and_saved_later(
+    tmp_path: Path, server: UpdateServer, signing: Signing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of issue 18 §2: the machine's drop of a lost pending update hits a full disk.
+
+    Undone (as an ordinary event is), the model was half dropped: the next event met a
+    record naming an update with no manifest, and ``Restarted`` crashed on it. Now the drop
+    is kept in memory, like a recovery on a full disk, and the next save writes it.
+    """
+    config = make_config(tmp_path, server, signing)
+    waiting = RecordingHandler(download=[Decision.pending()])
+    async with Client(config, handler=waiting) as client:
+        await _provisioned(client, server, sequence=5)
+        server.publish(os.urandom(4000), "2.0", device_class=DEVICE_CLASS, sequence=6)
+        await client.wait_for(lambda s: s.state is State.AWAIT_DOWNLOAD_AUTH, BOUND)
+        digest = client._engine.model.record.pending  # type: ignore[union-attr]
+    assert digest is not None
+    (config.state_dir / f"manifest-{digest.hex()}.cose").unlink()
+
+    real = Journal.save
+    refused: list[Record] = []
+
+    def full_once(self: Journal, record: Record, manifests: Any = ()) -> None:
+        if not refused:
+            refused.append(record)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, record, manifests)
+
+    monkeypatch.setattr(Journal, "save", full_once)
+    client = Client(config, handler=RecordingHandler(download=[Decision.pending()]))
+    with capture_logs() as logs:
+        async with client:
+            first = client.status()
+            assert (first.state, first.update_id) == (State.IDLE, None)
+            await client.wait_for(lambda s: s.reports_pending == 0, BOUND)
+    assert refused and refused[0].state is State.IDLE and refused[0].pending is None
+    assert not [e for e in logs if e["event"] in ("event_crashed", "task_crashed")]
+    assert [e["event"] for e in logs].count("recovery_not_saved") == 1
+    on_disk = Journal(config.state_dir, signing.trust).read_record()
+    # What is on disk is whole: no record names a manifest that is not there.
+    assert on_disk is not None
+    assert (
+        on_disk.pending is None
+        or (config.state_dir / f"manifest-{on_disk.pending.hex()}.cose").exists()
+    )
 
 
 # -- the daemon, a real subprocess ----------------------------------------------------------------

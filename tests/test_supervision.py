@@ -193,7 +193,7 @@ async def test_a_crashing_download_ends_the_update_with_a_failed_report(
     def crash(self: TcpFetcher, *args: Any) -> tuple[int, bool]:
         raise ValueError("byte must be in range(0, 256)")
 
-    monkeypatch.setattr(TcpFetcher, "_fetch", crash)
+    monkeypatch.setattr(TcpFetcher, "_ask", crash)
     image = os.urandom(3 * KiB)
     async with tcp_peer(TcpPeer(image)) as origin:
         uid = publish_at(fota_server, fota_signing, image, origin)
@@ -442,7 +442,7 @@ def test_block2_after_no_uri_path_uses_an_extended_delta() -> None:
             raise ConnectionResetError  # stop after the request
 
     with pytest.raises(ConnectionResetError):
-        fetcher._fetch(Sock(), 5 * KiB, 6 * KiB, lambda block: None)  # type: ignore[arg-type]
+        fetcher._ask(Sock(), 5 * KiB)  # type: ignore[arg-type]
     # Len 3, TKL 4; GET; token; option delta 13+10=23 (Block2), length 1: num 5, SZX 7.
     message = sent[0]
     assert message[0] == (3 << 4) | 4 and message[1] == wire.GET

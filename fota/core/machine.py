@@ -1723,6 +1723,9 @@ class Model:
     def drop_lost_pending(self, e: Any) -> None:
         """Forget the update whose manifest the journal could not load (it reported why)."""
         self._clear_pending()
+        # The recovery was about this update, not one that resumes: the next commit, of
+        # whatever update, clears the note.
+        self._resumed_after_recovery = None
 
     def _rebooted(self) -> bool:
         """The device restarted since the installer asked for it (or nobody can tell)."""

@@ -18,7 +18,10 @@ from fota.transport.window import WindowFetcher
 
 @dataclass(frozen=True, slots=True)
 class ImageSettings:
-    """How the UDP image fetcher retransmits and paces (``Config`` and ``fota fetch``).
+    """How the image fetchers retransmit, pace and give up (``Config`` and ``fota fetch``).
+
+    Over TCP (no retransmissions) ``ack_timeout`` and ``max_retransmit`` bound how long one
+    answer may take: as long as the UDP path would wait for a block over all its tries.
 
     Attributes:
         ack_timeout: CoAP ACK_TIMEOUT, seconds: the first retransmission timeout.
@@ -44,7 +47,11 @@ def image_fetcher(
         PermanentServerError: a URI neither fetcher can serve.
     """
     if uri.startswith("coap+tcp://"):
-        return TcpFetcher.for_uri(uri)
+        # TCP retransmits by itself: a block may take as long as the UDP path would wait for
+        # it over all its retransmissions (RFC 7252's MAX_TRANSMIT_WAIT, less the random
+        # factor) before the transfer fails and resumes later.
+        wait = settings.ack_timeout * (2 ** (settings.max_retransmit + 1) - 1)
+        return TcpFetcher.for_uri(uri, timeout=wait, window=window, block_size=block_size)
     return WindowFetcher.for_uri(
         uri,
         window=window,

@@ -6,13 +6,18 @@ Theory of operation:
   (7.01) with Block-Wise-Transfer (BERT supported) and a Max-Message-Size that bounds what the
   server may send in one response: that bound, not the image size, is the memory used
   (libcoap's server otherwise answers with 8 MiB blocks).
-* Requests are GETs with Block2 SZX 7 (BERT): the block number counts 1 KiB units, and the
-  server answers with any multiple of 1 KiB. The payload is handed on in 1 KiB pieces, which
-  never cross a fragment boundary (fragments are multiples of 1 KiB).
-* TCP is reliable, so there is no retransmission; one request is outstanding at a time (a
-  response's size is only known when it arrives, and with large blocks the round trips are
-  few). A dropped connection is a retryable TransportError: the engine resumes from the
-  verified fragments.
+* Requests are GETs with Block2. With ``block_size`` 1024 (the default) they use SZX 7 (BERT):
+  the block number counts 1 KiB units, and the server answers with any multiple of 1 KiB, up
+  to the smaller Max-Message-Size of the two CSMs. A smaller ``block_size`` is asked for as
+  such, one block per message. Either way the payload goes on as one block; the assembly cuts
+  it at fragment boundaries.
+* Up to ``window`` requests are outstanding on the connection (pipelined; answers are matched
+  by token). Each asks for the next ``step`` bytes: the block size, or with BERT what one
+  answer carries. An answer shorter than asked has the rest asked for again at once.
+* TCP is reliable, so there is no retransmission. An answer that takes longer than the UDP
+  path would wait for a block (``ack_timeout`` doubled over ``max_retransmit``
+  retransmissions) fails the transfer, as does a dropped connection: a retryable
+  TransportError, and the engine resumes from the verified fragments.
 * As in ``fota.transport.window``, the loop runs in a worker thread on a blocking socket.
 """
 
@@ -31,7 +36,7 @@ import structlog
 
 from fota.core import codes
 from fota.errors import TransportError
-from fota.transport import Block, endpoint, raise_for, wire
+from fota.transport import Block, endpoint, raise_for, szx, wire
 from fota.transport.window import OnBlock, finish_thread
 
 log = structlog.get_logger(__name__)
@@ -70,6 +75,35 @@ def encode_csm(max_message_size: int) -> bytes:
     return encode(CSM, b"", options)
 
 
+def csm_max_message_size(options: bytes) -> int | None:
+    """The Max-Message-Size option (2) of a CSM's options, None when absent or malformed."""
+    pos, number = 0, 0
+    while pos < len(options) and options[pos] != 0xFF:
+        delta, length = options[pos] >> 4, options[pos] & 0x0F
+        pos += 1
+        if delta == 15 or length == 15:
+            return None
+        extended = []
+        for nibble in (delta, length):
+            if nibble == 13:
+                extended.append(options[pos] + 13 if pos < len(options) else -1)
+                pos += 1
+            elif nibble == 14:
+                raw = options[pos : pos + 2]
+                extended.append(int.from_bytes(raw, "big") + 269 if len(raw) == 2 else -1)
+                pos += 2
+            else:
+                extended.append(nibble)
+        delta, length = extended
+        if delta < 0 or length < 0 or pos + length > len(options):
+            return None
+        number += delta
+        if number == OPT_MAX_MESSAGE_SIZE:
+            return int.from_bytes(options[pos : pos + length], "big") if length <= 4 else None
+        pos += length
+    return None
+
+
 class _Stop(threading.Event):
     """The transfer thread's stop flag; setting it also wakes a thread blocked on the socket.
 
@@ -86,6 +120,46 @@ class _Stop(threading.Event):
         self._wake()
 
 
+class _Runs:
+    """The plan's ranges as requests of at most ``span`` bytes, contiguous ranges joined.
+
+    The plan names fragments (or the holes of one); joined, a BERT request asks for as much
+    as one answer carries, and no request asks again for bytes an earlier one covers.
+    """
+
+    def __init__(self, plan: Iterator[tuple[int, int]]) -> None:
+        self.plan = plan
+        self.run: tuple[int, int] | None = None  # (start, end) not yet asked for
+        self.held: tuple[int, int] | None = None  # a range read ahead that did not join
+
+    def _next(self) -> tuple[int, int] | None:
+        if self.held is not None:
+            held, self.held = self.held, None
+            return held
+        piece = next(self.plan, None)
+        return None if piece is None else (piece[0], piece[0] + piece[1])
+
+    def take(self, span: int) -> tuple[int, int] | None:
+        """The next request, ``(offset, end)``; None when the plan is done."""
+        run = self.run
+        while run is None or run[0] >= run[1]:
+            following = self._next()
+            if following is None:
+                return None
+            run = following
+        while run[1] - run[0] < span:
+            piece = self._next()
+            if piece is None:
+                break
+            if piece[0] != run[1]:
+                self.held = piece
+                break
+            run = (run[0], piece[1])
+        end = min(run[1], run[0] + span)
+        self.run = (end, run[1])
+        return run[0], end
+
+
 class TcpFetcher:
     """Fetch byte ranges of one ``coap+tcp://`` resource with BERT Block2 requests.
 
@@ -95,6 +169,8 @@ class TcpFetcher:
         path: Uri-Path segments.
         max_message_size: the largest message we accept (advertised in our CSM).
         timeout: seconds to wait for any answer before the transfer fails (retryable).
+        window: requests outstanding on the connection at most.
+        block_size: 1024 asks for BERT blocks; 16..512 for blocks of that size.
     """
 
     def __init__(
@@ -105,11 +181,18 @@ class TcpFetcher:
         *,
         max_message_size: int = 256 * 1024 + 1024,
         timeout: float = 30.0,
+        window: int = 1,
+        block_size: int = UNIT,
     ) -> None:
         self.host, self.port, self.path = host, port, path
         self.uri = f"coap+tcp://{host}:{port}/{'/'.join(path)}"
         self.max_message_size = max_message_size
         self.timeout = timeout
+        self.window = max(1, window)
+        self.block_size = block_size
+        self.szx = BERT_SZX if block_size >= UNIT else szx(block_size)
+        self.peak = 0
+        """The most requests that were outstanding at once (what ``window`` allowed)."""
         self._path_options = wire.encode_path(path)
         self._urgent: deque[tuple[int, int]] = deque()
         self._stop = _Stop(self._wake)
@@ -191,39 +274,68 @@ class TcpFetcher:
     def _transfer(self, plan: Iterator[tuple[int, int]], on_block: OnBlock) -> None:
         sock = self._connect()
         self._buffer = bytearray(self.max_message_size + 16)
+        # What one BERT answer carries at most: our Max-Message-Size less room for the
+        # header and options (the server's CSM may lower it), in whole KiB.
+        self._step = self._bert_step(self.max_message_size)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(encode_csm(self.max_message_size))
-            covered = 0  # bytes delivered past this point in the current run of ranges
+            # The server's CSM is its first message (RFC 8323 §5.3): read it before asking,
+            # so the first requests already fit its Max-Message-Size.
+            code, _, body = self._read(sock)
+            if code != CSM:
+                raise TransportError(f"{self.uri}: the server's first message is not a CSM")
+            self._peer_csm(body)
+            outstanding: dict[bytes, tuple[int, int]] = {}  # token -> (offset, end) asked
+            runs = _Runs(plan)
             while not self._stop.is_set():
-                urgent = bool(self._urgent)
-                piece = self._urgent.popleft() if urgent else next(plan, None)
-                if piece is None:
+                while len(outstanding) < self.window:
+                    span = self._request_span()
+                    if self._urgent:
+                        offset, length = self._urgent.popleft()
+                        if length > span:  # the rest first in line, asked for next
+                            self._urgent.appendleft((offset + span, length - span))
+                        end = offset + min(length, span)
+                    else:
+                        taken = runs.take(span)
+                        if taken is None:
+                            break
+                        offset, end = taken
+                    outstanding[self._ask(sock, offset)] = (offset, end)
+                    self.peak = max(self.peak, len(outstanding))
+                if not outstanding:
                     return
-                offset, length = piece
-                end = offset + length
-                if not urgent and offset < covered:
-                    offset = min(covered, end)  # an earlier large block already brought it
-                while offset < end and not self._stop.is_set():
-                    got, more = self._fetch(sock, offset, end, on_block)
-                    covered = offset + got
-                    if not more or got == 0:
-                        break
-                    offset += got
+                token, code, response = self._answer(sock, outstanding)
+                offset, end = outstanding.pop(token)
+                got, more = self._deliver(code, response, offset, end, on_block)
+                if got and more and offset + got < end:
+                    self._urgent.appendleft((offset + got, end - offset - got))
         finally:
             self._forget(sock)
 
-    def _fetch(
-        self, sock: socket.socket, offset: int, end: int, on_block: OnBlock
-    ) -> tuple[int, bool]:
+    def _bert_step(self, max_message_size: int) -> int:
+        return max(UNIT, (max_message_size - UNIT) // UNIT * UNIT)
+
+    def _request_span(self) -> int:
+        """Bytes one request asks for: the block, or what one BERT answer carries."""
+        return self._step if self.szx == BERT_SZX else self.block_size
+
+    def _ask(self, sock: socket.socket, offset: int) -> bytes:
         self.requests += 1
         token = os.urandom(4)
+        unit = UNIT if self.szx == BERT_SZX else self.block_size
         # The UDP encoder's options (behind its 4-byte header: no token here): with no Uri-Path
         # the Block2 option delta is 23, which needs an extended delta byte.
         options = wire.encode_block_get(
-            0, b"", self._path_options, offset // UNIT, BERT_SZX, has_path=bool(self.path)
+            0, b"", self._path_options, offset // unit, self.szx, has_path=bool(self.path)
         )[4:]
         sock.sendall(encode(wire.GET, token, options))
+        return token
+
+    def _answer(
+        self, sock: socket.socket, outstanding: dict[bytes, tuple[int, int]]
+    ) -> tuple[bytes, int, wire.Response]:
+        """The next answer to one of our requests (pings answered, CSMs read)."""
         while True:
             code, rtoken, body = self._read(sock)
             if code == PING:
@@ -231,13 +343,27 @@ class TcpFetcher:
                 continue
             if code in (RELEASE, ABORT):
                 raise TransportError(f"{self.uri}: the server closed the session ({code:#x})")
-            if code == CSM or rtoken != token:
+            if code == CSM:
+                self._peer_csm(body)
                 continue
-            break
-        # The options and payload are encoded as over UDP: decode them behind a UDP header.
-        response = wire.decode(bytes([0x40 | len(rtoken), code, 0, 0]) + rtoken + body, bert=True)
-        if response is None:
-            raise TransportError(f"{self.uri}: malformed response")
+            if rtoken not in outstanding:
+                continue
+            # The options and payload are encoded as over UDP: decode them behind a UDP header.
+            head = bytes([0x40 | len(rtoken), code, 0, 0]) + rtoken
+            response = wire.decode(head + body, bert=True)
+            if response is None:
+                raise TransportError(f"{self.uri}: malformed response")
+            return rtoken, code, response
+
+    def _peer_csm(self, options: bytes) -> None:
+        """The server's Max-Message-Size bounds what one BERT answer carries."""
+        size = csm_max_message_size(options)
+        if size is not None and size > 0:
+            self._step = min(self._step, self._bert_step(size))
+
+    def _deliver(
+        self, code: int, response: wire.Response, offset: int, end: int, on_block: OnBlock
+    ) -> tuple[int, bool]:
         if code != wire.CONTENT:
             raise_for(self.uri, code, codes.for_get(code))
             raise TransportError(f"{self.uri}: server answered {wire.code_text(code)}")
@@ -251,8 +377,8 @@ class TcpFetcher:
             more = True
         start = offset
         if response.block2 is not None:
-            num, _, szx = response.block2
-            start = num * (UNIT if szx == BERT_SZX else 1 << (szx + 4))
+            num, _, got_szx = response.block2
+            start = num * (UNIT if got_szx == BERT_SZX else 1 << (got_szx + 4))
         if start != offset:
             raise TransportError(f"{self.uri}: asked for byte {offset}, got block at {start}")
         # The pieces say "no more" only at a confirmed end (M=0 and Size2 reached): M alone is
