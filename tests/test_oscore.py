@@ -30,6 +30,7 @@ from fota.errors import ConfigError, PermanentServerError, TransportError
 from fota.testing import UpdateServer
 from fota.testing.pytest_plugin import Reports
 from fota.testing.pytest_plugin import Signing as PluginSigning
+from fota.transport import ConcurrentFetcher
 from fota.transport.coap import CoapTransport
 from fota.transport.oscore import close_context, load_context, provision
 from tests.conftest import Signing, make_config
@@ -181,6 +182,26 @@ async def test_with_oscore_nothing_is_sent_outside_the_servers_origin(
             await transport.fetch("coap://127.0.0.2:61616/fota/m/00", limit=1024)
         with pytest.raises(PermanentServerError, match="outside the OSCORE-protected"):
             transport.block_fetcher("coap+tcp://127.0.0.1:61616/img", window=4, block_size=1024)
+    finally:
+        await transport.aclose()
+
+
+async def test_the_oscore_path_says_the_window_it_really_has(
+    tmp_path: Path, secured: UpdateServer
+) -> None:
+    """Issue 18 §3: aiocoap sends one confirmable request per server at a time (NSTART 1),
+    so an OSCORE download asks one block at a time whatever ``window`` says: the fetcher
+    says 1, and the log says why, once."""
+    secured.provision_oscore("dev1", tmp_path / "dev1")
+    transport = CoapTransport(secured.uri, "dev1", oscore=tmp_path / "dev1")
+    try:
+        with capture_logs() as logs:
+            first = transport.block_fetcher(f"{secured.uri}/img", window=8, block_size=1024)
+            second = transport.block_fetcher(f"{secured.uri}/img", window=8, block_size=1024)
+        assert isinstance(first, ConcurrentFetcher) and isinstance(second, ConcurrentFetcher)
+        assert first.window == second.window == 1
+        told = [e for e in logs if e["event"] == "oscore_window"]
+        assert [(e["asked"], e["used"]) for e in told] == [(8, 1)]
     finally:
         await transport.aclose()
 

@@ -267,6 +267,7 @@ class CoapTransport:
         # gets a fetch of its own.
         self._check = asyncio.Event()
         self._tuning = tuning(ack_timeout, max_retransmit)
+        self._told_window = False
         self._ctx: Any = None
         self._ctx_lock = asyncio.Lock()
         # Resolved remote per URI: building a request from a URI string re-parses and
@@ -425,8 +426,14 @@ class CoapTransport:
         if uri.startswith("coap+tcp://"):
             self._protected(uri)
         elif self._oscore is not None:
-            # The raw windowed fetcher builds its own datagrams; OSCORE's are aiocoap's.
-            return ConcurrentFetcher(self, uri, window=window, block_size=block_size)
+            # The raw windowed fetcher builds its own datagrams; OSCORE's are aiocoap's, and
+            # aiocoap has one confirmable request at a time in flight per server (NSTART 1,
+            # RFC 7252 §4.7): more workers would only queue in its backlog. Say so.
+            real = self._tuning.NSTART
+            if window > real and not self._told_window:
+                self._told_window = True
+                log.info("oscore_window", asked=window, used=real, why="aiocoap NSTART")
+            return ConcurrentFetcher(self, uri, window=min(window, real), block_size=block_size)
         settings = ImageSettings(
             self._tuning.ACK_TIMEOUT,
             self._tuning.MAX_RETRANSMIT,
