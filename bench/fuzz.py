@@ -3,8 +3,9 @@
     nice .venv/bin/python bench/fuzz.py [--cases 100000] [--seed 1] [--only a,b]
                                         [--target NAME=COUNT ...] [--json FILE]
 
-The same targets and checks as the seeded CI set (tests/test_fuzz.py), but random, seeded per
-run (``--seed``; target i runs with seed + i, so a run is reproducible), and many more cases:
+The same targets and checks as the seeded CI set (tests/integration/test_fuzz.py), but
+random, seeded per run (``--seed``; target i runs with seed + i, so a run is reproducible),
+and many more cases:
 ``--cases`` is split over the targets by their weight (the slow ones, like the loopback UDP
 fetcher, get a smaller share), and ``--target NAME=COUNT`` sets one target's count. Each case
 must return a valid value or raise a typed ``fota.errors.FotaError``; a failure is shrunk and

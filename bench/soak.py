@@ -12,7 +12,7 @@ What runs (issue 17: "nothing grows with the number of updates"):
   lines: ``publish`` signs and announces one image and answers ``final`` once that update's
   final report (a result other than a step result) has reached the server.
 - The updater: ``fota daemon`` as a subprocess with a TOML configuration (as
-  ``tests/test_daemon.py`` builds it): the default file installer onto a target file, the
+  ``tests/e2e/test_daemon.py`` builds it): the default file installer onto a target file, the
   control socket, ``[authorization] mode = "control"`` (default) with this process as the
   answering application: one subscriber connection that authorizes every
   ``authorization_needed`` (download and install) as it comes; or ``--auth auto``. The first

@@ -5,7 +5,7 @@ variable ``FOTA_CRASH_AT`` to one name below and starts fota; the process kills 
 SIGKILL the first time it passes that point, exactly as a power cut would stop it there (no
 ``finally`` blocks run, nothing is flushed). Started again without the variable, fota must
 end on exactly one complete image, old or new, and report it once
-(``tests/test_install_crash.py`` does this for every point).
+(``tests/interop/test_install_crash.py`` does this for every point).
 
 ``FOTA_CRASH_AT=name@N`` kills at the N-th pass (1 = the first).
 
@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import os
 import signal
+
+from fota.core.record import Record
+from fota.core.states import State
 
 ENV = "FOTA_CRASH_AT"
 
@@ -74,3 +77,24 @@ def point(name: str) -> None:
     _counts[name] = _counts.get(name, 0) + 1
     if _counts[name] >= (int(nth) if nth else 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_DURABLE_STATES = {
+    State.INSTALLING: "journal:installing",
+    State.AWAIT_RESTART: "journal:await_restart",
+    State.AWAIT_COMMIT: "journal:await_commit",
+    State.ROLLING_BACK: "journal:rolling_back",
+}
+
+
+def after_save(old: Record, new: Record) -> None:
+    """The crash points of the install steps, right after the journal made one durable."""
+    if new.state is not old.state:
+        if new.state in _DURABLE_STATES:
+            point(_DURABLE_STATES[new.state])
+        elif new.state is State.IDLE and old.state is State.AWAIT_COMMIT:
+            point("journal:idle")
+        elif new.state is State.FAILED and old.state is State.ROLLING_BACK:
+            point("journal:failed")
+    elif new.tested and not old.tested:
+        point("journal:tested")

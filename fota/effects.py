@@ -116,6 +116,17 @@ def factory_manifest(path: Path, config: Config) -> Manifest:
     return manifest
 
 
+def read_boot_id(path: Path | None) -> str:
+    """This boot's id (Linux: ``/proc/sys/kernel/random/boot_id``); "" if it cannot be read."""
+    if path is None:
+        return ""
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        log.warning("boot_id_unreadable", path=str(path), error=exc.strerror)
+        return ""
+
+
 # -- the application's hooks ---------------------------------------------------------------
 
 

@@ -40,12 +40,19 @@ from fota.core import events as ev
 from fota.core import policy as pol
 from fota.core.machine import Handled, Machine, Model
 from fota.core.manifest import Manifest
-from fota.core.record import Record, Report
-from fota.core.states import State
+from fota.core.record import Report
 from fota.core.text import show
 from fota.core.uri import allowed, resolve
 from fota.download import Downloader
-from fota.effects import Condition, Effects, SelfTest, ask, factory_manifest, inform
+from fota.effects import (
+    Condition,
+    Effects,
+    SelfTest,
+    ask,
+    factory_manifest,
+    inform,
+    read_boot_id,
+)
 from fota.errors import (
     FotaError,
     InvalidTransition,
@@ -80,38 +87,6 @@ delivery) runs again, seconds: doubling from ``SUPERVISE_RETRY`` to the cap, wit
 Failure = Callable[[TaskCrashed], "ev.Event | None"]
 """What a supervised child task's crash stands for: the failure event of its command (None:
 the crash is only logged, e.g. a notification hook)."""
-
-
-_DURABLE_STATES = {
-    State.INSTALLING: "journal:installing",
-    State.AWAIT_RESTART: "journal:await_restart",
-    State.AWAIT_COMMIT: "journal:await_commit",
-    State.ROLLING_BACK: "journal:rolling_back",
-}
-
-
-def read_boot_id(path: Path | None) -> str:
-    """This boot's id (Linux: ``/proc/sys/kernel/random/boot_id``); "" if it cannot be read."""
-    if path is None:
-        return ""
-    try:
-        return path.read_text().strip()
-    except OSError as exc:
-        log.warning("boot_id_unreadable", path=str(path), error=exc.strerror)
-        return ""
-
-
-def _crash_after_save(old: Record, new: Record) -> None:
-    """The crash points of the install steps, right after the journal made one durable."""
-    if new.state is not old.state:
-        if new.state in _DURABLE_STATES:
-            crashpoints.point(_DURABLE_STATES[new.state])
-        elif new.state is State.IDLE and old.state is State.AWAIT_COMMIT:
-            crashpoints.point("journal:idle")
-        elif new.state is State.FAILED and old.state is State.ROLLING_BACK:
-            crashpoints.point("journal:failed")
-    elif new.tested and not old.tested:
-        crashpoints.point("journal:tested")
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:
@@ -484,7 +459,7 @@ class Engine:
             else:
                 self._unsaved = False
                 if not isinstance(event, ev.PendingLost):  # an install step's, not a drop
-                    _crash_after_save(handled.before, model.record)
+                    crashpoints.after_save(handled.before, model.record)
         if isinstance(event, ev.ManifestFetched) and model.refusal is not None:
             refusal = model.refusal
             log.warning(

@@ -2,7 +2,7 @@
 
 Issue 17's promise is that the updater is never stuck and never needs a person. This rig tries
 to break it the way the field does, many times in a row, and checks after every cycle what
-must hold. ``tests/test_chaos.py`` runs a few dozen cycles in CI; ``bench/chaos.py`` runs
+must hold. ``tests/e2e/test_chaos.py`` runs a few dozen cycles in CI; ``bench/chaos.py`` runs
 hundreds and prints a summary.
 
 Theory of operation
@@ -1102,7 +1102,7 @@ format = "json"
         return "\n".join(lines)
 
 
-# -- invariants as plain functions (tests/test_chaos.py checks that they can fail) ---------------
+# -- invariants as plain functions (tests/e2e/test_chaos.py checks that they can fail) --------
 
 
 def install_violations(

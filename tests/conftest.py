@@ -82,3 +82,16 @@ class RecordingHandler(BaseHandler):
     async def on_complete(self, update: UpdateInfo, result: ResultCode, detail: str) -> None:
         self.calls.append(("complete", result.name))
         self.completions.put_nowait((update, result, detail))
+
+
+TIERS = ("core", "integration", "e2e", "interop")
+"""The folders of tests/, from the fastest to the ones that need most (docs/architecture.md)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its tier, its folder: ``-m core``, ``-m "not interop"``."""
+    for item in items:
+        parts = item.path.parts
+        tier = next((p for p in parts[-3:-1] if p in TIERS), None)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))

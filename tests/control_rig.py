@@ -1,7 +1,8 @@
 """A real Client and ControlServer in the test's event loop, for the control socket's tests.
 
-tests/test_control.py (the protocol) and tests/test_cli_control.py (the CLI as subprocesses)
-share it. The socket lives in a short, world-traversable directory: sun_path holds 108 bytes,
+tests/integration/test_control.py (the protocol) and tests/e2e/test_cli_control.py (the CLI
+as subprocesses) share it. The socket lives in a short, world-traversable directory: sun_path
+holds 108 bytes,
 pytest's tmp_path is long and mode 0700 (an unprivileged peer could not reach the socket).
 """
 

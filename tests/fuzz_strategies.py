@@ -1,6 +1,7 @@
 """Hostile inputs and the properties they must not break (issue 8, "hostile input, no crash").
 
-Shared by the seeded CI set (``tests/test_fuzz.py``) and the long run (``bench/fuzz.py``).
+Shared by the seeded CI set (``tests/integration/test_fuzz.py``) and the long run
+(``bench/fuzz.py``).
 Each :class:`Target` pairs a hypothesis strategy with a check. The property is the same for
 every target: whatever the input, the code under test returns a valid value or raises a
 :class:`fota.errors.FotaError` subclass (the decoders that promise "None for garbage" return

@@ -3,7 +3,7 @@
 Every path that looks at a response code asks here: ``fota.transport.coap`` (manifests,
 keysets, announcements, reports, images over OSCORE), ``fota.transport.window`` (images over
 plain UDP) and ``fota.transport.tcp`` (images over ``coap+tcp://``). docs/protocol.md renders
-the table (:func:`table_markdown`; ``tests/test_transient.py`` compares the two).
+the table (:func:`table_markdown`; ``tests/integration/test_transient.py`` compares the two).
 
 Theory of operation:
 

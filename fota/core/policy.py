@@ -248,7 +248,7 @@ def in_quiet_period(now: float, record: Record, policy: Policy) -> bool:
 
     A wall clock earlier than the first start is a clock that was stepped back (the first
     start was read from it): that is no quiet period, or a step back of days would hold every
-    update for days, and with ``quiet_period = 0`` too (found by tests/test_chaos.py).
+    update for days, and with ``quiet_period = 0`` too (found by tests/e2e/test_chaos.py).
     """
     start = record.provisioned_at
     return start is not None and start <= now < start + policy.quiet_period

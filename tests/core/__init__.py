@@ -1,0 +1,1 @@
+"""Tests, core tier (pure: the core and other logic on values, no sockets, files or processes)."""
