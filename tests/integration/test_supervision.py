@@ -20,7 +20,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import structlog
@@ -112,14 +112,7 @@ class TcpPeer:
         try:
             writer.write(tcp.encode_csm(64 * KiB))
             while True:
-                first = (await reader.readexactly(1))[0]
-                length, tkl = first >> 4, first & 0x0F
-                extra = {13: (1, 13), 14: (2, 269), 15: (4, 65805)}.get(length)
-                if extra is not None:
-                    length = int.from_bytes(await reader.readexactly(extra[0]), "big") + extra[1]
-                head = await reader.readexactly(1 + tkl)
-                body = await reader.readexactly(length)
-                code, token = head[0], head[1:]
+                code, token, body = await read_message(reader)
                 if code != wire.GET:
                     continue  # the client's CSM
                 options = list(_options(body))
@@ -144,8 +137,23 @@ class TcpPeer:
             writer.close()
 
 
+async def read_message(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
+    """One RFC 8323 message off the stream: its code, token and options-and-payload."""
+    first = (await reader.readexactly(1))[0]
+    length, tkl = first >> 4, first & 0x0F
+    extra = {13: (1, 13), 14: (2, 269), 15: (4, 65805)}.get(length)
+    if extra is not None:
+        length = int.from_bytes(await reader.readexactly(extra[0]), "big") + extra[1]
+    head = await reader.readexactly(1 + tkl)
+    return head[0], head[1:], await reader.readexactly(length)
+
+
+class Serving(Protocol):
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None: ...
+
+
 @asynccontextmanager
-async def tcp_peer(peer: TcpPeer) -> AsyncIterator[str]:
+async def tcp_peer(peer: Serving) -> AsyncIterator[str]:
     """Run ``peer`` on 127.0.0.1:0; yields its origin ``coap+tcp://127.0.0.1:port``."""
     server = await asyncio.start_server(peer.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

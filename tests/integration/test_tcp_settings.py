@@ -22,6 +22,7 @@ from fota.errors import TransportError
 from fota.transport import Block, tcp, wire
 from fota.transport.image import ImageSettings, image_fetcher
 from fota.transport.tcp import TcpFetcher
+from tests.integration.test_supervision import read_message, tcp_peer
 
 pytestmark = pytest.mark.timeout(60)
 KiB = 1024
@@ -76,14 +77,8 @@ class Peer:
         try:
             writer.write(tcp.encode_csm(self.max_message_size))
             while True:
-                first = (await reader.readexactly(1))[0]
-                length, tkl = first >> 4, first & 0x0F
-                extra = {13: (1, 13), 14: (2, 269), 15: (4, 65805)}.get(length)
-                if extra is not None:
-                    length = int.from_bytes(await reader.readexactly(extra[0]), "big") + extra[1]
-                head = await reader.readexactly(1 + tkl)
-                body = await reader.readexactly(length)
-                code, token = head[0], head[1:]
+                code, token, body = await read_message(reader)
+                tkl = len(token)
                 if code != wire.GET:
                     continue  # the client's CSM
                 request = wire.decode(bytes([0x40 | tkl, code, 0, 0]) + token + body, bert=True)
@@ -111,13 +106,8 @@ class Peer:
 
 @asynccontextmanager
 async def peer_at(peer: Peer) -> AsyncIterator[str]:
-    server = await asyncio.start_server(peer.serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"coap+tcp://127.0.0.1:{port}/img"
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with tcp_peer(peer) as origin:  # the same 127.0.0.1:0 listener as the other peer
+        yield f"{origin}/img"
 
 
 async def fetch_all(fetcher: TcpFetcher, size: int, piece: int) -> bytes:
