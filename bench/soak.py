@@ -200,7 +200,7 @@ async def _serve(root: Path, fragment_size: int, timeout: float) -> None:
 
 
 def _server_main(root: str, fragment_size: str, timeout: str) -> int:
-    from fota.logs import configure
+    from fota.app.logs import configure
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops us (stdin EOF)
     configure("warning", "json")
@@ -449,7 +449,7 @@ class DaemonUpdater(Updater):
         timeout: float,
         env: dict[str, str] | None = None,
     ) -> None:
-        from fota.control import ControlClient
+        from fota.app.control import ControlClient
 
         self.env = env or {}
         self.work = work
@@ -520,7 +520,7 @@ class DaemonUpdater(Updater):
 class InProcessUpdater(Updater):
     def __init__(self, config: Path) -> None:
         from fota import AutoAuthorize, Client
-        from fota.settings import load_settings
+        from fota.app.settings import load_settings
 
         settings = load_settings(config)
         self.client = Client(settings.config, handler=AutoAuthorize())
@@ -539,10 +539,10 @@ class InProcessUpdater(Updater):
 
 
 class InProcessDaemon(Updater):
-    """``fota.daemon.serve`` as a task of this process: the daemon's code, traceable."""
+    """``fota.app.daemon.serve`` as a task of this process: the daemon's code, traceable."""
 
     def __init__(self, work: Path, config: Path, answer: bool, timeout: float) -> None:
-        from fota.settings import load_settings
+        from fota.app.settings import load_settings
 
         self.settings = load_settings(config)
         self.outside = DaemonUpdater(work, config, answer, timeout)
@@ -550,8 +550,8 @@ class InProcessDaemon(Updater):
         self._task: asyncio.Task[int] | None = None
 
     async def start(self) -> None:
-        from fota.daemon import serve
-        from fota.systemd import Notifier
+        from fota.app.daemon import serve
+        from fota.app.systemd import Notifier
 
         notifier = Notifier(str(self.outside.notify.path))
         self._task = asyncio.create_task(serve(self.settings, notifier=notifier), name="daemon")
@@ -1007,7 +1007,7 @@ def main() -> int:
     else:
         work = Path(tempfile.mkdtemp(prefix="soak-", dir="/tmp"))
     if args.inprocess:
-        from fota.logs import configure
+        from fota.app.logs import configure
 
         configure(args.log_level, "json")
     try:

@@ -15,7 +15,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from fota.control import ControlClient, ControlError, default_socket
+from fota.app.control import ControlClient, ControlError, default_socket
 
 
 async def run(socket: Path, busy: Path, defer: float, once: bool) -> int:

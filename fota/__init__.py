@@ -16,10 +16,10 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from fota.app.command_handler import CommandHandler
+    from fota.app.control import ControlClient
     from fota.client import Client, Status
-    from fota.command_handler import CommandHandler
     from fota.config import Config
-    from fota.control import ControlClient
     from fota.core.manifest import Component, Manifest, ManifestBody, Severity, TrustStore
     from fota.core.states import State
     from fota.errors import (
@@ -58,8 +58,8 @@ _WHERE = {
     "Client": "fota.client",
     "Status": "fota.client",
     "Config": "fota.config",
-    "CommandHandler": "fota.command_handler",
-    "ControlClient": "fota.control",
+    "CommandHandler": "fota.app.command_handler",
+    "ControlClient": "fota.app.control",
     "Notice": "fota.notices",
     "Component": "fota.core.manifest",
     "Manifest": "fota.core.manifest",

@@ -2,6 +2,6 @@
 
 import sys
 
-from fota.cli import main
+from fota.app.cli import main
 
 sys.exit(main())

@@ -78,7 +78,7 @@ from types import TracebackType
 from typing import Any
 
 from fota import ResultCode, State
-from fota.control import ControlClient, ControlError
+from fota.app.control import ControlClient, ControlError
 from fota.core.manifest import PrivateKey
 from fota.keys import generate, save_keypair
 from fota.testing import RequestLog, UpdateServer

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fota import Client, State
-from fota.control import ControlClient
-from fota.control.server import ControlServer
+from fota.app.control import ControlClient
+from fota.app.control.server import ControlServer
 from fota.handler import BaseHandler
 from fota.testing import ManualClock, UpdateServer
 from tests.conftest import DEVICE_CLASS, Signing, make_config

@@ -40,8 +40,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import strategies as st
 
-from fota.control import protocol as proto
-from fota.control.client import ControlClient
+from fota.app.control import protocol as proto
+from fota.app.control.client import ControlClient
 from fota.core import events as ev
 from fota.core import manifest as mf
 from fota.core.machine import Machine, Model

@@ -1453,7 +1453,7 @@ _ROLES = {"_server": _serve, "_worker": _work}
 
 
 def _child_main(role: str, spec: dict[str, Any]) -> int:
-    from fota.logs import configure
+    from fota.app.logs import configure
 
     if role == "_server":
         Path(spec["root"]).mkdir(parents=True, exist_ok=True)

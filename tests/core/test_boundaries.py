@@ -34,7 +34,7 @@ FORBIDDEN = {
     "fota.transport",
     "fota.install",
     "fota.client",
-    "fota.cli",
+    "fota.app.cli",
     "fota.testing",
     "fota.download",
 }
@@ -98,20 +98,23 @@ def test_the_check_catches_a_forbidden_import(tmp_path: Path) -> None:
 
 ROOT = Path(__file__).resolve().parents[2] / "fota"
 
-APPLICATION = (
-    "fota.cli",
-    "fota.cli_control",
-    "fota.daemon",
-    "fota.settings",
-    "fota.systemd",
-    "fota.control",
-    "fota.command_handler",
-    "fota.logs",
-    "fota.__main__",
-)
+APPLICATION = ("fota.app", "fota.__main__")
 """The program around the library: commands, the daemon, its settings and control socket."""
-TOOLS = ("fota.testing", "fota.server_view", "fota.demo")
+TOOLS = ("fota.testing", "fota.tools")
 """The test server, the fleet harness, the `fota server` view and the demo."""
+
+
+def test_the_layout_shows_the_layers() -> None:
+    """Issue 18 §4: the application is `fota/app`, the tools `fota/tools` and `fota/testing`;
+    every other module of `fota/` is the library. A new module lands in one of them."""
+    top = {p.stem for p in ROOT.glob("*.py")} | {
+        p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()
+    }
+    application = {"cli", "cli_control", "daemon", "settings", "systemd", "control", "logs"}
+    assert not top & (application | {"command_handler", "server_view", "demo"}), sorted(top)
+    assert {"app", "tools", "testing", "core", "transport", "install"} <= top
+    assert (ROOT / "app" / "daemon.py").exists() and (ROOT / "tools" / "server_view.py").exists()
+
 
 KNOWN_LIBRARY_TO_APPLICATION: set[tuple[str, str]] = set()
 """(Was the config <-> settings cycle: ``fota run --install-config`` is read in settings now.)"""

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from fota import State
-from fota.cli_control import (
+from fota.app.cli_control import (
     MIN_RETRY,
     RETRY,
     _hold_while,
@@ -35,7 +35,7 @@ from fota.cli_control import (
     span,
     status_rows,
 )
-from fota.control.server import ControlServer, status_dict
+from fota.app.control.server import ControlServer, status_dict
 from fota.testing import UpdateServer
 from tests.conftest import Signing
 from tests.control_rig import Rig, running_rig, short_dir

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from fota import ResultCode, State
-from fota.control import ControlClient, ControlError
+from fota.app.control import ControlClient, ControlError
 from fota.core.record import Record, bitmap_get
 from fota.keys import save_keypair
 from fota.testing import RequestLog, UpdateServer

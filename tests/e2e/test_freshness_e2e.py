@@ -26,9 +26,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from fota import AutoAuthorize, Client, ResultCode
-from fota.cli_control import status_rows
-from fota.control import ControlClient
-from fota.control.server import ControlServer
+from fota.app.cli_control import status_rows
+from fota.app.control import ControlClient
+from fota.app.control.server import ControlServer
 from fota.testing import UpdateServer
 from fota.testing.pytest_plugin import Reports
 from tests.conftest import DEVICE_CLASS, Signing, make_config

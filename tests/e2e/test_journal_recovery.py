@@ -22,8 +22,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from fota import Client, Decision, ResultCode, State
-from fota.cli_control import status_rows
-from fota.control.server import status_dict
+from fota.app.cli_control import status_rows
+from fota.app.control.server import status_dict
 from fota.core.record import Record, take_report_seq
 from fota.fileops import FileOps, StrPath
 from fota.journal import (

@@ -24,7 +24,8 @@ from fota import AutoAuthorize, Client, Config, Severity
 from fota.core.manifest import TrustStore, kid_for
 from fota.errors import ConfigError
 from fota.keys import generate, save_keypair
-from fota.server_view import (
+from fota.testing import DeviceSeen
+from fota.tools.server_view import (
     IMAGES_TOML,
     ImageDirectory,
     Served,
@@ -33,7 +34,6 @@ from fota.server_view import (
     version_from_name,
     version_key,
 )
-from fota.testing import DeviceSeen
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 

@@ -21,7 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from fota import Client, Component, Decision, ResultCode, Severity, State, UpdateInfo, UpdateReason
-from fota.command_handler import CommandHandler, parse_defer_until
+from fota.app.command_handler import CommandHandler, parse_defer_until
 from fota.testing import ManualClock, UpdateServer
 from tests.conftest import DEVICE_CLASS, Signing, make_config
 

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from fota import Client, ResultCode, State
-from fota.control import ControlError
-from fota.control import protocol as proto
-from fota.control.server import ControlServer
+from fota.app.control import ControlError
+from fota.app.control import protocol as proto
+from fota.app.control.server import ControlServer
 from fota.testing import UpdateServer
 from tests.conftest import Signing, make_config
 from tests.control_rig import Rig, running_rig, short_dir
@@ -54,7 +54,7 @@ def python_client(sock: Path, body: str) -> list[str]:
     """Argv of another process that runs ``body`` with ``fota`` (a ControlClient) connected."""
     program = (
         "import asyncio, json, sys\n"
-        "from fota.control import ControlClient\n"
+        "from fota.app.control import ControlClient\n"
         "async def main():\n"
         f"    async with ControlClient({str(sock)!r}) as fota:\n"
         + "".join(f"        {line}\n" for line in body.strip().splitlines())

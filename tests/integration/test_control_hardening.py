@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from fota.control import ControlError
-from fota.control import protocol as proto
-from fota.settings import load_settings
+from fota.app.control import ControlError
+from fota.app.control import protocol as proto
+from fota.app.settings import load_settings
 from fota.testing import UpdateServer
 from tests.conftest import Signing
 from tests.control_rig import running_rig, short_dir

@@ -211,8 +211,8 @@ def test_signed_announcements_match_the_page(tmp_path: Path) -> None:
 
 
 def test_the_settings_come_from_the_daemons_toml(tmp_path: Path) -> None:
+    from fota.app.settings import parse_settings
     from fota.keys import save_keypair
-    from fota.settings import parse_settings
 
     save_keypair(ed25519.Ed25519PrivateKey.generate(), tmp_path / "k.key")
     text = (

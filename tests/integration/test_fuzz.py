@@ -20,7 +20,7 @@ import cbor2
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 
-from fota.control import protocol as proto
+from fota.app.control import protocol as proto
 from fota.core.record import SCHEMA, Record, Report
 from fota.core.report import MAX_REPORT_BYTES, ReceivedReport, ReportError, decode_report
 from fota.core.states import State

@@ -1,4 +1,4 @@
-"""fota.logs: every line through the same processors, JSON or console, with the bound context.
+"""fota.app.logs: every line through the same processors, JSON or console, with the bound context.
 
 Each case configures logging in a subprocess, so the configuration does not leak into the
 other tests.
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from fota.logs import configure
+from fota.app.logs import configure
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = r"""
 import asyncio, logging, sys
 import structlog
-from fota.logs import configure
+from fota.app.logs import configure
 
 fmt, level = sys.argv[1], sys.argv[2]
 kwargs = {}
@@ -231,11 +231,11 @@ def test_unknown_level_or_format_is_refused_before_anything_changes() -> None:
 
 def test_the_command_starts_without_rich_and_leaves_it_importable() -> None:
     """structlog imports rich (when installed) only for pretty tracebacks: about 80 ms of every
-    start of `fota run`, `fota daemon` and `fota fetch`. `fota.cli` imports structlog without
+    start of `fota run`, `fota daemon` and `fota fetch`. `fota.app.cli` imports structlog without
     it; rich still imports afterwards for the views that draw with it, and the console lines
     keep their plain traceback."""
     program = (
-        "import sys, fota.cli, structlog.dev\n"
+        "import sys, fota.app.cli, structlog.dev\n"
         "assert 'rich' not in sys.modules, 'rich imported at start'\n"
         "assert structlog.dev.rich is None\n"
         "import rich.console\n"

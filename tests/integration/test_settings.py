@@ -13,10 +13,7 @@ from pathlib import Path
 import pytest
 
 from fota import keys
-from fota.config import Config
-from fota.core.manifest import kid_for
-from fota.errors import ConfigError
-from fota.settings import (
+from fota.app.settings import (
     AuthorizationSettings,
     ControlSettings,
     LogSettings,
@@ -27,6 +24,9 @@ from fota.settings import (
     load_settings,
     parse_settings,
 )
+from fota.config import Config
+from fota.core.manifest import kid_for
+from fota.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "fota.toml"
 EXAMPLE_KEY = "/etc/fota/keys/release.pub"
@@ -481,7 +481,9 @@ def test_server_validation_points_at_the_server_line(tmp_path: Path, pub: Path) 
 def test_a_defaulted_device_id_is_explained(
     tmp_path: Path, pub: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("fota.settings.os.uname", lambda: types.SimpleNamespace(nodename="h" * 70))
+    monkeypatch.setattr(
+        "fota.app.settings.os.uname", lambda: types.SimpleNamespace(nodename="h" * 70)
+    )
     message, _ = fails(tmp_path, "")
     assert message.startswith(f"{tmp_path / 'fota.toml'}: device_id: 1..64 characters")
     assert "device_id is not set; the host name" in message
@@ -736,7 +738,7 @@ after = 1
     assert loc.line(("nowhere",)) is None
 
 
-# -- fota run --install-config (fota.settings.load_install_settings, same validator) -----------
+# -- fota run --install-config (fota.app.settings.load_install_settings, same validator) -----------
 
 
 def test_install_settings_use_the_same_validator(tmp_path: Path) -> None:
@@ -927,7 +929,7 @@ def test_a_gid_out_of_range(tmp_path: Path, pub: Path, gid: str) -> None:
 def test_authorization_numbers_are_what_the_command_handler_accepts(
     tmp_path: Path, pub: Path
 ) -> None:
-    from fota.command_handler import CommandHandler
+    from fota.app.command_handler import CommandHandler
 
     body = '[authorization]\nmode = "command"\ncommand = ["/bin/true"]\ntimeout = -1\n'
     message, text = fails(tmp_path, body)

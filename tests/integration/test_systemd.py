@@ -1,4 +1,4 @@
-"""fota.systemd against real AF_UNIX datagram sockets, and the example unit file.
+"""fota.app.systemd against real AF_UNIX datagram sockets, and the example unit file.
 
 The unit is checked with ``systemd-analyze verify`` (Debian package ``systemd``), which works
 without a running systemd (in a container too): it loads the unit file offline. A missing
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fota.systemd import Notifier, watchdog_loop
+from fota.app.systemd import Notifier, watchdog_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "examples" / "fota.service"

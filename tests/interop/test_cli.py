@@ -176,7 +176,7 @@ def test_fota_server_publishes_and_serves_to_coap_client(tmp_path: Path) -> None
 
 
 def test_cli_choices_name_every_component_and_severity() -> None:
-    from fota import cli
+    from fota.app import cli
     from fota.core.manifest import Component, Severity
 
     assert [c.name.lower() for c in Component] == cli.COMPONENTS
@@ -187,7 +187,7 @@ def test_fetch_path_stays_light() -> None:
     # `fota fetch` is benchmarked on start-up and memory: it must not pull in the state
     # machine, aiocoap or cryptography.
     code = (
-        "import sys, fota.cli, fota.fetch; "
+        "import sys, fota.app.cli, fota.fetch; "
         "print(sorted(m for m in ('aiocoap', 'cryptography', 'transitions') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

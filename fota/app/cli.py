@@ -30,7 +30,7 @@ def _structlog_without_rich() -> None:
     structlog imports rich, when it is installed, only to pretty-print tracebacks on a
     terminal: about 80 ms of every start of the updater, and so of a restarted download's time
     to its first new byte (``bench/resume.py``). fota's console lines use plain tracebacks
-    anyway (``fota.logs``), and rich stays importable afterwards for the views that draw with
+    anyway (``fota.app.logs``), and rich stays importable afterwards for the views that draw with
     it. Does nothing when either is imported already (fota used as a library).
     """
     if "structlog" in sys.modules or "rich" in sys.modules:
@@ -46,15 +46,15 @@ _structlog_without_rich()
 
 import structlog  # noqa: E402
 
+from fota.app.logs import configure  # noqa: E402
 from fota.errors import ConfigError, FotaError, StateDirLocked  # noqa: E402
-from fota.logs import configure  # noqa: E402
 from fota.statedir import LOCKED_EXIT  # noqa: E402
 
 if TYPE_CHECKING:
+    from fota.app.settings import Settings
     from fota.config import Config
     from fota.handler import UpdateHandler
-    from fota.server_view import Publisher, View
-    from fota.settings import Settings
+    from fota.tools.server_view import Publisher, View
 
 # Each command imports what it needs, so `fota fetch` starts without the state machine,
 # aiocoap and cryptography (start-up time and memory are part of what it is measured on).
@@ -161,8 +161,8 @@ async def _run_client(config: Config, handler: UpdateHandler | None) -> int:
 
 def _config_from_args(args: argparse.Namespace) -> Config:
     from fota import keys
+    from fota.app.settings import load_install_settings
     from fota.config import Config
-    from fota.settings import load_install_settings
 
     install = load_install_settings(Path(args.install_config)) if args.install_config else {}
     return Config(
@@ -192,15 +192,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _load_settings(path: str) -> Settings:
-    from fota.settings import load_settings
+    from fota.app.settings import load_settings
 
     return load_settings(Path(path))
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     """``fota daemon``."""
-    from fota.daemon import serve
-    from fota.systemd import Notifier
+    from fota.app.daemon import serve
+    from fota.app.systemd import Notifier
 
     # The configuration is read and checked before anything starts: a bad file fails at
     # once with the key's name, and systemd sees the unit fail instead of a restart loop
@@ -212,28 +212,28 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     except StateDirLocked as exc:
         # Another instance holds the state directory: not a configuration error, so
         # systemd's Restart=on-failure tries again and starts once the holder is gone.
-        structlog.get_logger("fota.daemon").error(
+        structlog.get_logger("fota.app.daemon").error(
             "daemon_already_running", error=str(exc), state_dir=str(exc.path), pid=exc.pid
         )
         return LOCKED_EXIT
     except ConfigError as exc:
         # Logged as one line in the configured format (a JSON log stays JSON); exit 2 so
         # systemd's RestartPreventExitStatus=2 does not loop on a setting that is wrong.
-        structlog.get_logger("fota.daemon").error("daemon_failed", error=str(exc))
+        structlog.get_logger("fota.app.daemon").error("daemon_failed", error=str(exc))
         return 2
     except FotaError as exc:
         # Anything else (an unreadable disk, a journal write that failed) may pass: exit 1,
         # and systemd restarts the daemon. Exit 2 is for configuration errors only.
-        structlog.get_logger("fota.daemon").error("daemon_failed", error=str(exc))
+        structlog.get_logger("fota.app.daemon").error("daemon_failed", error=str(exc))
         return 1
     except Exception:
-        structlog.get_logger("fota.daemon").exception("daemon_crashed")
+        structlog.get_logger("fota.app.daemon").exception("daemon_crashed")
         return 1
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     """``fota config check``."""
-    from fota.settings import describe
+    from fota.app.settings import describe
 
     settings = _load_settings(args.config)
     width = max((len(k) for k, _ in describe(settings)), default=0)
@@ -302,8 +302,8 @@ async def _serve(args: argparse.Namespace) -> int:
     from fota import keys
     from fota.core import manifest as mf
     from fota.errors import ConfigError
-    from fota.server_view import ImageDirectory, Publisher, Served, choose_mode, make_view
     from fota.testing.server import ALL_DEVICES, UpdateServer
+    from fota.tools.server_view import ImageDirectory, Publisher, Served, choose_mode, make_view
 
     if args.watch and not args.images:
         raise ConfigError("--watch: needs --images DIR (the directory to watch)")
@@ -425,7 +425,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``fota demo``."""
-    from fota.demo import run
+    from fota.tools.demo import run
 
     configure(args.log_level or "warning")
     return asyncio.run(run(args))
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--config", default="/etc/fota/fota.toml")
     ck.set_defaults(func=cmd_config_check)
 
-    from fota.cli_control import add_parsers
+    from fota.app.cli_control import add_parsers
 
     add_parsers(sub)
 

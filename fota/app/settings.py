@@ -491,7 +491,7 @@ class _Locator:
 class TomlSource:
     """One configuration text: its table, where messages point, the base of relative paths.
 
-    Shared with the `fota server` view (``fota.server_view``), which reads its own TOML file
+    Shared with the `fota server` view (``fota.tools.server_view``), which reads its own TOML file
     with the same errors (the field and the line they point at).
     """
 
@@ -906,7 +906,7 @@ def _authorization(source: TomlSource, table: dict[str, Any]) -> AuthorizationSe
             ("authorization", "command"),
             'missing: required with mode = "command" (an argument list)',
         )
-    # As fota.command_handler's _positive, so that the daemon accepts what the check accepted.
+    # As fota.app.command_handler's _positive, so that the daemon accepts what the check accepted.
     for name in ("timeout", "defer", "retry"):
         if name in values and not (math.isfinite(values[name]) and values[name] > 0):
             raise source.bad(("authorization", name), "a positive number", values[name])
@@ -953,7 +953,7 @@ INSTALL_KEYS: tuple[str, ...] = (
 )
 """The settings ``fota run --install-config FILE`` reads (a subset of the daemon's TOML keys).
 
-Their types are ``Config``'s own: :func:`fota.settings.parse_config_keys` reads them from the
+Their types are ``Config``'s own: :func:`fota.app.settings.parse_config_keys` reads them from the
 type hints, as for the daemon's file."""
 
 

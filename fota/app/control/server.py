@@ -24,8 +24,8 @@ from typing import Any
 
 import structlog
 
+from fota.app.control import protocol as proto
 from fota.client import Client, Status
-from fota.control import protocol as proto
 from fota.core.states import State
 from fota.errors import (
     ConfigError,

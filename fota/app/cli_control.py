@@ -41,8 +41,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from fota.control.client import SOCKET_ENV, ControlClient, default_socket
-from fota.control.protocol import MAX_TEXT
+from fota.app.control.client import SOCKET_ENV, ControlClient, default_socket
+from fota.app.control.protocol import MAX_TEXT
 from fota.errors import ControlError, FotaError
 
 if TYPE_CHECKING:
@@ -309,7 +309,7 @@ def socket_path(args: argparse.Namespace) -> Path:
     if getattr(args, "socket", None):
         return Path(args.socket)
     if getattr(args, "config", None):
-        from fota.settings import load_settings
+        from fota.app.settings import load_settings
 
         try:
             settings = load_settings(Path(args.config))

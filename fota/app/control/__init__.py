@@ -4,8 +4,8 @@
 socket) is in docs/control.md, so applications in any language (or ``socat``) can use it.
 """
 
-from fota.control.client import DEFAULT_SOCKET, SOCKET_ENV, ControlClient, default_socket
-from fota.control.protocol import ERROR_CODES, PROTOCOL
+from fota.app.control.client import DEFAULT_SOCKET, SOCKET_ENV, ControlClient, default_socket
+from fota.app.control.protocol import ERROR_CODES, PROTOCOL
 from fota.errors import ControlError
 
 __all__ = [

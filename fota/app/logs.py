@@ -95,7 +95,7 @@ def configure(level: str = "info", format: str = "auto", *, json: bool | None = 
     else:
         # The console renderer formats exc_info itself (and warns if it was rendered before).
         # Plain tracebacks whether or not rich is installed: the same lines everywhere, and
-        # `fota` starts without importing rich (fota.cli).
+        # `fota` starts without importing rich (fota.app.cli).
         final.append(
             structlog.dev.ConsoleRenderer(
                 colors=_isatty(sys.stderr), exception_formatter=structlog.dev.plain_traceback

@@ -29,7 +29,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from fota.cli_control import have_rich, iso, relative
+from fota.app.cli_control import have_rich, iso, relative
+
+# The daemon's TOML reader: its parser puts the line first in a syntax error, and its locator
+# knows the line each key is written on, so these messages read like the daemon's.
+from fota.app.settings import TomlSource, show_toml
 from fota.core.manifest import (
     FRAGMENT_UNIT,
     MAX_FRAGMENT_SIZE,
@@ -40,10 +44,6 @@ from fota.core.manifest import (
 )
 from fota.core.states import State
 from fota.errors import ConfigError, ResultCode
-
-# The daemon's TOML reader: its parser puts the line first in a syntax error, and its locator
-# knows the line each key is written on, so these messages read like the daemon's.
-from fota.settings import TomlSource, show_toml
 from fota.testing.server import ALL_DEVICES, DEFAULT_FRAGMENT
 
 if TYPE_CHECKING:

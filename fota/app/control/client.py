@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fota.control import protocol as proto
+from fota.app.control import protocol as proto
 from fota.errors import ControlError
 
 DEFAULT_SOCKET = Path("/run/fota/control.sock")

@@ -19,13 +19,13 @@ from collections.abc import Callable
 import structlog
 
 from fota import hooks
+from fota.app.control.server import ControlServer, status_line
+from fota.app.settings import Settings
+from fota.app.systemd import Notifier, watchdog_loop
 from fota.client import Client
-from fota.control.server import ControlServer, status_line
 from fota.core.states import State
 from fota.handler import AutoAuthorize, BaseHandler, UpdateHandler
 from fota.notices import Notice
-from fota.settings import Settings
-from fota.systemd import Notifier, watchdog_loop
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +42,7 @@ def build_handler(settings: Settings) -> UpdateHandler | None:
     if auth.mode == "auto":
         return AutoAuthorize()
     if auth.mode == "command":
-        from fota.command_handler import CommandHandler
+        from fota.app.command_handler import CommandHandler
 
         return CommandHandler(
             auth.command,
