@@ -271,9 +271,9 @@ async def _fetch(
     settings = ImageSettings(ack_timeout, max_retransmit, retransmission, congestion, min_rto)
 
     def fetchers(uri: str, *, window: int, block_size: int) -> BlockFetcher:
-        if secured is not None:
-            return secured.block_fetcher(uri, window=window, block_size=block_size)
-        return image_fetcher(uri, window=window, block_size=block_size, settings=settings)
+        return image_fetcher(
+            uri, window=window, block_size=block_size, settings=settings, secured=secured
+        )
 
     try:
         state = _load_state(journal, uri)

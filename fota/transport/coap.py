@@ -418,22 +418,13 @@ class CoapTransport:
         )
 
     def block_fetcher(self, uri: str, *, window: int, block_size: int) -> BlockFetcher:
-        """The image fetcher for ``uri``.
+        """The image fetcher for ``uri`` (:func:`fota.transport.image.image_fetcher`).
 
         BERT over TCP for ``coap+tcp://`` (RFC 8323), else a windowed NON Block2 fetcher over
-        UDP (``fota.transport.window``).
+        UDP (``fota.transport.window``); with OSCORE, this transport's own requests.
         """
         if uri.startswith("coap+tcp://"):
             self._protected(uri)
-        elif self._oscore is not None:
-            # The raw windowed fetcher builds its own datagrams; OSCORE's are aiocoap's, and
-            # aiocoap has one confirmable request at a time in flight per server (NSTART 1,
-            # RFC 7252 §4.7): more workers would only queue in its backlog. Say so.
-            real = self._tuning.NSTART
-            if window > real and not self._told_window:
-                self._told_window = True
-                log.info("oscore_window", asked=window, used=real, why="aiocoap NSTART")
-            return ConcurrentFetcher(self, uri, window=min(window, real), block_size=block_size)
         settings = ImageSettings(
             self._tuning.ACK_TIMEOUT,
             self._tuning.MAX_RETRANSMIT,
@@ -441,7 +432,24 @@ class CoapTransport:
             self.congestion,
             self.min_rto,
         )
-        return image_fetcher(uri, window=window, block_size=block_size, settings=settings)
+        secured = self if self._oscore is not None else None
+        return image_fetcher(
+            uri, window=window, block_size=block_size, settings=settings, secured=secured
+        )
+
+    def secured_fetcher(self, uri: str, *, window: int, block_size: int) -> BlockFetcher:
+        """OSCORE's image fetcher: each block request protected by aiocoap (``Secured``).
+
+        The raw windowed fetcher builds its own datagrams; OSCORE's are aiocoap's, and aiocoap
+        has one confirmable request at a time in flight per server (NSTART 1, RFC 7252 §4.7):
+        more workers would only queue in its backlog. Said once in the log.
+        """
+        self._protected(uri)
+        real = self._tuning.NSTART
+        if window > real and not self._told_window:
+            self._told_window = True
+            log.info("oscore_window", asked=window, used=real, why="aiocoap NSTART")
+        return ConcurrentFetcher(self, uri, window=min(window, real), block_size=block_size)
 
     async def fetch(self, uri: str, *, limit: int) -> bytes:
         """Fetch a small resource with explicit Block2 requests, at most ``limit + 1`` bytes."""

@@ -3,13 +3,14 @@
 ``CoapTransport.block_fetcher`` (the update client) and ``fota fetch`` both pick the fetcher
 here, so a setting means the same on either path: BERT over TCP for ``coap+tcp://``
 (RFC 8323), else the windowed NON Block2 fetcher over UDP (``fota.transport.window``). A
-secured path (OSCORE today, DTLS next) is chosen by the caller that holds its security
-context, before this plain one.
+secured path plugs in here too, as ``secured``: the security context that carries the image
+requests itself (OSCORE today, through aiocoap; a DTLS session next, issue 21).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from fota.transport import BlockFetcher
 from fota.transport.tcp import TcpFetcher
@@ -38,14 +39,29 @@ class ImageSettings:
     min_rto: float = 0.2
 
 
+class Secured(Protocol):
+    """A security context that carries image requests itself (OSCORE today; DTLS next)."""
+
+    def secured_fetcher(self, uri: str, *, window: int, block_size: int) -> BlockFetcher:
+        """The fetcher for ``uri`` through this context; its ``window`` is the real one."""
+        ...
+
+
 def image_fetcher(
-    uri: str, *, window: int, block_size: int, settings: ImageSettings
+    uri: str,
+    *,
+    window: int,
+    block_size: int,
+    settings: ImageSettings,
+    secured: Secured | None = None,
 ) -> BlockFetcher:
-    """The plain (unsecured) fetcher for an image URI.
+    """The fetcher for an image URI: through ``secured`` when given, else plain UDP or TCP.
 
     Raises:
-        PermanentServerError: a URI neither fetcher can serve.
+        PermanentServerError: a URI no fetcher can serve (or outside ``secured``'s origin).
     """
+    if secured is not None:
+        return secured.secured_fetcher(uri, window=window, block_size=block_size)
     if uri.startswith("coap+tcp://"):
         # TCP retransmits by itself: a block may take as long as the UDP path would wait for
         # it over all its retransmissions (RFC 7252's MAX_TRANSMIT_WAIT, less the random
