@@ -29,7 +29,7 @@ class Context:
 def test_a_secured_context_carries_every_image_uri_it_is_given() -> None:
     context = Context()
     for uri in ("coap://h/img", "coap+tcp://h/img"):
-        got = image_fetcher(
+        got: Any = image_fetcher(
             uri, window=8, block_size=512, settings=ImageSettings(), secured=context
         )
         assert got is context
