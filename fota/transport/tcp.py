@@ -381,6 +381,11 @@ class TcpFetcher:
             start = num * (UNIT if got_szx == BERT_SZX else 1 << (got_szx + 4))
         if start != offset:
             raise TransportError(f"{self.uri}: asked for byte {offset}, got block at {start}")
+        if response.block2 is not None and self.szx != BERT_SZX and response.block2[2] < self.szx:
+            # The server chose a smaller block (RFC 7959 §2.2): follow it, so the rest of a
+            # range is asked for in blocks it numbers the same way.
+            self.szx = response.block2[2]
+            self.block_size = 1 << (self.szx + 4)
         # The pieces say "no more" only at a confirmed end (M=0 and Size2 reached): M alone is
         # not reliable (above); a transfer that stops short leaves fragments missing, and the
         # downloader reports that.

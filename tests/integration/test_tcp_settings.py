@@ -44,9 +44,16 @@ class Peer:
     """
 
     def __init__(
-        self, image: bytes, *, max_message_size: int = 64 * KiB, hold: int = 0, silent: bool = False
+        self,
+        image: bytes,
+        *,
+        max_message_size: int = 64 * KiB,
+        hold: int = 0,
+        silent: bool = False,
+        largest: int = 6,
     ) -> None:
         self.image = image
+        self.largest = largest  # the largest SZX it answers with (below BERT)
         self.max_message_size = max_message_size
         self.hold = hold
         self.silent = silent
@@ -62,10 +69,11 @@ class Peer:
             payload = self.image[start : start + room]
             reply_num = num
         else:
+            start = num * (1 << (szx + 4))
+            szx = min(szx, self.largest)  # a smaller block than asked, numbered its own way
             size = 1 << (szx + 4)
-            start = num * size
             payload = self.image[start : start + size]
-            reply_num = num
+            reply_num = start // size
         more = start + len(payload) < len(self.image)
         options = _option(
             wire.OPT_BLOCK2, wire.encode_uint((reply_num << 4) | (more << 3) | szx)
@@ -153,6 +161,16 @@ async def test_a_smaller_block_size_is_asked_for_as_such() -> None:
         assert await fetch_all(fetcher, len(image), 4 * KiB) == image
     assert {szx for _, szx in peer.asked} == {4}  # 256-byte blocks, never BERT
     assert sorted(num for num, _ in peer.asked) == list(range(-(-len(image) // 256)))
+
+
+async def test_a_smaller_block_from_the_server_is_followed() -> None:
+    image = os.urandom(6 * KiB + 100)
+    peer = Peer(image, largest=3)  # asked for 512-byte blocks, it answers 128-byte ones
+    async with peer_at(peer) as uri:
+        fetcher = image_fetcher(uri, window=4, block_size=512, settings=ImageSettings())
+        assert isinstance(fetcher, TcpFetcher)
+        assert await fetch_all(fetcher, len(image), 2 * KiB) == image
+    assert peer.asked[0][1] == 5 and {szx for _, szx in peer.asked[8:]} == {3}
 
 
 async def test_bert_asks_for_what_one_answer_carries_and_nothing_twice() -> None:
