@@ -416,6 +416,10 @@ def test_every_crash_point_in_the_code_is_declared_and_every_declared_one_is_use
 
     root = Path(__file__).resolve().parents[2] / "fota"
     sources = {p: p.read_text() for p in root.rglob("*.py") if p.name != "crashpoints.py"}
+    # crashpoints.py declares the points (POINTS) and passes the journal's own (after_save):
+    # only what follows the declaration counts as passing one.
+    own = (root / "crashpoints.py").read_text()
+    sources[root / "crashpoints.py"] = own[own.index("\ndef point(") :]
     called = {n for text in sources.values() for n in re.findall(r'point\(\s*"([^"]+)"', text)}
     assert called <= set(POINTS), "a crash point used in the code is not declared"
     unused = {p for p in POINTS if not any(f'"{p}"' in text for text in sources.values())}
