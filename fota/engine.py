@@ -27,7 +27,7 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +59,13 @@ from fota.errors import (
     JournalError,
     ManifestError,
     ResultCode,
-    TaskCrashed,
 )
 from fota.handler import UpdateHandler, UpdateInfo
 from fota.install import Installer
 from fota.intake import Intake
 from fota.journal import Journal
 from fota.notices import Listener, Notice
+from fota.supervision import Supervisor
 from fota.transport import Transport
 from fota.trust import Trust
 
@@ -79,25 +79,6 @@ device or a stepped clock must not make a deferral or a deadline late by more th
 _STOP = object()
 GATES_CRASHED = "check_crashed"
 """The failing condition a crashed condition check reports (the reason is in the log)."""
-SUPERVISE_RETRY = 1.0
-SUPERVISE_RETRY_CAP = 300.0
-"""Pause before a crashed long-lived task (announcement watcher, timers, freshness, report
-delivery) runs again, seconds: doubling from ``SUPERVISE_RETRY`` to the cap, with jitter."""
-
-Failure = Callable[[TaskCrashed], "ev.Event | None"]
-"""What a supervised child task's crash stands for: the failure event of its command (None:
-the crash is only logged, e.g. a notification hook)."""
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    # A child task's exception would otherwise vanish until the task is collected.
-    if not task.cancelled() and task.exception() is not None:
-        log.error(
-            "task_crashed",
-            task=task.get_name(),
-            error=repr(task.exception()),
-            exc_info=task.exception(),
-        )
 
 
 class Engine:
@@ -138,8 +119,6 @@ class Engine:
         self.clock = clock
         self.self_test = self_test
         self._inbox: asyncio.Queue[tuple[Any, asyncio.Future[None] | None]] = asyncio.Queue()
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._loose: set[asyncio.Task[None]] = set()
         # name -> (wall-clock instant, update id, monotonic instant or inf: StartTimer.within)
         self._timers: dict[str, tuple[float, str, float]] = {}
         # Timers that fired and wait in the inbox. A StartTimer or CancelTimer of the same
@@ -151,7 +130,8 @@ class Engine:
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
         self._random = random.Random()  # jitter for retry delays, passed into the core
-        self._retired: set[asyncio.Task[None]] = set()  # cancelled, maybe not finished yet
+        self.tasks = Supervisor(self.post, self._random)
+        """The child tasks: one per name, crashes turned into their command's failure."""
         self._unsubscribe: Callable[[], None] | None = None
         self.handled = 0
         """Events handled so far (tests stop the engine after a given number)."""
@@ -247,12 +227,12 @@ class Engine:
             self.post(ev.KeysetApplied(self.trust.version, self.trust.floor_reset))
         # Long-lived tasks run again after a crash: without them the engine is deaf (no
         # announcements), timeless (no timer fires) or blind to a frozen server.
-        self._spawn_kept("watch", self.intake.watch)
-        self._spawn_kept("timers", self._run_timers)
+        self.tasks.keep("watch", self.intake.watch)
+        self.tasks.keep("timers", self._run_timers)
         if self.config.freshness_window is not None:
             self.intake.fresh_since = time.monotonic()  # the window starts with the engine
             window = self.config.freshness_window
-            self._spawn_kept("freshness", lambda: self.intake.watch_freshness(window))
+            self.tasks.keep("freshness", lambda: self.intake.watch_freshness(window))
         subscribe = getattr(self.clock, "subscribe", None)
         if callable(subscribe):
             self._unsubscribe = subscribe(self.check_timers)
@@ -264,6 +244,7 @@ class Engine:
         while the children are cancelled; every child (cancelled earlier too) is awaited.
         """
         self._closing = True
+        self.tasks.closing = True  # no command starts work from here on
         if self._runner is not None:
             self._inbox.put_nowait((_STOP, None))
             await asyncio.gather(self._runner, return_exceptions=True)
@@ -272,12 +253,7 @@ class Engine:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        tasks = [*self._tasks.values(), *self._loose, *self._retired]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
-        self._retired.clear()
+        await self.tasks.close()
 
     def set_handler(self, handler: UpdateHandler | None) -> None:
         """Register (or remove) the application's handler.
@@ -525,106 +501,18 @@ class Engine:
 
     # -- commands -----------------------------------------------------------------------
 
-    def _spawn(
-        self,
-        name: str | None,
-        coro: Coroutine[Any, Any, None],
-        failure: Failure | None = None,
-    ) -> None:
-        """Run ``coro`` as a supervised child task (one per ``name``; None: any number).
-
-        An exception that escapes ``coro`` (not a cancellation) is logged with its reason and
-        becomes ``failure(error)``'s event in the inbox: the command's failure, so the update
-        ends with a result instead of waiting forever for an event that will never come.
-        """
-        if self._closing:
-            coro.close()
-            return
-        task = asyncio.create_task(
-            self._supervised(name or "notify", coro, failure), name=f"fota-{name or 'notify'}"
-        )
-        task.add_done_callback(_log_crash)
-        if name is None:
-            self._loose.add(task)
-            task.add_done_callback(self._loose.discard)
-            return
-        old = self._tasks.get(name)
-        if old is not None and not old.done():
-            self._retire(old)
-        self._tasks[name] = task
-
-    async def _supervised(
-        self, name: str, coro: Coroutine[Any, Any, None], failure: Failure | None
-    ) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            error = TaskCrashed(name, exc)
-            event = failure(error) if failure is not None else None
-            log.error(
-                "task_crashed",
-                task=name,
-                error=str(error),
-                becomes=type(event).__name__ if event is not None else None,
-                exc_info=exc,
-            )
-            if event is not None:
-                self.post(event)
-
-    def _spawn_kept(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run ``run()`` as a child task that is started again after a crash (with back-off).
-
-        It ends when ``run()`` returns (the report task, when the outbox is empty).
-        """
-        self._spawn(name, self._keep(name, run))
-
-    async def _keep(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        crashes = 0
-        while True:
-            try:
-                await run()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Jitter: a bug that crashes a fleet at once must not restart it in lockstep.
-                crashes += 1
-                delay = pol.backoff(
-                    crashes, SUPERVISE_RETRY, SUPERVISE_RETRY_CAP, self._random.random(), 0.5
-                )
-                log.error(
-                    "task_crashed",
-                    task=name,
-                    error=str(TaskCrashed(name, exc)),
-                    restart_in=round(delay, 3),
-                    exc_info=exc,
-                )
-                await asyncio.sleep(delay)  # back-off before the task runs again
-
-    def _retire(self, task: asyncio.Task[None]) -> None:
-        task.cancel()
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
-
-    def _cancel(self, name: str) -> None:
-        task = self._tasks.pop(name, None)
-        if task is not None and not task.done():
-            self._retire(task)
-
     def _execute(self, c: cmd.Command) -> None:
         model = self.model
         assert model is not None
         match c:
             case cmd.FetchManifest(uri=uri, digest=digest):
-                self._spawn(
+                self.tasks.spawn(
                     "manifest", self._posting(lambda: self.effects.fetch_manifest(uri, digest))
                 )
             case cmd.AskDownloadAuthorization(update_id=uid):
-                self._spawn("ask", self._ask(uid, download=True))
+                self.tasks.spawn("ask", self._ask(uid, download=True))
             case cmd.AskInstallAuthorization(update_id=uid):
-                self._spawn("ask", self._ask(uid, download=False))
+                self.tasks.spawn("ask", self._ask(uid, download=False))
             case cmd.StartDownload():
                 assert model.pending is not None and model.record.manifest_uri is not None
                 uri = resolve(model.record.manifest_uri, model.pending.body.image_uri)
@@ -639,7 +527,7 @@ class Engine:
                 limit = self.config.max_download_bytes
                 budget = None if limit is None else (model.record.fetched, limit)
                 uid = model.pending.update_id
-                self._spawn(
+                self.tasks.spawn(
                     "download",
                     self.downloader.run(
                         model.pending,
@@ -651,41 +539,41 @@ class Engine:
                     lambda error: ev.DownloadFailed(uid, error, 0),
                 )
             case cmd.StopDownload():
-                self._cancel("download")
+                self.tasks.cancel("download")
             case cmd.VerifyImage(update_id=uid):
-                self._spawn(
+                self.tasks.spawn(
                     "verify",
                     self._posting(lambda: self.effects.verify(self._pending(uid))),
                     lambda error: ev.ImageChecked(uid, False, error),
                 )
             case cmd.RunSelfTest(update_id=uid):
-                self._spawn(
+                self.tasks.spawn(
                     "selftest",
                     self._posting(lambda: self.effects.self_test(self._pending(uid))),
                     lambda error: ev.SelfTestFinished(uid, False, str(error)),
                 )
             # The install steps share one task name: one installer call at a time.
             case cmd.CheckBoot(update_id=uid):
-                self._spawn(
+                self.tasks.spawn(
                     "install",
                     self._posting(lambda: self.effects.check_boot(self._pending(uid))),
                     lambda error: ev.BootChecked(uid, False, str(error)),
                 )
             case cmd.Commit(update_id=uid):
-                self._spawn(
+                self.tasks.spawn(
                     "install",
                     self._posting(lambda: self.effects.commit(self._pending(uid))),
                     lambda error: ev.CommitFinished(uid, error),
                 )
             case cmd.Rollback(update_id=uid):
-                self._spawn(
+                self.tasks.spawn(
                     "install",
                     self._posting(lambda: self.effects.rollback(self._pending(uid))),
                     lambda error: ev.RollbackFinished(uid, error),
                 )
             case cmd.Install(update_id=uid):
                 manifest = self._pending(uid)
-                self._spawn(
+                self.tasks.spawn(
                     "install",
                     self._posting(
                         lambda: self.effects.install(manifest, self._install_progress(manifest))
@@ -693,11 +581,11 @@ class Engine:
                     lambda error: ev.InstallFinished(uid, error),
                 )
             case cmd.RequestRestart(update_id=uid):
-                self._spawn("restart", self.effects.request_restart(self._pending(uid)))
+                self.tasks.spawn("restart", self.effects.request_restart(self._pending(uid)))
             case cmd.CheckAnnouncement():
                 self.transport.check_now()
             case cmd.DiscardCandidate():
-                self._cancel("download")
+                self.tasks.cancel("download")
                 self.journal.ops.unlink(self.journal.candidate_path)
             case cmd.StartTimer(name=name, at=at, update_id=uid, within=within):
                 if not self._closing:
@@ -711,7 +599,7 @@ class Engine:
             case cmd.CheckGates(update_id=uid, step=step):
                 # A crashed check holds the update like a failing condition (checked again
                 # at the next hold timer), never lets it through.
-                self._spawn(
+                self.tasks.spawn(
                     "gates",
                     self._posting(
                         lambda: self.effects.check_gates(uid, step, model.installed, model.policy)
@@ -720,20 +608,19 @@ class Engine:
                 )
             case cmd.Inform(update_id=uid, step=step):
                 if self.handler is not None:
-                    self._spawn(None, inform(self.handler, self._info(), step))
+                    self.tasks.spawn(None, inform(self.handler, self._info(), step))
             case cmd.NotifyForced(update_id=uid, step=step, reason=reason):
                 self._tell("forced", uid, step=step, reason=reason)
                 log.warning("update_forced", step=step, reason=reason, update_id=uid)
                 if self.handler is not None:
-                    self._spawn(None, self.handler.on_forced(self._info(), step, reason))
+                    self.tasks.spawn(None, self.handler.on_forced(self._info(), step, reason))
             case cmd.SendReports():
-                task = self._tasks.get("reports")
-                if task is None or task.done():
-                    self._spawn_kept("reports", self._deliver_reports)
+                if not self.tasks.running("reports"):
+                    self.tasks.keep("reports", self._deliver_reports)
             case cmd.NotifyProgress(done=done, total=total):
                 self._tell("progress", model.update_id, done=done, total=total)
                 if self.handler is not None:
-                    self._spawn(None, self.handler.on_progress(self._info(), done, total))
+                    self.tasks.spawn(None, self.handler.on_progress(self._info(), done, total))
             case cmd.NotifyComplete(update_id=uid, result=result, detail=detail):
                 info = next(
                     (i for i in (self._current, self._previous) if i and i.update_id == uid), None
@@ -755,7 +642,7 @@ class Engine:
                     detail=detail,
                 )
                 if self.handler is not None and info is not None:
-                    self._spawn(None, self.handler.on_complete(info, result, detail))
+                    self.tasks.spawn(None, self.handler.on_complete(info, result, detail))
             case _:
                 raise AssertionError(f"unhandled command {c!r}")
 
@@ -806,7 +693,7 @@ class Engine:
             except JournalError:
                 # Not recorded: ask again later rather than lose the answer.
                 await asyncio.sleep(self._journal_pause())
-                self._spawn("ask", self._ask(update_id, download=download))
+                self.tasks.spawn("ask", self._ask(update_id, download=download))
 
     def _install_progress(self, manifest: Manifest) -> Callable[[int], None]:
         loop = asyncio.get_running_loop()
@@ -820,7 +707,7 @@ class Engine:
                 log.info("install_progress", percent=percent, update_id=manifest.update_id)
                 self._tell("install_progress", manifest.update_id, percent=percent)
                 if self.handler is not None:
-                    self._spawn(None, self.handler.on_install_progress(self._info(), percent))
+                    self.tasks.spawn(None, self.handler.on_install_progress(self._info(), percent))
 
         def progress(percent: int) -> None:
             # Installers call this from worker threads too (a slot written in to_thread).

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from fota import effects as effects_mod
-from fota import engine as engine_mod
+from fota import supervision
 from fota.core import policy
 from fota.journal import Journal
 from fota.transport import coap
@@ -101,9 +101,9 @@ async def test_a_crashing_long_lived_task_restarts_after_the_backoff(
         if crashes <= 3:
             raise ValueError("bug")
 
-    await engine._keep("test", crashing)
+    await engine.tasks.restarting("test", crashing)
     assert crashes == 4
-    bounds = (engine_mod.SUPERVISE_RETRY, engine_mod.SUPERVISE_RETRY_CAP)
+    bounds = (supervision.SUPERVISE_RETRY, supervision.SUPERVISE_RETRY_CAP)
     assert [(b, c) for b, c, _, _ in spy.calls] == [bounds] * 3
     assert _draws_differ(spy.calls)
 

@@ -26,9 +26,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from fota import AutoAuthorize, Client, Manifest, ResultCode
+from fota import AutoAuthorize, Client, Manifest, ResultCode, supervision
 from fota import effects as effects_mod
-from fota import engine as engine_mod
 from fota.core import commands as cmd
 from fota.core import events as ev
 from fota.core import manifest as mf
@@ -317,7 +316,7 @@ def make_engine(tmp: Path, signing: Signing, net: FakeTransport, journal: Journa
 async def test_a_crashed_announcement_watcher_runs_again(
     tmp_path: Path, signing: Signing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(engine_mod, "SUPERVISE_RETRY", 0.001)
+    monkeypatch.setattr(supervision, "SUPERVISE_RETRY", 0.001)
     net = CrashOnceTransport()
     engine = make_engine(tmp_path, signing, net, Journal(tmp_path, signing.trust))
     with capture_logs() as logs:
