@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fota import BaseHandler, Config, Decision, ResultCode, TrustStore, UpdateInfo
-from fota.core.manifest import kid_for
 from fota.testing import UpdateServer
 from fota.testing.pytest_plugin import ACK_TIMEOUT, DEVICE_CLASS, device_config
+from fota.testing.pytest_plugin import Signing as PluginSigning
 
 # The fixtures fota ships for integrators' tests (fota_server, fota_client, ...), loaded from
 # here rather than from the installed entry point (blocked in pyproject.toml): the suite runs
@@ -25,22 +24,24 @@ __all__ = ["ACK_TIMEOUT", "DEVICE_CLASS"]
 
 @dataclass
 class Signing:
+    """A signing key and a trust store holding it: the plugin's ``Signing`` without its PEM
+    file, so that a test can build one from any key."""
+
     key: ed25519.Ed25519PrivateKey
     kid: bytes
     trust: TrustStore
 
 
 @pytest.fixture
-def signing() -> Signing:
-    key = ed25519.Ed25519PrivateKey.generate()
-    kid = kid_for(key.public_key())
-    return Signing(key, kid, TrustStore({kid: key.public_key()}))
+def signing(fota_signing: PluginSigning) -> Signing:
+    """The plugin's signing key (``fota_signing``): one key per test, for both fixture sets."""
+    return Signing(fota_signing.key, fota_signing.kid, fota_signing.trust)
 
 
 @pytest.fixture
-async def server(tmp_path: Path, signing: Signing) -> AsyncIterator[UpdateServer]:
-    async with UpdateServer(tmp_path / "server", signing.key, signing.kid) as srv:
-        yield srv
+def server(fota_server: UpdateServer) -> UpdateServer:
+    """The plugin's started test server (``fota_server``), which signs with ``signing``'s key."""
+    return fota_server
 
 
 def make_config(
