@@ -382,7 +382,7 @@ class Effects:
 
     def _report_backoff(self, failures: int) -> float:
         cap = max(REPORT_RETRY, self.config.report_retry_cap)
-        return pol.backoff(failures, REPORT_RETRY, cap, self.rng.random(), self._jitter)
+        return pol.backoff(failures, REPORT_RETRY, cap, self.rng.random(), self.config.retry_jitter)
 
     # -- local holds -----------------------------------------------------------------------
 
@@ -491,7 +491,11 @@ class Effects:
                 return
             failures += 1
             pause = pol.backoff(
-                failures, RESTART_RETRY, RESTART_RETRY_CAP, self.rng.random(), self._jitter
+                failures,
+                RESTART_RETRY,
+                RESTART_RETRY_CAP,
+                self.rng.random(),
+                self.config.retry_jitter,
             )
             log.error("restart_failed", detail=detail, update_id=uid, retry_in=round(pause, 3))
             await asyncio.sleep(pause)  # a back-off timer between attempts
@@ -550,17 +554,17 @@ class Effects:
                     "installer_disk_full",
                     step=step,
                     error=str(exc),
-                    delay=round(pause := self._room_pause(), 3),
+                    delay=round(pause := self.journal_pause(), 3),
                     update_id=update_id,
                 )
             await asyncio.sleep(pause)  # a pause, not a synchronisation
             tries += 1
 
-    @property
-    def _jitter(self) -> float:
-        return self.config.retry_jitter
+    def journal_pause(self) -> float:
+        """The pause before a write the disk refused is tried again.
 
-    def _room_pause(self) -> float:
-        """``journal_retry``, jittered (not doubled: room may come back at any moment)."""
+        The journal's and an installer step's alike: ``journal_retry`` jittered, not doubled,
+        since room may come back at any moment.
+        """
         retry = self.config.journal_retry
-        return pol.backoff(1, retry, retry, self.rng.random(), self._jitter)
+        return pol.backoff(1, retry, retry, self.rng.random(), self.config.retry_jitter)

@@ -37,7 +37,6 @@ from fota import crashpoints
 from fota.config import Config
 from fota.core import commands as cmd
 from fota.core import events as ev
-from fota.core import policy as pol
 from fota.core.machine import Handled, Machine, Model
 from fota.core.manifest import Manifest
 from fota.core.record import Report
@@ -312,10 +311,11 @@ class Engine:
         The control socket sends it to a connection that subscribes while the client waits
         (the application missed the one told when the wait began).
         """
-        asking = self.model.authorization_needed(self.clock()) if self.model else None
+        now = self.clock()
+        asking = self.model.authorization_needed(now) if self.model else None
         if asking is None:
             return None
-        return Notice(asking.kind, self.clock(), asking.update_id, asking.fields)
+        return Notice(asking.kind, now, asking.update_id, asking.fields)
 
     def _bind_log_context(self) -> None:
         # Every line the runner logs from here on, and every child task it spawns (they copy
@@ -497,7 +497,7 @@ class Engine:
             # (a timer's firing stays current until a newer timer of its name).
             if isinstance(event, ev.TimerFired) and event.name not in self._fired:
                 self._fired[event.name] = event
-            asyncio.get_running_loop().call_later(self._journal_pause(), self.post, event)
+            asyncio.get_running_loop().call_later(self.effects.journal_pause(), self.post, event)
 
     # -- commands -----------------------------------------------------------------------
 
@@ -646,14 +646,6 @@ class Engine:
             case _:
                 raise AssertionError(f"unhandled command {c!r}")
 
-    def _journal_pause(self) -> float:
-        """The pause before an event or answer the journal could not take is offered again.
-
-        ``journal_retry`` jittered, not doubled: the disk may have room at any moment.
-        """
-        retry = self.config.journal_retry
-        return pol.backoff(1, retry, retry, self._random.random(), self.config.retry_jitter)
-
     async def _posting(self, work: Callable[[], Awaitable[ev.Event | None]]) -> None:
         """Run one effect; the event it ends with goes into the inbox.
 
@@ -692,7 +684,7 @@ class Engine:
                 log.info("answer_dropped", step=step, error=str(exc))
             except JournalError:
                 # Not recorded: ask again later rather than lose the answer.
-                await asyncio.sleep(self._journal_pause())
+                await asyncio.sleep(self.effects.journal_pause())
                 self.tasks.spawn("ask", self._ask(update_id, download=download))
 
     def _install_progress(self, manifest: Manifest) -> Callable[[int], None]:

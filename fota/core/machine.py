@@ -1781,7 +1781,7 @@ class Handled:
         previous: the state before the event.
         before: the record before the event (compare with the model's to know whether to
             journal).
-        refusal: for an event not accepted, why, as an API caller is told it.
+        refusal: for an API event not accepted, why, as its caller is told it ("" else).
     """
 
     accepted: bool
@@ -1861,10 +1861,13 @@ class Machine:
                 raise
         commands = model.take_commands()
         if not accepted:
+            # Only an API caller is told why (announcements, dropped all the time, are not).
             refusal = (
                 f"{type(event).__name__} is not valid in state {model.state.name}"
                 f" for update {getattr(event, 'update_id', None)!r}"
                 f" (current update: {model.update_id!r})"
+                if event.from_api
+                else ""
             )
             return Handled(False, (), (), None, previous, before, refusal, undo)
         notices = self._notices(previous, before, now)

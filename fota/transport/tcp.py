@@ -313,7 +313,8 @@ class TcpFetcher:
         finally:
             self._forget(sock)
 
-    def _bert_step(self, max_message_size: int) -> int:
+    @staticmethod
+    def _bert_step(max_message_size: int) -> int:
         return max(UNIT, (max_message_size - UNIT) // UNIT * UNIT)
 
     def _request_span(self) -> int:

@@ -75,8 +75,8 @@ async def test_report_retries_and_journal_pauses_draw_their_jitter(
     engine = make_engine(tmp_path, signing, FakeTransport(), Journal(tmp_path, signing.trust))
     engine.effects._report_backoff(1)
     engine.effects._report_backoff(7)
-    engine._journal_pause()
-    engine.effects._room_pause()
+    engine.effects.journal_pause()  # the engine's pause before an event is offered again
+    engine.effects.journal_pause()  # and an installer step's on a full disk: the same call
     cap = engine.config.report_retry_cap
     jitter = engine.config.retry_jitter
     assert [(b, c, j) for b, c, _, j in spy.calls] == [
